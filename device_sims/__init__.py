@@ -1,0 +1,1 @@
+"""Simulated wearables that speak the same wire formats as real devices."""

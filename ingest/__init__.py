@@ -1,0 +1,1 @@
+"""Collectors that take readings from devices (BLE via bleak, MQTT via paho) into Kafka."""

@@ -1,0 +1,1 @@
+"""Faust agents that normalize, deduplicate and seal readings into encrypted Parquet."""

@@ -1,0 +1,50 @@
+"""One root exception for everything vitalproof raises on purpose.
+
+Modelled on sigstore-python: library code raises, only CLI entry points exit, and every
+error can explain itself to a person through :meth:`VitalproofError.diagnostics`.
+"""
+
+from __future__ import annotations
+
+
+class VitalproofError(Exception):
+    """Base of every error vitalproof raises deliberately."""
+
+    def diagnostics(self) -> str:
+        """A human explanation: what went wrong and, where known, what to do about it."""
+        return str(self)
+
+
+class ConfigError(VitalproofError):
+    """A setting is missing or invalid."""
+
+
+class PrerequisiteMissing(VitalproofError):
+    """A program the local stack needs is not installed."""
+
+    def __init__(self, program: str, how_to_install: str) -> None:
+        super().__init__(f"{program} not found: {how_to_install}")
+        self.program = program
+        self.how_to_install = how_to_install
+
+
+class StackError(VitalproofError):
+    """A part of the local stack failed to start, stop or answer."""
+
+
+class WireFormatError(VitalproofError):
+    """A payload does not follow the wire schema it claims.
+
+    ``offset`` is the byte (binary formats) or character (JSON) where decoding stopped,
+    when known, so an operator can find the fault in a capture.
+    """
+
+    def __init__(self, message: str, *, offset: int | None = None) -> None:
+        where = f" at byte {offset}" if offset is not None else ""
+        super().__init__(f"{message}{where}")
+        self.reason = message
+        self.offset = offset
+
+
+class RegistryError(VitalproofError):
+    """A device is unknown, retired, or enrolled twice."""

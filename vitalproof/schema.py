@@ -1,0 +1,344 @@
+"""The canonical data model and the versioned wire schema of the Kafka topics.
+
+A *reading* is one sample of one metric from one device. On the wire, readings travel as a
+:class:`SampleBatch`: one device, many samples, stored column-wise so that a 50 Hz
+accelerometer sends one message per second instead of fifty. The same JSON shape serves the
+device payload on MQTT (device fields only) and ``vitals.clean`` (every field filled in by
+normalization), so there is one codec and one place to change it.
+
+Wire JSON, schema 1::
+
+    {"schema": 1, "device_id": "dev-1", "patient_id": "p-1", "gateway_id": "gw-1",
+     "transport": "mqtt", "rx": 1732200000000000, "tz": 60,
+     "series": [{"metric": "heart_rate", "unit": "/min",
+                 "t": [1732200000000000], "seq": [17], "v": [72.0],
+                 "q": [0], "id": ["5f0c..."]}]}
+
+``t`` and ``rx`` are microseconds since the Unix epoch, UTC; ``tz`` the device's UTC offset
+in minutes; ``q`` quality flags (:class:`Quality`); ``id`` reading ids (:func:`reading_id`).
+On a device payload ``patient_id``, ``gateway_id``, ``transport``, ``rx``, ``q`` and ``id``
+are absent: the collector and normalization supply them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntFlag, StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from vitalproof.errors import WireFormatError
+from vitalproof.units import Metric
+
+WIRE_SCHEMA_VERSION = 1
+#: MQTT v5 content type / Kafka header naming the JSON encoding of a SampleBatch.
+CONTENT_TYPE_JSON = "application/vnd.vitalproof.samples+json;v=1"
+
+
+class Transport(StrEnum):
+    MQTT = "mqtt"
+    BLE = "ble"
+
+
+class Quality(IntFlag):
+    """Why a reading deserves a second look. Flags, never drops: 0 means clean."""
+
+    NONE = 0
+    INVALID = 1  # IEEE-11073 special value (NaN, NRes, +/-INF): the value is not a number
+    IMPLAUSIBLE = 2  # outside the metric's plausibility range
+    CONVERTED = 4  # reported in another unit and converted to the canonical one
+    CLOCK_FUTURE = 8  # device time ahead of receive time beyond tolerance
+    CLOCK_PAST = 16  # device time implausibly far in the past
+    NO_SENSOR_CONTACT = 32  # the device said its sensor had no skin contact
+    ESTIMATED_TIME = 64  # the device sent no time; receive time was used
+
+
+def reading_id(device_id: str, metric: str, seq: int, device_time_us: int) -> str:
+    """Deterministic id of a reading: the same sample always gets the same id.
+
+    It covers the device's own sequence number *and* time, so a sequence that restarts after
+    a reboot does not collide with the readings before it, while a retransmission (same seq,
+    same time) does, which is what deduplication needs.
+    """
+    material = f"{device_id}\x1f{metric}\x1f{seq}\x1f{device_time_us}".encode()
+    return hashlib.blake2b(material, digest_size=16).hexdigest()
+
+
+class Reading(BaseModel):
+    """One sample, as researchers, proofs and exports see it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reading_id: str
+    device_id: str
+    patient_id: str
+    metric: Metric
+    value: float | None  # None when the device sent a special value (Quality.INVALID)
+    unit: str
+    device_time_us: int
+    receive_time_us: int
+    seq: int
+    transport: Transport
+    gateway_id: str
+    quality: int = 0
+    tz_offset_min: int | None = None
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes a Merkle leaf commits to (see :func:`canonical_reading_bytes`)."""
+        return canonical_reading_bytes(
+            reading_id=self.reading_id,
+            device_id=self.device_id,
+            patient_id=self.patient_id,
+            metric=self.metric.value,
+            value=self.value,
+            unit=self.unit,
+            device_time_us=self.device_time_us,
+            seq=self.seq,
+            quality=self.quality,
+        )
+
+
+def canonical_reading_bytes(
+    *,
+    reading_id: str,
+    device_id: str,
+    patient_id: str,
+    metric: str,
+    value: float | None,
+    unit: str,
+    device_time_us: int,
+    seq: int,
+    quality: int,
+) -> bytes:
+    """Canonical JSON of what a reading *is*: sorted keys, no spaces, shortest float form.
+
+    Transport metadata (gateway, receive time) is left out on purpose: a retransmission via
+    another gateway is the same reading and must hash the same.
+    """
+    v: float | None = None if value is None or math.isnan(value) else float(value)
+    doc = {
+        "device_id": device_id,
+        "device_time_us": int(device_time_us),
+        "metric": metric,
+        "patient_id": patient_id,
+        "quality": int(quality),
+        "reading_id": reading_id,
+        "seq": int(seq),
+        "unit": unit,
+        "value": v,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass(slots=True)
+class SampleBatch:
+    """Many samples of one device, column-wise (one list per field, equal lengths)."""
+
+    device_id: str
+    metric: list[str] = field(default_factory=list)
+    unit: list[str] = field(default_factory=list)
+    device_time_us: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    value: list[float] = field(default_factory=list)  # NaN where Quality.INVALID
+    quality: list[int] = field(default_factory=list)
+    reading_id: list[str] = field(default_factory=list)
+    patient_id: str | None = None
+    gateway_id: str | None = None
+    transport: Transport | None = None
+    receive_time_us: int | None = None
+    tz_offset_min: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def add(
+        self,
+        metric: str,
+        unit: str,
+        device_time_us: int,
+        seq: int,
+        value: float,
+        quality: int = 0,
+    ) -> None:
+        self.metric.append(metric)
+        self.unit.append(unit)
+        self.device_time_us.append(device_time_us)
+        self.seq.append(seq)
+        self.value.append(value)
+        self.quality.append(quality)
+
+    def fill_reading_ids(self) -> None:
+        self.reading_id = [
+            reading_id(self.device_id, m, s, t)
+            for m, s, t in zip(self.metric, self.seq, self.device_time_us, strict=True)
+        ]
+
+    def readings(self) -> Iterator[Reading]:
+        """One :class:`Reading` per sample; only for a normalized batch (ids, patient set)."""
+        if self.patient_id is None or self.transport is None or self.receive_time_us is None:
+            raise ValueError("readings() needs a normalized batch")
+        for i in range(len(self)):
+            v = self.value[i]
+            yield Reading(
+                reading_id=self.reading_id[i],
+                device_id=self.device_id,
+                patient_id=self.patient_id,
+                metric=Metric(self.metric[i]),
+                value=None if math.isnan(v) else v,
+                unit=self.unit[i],
+                device_time_us=self.device_time_us[i],
+                receive_time_us=self.receive_time_us,
+                seq=self.seq[i],
+                transport=self.transport,
+                gateway_id=self.gateway_id or "",
+                quality=self.quality[i],
+                tz_offset_min=self.tz_offset_min,
+            )
+
+    # -- codec --------------------------------------------------------------------------
+
+    def to_json_dict(self) -> dict[str, Any]:
+        series: dict[tuple[str, str], dict[str, list[Any]]] = {}
+        with_ids = bool(self.reading_id)
+        for i in range(len(self)):
+            key = (self.metric[i], self.unit[i])
+            s = series.get(key)
+            if s is None:
+                s = series[key] = {"t": [], "seq": [], "v": [], "q": []}
+                if with_ids:
+                    s["id"] = []
+            s["t"].append(self.device_time_us[i])
+            s["seq"].append(self.seq[i])
+            v = self.value[i]
+            s["v"].append(None if math.isnan(v) else v)
+            s["q"].append(self.quality[i])
+            if with_ids:
+                s["id"].append(self.reading_id[i])
+        doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, "device_id": self.device_id}
+        for name, val in (
+            ("patient_id", self.patient_id),
+            ("gateway_id", self.gateway_id),
+            ("transport", self.transport.value if self.transport else None),
+            ("rx", self.receive_time_us),
+            ("tz", self.tz_offset_min),
+        ):
+            if val is not None:
+                doc[name] = val
+        doc["series"] = [{"metric": m, "unit": u, **cols} for (m, u), cols in series.items()]
+        return doc
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_json_dict(), separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, device_id: str | None = None) -> SampleBatch:
+        """Decode and validate; raise :class:`WireFormatError` saying what and where.
+
+        ``device_id`` (from the MQTT topic, which the broker's ACL vouches for) wins over
+        any id inside the payload; a payload naming another device is rejected.
+        """
+        try:
+            doc = json.loads(data)
+        except UnicodeDecodeError as e:
+            raise WireFormatError("payload is not UTF-8", offset=e.start) from None
+        except json.JSONDecodeError as e:
+            raise WireFormatError(f"invalid JSON: {e.msg}", offset=e.pos) from None
+        if not isinstance(doc, dict):
+            raise WireFormatError("payload is not a JSON object")
+        schema = doc.get("schema")
+        if schema != WIRE_SCHEMA_VERSION:
+            raise WireFormatError(f"unsupported schema {schema!r} (expected 1)")
+        claimed = doc.get("device_id")
+        if device_id is not None and claimed is not None and claimed != device_id:
+            raise WireFormatError(f"payload names device {claimed!r} but came from {device_id!r}")
+        dev = device_id or claimed
+        if not isinstance(dev, str) or not dev:
+            raise WireFormatError("device_id missing")
+        b = cls(device_id=dev)
+        b.patient_id = _opt_str(doc, "patient_id")
+        b.gateway_id = _opt_str(doc, "gateway_id")
+        transport = _opt_str(doc, "transport")
+        if transport is not None:
+            try:
+                b.transport = Transport(transport)
+            except ValueError:
+                raise WireFormatError(f"unknown transport {transport!r}") from None
+        b.receive_time_us = _opt_int(doc, "rx")
+        b.tz_offset_min = _opt_int(doc, "tz")
+        series = doc.get("series")
+        if not isinstance(series, list) or not series:
+            raise WireFormatError("series missing or empty")
+        any_ids = False
+        for n, s in enumerate(series):
+            if not isinstance(s, dict):
+                raise WireFormatError(f"series[{n}] is not an object")
+            metric, unit = s.get("metric"), s.get("unit")
+            if metric not in _METRICS:
+                raise WireFormatError(f"series[{n}]: unknown metric {metric!r}")
+            if not isinstance(unit, str):
+                raise WireFormatError(f"series[{n}]: unit missing")
+            t, seq, v = s.get("t"), s.get("seq"), s.get("v")
+            if not (isinstance(t, list) and isinstance(seq, list) and isinstance(v, list)):
+                raise WireFormatError(f"series[{n}]: t, seq and v must be arrays")
+            count = len(v)
+            if len(t) != count or len(seq) != count:
+                raise WireFormatError(f"series[{n}]: t, seq and v differ in length")
+            q = s.get("q", [0] * count)
+            ids = s.get("id")
+            if not isinstance(q, list) or len(q) != count:
+                raise WireFormatError(f"series[{n}]: q differs in length")
+            if ids is not None:
+                if not isinstance(ids, list) or len(ids) != count:
+                    raise WireFormatError(f"series[{n}]: id differs in length")
+                any_ids = True
+            for i in range(count):
+                ti, si, vi, qi = t[i], seq[i], v[i], q[i]
+                if not _is_int(ti) or not _is_int(si) or not _is_int(qi):
+                    raise WireFormatError(f"series[{n}][{i}]: t, seq and q must be integers")
+                if vi is None:
+                    fv, qi = math.nan, qi | Quality.INVALID
+                elif isinstance(vi, int | float) and not isinstance(vi, bool):
+                    fv = float(vi)
+                else:
+                    raise WireFormatError(f"series[{n}][{i}]: value {vi!r} is not a number")
+                b.add(metric, unit, ti, si, fv, int(qi))
+                if ids is not None:
+                    b.reading_id.append(str(ids[i]))
+        if any_ids and len(b.reading_id) != len(b):
+            raise WireFormatError("reading ids given for some series only")
+        return b
+
+
+_METRICS = frozenset(m.value for m in Metric)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _opt_str(doc: dict[str, Any], key: str) -> str | None:
+    val = doc.get(key)
+    if val is None:
+        return None
+    if not isinstance(val, str):
+        raise WireFormatError(f"{key} must be a string")
+    return val
+
+
+def _opt_int(doc: dict[str, Any], key: str) -> int | None:
+    val = doc.get(key)
+    if val is None:
+        return None
+    if not _is_int(val):
+        raise WireFormatError(f"{key} must be an integer")
+    return int(val)
+
+
+def concat_ids(batches: Sequence[SampleBatch]) -> list[str]:
+    """Every reading id in ``batches``, in order (test and accounting helper)."""
+    return [rid for b in batches for rid in b.reading_id]
