@@ -172,6 +172,13 @@ class SampleBatch:
         self.value.append(value)
         self.quality.append(quality)
 
+    def keep_only(self, indices: Sequence[int]) -> None:
+        """Keep the samples at ``indices`` (in that order), in place."""
+        for name in _SAMPLE_COLUMNS:
+            col = getattr(self, name)
+            if col:
+                setattr(self, name, [col[i] for i in indices])
+
     def fill_reading_ids(self) -> None:
         self.reading_id = [
             reading_id(self.device_id, m, s, t)
@@ -315,6 +322,7 @@ class SampleBatch:
 
 
 _METRICS = frozenset(m.value for m in Metric)
+_SAMPLE_COLUMNS = ("metric", "unit", "device_time_us", "seq", "value", "quality", "reading_id")
 
 
 def _is_int(x: object) -> bool:
@@ -337,8 +345,3 @@ def _opt_int(doc: dict[str, Any], key: str) -> int | None:
     if not _is_int(val):
         raise WireFormatError(f"{key} must be an integer")
     return int(val)
-
-
-def concat_ids(batches: Sequence[SampleBatch]) -> list[str]:
-    """Every reading id in ``batches``, in order (test and accounting helper)."""
-    return [rid for b in batches for rid in b.reading_id]

@@ -79,8 +79,13 @@ class Settings(BaseSettings):
         return self.home / "stack"
 
     @property
+    def namespace(self) -> str:
+        """Topics, lake and anchor log belong together: the topic prefix names all three."""
+        return self.topic_prefix.strip(".") or "default"
+
+    @property
     def lake_dir(self) -> Path:
-        return self.home / "lake"
+        return self.home / "lake" / self.namespace
 
     @property
     def keys_dir(self) -> Path:
@@ -88,7 +93,20 @@ class Settings(BaseSettings):
 
     @property
     def anchor_dir(self) -> Path:
-        return self.home / "anchor"
+        return self.home / "anchor" / self.namespace
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``VITALPROOF_*`` variables, for the processes we start."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, Path):
+                value = value.resolve()
+            env[f"VITALPROOF_{name.upper()}"] = str(value)
+        return env
 
     @property
     def registry_path(self) -> Path:

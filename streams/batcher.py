@@ -1,0 +1,195 @@
+"""Sealing: a group of clean Kafka records becomes one batch, durably and exactly once.
+
+A batch is named by the Kafka offsets it covers, so its id is deterministic. Sealing writes,
+in this order: the patients' encrypted Parquet files, the leaf file, then the manifest, each
+by temp file + fsync + atomic rename. The manifest is the commit point: once it exists the
+batch is sealed, and the worker skips every offset it covers if Kafka redelivers them (the
+*ledger*, rebuilt from manifests at start). Only after the manifest has been produced to
+``vitals.batches`` and Kafka acknowledged it does the worker ack the offsets; a manifest
+sealed but never produced (crash in between) is produced again at start (an outbox).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from anchor.merkle import leaf_hash_salted
+from anchor.merkle import root as merkle_root
+from streams import lake
+from streams.keystore import Kms
+from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
+from vitalproof.schema import SampleBatch, canonical_reading_bytes
+
+BATCHES_DIR = "_batches"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One consumed record of ``vitals.clean`` waiting to be sealed."""
+
+    topic: str
+    partition: int
+    offset: int
+    batch: SampleBatch
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """temp file, fsync, rename, fsync the folder: the file is either whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Sealer:
+    def __init__(self, lake_root: Path, kms: Kms) -> None:
+        self.lake_root = lake_root
+        self.kms = kms
+        self.batches_dir = lake_root / BATCHES_DIR
+        self.batches_dir.mkdir(parents=True, exist_ok=True)
+        self._high_water: dict[tuple[str, int], int] = {}
+        for manifest in self.manifests():
+            self._advance(manifest.covers)
+
+    # -- ledger -------------------------------------------------------------------------
+
+    def manifests(self) -> list[BatchManifest]:
+        return [
+            BatchManifest.model_validate_json(p.read_bytes())
+            for p in sorted(self.batches_dir.glob("*.json"))
+        ]
+
+    def unproduced(self) -> list[BatchManifest]:
+        """Sealed batches whose manifest Kafka never acknowledged (the outbox)."""
+        done = {p.stem for p in self.batches_dir.glob("*.produced")}
+        return [m for m in self.manifests() if m.batch_id not in done]
+
+    def mark_produced(self, manifest: BatchManifest) -> None:
+        write_atomic(self.batches_dir / f"{manifest.batch_id}.produced", b"")
+
+    def _advance(self, covers: Sequence[OffsetRange]) -> None:
+        for c in covers:
+            key = (c.topic, c.partition)
+            self._high_water[key] = max(self._high_water.get(key, -1), c.last)
+
+    def already_sealed(self, p: Pending) -> bool:
+        return p.offset <= self._high_water.get((p.topic, p.partition), -1)
+
+    # -- sealing ------------------------------------------------------------------------
+
+    def seal(self, items: Sequence[Pending]) -> BatchManifest | None:
+        """Seal ``items`` (minus any already sealed); ``None`` if nothing is left."""
+        fresh = [p for p in items if not self.already_sealed(p)]
+        if not fresh:
+            return None
+        covers = _covers(fresh)
+        batch_id = batch_id_for(covers)
+        manifest_path = self.batches_dir / f"{batch_id}.json"
+        if manifest_path.exists():  # sealed before a crash, ledger not yet told
+            manifest = BatchManifest.model_validate_json(manifest_path.read_bytes())
+            self._advance(manifest.covers)
+            return manifest
+
+        by_patient = group_by_patient([p.batch for p in fresh])
+        leaves: list[bytes] = []
+        files: list[BatchFile] = []
+        first_t, last_t = 2**63, -(2**63)
+        for patient_id, batches in by_patient.items():
+            ids = [rid for b in batches for rid in b.reading_id]
+            salts = iter(self.kms.salts(patient_id, ids))
+            first_leaf = len(leaves)
+            for b in batches:
+                for i in range(len(b)):
+                    leaves.append(leaf_hash_salted(next(salts), _canonical(b, i)))
+                if b.device_time_us:
+                    first_t = min(first_t, min(b.device_time_us))
+                    last_t = max(last_t, max(b.device_time_us))
+            table = lake.table_from_batches(batches, batch_id=batch_id, first_leaf=first_leaf)
+            written = lake.write_patient_file(self.lake_root, batch_id, patient_id, table, self.kms)
+            files.append(
+                BatchFile(
+                    path=written.path,
+                    patient_id=patient_id,
+                    rows=written.rows,
+                    sha256=written.sha256,
+                    key_id=written.key_id,
+                    bytes=written.bytes,
+                )
+            )
+        root = merkle_root(leaves)
+        leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
+        write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
+        manifest = BatchManifest(
+            batch_id=batch_id,
+            covers=covers,
+            patients=sorted({f.patient_id for f in files}),
+            rows=len(leaves),
+            first_device_time_us=first_t,
+            last_device_time_us=last_t,
+            files=files,
+            merkle_root=root.hex(),
+            leaves_path=leaves_rel,
+            sealed_at_us=time.time_ns() // 1000,
+        )
+        write_atomic(manifest_path, manifest.to_json_bytes())
+        self._advance(covers)
+        return manifest
+
+
+def _covers(items: Sequence[Pending]) -> list[OffsetRange]:
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for p in items:
+        key = (p.topic, p.partition)
+        lo, hi = spans.get(key, (p.offset, p.offset))
+        spans[key] = (min(lo, p.offset), max(hi, p.offset))
+    return [
+        OffsetRange(topic=t, partition=part, first=lo, last=hi)
+        for (t, part), (lo, hi) in sorted(spans.items())
+    ]
+
+
+def group_by_patient(batches: Sequence[SampleBatch]) -> dict[str, list[SampleBatch]]:
+    """Deduplicate by reading id (first wins) and group by patient, patients sorted.
+
+    The order fixes each reading's leaf index: patients in sorted order, then arrival order,
+    so the same records always give the same tree.
+    """
+    seen: set[str] = set()
+    grouped: dict[str, list[SampleBatch]] = {}
+    for b in batches:
+        if b.patient_id is None:
+            raise ValueError(f"batch from {b.device_id} is not normalized (no patient id)")
+        keep = [i for i, rid in enumerate(b.reading_id) if rid not in seen]
+        seen.update(b.reading_id[i] for i in keep)
+        if len(keep) != len(b):
+            b.keep_only(keep)
+        if len(b):
+            grouped.setdefault(b.patient_id, []).append(b)
+    return dict(sorted(grouped.items()))
+
+
+def _canonical(b: SampleBatch, i: int) -> bytes:
+    assert b.patient_id is not None
+    return canonical_reading_bytes(
+        reading_id=b.reading_id[i],
+        device_id=b.device_id,
+        patient_id=b.patient_id,
+        metric=b.metric[i],
+        value=b.value[i],
+        unit=b.unit[i],
+        device_time_us=b.device_time_us[i],
+        seq=b.seq[i],
+        quality=b.quality[i],
+    )
