@@ -1,0 +1,49 @@
+# vitalproof: `make demo` and `make test` work on a fresh Debian/Ubuntu machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VP := $(VENV)/bin/vitalproof
+
+.PHONY: install system demo test lint bench clean stack-up stack-down
+
+install: system $(VENV)/.installed node_modules/.installed kafka
+
+system:
+	@bash scripts/install-system.sh
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+kafka: $(VENV)/.installed
+	$(VP) stack fetch
+
+demo: install
+	$(VP) demo
+
+test: install
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/merkle_bench.py
+	$(PY) bench/lake_bench.py
+
+stack-up: install
+	$(VP) stack up
+
+stack-down:
+	$(VP) stack down
+
+clean:
+	-$(VP) stack down
+	rm -rf .vitalproof

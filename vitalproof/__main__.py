@@ -1,0 +1,5 @@
+import sys
+
+from vitalproof.cli import main
+
+sys.exit(main())
