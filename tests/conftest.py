@@ -1,0 +1,151 @@
+"""Shared fixtures: the REAL local stack, started once per test session.
+
+* ``stack_settings`` (session): a Settings with free random ports and a tmp home; nothing
+  started yet.
+* ``stack`` (session): a :class:`StackManager` whose Kafka (KRaft) and Mosquitto are up;
+  ``stack.settings`` are the session settings. Stopped at session end.
+* ``anvil`` (session, lazy): Anvil started only when a test asks for it; yields its
+  :class:`PartStatus`. ``anvil_rpc_url`` (session) is its ``http://127.0.0.1:<port>``.
+* ``settings`` (function): the session's ports and broker state (``stack_dir`` is a symlink
+  to the session's, so enrolling device credentials works) but its own ``home`` for
+  lake/keys/anchor/registry and a unique ``topic_prefix``.
+* ``anvil_settings`` (function): ``settings`` with ``chain='anvil'`` and ``rpc_url`` set.
+* ``kafka_topics`` (function): ``settings`` after creating its four pipeline topics.
+
+A service that cannot start FAILS the tests that need it, loudly, with its log tail. There
+is no skip and no in-memory stand-in: these fixtures exist so tests hit real brokers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from vitalproof.errors import VitalproofError
+from vitalproof.settings import Settings
+from vitalproof.stack import PartStatus, StackManager, ensure_topics
+from vitalproof.stack.procs import free_ports
+
+# Startup durations measured by the fixtures, printed in the terminal summary.
+_TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Session settings: tmp home, free ports on 127.0.0.1, fixed collector password."""
+    home = tmp_path_factory.mktemp("vitalproof-home")
+    kafka_port, controller_port, mqtt_port, anvil_port = free_ports(4)
+    return Settings(
+        home=home,
+        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
+        kafka_controller_port=controller_port,
+        mqtt_host="127.0.0.1",
+        mqtt_port=mqtt_port,
+        mqtt_collector_password=SecretStr(secrets.token_urlsafe(18)),
+        anvil_port=anvil_port,
+        chain="embedded",
+        topic_prefix="",
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings) -> Iterator[StackManager]:
+    """Real Kafka + Mosquitto for the whole session; fails (never skips) if they can't start."""
+    manager = StackManager(stack_settings)
+    atexit.register(_down_quietly, manager)  # also on an interrupted session
+    t0 = time.monotonic()
+    try:
+        status = manager.up(chain="embedded")
+    except VitalproofError as exc:
+        _down_quietly(manager)
+        pytest.fail(f"local stack failed to start: {exc}", pytrace=False)
+    _TIMINGS["stack up (kafka+mosquitto)"] = time.monotonic() - t0
+    if not status.healthy:
+        _down_quietly(manager)
+        pytest.fail(f"local stack started but is not healthy:\n{status.to_json()}", pytrace=False)
+    yield manager
+    manager.down()
+
+
+@pytest.fixture(scope="session")
+def anvil(stack_settings: Settings) -> Iterator[PartStatus]:
+    """Anvil on the session's anvil_port, started on first use; fails if it can't start."""
+    manager = StackManager(stack_settings)
+    atexit.register(_stop_anvil_quietly, manager)
+    t0 = time.monotonic()
+    try:
+        status = manager.start("anvil")
+    except VitalproofError as exc:
+        _stop_anvil_quietly(manager)
+        pytest.fail(f"anvil failed to start: {exc}", pytrace=False)
+    _TIMINGS["anvil start"] = time.monotonic() - t0
+    if not status.healthy:
+        _stop_anvil_quietly(manager)
+        pytest.fail(f"anvil started but does not answer: {status}", pytrace=False)
+    yield status
+    manager.stop("anvil")
+
+
+@pytest.fixture(scope="session")
+def anvil_rpc_url(anvil: PartStatus, stack_settings: Settings) -> str:
+    """``http://127.0.0.1:<port>`` of the session's Anvil."""
+    return StackManager(stack_settings).rpc_url
+
+
+@pytest.fixture
+def settings(stack: StackManager, tmp_path: Path) -> Settings:
+    """Per-test settings on the running session stack.
+
+    Own home (lake, keys, anchor state, registry) and topic prefix, so tests never see each
+    other's data; ``home/stack`` links to the session's stack folder so device credentials
+    enrolled through these settings reach the running Mosquitto.
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "stack").symlink_to(stack.settings.stack_dir, target_is_directory=True)
+    return stack.settings.model_copy(
+        update={"home": home, "topic_prefix": f"t{uuid.uuid4().hex[:12]}."}
+    )
+
+
+@pytest.fixture
+def anvil_settings(settings: Settings, anvil_rpc_url: str) -> Settings:
+    """``settings`` pointed at the session's Anvil."""
+    return settings.model_copy(update={"chain": "anvil", "rpc_url": anvil_rpc_url})
+
+
+@pytest.fixture
+def kafka_topics(settings: Settings) -> Settings:
+    """``settings`` whose raw/clean/dlq/batches topics exist with leaders elected."""
+    ensure_topics(
+        settings,
+        [settings.topic_raw, settings.topic_clean, settings.topic_dlq, settings.topic_batches],
+        settings.partitions,
+    )
+    return settings
+
+
+def _down_quietly(manager: StackManager) -> None:
+    try:
+        manager.down()
+    except Exception as exc:  # best effort on the failure path; the original error wins
+        print(f"vitalproof stack down failed: {exc}")
+
+
+def _stop_anvil_quietly(manager: StackManager) -> None:
+    try:
+        manager.stop("anvil")
+    except Exception as exc:
+        print(f"vitalproof stop anvil failed: {exc}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for what, seconds in _TIMINGS.items():
+        terminalreporter.write_line(f"vitalproof: {what} took {seconds:.1f} s")
