@@ -1,0 +1,271 @@
+"""The lake: encrypted Parquet per (batch, patient, date), read back, no plaintext leaks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import struct
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from streams import lake
+from streams.keystore import LocalKeystore
+from vitalproof.schema import Quality, SampleBatch, Transport
+
+T0 = 1_732_200_000_000_000  # 2024-11-21T14:40:00Z
+US = 1_000_000
+
+
+def _batch(device: str, patient: str, t0: int = T0, n: int = 6, hr0: float = 61.25) -> SampleBatch:
+    b = SampleBatch(
+        device_id=device,
+        patient_id=patient,
+        gateway_id="gw-test-7",
+        transport=Transport.BLE,
+        receive_time_us=t0 + n * US,
+        tz_offset_min=-300,
+    )
+    for i in range(n):
+        b.add("heart_rate", "/min", t0 + i * US, i, hr0 + i)
+        spo2, q = (math.nan, int(Quality.INVALID)) if i == 3 else (96.5 + i / 8, 0)
+        b.add("spo2", "%", t0 + i * US, i, spo2, q)
+    b.fill_reading_ids()
+    return b
+
+
+@pytest.fixture
+def kms(tmp_path: Path) -> LocalKeystore:
+    return LocalKeystore(tmp_path / "keys")
+
+
+@pytest.fixture
+def batches() -> list[SampleBatch]:
+    return [
+        _batch("dev-alpha-1", "patient-alpha"),
+        _batch("dev-beta-2", "patient-beta", hr0=88.75),
+        _batch("dev-alpha-3", "patient-alpha", t0=T0 + 60 * US, hr0=71.125),
+    ]
+
+
+def _expected(batches: list[SampleBatch], patient: str) -> dict[str, tuple[object, ...]]:
+    return {
+        r.reading_id: (r.device_id, r.metric.value, r.value, r.unit, r.device_time_us, r.seq,
+                       r.quality, r.transport.value, r.gateway_id, r.tz_offset_min)
+        for b in batches
+        if b.patient_id == patient
+        for r in b.readings()
+    }
+
+
+def _as_rows(table: pa.Table) -> dict[str, tuple[object, ...]]:
+    ids = lake.hex_ids(table["reading_id"]).to_pylist()
+    us = pc.cast(table["device_time"], pa.int64()).to_pylist()
+    cols = [table[c].to_pylist() for c in (
+        "device_id", "metric", "value", "unit", "seq", "quality", "transport", "gateway_id",
+        "tz_offset_min")]
+    out = {}
+    for i, rid in enumerate(ids):
+        dev, metric, value, unit, seq, q, tr, gw, tz = (c[i] for c in cols)
+        out[rid] = (dev, metric, value, unit, us[i], seq, q, tr, gw, tz)
+    return out
+
+
+def test_write_and_read_back(tmp_path: Path, kms: LocalKeystore,
+                             batches: list[SampleBatch]) -> None:
+    root = tmp_path / "lake"
+    table = lake.build_table(batches, "b-0001")
+    assert table.schema.equals(lake.SCHEMA)
+    assert table["leaf_index"].to_pylist() == list(range(36))
+    written = lake.write_batch(root, "b-0001", table, kms)
+    assert sorted(w.path for w in written) == [
+        "patient_id=patient-alpha/date=2024-11-21/b-0001.parquet",
+        "patient_id=patient-beta/date=2024-11-21/b-0001.parquet",
+    ]
+    by_path = {w.path: w for w in written}
+    alpha = by_path["patient_id=patient-alpha/date=2024-11-21/b-0001.parquet"]
+    assert (alpha.rows, alpha.key_id, alpha.created) == (24, "patient:patient-alpha:v1", True)
+    assert alpha.bytes == (root / alpha.path).stat().st_size
+
+    got = lake.read_patient(root, "patient-alpha", kms)
+    assert _as_rows(got) == _expected(batches, "patient-alpha")
+    assert got["value"].null_count == 2  # NaN (Quality.INVALID) is stored as null
+    assert set(got["batch_id"].to_pylist()) == {"b-0001"}
+    # sorted by (metric, device_time) within the file
+    metrics = got["metric"].to_pylist()
+    assert metrics == sorted(metrics)
+    assert _as_rows(lake.read_patient(root, "patient-beta", kms)) == _expected(
+        batches, "patient-beta")
+    assert lake.read_patient(root, "nobody", kms).num_rows == 0
+
+
+def test_time_range_and_metric_filters(tmp_path: Path, kms: LocalKeystore,
+                                       batches: list[SampleBatch]) -> None:
+    root = tmp_path / "lake"
+    lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
+    start = dt.datetime(2024, 11, 21, 14, 41, tzinfo=dt.UTC)  # the third batch only
+    got = lake.read_patient(root, "patient-alpha", kms, start=start, metrics=["heart_rate"])
+    assert got["value"].to_pylist() == [71.125 + i for i in range(6)]
+    assert lake.read_patient(root, "patient-alpha", kms, end=T0 + 2 * US).num_rows == 4
+    assert lake.read_patient(root, "patient-alpha", kms, start=T0 + 86_400 * US).num_rows == 0
+
+
+def test_batch_across_midnight_is_split_per_date(tmp_path: Path, kms: LocalKeystore) -> None:
+    midnight = 1_732_233_600_000_000  # 2024-11-22T00:00:00Z
+    table = lake.build_table([_batch("dev-1", "p-1", t0=midnight - 3 * US)], "b-night")
+    with pytest.raises(lake.LakeSpansDates):
+        lake.write_patient_file(tmp_path, "b-night", "p-1", table, kms)
+    written = lake.write_patient_files(tmp_path, "b-night", "p-1", table, kms)
+    assert [(w.path, w.rows) for w in written] == [
+        ("patient_id=p-1/date=2024-11-21/b-night.parquet", 6),
+        ("patient_id=p-1/date=2024-11-22/b-night.parquet", 6),
+    ]
+    assert len(lake.list_patient_files(tmp_path, "p-1", start=midnight)) == 1
+    assert lake.read_patient(tmp_path, "p-1", kms, start=midnight).num_rows == 6
+    assert lake.read_patient(tmp_path, "p-1", kms).num_rows == 12
+
+
+def test_no_plaintext_in_files(tmp_path: Path, kms: LocalKeystore,
+                               batches: list[SampleBatch]) -> None:
+    """Nothing identifying or clinical appears in the bytes of a file.
+
+    The *path* contains ``patient_id=<p>`` by design (Hive partition: listing, pruning and
+    erasure are per patient; patient ids are pseudonyms); the check is on file contents.
+    """
+    root = tmp_path / "lake"
+    written = lake.write_batch(root, "b-secret", lake.build_table(batches, "b-secret"), kms)
+    blob = b"".join((root / w.path).read_bytes() for w in written)
+    needles: list[bytes] = []
+    for b in batches:
+        assert b.patient_id is not None
+        needles += [b.device_id.encode(), b.patient_id.encode(), b"gw-test-7"]
+        for rid in b.reading_id:
+            needles += [rid.encode(), bytes.fromhex(rid)]
+        needles += [struct.pack("<d", v) for v in b.value[:3]]
+    needles += [b"heart_rate", b"spo2", b"b-secret", b"reading_id", b"patient:"]
+    leaked = [n for n in needles if n in blob]
+    assert not leaked
+    assert blob.count(b"PARE") == 2 * len(written)  # encrypted-footer Parquet magic
+
+
+def test_reading_without_the_key_fails_clearly(tmp_path: Path, kms: LocalKeystore,
+                                               batches: list[SampleBatch]) -> None:
+    root = tmp_path / "lake"
+    lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
+    stranger = LocalKeystore(tmp_path / "other-keys")
+    with pytest.raises(lake.LakeKeyUnavailable) as err:
+        lake.read_patient(root, "patient-alpha", stranger)
+    assert "patient_id=patient-alpha/date=2024-11-21/b-1.parquet" in str(err.value)
+    assert err.value.key == "patient:patient-alpha:v1"
+    assert "unknown key" in err.value.diagnostics()
+    # and pyarrow without any decryption properties cannot read it either
+    with pytest.raises(OSError):
+        pq.read_table(err.value.path)
+
+
+def test_erasure_makes_one_patient_unreadable(tmp_path: Path, kms: LocalKeystore,
+                                              batches: list[SampleBatch]) -> None:
+    root = tmp_path / "lake"
+    lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
+    kms.erase("patient-alpha")
+    with pytest.raises(lake.LakeKeyUnavailable) as err:
+        lake.read_patient(root, "patient-alpha", kms)
+    assert "erased" in err.value.diagnostics()
+    assert lake.read_patient(root, "patient-beta", kms).num_rows == 12
+    stats = lake.lake_stats(root, kms)
+    assert (stats["readings"], stats["unreadable_files"], stats["patients"]) == (12, 1, 2)
+
+
+def test_rotation_old_files_stay_readable(tmp_path: Path, kms: LocalKeystore) -> None:
+    lake.write_batch(tmp_path, "b-1", lake.build_table([_batch("d", "p-1")], "b-1"), kms)
+    kms.rotate("p-1")
+    later = _batch("d", "p-1", t0=T0 + 600 * US)
+    (w,) = lake.write_batch(tmp_path, "b-2", lake.build_table([later], "b-2"), kms)
+    assert w.key_id == "patient:p-1:v2"
+    assert lake.read_patient(tmp_path, "p-1", kms).num_rows == 24
+
+
+def test_idempotent_write_keeps_the_first_file(tmp_path: Path, kms: LocalKeystore,
+                                               batches: list[SampleBatch]) -> None:
+    table = lake.table_from_batches(batches[:1], batch_id="b-1", first_leaf=5)
+    first = lake.write_patient_file(tmp_path, "b-1", "patient-alpha", table, kms)
+    data = (tmp_path / first.path).read_bytes()
+    kms.rotate("patient-alpha")  # even with a new current key, the replay keeps the sealed file
+    again = lake.write_patient_file(tmp_path, "b-1", "patient-alpha", table, kms)
+    assert not again.created
+    assert (again.path, again.sha256, again.bytes, again.key_id) == (
+        first.path, first.sha256, first.bytes, "patient:patient-alpha:v1")
+    assert (tmp_path / first.path).read_bytes() == data
+    # a fresh encryption of the same rows differs (random keys and IVs): why we keep the file
+    assert lake.encode_parquet(table, kms=kms, key_id=first.key_id) != data
+    assert not list(tmp_path.rglob("*.tmp"))
+    got = lake.read_patient(tmp_path, "patient-alpha", kms)
+    assert sorted(got["leaf_index"].to_pylist()) == list(range(5, 17))
+
+
+def test_duckdb_queries_a_decrypted_batch(tmp_path: Path, kms: LocalKeystore,
+                                          batches: list[SampleBatch]) -> None:
+    """DuckDB cannot open these files itself: its Parquet encryption wants a raw footer key,
+    not a KMS that unwraps per-patient data keys. So pyarrow decrypts and DuckDB queries the
+    Arrow table (zero copy)."""
+    lake.write_batch(tmp_path, "b-1", lake.build_table(batches, "b-1"), kms)
+    con = duckdb.connect()
+    con.register("readings", lake.read_patient(tmp_path, "patient-alpha", kms))
+    ((count, avg, ids),) = con.sql(
+        "select count(*), avg(value), count(distinct lower(hex(reading_id))) "
+        "from readings where metric = 'heart_rate'"
+    ).fetchall()
+    expected = [v for b in batches[::2] for m, v in zip(b.metric, b.value, strict=True)
+                if m == "heart_rate"]
+    assert count == len(expected) == ids
+    assert avg == pytest.approx(sum(expected) / len(expected))
+
+
+def test_stats_count_duplicates(tmp_path: Path, kms: LocalKeystore,
+                                batches: list[SampleBatch]) -> None:
+    lake.write_batch(tmp_path, "b-1", lake.build_table(batches, "b-1"), kms)
+    # the same readings sealed again under another batch id: duplicates, visible in stats
+    lake.write_batch(tmp_path, "b-2", lake.build_table(batches[:1], "b-2"), kms)
+    stats = lake.lake_stats(tmp_path, kms)
+    assert stats["readings"] == 48
+    assert stats["distinct_reading_ids"] == 36
+    assert stats["duplicates"] == 12
+    assert (stats["batches"], stats["patients"], stats["files"]) == (2, 2, 3)
+    assert stats["bytes_on_disk"] == sum(p.stat().st_size for p in tmp_path.rglob("*.parquet"))
+
+
+def test_unsafe_names_rejected(tmp_path: Path, kms: LocalKeystore) -> None:
+    table = lake.build_table([_batch("d", "p-1")], "b-1")
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(lake.LakeError):
+            lake.write_patient_file(tmp_path, "b-1", bad, table, kms)
+        with pytest.raises(lake.LakeError):
+            lake.write_patient_file(tmp_path, bad, "p-1", table, kms)
+    with pytest.raises(lake.LakeError):  # rows of p-1 under another patient's name
+        lake.write_patient_file(tmp_path, "b-1", "p-2", table, kms)
+
+
+def test_bad_reading_ids_rejected() -> None:
+    b = _batch("d", "p-1", n=1)
+    b.reading_id = ["not-hex-" + "0" * 24, b.reading_id[1]]
+    with pytest.raises(lake.LakeError):
+        lake.build_table([b], "b-1")
+
+
+def test_hex_ids_round_trip(batches: list[SampleBatch]) -> None:
+    ids = [rid for b in batches for rid in b.reading_id]
+    arr = lake.ids_to_binary(ids)
+    assert lake.hex_ids(arr).to_pylist() == ids
+    assert lake.hex_ids(arr.slice(3, 5)).to_pylist() == ids[3:8]
+    assert lake.hex_ids(pa.chunked_array([arr[:2], arr[2:]])).to_pylist() == ids
+
+
+def test_uri_root(tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]) -> None:
+    uri = f"file://{tmp_path}/lake"
+    written = lake.write_batch(uri, "b-1", lake.build_table(batches, "b-1"), kms)
+    assert all((tmp_path / "lake" / w.path).is_file() for w in written)
+    assert lake.read_patient(uri, "patient-beta", kms).num_rows == 12
