@@ -117,17 +117,19 @@ class Sealer:
                     first_t = min(first_t, min(b.device_time_us))
                     last_t = max(last_t, max(b.device_time_us))
             table = lake.table_from_batches(batches, batch_id=batch_id, first_leaf=first_leaf)
-            written = lake.write_patient_file(self.lake_root, batch_id, patient_id, table, self.kms)
-            files.append(
-                BatchFile(
-                    path=written.path,
-                    patient_id=patient_id,
-                    rows=written.rows,
-                    sha256=written.sha256,
-                    key_id=written.key_id,
-                    bytes=written.bytes,
+            for written in lake.write_patient_files(
+                self.lake_root, batch_id, patient_id, table, self.kms
+            ):
+                files.append(
+                    BatchFile(
+                        path=written.path,
+                        patient_id=patient_id,
+                        rows=written.rows,
+                        sha256=written.sha256,
+                        key_id=written.key_id,
+                        bytes=written.bytes,
+                    )
                 )
-            )
         root = merkle_root(leaves)
         leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
         write_atomic(self.lake_root / leaves_rel, b"".join(leaves))

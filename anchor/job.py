@@ -1,0 +1,152 @@
+"""The periodic anchor job: batch manifests in, one anchor transaction per period out.
+
+It reads ``vitals.batches``, appends each batch root to the append-only Merkle log (idempotent
+by batch id, so a redelivered manifest changes nothing), and commits the Kafka offset only
+after the log append is on disk. Every period, if the log grew, it checks that the log still
+extends the last anchored head (RFC 9162 consistency) and sends one transaction through the
+transaction manager's outbox: exactly one per period whatever the volume, none when nothing
+is new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer
+
+from anchor.chain import AnchorReceipt, Chain
+from anchor.errors import AnchorError
+from anchor.log import MerkleLog
+from anchor.txmanager import TxManager
+from vitalproof.manifest import BatchManifest
+from vitalproof.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ensure_contract(chain: Chain, state_dir: Path) -> str:
+    """The VitalAnchor address for this chain: reuse a recorded one that still has code,
+    else deploy (a restarted dev chain has forgotten it) and record the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    record = state_dir / f"contract-{chain.chain_id}.json"
+    if record.exists():
+        address = json.loads(record.read_text())["address"]
+        if chain.w3.eth.get_code(address):
+            chain.at(address)
+            return str(address)
+    address = chain.deploy()
+    record.write_text(json.dumps({"address": address, "chain_id": chain.chain_id}) + "\n")
+    return address
+
+
+class AnchorJob:
+    def __init__(self, settings: Settings, chain: Chain, *, confirmations: int = 1) -> None:
+        self.settings = settings
+        self.chain = chain
+        self.log = MerkleLog(settings.anchor_dir / "log")
+        self.contract = ensure_contract(chain, settings.anchor_dir)
+        outbox = settings.anchor_dir / "outbox" / f"{chain.chain_id}-{self.contract.lower()}"
+        self.tx = TxManager(chain, outbox, confirmations=confirmations)
+        self.tx.resume()
+        self.receipts: list[AnchorReceipt] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnchorJob:
+        return cls(settings, Chain.from_settings(settings))
+
+    # -- manifests ----------------------------------------------------------------------
+
+    def add_manifest(self, data: bytes) -> int:
+        """Append one batch to the log; returns its index (the same one on redelivery)."""
+        manifest = BatchManifest.model_validate_json(data)
+        return self.log.append(
+            manifest.batch_id, bytes.fromhex(manifest.merkle_root), manifest.rows
+        )
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            self.settings.topic_batches,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=f"vitalproof-anchor-{self.settings.namespace}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+
+    async def _consume_for(self, consumer: AIOKafkaConsumer, seconds: float) -> int:
+        added = 0
+        batches = await consumer.getmany(timeout_ms=int(seconds * 1000))
+        for records in batches.values():
+            for record in records:
+                self.add_manifest(record.value or b"")
+                added += 1
+        if added:
+            await consumer.commit()  # only after the log appends are fsync'd
+        return added
+
+    def poll_manifests(self, *, timeout_s: float = 5.0) -> int:
+        """Read what ``vitals.batches`` holds now (used by `anchor run --once`)."""
+
+        async def go() -> int:
+            consumer = self._consumer()
+            await consumer.start()
+            try:
+                total = 0
+                while (n := await self._consume_for(consumer, timeout_s)) > 0:
+                    total += n
+                return total
+            finally:
+                await consumer.stop()
+
+        return asyncio.run(go())
+
+    # -- anchoring ----------------------------------------------------------------------
+
+    def anchor_once(self) -> AnchorReceipt | None:
+        """Anchor the log's current head if it grew since the last anchor; else None."""
+        size = self.log.size
+        last = self.log.last_anchored()
+        if size == 0 or (last is not None and last.tree_size >= size):
+            return None
+        if last is not None:
+            self.log.check_extends(last)
+        root = self.log.root(size)
+        entry = self.tx.submit(root, size)
+        receipt = self.tx.wait_final(entry.id, timeout_s=120.0)
+        self.log.record_anchor(size, root, receipt.to_json_dict())
+        self.receipts.append(receipt)
+        log.info("anchored size %d root %s in %s", size, root.hex(), receipt.tx_hash)
+        return receipt
+
+    async def run(
+        self,
+        *,
+        period_s: float,
+        duration_s: float | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> list[AnchorReceipt]:
+        """Consume manifests and anchor once per period until stopped; a last anchor at the end
+        covers whatever arrived since the previous one."""
+        consumer = self._consumer()
+        await consumer.start()
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        next_anchor = time.monotonic() + period_s
+        try:
+            while not (stop is not None and stop.is_set()):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                await self._consume_for(consumer, 0.5)
+                if time.monotonic() >= next_anchor:
+                    await asyncio.to_thread(self.anchor_once)
+                    next_anchor = time.monotonic() + period_s
+            await self._consume_for(consumer, 0.5)
+            await asyncio.to_thread(self.anchor_once)
+        except AnchorError:
+            log.exception("anchoring failed")
+            raise
+        finally:
+            await consumer.stop()
+        return self.receipts
