@@ -58,7 +58,7 @@ def normalize_uuid(uuid: str) -> str:
     return full
 
 
-def decode(uuid: str, data: bytes) -> GattResult:
+def decode(uuid: str, data: bytes | bytearray | memoryview) -> GattResult:
     """Parse one characteristic value; every failure is a :class:`GattError`."""
     full = normalize_uuid(uuid)
     _, parse = PARSERS[int(full[:8], 16)]

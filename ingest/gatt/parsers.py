@@ -732,14 +732,14 @@ class Meal(IntEnum):
     BEDTIME = 5
 
 
-class Tester(IntEnum):
+class GlucoseTester(IntEnum):
     SELF = 1
     HEALTH_CARE_PROFESSIONAL = 2
     LAB_TEST = 3
     NOT_AVAILABLE = 15
 
 
-class Health(IntEnum):
+class GlucoseHealth(IntEnum):
     MINOR_HEALTH_ISSUES = 1
     MAJOR_HEALTH_ISSUES = 2
     DURING_MENSES = 3
@@ -782,8 +782,8 @@ class GlucoseMeasurementContext(GattResult):
     carbohydrate_id: CarbohydrateId | int | None
     carbohydrate: MderFloat | None
     meal: Meal | int | None
-    tester: Tester | int | None
-    health: Health | int | None
+    tester: GlucoseTester | int | None
+    health: GlucoseHealth | int | None
     exercise_duration: int | None  # seconds; 0xFFFF = overrun
     exercise_intensity: int | None  # percent
     medication_id: MedicationId | int | None
@@ -799,8 +799,8 @@ def parse_glucose_context(data: bytes) -> GlucoseMeasurementContext:
     Tester-Health present, bit 3 Exercise Duration + Intensity present, bit 4 Medication ID +
     Medication present, bit 5 medication units (0 kg, 1 litres), bit 6 HbA1c present, bit 7
     Extended Flags present. Fields in order: Sequence Number uint16, Extended Flags uint8,
-    Carbohydrate ID uint8, Carbohydrate SFLOAT kg, Meal uint8, Tester (low nibble) - Health
-    (high nibble) uint8, Exercise Duration uint16 s, Exercise Intensity uint8 %, Medication
+    Carbohydrate ID uint8, Carbohydrate SFLOAT kg, Meal uint8, Tester (low nibble) -
+    Health (high nibble) uint8, Exercise Duration uint16 s, Exercise Intensity uint8 %, Medication
     ID uint8, Medication SFLOAT, HbA1c SFLOAT %.
     """
     r = _Reader(0x2A34, data)
@@ -813,11 +813,14 @@ def parse_glucose_context(data: bytes) -> GlucoseMeasurementContext:
         carb_id = _enum_or_int(CarbohydrateId, r.u8("Carbohydrate ID"))
         carb = r.sfloat("Carbohydrate")
     meal = _enum_or_int(Meal, r.u8("Meal")) if flags & 0x02 else None
-    tester: Tester | int | None = None
-    health: Health | int | None = None
+    tester: GlucoseTester | int | None = None
+    health: GlucoseHealth | int | None = None
     if flags & 0x04:
         th = r.u8("Tester-Health")
-        tester, health = _enum_or_int(Tester, th & 0x0F), _enum_or_int(Health, th >> 4)
+        tester, health = (
+            _enum_or_int(GlucoseTester, th & 0x0F),
+            _enum_or_int(GlucoseHealth, th >> 4),
+        )
     duration = intensity = None
     if flags & 0x08:
         duration = r.u16("Exercise Duration")
