@@ -546,7 +546,10 @@ class Chain:
         """Anchor a log head and wait for inclusion (one confirmation, no durability).
 
         The anchor job uses :class:`anchor.txmanager.TxManager` instead, which survives
-        crashes and reorgs; this direct path is for tools, tests and one-off anchors.
+        crashes and reorgs; this direct path is for tools, tests and one-off anchors. It takes
+        the node's pending nonce, so do not mix it with a TxManager on the same account: a
+        signed-but-unsent outbox transaction would lose its nonce (the manager then
+        re-anchors or marks the entry superseded, but it costs a transaction).
         """
         data = self.anchor_calldata(root, tree_size)
         receipt = self._sign_and_send(data, self.contract_address)
