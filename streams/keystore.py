@@ -287,6 +287,8 @@ class LocalKeystore:
     def __init__(self, keys_dir: Path | str) -> None:
         self.dir = Path(keys_dir)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # path -> ((inode, size, mtime_ns), parsed file, {version: unwrapped KEK})
+        self._cache: dict[Path, tuple[tuple[int, int, int], dict[str, Any], dict[int, bytes]]] = {}
         self._master = self._load_or_create_master()
 
     # -- master key ------------------------------------------------------------------------
@@ -341,18 +343,27 @@ class LocalKeystore:
     # -- state files -----------------------------------------------------------------------
 
     def _read_json(self, path: Path) -> dict[str, Any] | None:
+        """Parse a keystore file, re-validated by stat: a cached parse is reused only while
+        the file is the same inode, size and mtime, so another process's rotation (atomic
+        replace) or erasure (unlink) is seen on the very next call."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            self._cache.pop(path, None)
             return None
         if st.st_mode & 0o077:
             raise InsecureKeyFile(path, st.st_mode)
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._cache.get(path)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
         try:
             doc = json.loads(path.read_bytes())
         except (ValueError, UnicodeDecodeError) as e:
             raise KeystoreCorrupt(f"{path}: not valid JSON ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != _FILE_FORMAT:
             raise KeystoreCorrupt(f"{path}: unknown keystore file format")
+        self._cache[path] = (sig, doc, {})
         return doc
 
     def _write_json(self, path: Path, doc: dict[str, Any]) -> None:
@@ -442,7 +453,12 @@ class LocalKeystore:
                 raise KeyErased(ref.text, erased_at)
             raise UnknownKey(ref.text, self.dir)
         path = self._key_path(ref.h)
-        return self._unwrap_master(entry.get("wrapped"), f"KEK v{ref.version}", path)
+        unwrapped = self._cache[path][2]  # filled by _load just now
+        kek = unwrapped.get(ref.version)
+        if kek is None:
+            kek = self._unwrap_master(entry.get("wrapped"), f"KEK v{ref.version}", path)
+            unwrapped[ref.version] = kek
+        return kek
 
     # -- the Kms interface -----------------------------------------------------------------
 
