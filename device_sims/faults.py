@@ -64,9 +64,7 @@ def parse_fault_spec(spec: str | None) -> FaultSpec:
         key, sep, val = part.partition("=")
         key, val = key.strip(), val.strip()
         if key not in FAULT_KEYS:
-            raise ValueError(
-                f"fault spec: unknown fault {key!r} (known: {', '.join(FAULT_KEYS)})"
-            )
+            raise ValueError(f"fault spec: unknown fault {key!r} (known: {', '.join(FAULT_KEYS)})")
         if not sep or not val:
             raise ValueError(f"fault spec: {key!r} needs a probability, like {key}=0.01")
         if key in values:

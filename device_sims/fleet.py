@@ -109,8 +109,17 @@ class _Device:
     """Runtime state of one simulated device and its MQTT client."""
 
     __slots__ = (
-        "client", "connack", "connected", "device_id", "ever_connected", "failed", "index",
-        "password", "reconnect_task", "sim", "storming",
+        "client",
+        "connack",
+        "connected",
+        "device_id",
+        "ever_connected",
+        "failed",
+        "index",
+        "password",
+        "reconnect_task",
+        "sim",
+        "storming",
     )
 
     def __init__(self, index: int, device_id: str, password: str) -> None:
@@ -241,8 +250,11 @@ class Fleet:
                 offset = period * dev.index / n
                 t0 = start + offset
                 sim = dev.sim = SimDevice(
-                    dev.device_id, self.seed, self.profile,
-                    start_wall_us + round(offset * 1e6), self.accel_hz,
+                    dev.device_id,
+                    self.seed,
+                    self.profile,
+                    start_wall_us + round(offset * 1e6),
+                    self.accel_hz,
                 )
                 ticks = max(1, math.ceil(self.duration_s * self.rate_hz - 1e-9))
                 for k in range(1, ticks + 1):
@@ -317,8 +329,11 @@ class Fleet:
             self._duplicates += ev.duplicate
             if writer is not None:
                 writer.message(
-                    ev.device_id, ev.payload, ids,
-                    malformed_reason=ev.malformed, duplicate=ev.duplicate,
+                    ev.device_id,
+                    ev.payload,
+                    ids,
+                    malformed_reason=ev.malformed,
+                    duplicate=ev.duplicate,
                 )
         elif isinstance(ev, Drop):
             self._dropped += 1

@@ -68,18 +68,40 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "adult": Profile(),
     "athlete": Profile(
-        name="athlete", resting_hr=48.0, max_hr=190.0, hrv_sdnn_ms=70.0, bouts_per_hour=2.5,
-        bout_minutes=15.0, systolic=112.0, diastolic=70.0, resp_rate=12.0,
+        name="athlete",
+        resting_hr=48.0,
+        max_hr=190.0,
+        hrv_sdnn_ms=70.0,
+        bouts_per_hour=2.5,
+        bout_minutes=15.0,
+        systolic=112.0,
+        diastolic=70.0,
+        resp_rate=12.0,
     ),
     "elderly": Profile(
-        name="elderly", resting_hr=72.0, max_hr=140.0, night_hr_drop=5.0, hrv_sdnn_ms=25.0,
-        bouts_per_hour=0.6, bout_minutes=6.0, spo2_baseline=96.0, spo2_dips_per_hour=2.0,
-        skin_temp_c=32.8, systolic=138.0, diastolic=84.0, resp_rate=16.0,
+        name="elderly",
+        resting_hr=72.0,
+        max_hr=140.0,
+        night_hr_drop=5.0,
+        hrv_sdnn_ms=25.0,
+        bouts_per_hour=0.6,
+        bout_minutes=6.0,
+        spo2_baseline=96.0,
+        spo2_dips_per_hour=2.0,
+        skin_temp_c=32.8,
+        systolic=138.0,
+        diastolic=84.0,
+        resp_rate=16.0,
     ),
     # Every metric at least every few seconds: short test runs still see all of them.
     "dense": Profile(
-        name="dense", spo2_every_s=1, skin_temp_every_s=2, resp_every_s=2, steps_every_s=1,
-        bp_every_s=2, bouts_per_hour=30.0,
+        name="dense",
+        spo2_every_s=1,
+        skin_temp_every_s=2,
+        resp_every_s=2,
+        steps_every_s=1,
+        bp_every_s=2,
+        bouts_per_hour=30.0,
     ),
 }
 
@@ -313,4 +335,3 @@ class SimDevice:
             out.append((t, Metric.ACCEL_X.value, round(ax, 3)))
             out.append((t, Metric.ACCEL_Y.value, round(ay, 3)))
             out.append((t, Metric.ACCEL_Z.value, round(az, 3)))
-

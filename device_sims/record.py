@@ -144,9 +144,7 @@ class GroundTruthSummary:
 
 def sent_reading_ids(path: Path | str) -> set[str]:
     """Distinct reading ids that were published (dropped messages excluded)."""
-    return {
-        rid for r in read_records(path) if r["kind"] == "msg" for rid in r["reading_ids"]
-    }
+    return {rid for r in read_records(path) if r["kind"] == "msg" for rid in r["reading_ids"]}
 
 
 def summarize(path: Path | str) -> GroundTruthSummary:
