@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import faust
-from mode.utils.times import Seconds
 
 from streams.batcher import Pending, Sealer
 from streams.keystore import LocalKeystore
@@ -44,13 +43,15 @@ def dlq_headers(
 
 def create_app(settings: Settings) -> faust.App:
     prefix = settings.namespace
+    datadir = settings.home / "faust" / prefix
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"vitalproof-{prefix}",
         broker=f"kafka://{settings.kafka_bootstrap}",
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
-        datadir=str(settings.home / "faust" / prefix),
+        datadir=str(datadir),
         web_enabled=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
@@ -94,42 +95,33 @@ def create_app(settings: Settings) -> faust.App:
         sealer = Sealer(settings.lake_dir, LocalKeystore(settings.keys_dir))
         for unsent in sealer.unproduced():
             await _produce_manifest(batches_topic, sealer, unsent)
-        pending: list[Any] = []
-        rows = 0
-        oldest = 0.0
-        within: Seconds = min(1.0, settings.batch_max_age_s)
-        async for events in cast(faust.Stream[Any], stream).noack_take(1000, within=within):
-            for event in events:
-                if not pending:
-                    oldest = time.monotonic()
-                pending.append(event)
-            rows += sum(_count_hint(e) for e in events)
-            full = rows >= settings.batch_max_rows
-            old = pending and time.monotonic() - oldest >= settings.batch_max_age_s
-            if not (full or old):
-                continue
-            items, rejected = _decode_pending(pending)
-            for event, reason in rejected:
-                msg = event.message
-                await dlq_topic.send(
-                    key=event.key,
-                    value=event.value,
-                    headers=dlq_headers(
-                        reason, "seal", f"{msg.topic}/{msg.partition}/{msg.offset}", _headers(event)
-                    ),
-                )
-            manifest: BatchManifest | None = await asyncio.to_thread(sealer.seal, items)
-            if manifest is not None:
-                await _produce_manifest(batches_topic, sealer, manifest)
-                log.info(
-                    "sealed %s: %d rows, %d files",
-                    manifest.batch_id,
-                    manifest.rows,
-                    len(manifest.files),
-                )
-            for event in pending:
-                await stream.ack(event)
-            pending, rows = [], 0
+        take = cast(faust.Stream[Any], stream).noack_take
+        async for events in take(settings.batch_max_messages, within=settings.batch_max_age_s):
+            for chunk in _chunks_by_rows(events, settings.batch_max_rows):
+                items, rejected = _decode_pending(chunk)
+                for event, reason in rejected:
+                    msg = event.message
+                    await dlq_topic.send(
+                        key=event.key,
+                        value=event.value,
+                        headers=dlq_headers(
+                            reason,
+                            "seal",
+                            f"{msg.topic}/{msg.partition}/{msg.offset}",
+                            _headers(event),
+                        ),
+                    )
+                manifest: BatchManifest | None = await asyncio.to_thread(sealer.seal, items)
+                if manifest is not None:
+                    await _produce_manifest(batches_topic, sealer, manifest)
+                    log.info(
+                        "sealed %s: %d rows, %d files",
+                        manifest.batch_id,
+                        manifest.rows,
+                        len(manifest.files),
+                    )
+                for event in chunk:
+                    await stream.ack(event)
 
     return app
 
@@ -143,6 +135,24 @@ async def _produce_manifest(topic: faust.TopicT, sealer: Sealer, manifest: Batch
 def _headers(event: Any) -> dict[str, bytes]:
     h = event.headers or {}
     return {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in dict(h).items()}
+
+
+def _chunks_by_rows(events: Sequence[Any], max_rows: int) -> list[list[Any]]:
+    """Split one take into consecutive chunks of at most ~``max_rows`` samples each.
+
+    Consecutive chunks keep each partition's offsets contiguous and non-overlapping, which is
+    what makes a batch id (derived from the offsets it covers) deterministic.
+    """
+    chunks: list[list[Any]] = [[]]
+    rows = 0
+    for e in events:
+        n = _count_hint(e)
+        if chunks[-1] and rows + n > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(e)
+        rows += n
+    return chunks
 
 
 def _count_hint(event: Any) -> int:

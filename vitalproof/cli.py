@@ -48,9 +48,13 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     else:
         status = manager.status()
     if args.json:
-        _print_json(status.to_json_dict())
+        print(status.to_json(indent=None))
     else:
-        print(status.describe())
+        for part in status.parts.values():
+            state = "healthy" if part.healthy else ("running" if part.running else "stopped")
+            print(f"{part.name:<10} {state:<8} {part.address:<24} pid {part.pid or '-'}")
+        if not status.parts:
+            print("stack: nothing running")
     return 0 if args.action == "down" or status.healthy else EXIT_FAILED
 
 

@@ -47,8 +47,9 @@ class Settings(BaseSettings):
 
     # Streams
     gateway_id: str = "gw-local"
-    batch_max_rows: int = 20_000
-    batch_max_age_s: float = 5.0
+    batch_max_rows: int = Field(50_000, description="seal when a batch holds this many samples")
+    batch_max_messages: int = Field(5_000, description="... or this many Kafka messages")
+    batch_max_age_s: float = Field(5.0, description="... or when its first message is this old")
     anchor_period_s: float = 10.0
 
     @property
