@@ -87,6 +87,8 @@ class MqttCollector:
         self._inbox: asyncio.Queue[tuple[int, str, bytes, str, int]] = asyncio.Queue()
         self._pending: deque[tuple[int, asyncio.Future[object]]] = deque()
         self._connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        """Set once the broker granted the subscription: from then on nothing is missed."""
         self._connect_error: str | None = None
         self._client = self._make_client()
 
@@ -107,7 +109,22 @@ class MqttCollector:
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
         return c
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
+        assert self._loop is not None
+        if all(not r.is_failure for r in reasons):
+            self._loop.call_soon_threadsafe(self.subscribed.set)
+        else:
+            log.error("subscription refused: %s", reasons)
 
     def _on_connect(
         self,

@@ -176,6 +176,7 @@ async def _run(
     collector = MqttCollector(rs, MqttCredentials(user, password, rs.mqtt_tls_ca))
     stop_collector, stop_anchor = asyncio.Event(), asyncio.Event()
     collector_task = asyncio.create_task(collector.run(stop=stop_collector))
+    await asyncio.wait_for(collector.subscribed.wait(), 30)
     anchor_task = asyncio.create_task(job.run(period_s=rs.anchor_period_s, stop=stop_anchor))
     record = rs.home / "runs" / f"{rs.namespace}.truth.jsonl"
     view = LakeView(rs)
