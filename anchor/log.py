@@ -1,0 +1,413 @@
+"""The append-only Merkle log of sealed batches, in the manner of a Certificate Transparency log.
+
+Each sealed batch becomes one leaf; every anchoring period one transaction puts the log's
+root and size on-chain. A reading's proof is then two RFC 9162 inclusion paths (reading in
+batch, batch in log) and one transaction.
+
+Log leaf encoding (version 1). The leaf *data* is the canonical JSON of the batch entry,
+sorted keys, no whitespace, ASCII only, the root as 64 lowercase hex digits::
+
+    {"batch_id":"<id>","batch_root":"<64 hex>","batch_size":<n>,"v":1}
+
+and the leaf hash is ``SHA-256(0x00 || data)`` (RFC 9162 section 2.1.1). ``batch_size`` is
+in the leaf on purpose: an RFC 9162 inclusion path does not commit to the tree size, so a
+path into a batch can verify for more than one claimed size; the log leaf pins it. JSON (not
+a binary struct) keeps the format inspectable and re-implementable with any JSON library,
+and matches how reading leaves are canonicalised.
+
+On disk, a directory holds:
+
+``entries.jsonl``
+    one leaf data per line, exactly the bytes hashed. The leaf hashes are recomputed on
+    open, so rewriting an entry changes the root and :meth:`MerkleLog.check_extends` notices.
+``anchors.jsonl``
+    the heads that were anchored on-chain, one JSON object per line.
+``LOCK``
+    held (``flock``) by the one writer; readers open with ``readonly=True``.
+
+Every append is flushed and fsync'd before it returns, so an index handed out survives a
+crash. A torn last line (crash during write, never acknowledged) is cut off on open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from anchor import merkle
+from anchor.errors import AnchorError, MerkleError
+
+__all__ = [
+    "LOG_ENTRY_VERSION",
+    "LogEntry",
+    "LogHead",
+    "MerkleLog",
+    "log_leaf_data",
+    "log_leaf_hash",
+]
+
+LOG_ENTRY_VERSION = 1
+MAX_BATCH_ID_LENGTH = 256
+_UINT64_MAX = 2**64 - 1  # the contract stores tree sizes as uint64
+ENTRIES_FILE = "entries.jsonl"
+ANCHORS_FILE = "anchors.jsonl"
+LOCK_FILE = "LOCK"
+
+
+def _check_entry(batch_id: object, batch_root: object, batch_size: object) -> None:
+    if not isinstance(batch_id, str) or not batch_id:
+        raise AnchorError(f"batch_id must be a non-empty string, got {batch_id!r}")
+    if len(batch_id) > MAX_BATCH_ID_LENGTH:
+        raise AnchorError(f"batch_id longer than {MAX_BATCH_ID_LENGTH} characters")
+    if not isinstance(batch_root, bytes) or len(batch_root) != merkle.HASH_SIZE:
+        raise AnchorError(f"batch_root must be {merkle.HASH_SIZE} bytes")
+    if (
+        not isinstance(batch_size, int)
+        or isinstance(batch_size, bool)
+        or not 0 < batch_size <= _UINT64_MAX
+    ):
+        raise AnchorError(f"batch_size must be a positive 64-bit integer, got {batch_size!r}")
+
+
+def log_leaf_data(batch_id: str, batch_root: bytes, batch_size: int) -> bytes:
+    """The exact bytes a log leaf commits to (see the module docstring for the format)."""
+    _check_entry(batch_id, batch_root, batch_size)
+    doc = {
+        "batch_id": batch_id,
+        "batch_root": batch_root.hex(),
+        "batch_size": batch_size,
+        "v": LOG_ENTRY_VERSION,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def log_leaf_hash(batch_id: str, batch_root: bytes, batch_size: int) -> bytes:
+    """RFC 9162 leaf hash of a batch entry; what a verifier recomputes from a proof bundle."""
+    return merkle.leaf_hash(log_leaf_data(batch_id, batch_root, batch_size))
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    batch_id: str
+    batch_root: bytes
+    batch_size: int
+
+    def leaf_data(self) -> bytes:
+        return log_leaf_data(self.batch_id, self.batch_root, self.batch_size)
+
+    @classmethod
+    def parse(cls, line: bytes) -> LogEntry:
+        """Decode one stored line; only the canonical encoding is accepted.
+
+        Accepting any equivalent JSON would let the stored bytes and the hashed bytes drift
+        apart; refusing it turns silent edits into a loud error.
+        """
+        try:
+            doc = json.loads(line)
+            entry = cls(doc["batch_id"], bytes.fromhex(doc["batch_root"]), doc["batch_size"])
+            if doc.get("v") != LOG_ENTRY_VERSION:
+                raise ValueError(f"unknown entry version {doc.get('v')!r}")
+            canonical = entry.leaf_data()
+        except (ValueError, KeyError, TypeError, AttributeError, AnchorError) as e:
+            raise AnchorError(f"unreadable log entry: {e}") from None
+        if canonical != line:
+            raise AnchorError("log entry is not in canonical form")
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class LogHead:
+    """A (tree_size, root) pair that was put on-chain, with what the chain said about it."""
+
+    tree_size: int
+    root: bytes
+    anchor: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json_line(self) -> bytes:
+        doc = {"anchor": dict(self.anchor), "root": self.root.hex(), "tree_size": self.tree_size}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, line: bytes) -> LogHead:
+        try:
+            doc = json.loads(line)
+            head = cls(int(doc["tree_size"]), bytes.fromhex(doc["root"]), dict(doc["anchor"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise AnchorError(f"unreadable anchored head: {e}") from None
+        if head.tree_size <= 0 or len(head.root) != merkle.HASH_SIZE:
+            raise AnchorError(f"invalid anchored head: size {head.tree_size}")
+        return head
+
+
+def _read_lines(path: Path, *, repair: bool) -> list[bytes]:
+    """Complete lines of a JSON-lines file; a torn last line is dropped (and cut if ``repair``).
+
+    Appends are acknowledged only after fsync, so a line without its newline was never
+    acknowledged to anyone: dropping it loses nothing that was promised.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data) and repair:
+        with path.open("r+b") as f:
+            f.truncate(complete)
+            f.flush()
+            os.fsync(f.fileno())
+    return data[:complete].split(b"\n")[:-1]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MerkleLog:
+    """An append-only, persistent RFC 9162 log of batch roots. One writer per directory.
+
+    Appends are idempotent by ``batch_id`` (invariant 2: a replayed batch rewrites nothing),
+    and :meth:`check_extends` refuses a log that does not extend what was already anchored,
+    so a corrupted or edited log is never anchored over the honest history.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.directory = Path(directory)
+        self.readonly = readonly
+        self._lock: IO[bytes] | None = None
+        if not readonly:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = (self.directory / LOCK_FILE).open("a+b")
+            try:
+                fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                self._lock = None
+                raise AnchorError(f"log {self.directory} is open by another writer") from None
+        elif not self.directory.is_dir():
+            raise AnchorError(f"no log at {self.directory}")
+        self._entries: list[LogEntry] = []
+        self._leaves: list[bytes] = []
+        self._index: dict[str, int] = {}
+        self._tree: merkle.MerkleTree | None = None
+        for n, line in enumerate(_read_lines(self._entries_path, repair=not readonly)):
+            try:
+                entry = LogEntry.parse(line)
+            except AnchorError as e:
+                raise AnchorError(f"{self._entries_path} line {n + 1}: {e}") from None
+            if entry.batch_id in self._index:
+                raise AnchorError(f"{self._entries_path}: batch {entry.batch_id!r} appears twice")
+            self._add(entry)
+        self._heads = [
+            LogHead.parse(line) for line in _read_lines(self._anchors_path, repair=not readonly)
+        ]
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    @property
+    def _entries_path(self) -> Path:
+        return self.directory / ENTRIES_FILE
+
+    @property
+    def _anchors_path(self) -> Path:
+        return self.directory / ANCHORS_FILE
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __enter__(self) -> MerkleLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _add(self, entry: LogEntry) -> int:
+        index = len(self._entries)
+        self._entries.append(entry)
+        self._leaves.append(merkle.leaf_hash(entry.leaf_data()))
+        self._index[entry.batch_id] = index
+        self._tree = None
+        return index
+
+    def _writable(self) -> None:
+        if self._lock is None:
+            raise AnchorError(f"log {self.directory} is open read-only or closed")
+
+    def _append_line(self, path: Path, line: bytes) -> None:
+        created = not path.exists()
+        with path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.directory)  # the new name must survive a crash too
+
+    # -- the log ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._leaves)
+
+    def __len__(self) -> int:
+        return len(self._leaves)
+
+    def append(self, batch_id: str, batch_root: bytes, batch_size: int) -> int:
+        """Add a batch; return its leaf index. Replaying the same batch returns the same index.
+
+        The same ``batch_id`` with another root or size is refused: batch ids are
+        deterministic from what a batch covers, so a second root means two different
+        sealings of the same readings, and the log must not silently pick one.
+        """
+        _check_entry(batch_id, batch_root, batch_size)
+        existing = self._index.get(batch_id)
+        if existing is not None:
+            old = self._entries[existing]
+            if (old.batch_root, old.batch_size) != (batch_root, batch_size):
+                raise AnchorError(
+                    f"batch {batch_id!r} is already in the log at index {existing} with root "
+                    f"{old.batch_root.hex()} and size {old.batch_size}; refusing "
+                    f"{batch_root.hex()} / {batch_size}"
+                )
+            return existing
+        self._writable()
+        entry = LogEntry(batch_id, batch_root, batch_size)
+        self._append_line(self._entries_path, entry.leaf_data() + b"\n")
+        return self._add(entry)
+
+    def entry(self, index: int) -> LogEntry:
+        if not 0 <= index < self.size:
+            raise AnchorError(f"no log entry {index} (size {self.size})")
+        return self._entries[index]
+
+    def index_of(self, batch_id: str) -> int | None:
+        return self._index.get(batch_id)
+
+    def leaf_hashes(self) -> list[bytes]:
+        return list(self._leaves)
+
+    def _tree_of(self, size: int | None) -> merkle.MerkleTree:
+        n = self.size if size is None else size
+        if not 0 <= n <= self.size:
+            raise AnchorError(f"log has {self.size} entries, not {n}")
+        if n == self.size:
+            if self._tree is None:
+                self._tree = merkle.MerkleTree(self._leaves)
+            return self._tree
+        return merkle.MerkleTree(self._leaves[:n])
+
+    def root(self, size: int | None = None) -> bytes:
+        """Root of the first ``size`` entries (default: all), RFC 9162 MTH."""
+        return self._tree_of(size).root()
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """Audit path of entry ``index`` in the tree of the first ``size`` entries."""
+        try:
+            return self._tree_of(size).inclusion_proof(index)
+        except MerkleError as e:
+            raise AnchorError(str(e)) from None
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        try:
+            return self._tree_of(new_size).consistency_proof(old_size)
+        except MerkleError as e:
+            raise AnchorError(str(e)) from None
+
+    # -- anchored heads -----------------------------------------------------------------
+
+    def last_anchored(self) -> LogHead | None:
+        return self._heads[-1] if self._heads else None
+
+    def anchored_heads(self) -> list[LogHead]:
+        return list(self._heads)
+
+    def anchor_covering(self, index: int) -> LogHead | None:
+        """The earliest anchored head that includes entry ``index``: where its proof points."""
+        for head in self._heads:
+            if head.tree_size > index:
+                return head
+        return None
+
+    def check_extends(self, last_head: LogHead | None) -> None:
+        """Raise :class:`AnchorError` unless this log is an extension of ``last_head``.
+
+        Checked the way an outside monitor would: a consistency proof from the anchored size
+        to the current size, verified against the anchored root (RFC 9162 section 2.1.4.2).
+        A rewritten, reordered or truncated entry below the anchored size fails here, and the
+        anchor job must then refuse to anchor rather than publish a forked history.
+        """
+        if last_head is None:
+            return
+        if last_head.tree_size > self.size:
+            raise AnchorError(
+                f"log has {self.size} entries but {last_head.tree_size} were anchored: "
+                "entries were lost or removed"
+            )
+        try:
+            proof = self._tree_of(None).consistency_proof(last_head.tree_size)
+            merkle.verify_consistency(
+                last_head.tree_size, self.size, last_head.root, self.root(), proof
+            )
+        except MerkleError as e:
+            raise AnchorError(
+                f"log does not extend the anchored head (size {last_head.tree_size}, root "
+                f"{last_head.root.hex()}): {e}"
+            ) from e
+
+    def verify(self) -> None:
+        """Check the log against its own last anchored head (what the anchor job runs first)."""
+        self.check_extends(self.last_anchored())
+
+    def record_anchor(self, tree_size: int, root: bytes, anchor_info: Mapping[str, Any]) -> LogHead:
+        """Remember that ``(tree_size, root)`` is on-chain; ``anchor_info`` says where.
+
+        Refuses a head this log does not have, or one that does not extend the previous
+        anchored head: anchors.jsonl must only ever describe this log's own history.
+        Recording the identical head twice (a retried job) writes nothing.
+        """
+        self._writable()
+        if not 0 < tree_size <= self.size:
+            raise AnchorError(f"cannot record head of size {tree_size}: log has {self.size}")
+        if root != self.root(tree_size):
+            raise AnchorError(f"root {root.hex()} is not this log's root at size {tree_size}")
+        head = LogHead(tree_size, root, dict(anchor_info))
+        try:
+            line = head.to_json_line()
+        except (TypeError, ValueError) as e:
+            raise AnchorError(f"anchor_info is not JSON-serialisable: {e}") from None
+        last = self.last_anchored()
+        if last is not None:
+            if last.tree_size > tree_size:
+                raise AnchorError(
+                    f"head of size {tree_size} is older than the last anchored ({last.tree_size})"
+                )
+            if last.to_json_line() == line:
+                return last
+            try:
+                merkle.verify_consistency(
+                    last.tree_size,
+                    tree_size,
+                    last.root,
+                    root,
+                    self.consistency_proof(last.tree_size, tree_size),
+                )
+            except MerkleError as e:
+                raise AnchorError(f"new head does not extend the last anchored head: {e}") from e
+        self._append_line(self._anchors_path, line)
+        self._heads.append(head)
+        return head
