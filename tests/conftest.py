@@ -30,7 +30,7 @@ from pydantic import SecretStr
 
 from vitalproof.errors import VitalproofError
 from vitalproof.settings import Settings
-from vitalproof.stack import PartStatus, StackManager, ensure_topics
+from vitalproof.stack import PartStatus, StackManager, StackStatus, ensure_topics
 from vitalproof.stack.procs import free_ports
 
 # Startup durations measured by the fixtures, printed in the terminal summary.
@@ -67,6 +67,7 @@ def stack(stack_settings: Settings) -> Iterator[StackManager]:
         _down_quietly(manager)
         pytest.fail(f"local stack failed to start: {exc}", pytrace=False)
     _TIMINGS["stack up (kafka+mosquitto)"] = time.monotonic() - t0
+    status = _settle(manager, status)
     if not status.healthy:
         _down_quietly(manager)
         pytest.fail(f"local stack started but is not healthy:\n{status.to_json()}", pytrace=False)
@@ -130,6 +131,15 @@ def kafka_topics(settings: Settings) -> Settings:
         settings.partitions,
     )
     return settings
+
+
+def _settle(manager: StackManager, status: StackStatus, seconds: float = 10.0) -> StackStatus:
+    """Re-ask a loaded machine for a few seconds before calling a started stack unhealthy."""
+    deadline = time.monotonic() + seconds
+    while not status.healthy and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = manager.status()
+    return status
 
 
 def _down_quietly(manager: StackManager) -> None:

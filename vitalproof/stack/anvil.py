@@ -81,7 +81,7 @@ def chain_id(url: str, timeout: float = 2.0) -> int:
 
 def healthy(settings: Settings) -> bool:
     try:
-        chain_id(rpc_url(settings), timeout=1.0)
+        chain_id(rpc_url(settings), timeout=3.0)
     except (OSError, ValueError, KeyError):
         return False
     return True

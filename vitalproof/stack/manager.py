@@ -40,7 +40,7 @@ class _Part:
 
 def _kafka_healthy(settings: Settings) -> bool:
     try:
-        return kafka.metadata_ok(settings.kafka_bootstrap, timeout_s=2.0)
+        return kafka.metadata_ok(settings.kafka_bootstrap, timeout_s=5.0)
     except Exception:
         return False
 

@@ -39,6 +39,8 @@ from vitalproof.settings import Settings
 from vitalproof.stack import procs
 
 MOSQUITTO_HINT = "apt-get install -y mosquitto"
+# Debian installs the broker in /usr/sbin, which a non-root PATH often lacks.
+SBIN_DIRS: tuple[str, ...] = ("/usr/local/sbin", "/usr/sbin")
 READY_TIMEOUT_S = 15.0
 RELOAD_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
@@ -97,7 +99,8 @@ def check_prerequisites() -> str:
     found = shutil.which("mosquitto")
     if found:
         return found
-    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    for folder in SBIN_DIRS:
+        candidate = os.path.join(folder, "mosquitto")
         if os.access(candidate, os.X_OK):
             return candidate
     return procs.require_program("mosquitto", MOSQUITTO_HINT)

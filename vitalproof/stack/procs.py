@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,23 +46,52 @@ def require_program(name: str, how_to_install: str) -> str:
     return found
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (tests use it for throwaway stacks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_ports(count: int, host: str = HOST) -> list[int]:
-    """``count`` distinct free ports (all sockets held open while choosing, so no repeats)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    """``count`` distinct TCP ports that are free now, chosen BELOW the ephemeral range.
+
+    A port from ``bind(0)`` lies in the kernel's ephemeral range, where any outgoing
+    connection (a Kafka client, a probe) may take it in the seconds before the daemon binds
+    it; ports below that range are only ever taken by an explicit bind.
+    """
+    low, high = _ephemeral_range()
+    lo, hi = (10_000, low - 1) if low > 12_000 else (high + 1, 65_535)
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    held: list[socket.socket] = []
     try:
-        for sock in socks:
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+        for _ in range(2000):
+            if len(chosen) == count:
+                break
+            port = rng.randint(lo, hi)
+            if port in chosen:
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+            chosen.append(port)
     finally:
-        for sock in socks:
+        for sock in held:
             sock.close()
+    if len(chosen) < count:
+        raise StackError(f"could not find {count} free ports in {lo}-{hi}")
+    return chosen
+
+
+def free_port(host: str = HOST) -> int:
+    """One free port outside the ephemeral range (see :func:`free_ports`)."""
+    return free_ports(1, host)[0]
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
