@@ -15,7 +15,9 @@ folder, or Hive-aware readers (DuckDB, pyarrow datasets) would attach the wrong 
 them, so when a batch straddles midnight UTC or carries a device's backlog the patient's rows
 are split per date: :func:`write_patient_files` returns one :class:`WrittenFile` per date.
 
-Rows: one per sample, sorted by (metric, device_time) in a file, columns in :data:`SCHEMA`.
+Rows: one per sample, sorted by (metric, device_time) in a file, columns in :data:`SCHEMA`;
+zstd, 128k-row groups, dictionary encoding for low-cardinality columns and the (quantized)
+values, DELTA_BINARY_PACKED for times, seq and leaf index.
 ``reading_id`` is stored as ``fixed_size_binary(16)``, the raw blake2b-128 digest that the
 32-character hex id spells: it is random, so it does not compress, and it is by far the
 largest column (16 bytes instead of 32 + a 4-byte length). :func:`hex_ids` converts back.
@@ -114,11 +116,14 @@ _DICT_COLUMNS = [
     "device_id", "patient_id", "metric", "unit", "transport", "gateway_id", "batch_id",
     # few distinct values per file: dictionary + RLE beats any other encoding
     "receive_time", "quality", "tz_offset_min",
+    # vitals are quantized (integer bpm, %, 0.01 Cel): ~0.7 B/sample less than
+    # BYTE_STREAM_SPLIT in bench/lake_bench.py; high-entropy signals (PPG, accelerometer)
+    # overflow the dictionary page and the writer falls back to PLAIN by itself
+    "value",
 ]
 #: Parquet encodings of the non-dictionary columns (chosen with bench/lake_bench.py).
 COLUMN_ENCODING = {
     "reading_id": "PLAIN",
-    "value": "BYTE_STREAM_SPLIT",
     "device_time": "DELTA_BINARY_PACKED",
     "seq": "DELTA_BINARY_PACKED",
     "leaf_index": "DELTA_BINARY_PACKED",
