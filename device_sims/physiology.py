@@ -153,6 +153,7 @@ class _State:
 
 
 _METRIC_ORDER = {m.value: i for i, m in enumerate(Metric)}
+_UNIT = {m.value: u for m, u in CANONICAL_UNIT.items()}
 
 
 class SimDevice:
@@ -213,10 +214,17 @@ class SimDevice:
         self._emitted_until_us = now_us
         if not due:
             return None
-        batch = SampleBatch(device_id=self.device_id, tz_offset_min=self.profile.tz_offset_min)
-        for t, seq, metric, value in due:
-            batch.add(metric, CANONICAL_UNIT[Metric(metric)], t, seq, value)
-        return batch
+        # Columns are filled directly: this runs for every sample of every device.
+        return SampleBatch(
+            device_id=self.device_id,
+            metric=[s[2] for s in due],
+            unit=[_UNIT[s[2]] for s in due],
+            device_time_us=[s[0] for s in due],
+            seq=[s[1] for s in due],
+            value=[s[3] for s in due],
+            quality=[0] * len(due),
+            tz_offset_min=self.profile.tz_offset_min,
+        )
 
     # -- simulation --------------------------------------------------------------------
 
