@@ -158,7 +158,7 @@ class TxManager:
         self.outbox_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.outbox_dir / OUTBOX_FILE
         created = not self.path.exists()
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

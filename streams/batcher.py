@@ -108,6 +108,9 @@ class Sealer:
         first_t, last_t = 2**63, -(2**63)
         for patient_id, batches in by_patient.items():
             ids = [rid for b in batches for rid in b.reading_id]
+            # A patient erased earlier gets fresh keys for new data (invariant 5 only
+            # promises that the *old* data becomes unreadable).
+            self.kms.current_key_id(patient_id)
             salts = iter(self.kms.salts(patient_id, ids))
             first_leaf = len(leaves)
             for b in batches:

@@ -190,7 +190,8 @@ def cmd_proof(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from anchor.chain import rpc_web3
     from anchor.errors import ProofError
-    from anchor.proof import load_bundle, verify_bundle
+    from anchor.proof import load_bundle
+    from anchor.verify import verify_bundle
 
     try:
         data = Path(args.bundle).read_bytes()
@@ -211,7 +212,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     where = f"on chain {bundle.anchor.chain_id}" if rpc else "offline only (no --rpc)"
     print(
-        f"OK {args.bundle}: reading {bundle.reading['reading_id']} is in batch "
+        f"OK {args.bundle}: reading {bundle.reading.reading_id} is in batch "
         f"{bundle.batch.batch_id}, anchored in tx {bundle.anchor.tx_hash} "
         f"(block {bundle.anchor.block_number}), checked {where}"
     )

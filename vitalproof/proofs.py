@@ -13,10 +13,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anchor import merkle
 from anchor.errors import AnchorError, ProofError
 from anchor.log import MerkleLog
-from anchor.proof import ProofBundle, verify_bundle
+from anchor.proof import ProofBundle, build_bundle
+from anchor.verify import verify_bundle
 from streams import lake
 from streams.batcher import BATCHES_DIR
 from streams.keystore import LocalKeystore
@@ -94,28 +94,20 @@ class LakeView:
             "seq": int(row["seq"]),
             "quality": int(row["quality"]),
         }
-        log = MerkleLog(self.settings.anchor_dir / "log")
-        log_index = log.index_of(batch_id)
-        if log_index is None:
+        log = MerkleLog(self.settings.anchor_dir / "log", readonly=True)
+        if log.index_of(batch_id) is None:
             raise ProofExportError(f"batch {batch_id} is not in the anchor log yet")
-        head = log.anchored_covering(log_index)
-        if head is None:
-            raise ProofExportError(f"batch {batch_id} is logged but not anchored yet")
-        return ProofBundle.build(
-            reading=reading,
-            salt=salt,
-            leaf_hash=leaves[leaf_index],
-            batch_id=batch_id,
-            batch_root=bytes.fromhex(manifest.merkle_root),
-            batch_size=len(leaves),
-            batch_leaf_index=leaf_index,
-            batch_path=merkle.inclusion_proof(leaves, leaf_index),
-            log_leaf_index=log_index,
-            log_tree_size=head.tree_size,
-            log_root=head.root,
-            log_path=log.inclusion_proof(log_index, head.tree_size),
-            anchor=head.anchor,
-        )
+        try:
+            return build_bundle(
+                reading=reading,
+                salt=salt,
+                batch_id=batch_id,
+                batch=leaves,
+                leaf_index=leaf_index,
+                log=log,
+            )
+        except AnchorError as e:
+            raise ProofExportError(f"reading {reading_id}: {e}") from e
 
     def export_and_verify(self, reading_ids: Sequence[str], w3: Any) -> tuple[int, list[str]]:
         """Export and verify bundles for ``reading_ids`` (the demo's last step)."""
