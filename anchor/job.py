@@ -58,6 +58,11 @@ class AnchorJob:
     def from_settings(cls, settings: Settings) -> AnchorJob:
         return cls(settings, Chain.from_settings(settings))
 
+    def close(self) -> None:
+        """Release the log's writer lock and the outbox."""
+        self.log.close()
+        self.tx.close()
+
     # -- manifests ----------------------------------------------------------------------
 
     def add_manifest(self, data: bytes) -> int:
@@ -109,10 +114,10 @@ class AnchorJob:
         """Anchor the log's current head if it grew since the last anchor; else None."""
         size = self.log.size
         last = self.log.last_anchored()
+        if last is not None:
+            self.log.check_extends(last)  # a rewritten or truncated log is refused, loudly
         if size == 0 or (last is not None and last.tree_size >= size):
             return None
-        if last is not None:
-            self.log.check_extends(last)
         root = self.log.root(size)
         entry = self.tx.submit(root, size)
         receipt = self.tx.wait_final(entry.id, timeout_s=120.0)
@@ -142,7 +147,8 @@ class AnchorJob:
                 if time.monotonic() >= next_anchor:
                     await asyncio.to_thread(self.anchor_once)
                     next_anchor = time.monotonic() + period_s
-            await self._consume_for(consumer, 0.5)
+            while await self._consume_for(consumer, 0.5):
+                pass
             await asyncio.to_thread(self.anchor_once)
         except AnchorError:
             log.exception("anchoring failed")

@@ -129,13 +129,17 @@ def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
     from anchor.job import AnchorJob
 
     job = AnchorJob.from_settings(settings)
-    if args.once:
-        job.poll_manifests(timeout_s=5.0)
-        receipt = job.anchor_once()
-        _print_json(receipt.to_json_dict() if receipt else None)
+    try:
+        if args.once:
+            job.poll_manifests(timeout_s=5.0)
+            receipt = job.anchor_once()
+            _print_json(receipt.to_json_dict() if receipt else None)
+            return 0
+        period = args.period or settings.anchor_period_s
+        asyncio.run(job.run(period_s=period, duration_s=args.duration))
         return 0
-    asyncio.run(job.run(period_s=args.period or settings.anchor_period_s, duration_s=args.duration))
-    return 0
+    finally:
+        job.close()
 
 
 def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:

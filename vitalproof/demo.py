@@ -235,7 +235,10 @@ async def _run(
         stop_collector.set()
         stop_anchor.set()
         await collector_task
-        receipts = await anchor_task
+        try:
+            receipts = await anchor_task
+        finally:
+            job.close()
 
     summary.readings_in_kafka = await _count_clean_readings(rs)
     summary.dlq = await _count_records(rs, rs.topic_dlq)
