@@ -163,17 +163,27 @@ def layout_variants(slots: list[list[SampleBatch]], window_s: int) -> list[tuple
     no_id_enc = {k: v for k, v in lake.COLUMN_ENCODING.items() if k != "reading_id"}
     variants: list[tuple[str, Callable[[pa.Table], int]]] = [
         ("pyarrow defaults (dictionary everywhere), binary ids", lambda t: _size(t)),
-        ("lake layout: binary(16) ids, delta times, dictionary values",
-         lambda t: _size(t, **ours)),
-        ("lake layout, values BYTE_STREAM_SPLIT instead",
-         lambda t: _size(t, use_dictionary=[c for c in lake._DICT_COLUMNS if c != "value"],
-                         column_encoding={**lake.COLUMN_ENCODING,
-                                          "value": "BYTE_STREAM_SPLIT"})),
-        ("lake layout with reading_id as 32-char hex string",
-         lambda t: _size(with_string_ids(t), **ours)),
-        ("lake layout without reading_id (derivable from device, metric, seq, time)",
-         lambda t: _size(t.drop_columns(["reading_id"]), use_dictionary=lake._DICT_COLUMNS,
-                         column_encoding=no_id_enc)),
+        ("lake layout: binary(16) ids, delta times, dictionary values", lambda t: _size(t, **ours)),
+        (
+            "lake layout, values BYTE_STREAM_SPLIT instead",
+            lambda t: _size(
+                t,
+                use_dictionary=[c for c in lake._DICT_COLUMNS if c != "value"],
+                column_encoding={**lake.COLUMN_ENCODING, "value": "BYTE_STREAM_SPLIT"},
+            ),
+        ),
+        (
+            "lake layout with reading_id as 32-char hex string",
+            lambda t: _size(with_string_ids(t), **ours),
+        ),
+        (
+            "lake layout without reading_id (derivable from device, metric, seq, time)",
+            lambda t: _size(
+                t.drop_columns(["reading_id"]),
+                use_dictionary=lake._DICT_COLUMNS,
+                column_encoding=no_id_enc,
+            ),
+        ),
     ]
     return [(name, sum(fn(t) for t in tables) / n) for name, fn in variants]
 
@@ -190,22 +200,28 @@ def main() -> None:
     t = time.perf_counter()
     slots = generate(args.samples, args.patients)
     n = sum(len(b) for s in slots for b in s)
-    print(f"generated {n:,} samples for {args.patients} patients "
-          f"in {time.perf_counter() - t:.1f} s (reading ids included)")
+    print(
+        f"generated {n:,} samples for {args.patients} patients "
+        f"in {time.perf_counter() - t:.1f} s (reading ids included)"
+    )
     base = args.dir or Path(tempfile.mkdtemp(prefix="lakebench-"))
     try:
-        print(f"{'window':>7} {'files':>6} {'rows/file':>9} | {'encode plain':>12} "
-              f"{'encrypted':>10} {'overhead':>8} | {'write plain':>11} {'encrypted':>10} "
-              f"{'overhead':>8} | {'B/sample plain':>14} {'encrypted':>9}")
+        print(
+            f"{'window':>7} {'files':>6} {'rows/file':>9} | {'encode plain':>12} "
+            f"{'encrypted':>10} {'overhead':>8} | {'write plain':>11} {'encrypted':>10} "
+            f"{'overhead':>8} | {'B/sample plain':>14} {'encrypted':>9}"
+        )
         for w in windows:
             work = base / f"w{w}"
             shutil.rmtree(work, ignore_errors=True)
             r = bench_window(slots, w, work)
-            print(f"{w:>6}s {r['files']:>6.0f} {r['rows_per_file']:>9.0f} | "
-                  f"{r['encode_plain_sps']:>10,.0f}/s {r['encode_enc_sps']:>8,.0f}/s "
-                  f"{r['overhead_pct']:>7.1f}% | {r['write_plain_sps']:>9,.0f}/s "
-                  f"{r['write_enc_sps']:>8,.0f}/s {r['write_overhead_pct']:>7.1f}% | "
-                  f"{r['bytes_plain']:>14.2f} {r['bytes_enc']:>9.2f}")
+            print(
+                f"{w:>6}s {r['files']:>6.0f} {r['rows_per_file']:>9.0f} | "
+                f"{r['encode_plain_sps']:>10,.0f}/s {r['encode_enc_sps']:>8,.0f}/s "
+                f"{r['overhead_pct']:>7.1f}% | {r['write_plain_sps']:>9,.0f}/s "
+                f"{r['write_enc_sps']:>8,.0f}/s {r['write_overhead_pct']:>7.1f}% | "
+                f"{r['bytes_plain']:>14.2f} {r['bytes_enc']:>9.2f}"
+            )
         w = max(windows)
         print(f"\nlayout variants at window {w}s (plain files, bytes per sample):")
         for name, bps in layout_variants(slots, w):

@@ -113,9 +113,17 @@ ROW_GROUP_ROWS = 128 * 1024
 ZSTD_LEVEL = 3
 
 _DICT_COLUMNS = [
-    "device_id", "patient_id", "metric", "unit", "transport", "gateway_id", "batch_id",
+    "device_id",
+    "patient_id",
+    "metric",
+    "unit",
+    "transport",
+    "gateway_id",
+    "batch_id",
     # few distinct values per file: dictionary + RLE beats any other encoding
-    "receive_time", "quality", "tz_offset_min",
+    "receive_time",
+    "quality",
+    "tz_offset_min",
     # vitals are quantized (integer bpm, %, 0.01 Cel): ~0.7 B/sample less than
     # BYTE_STREAM_SPLIT in bench/lake_bench.py; high-entropy signals (PPG, accelerometer)
     # overflow the dictionary page and the writer falls back to PLAIN by itself
@@ -605,9 +613,13 @@ def _to_us(t: dt.datetime | int | None) -> int | None:
 def _files(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
     sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     return sorted(
-        (i for i in fs.get_file_info(sel)
-         if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-         and not i.base_name.startswith(".")),
+        (
+            i
+            for i in fs.get_file_info(sel)
+            if i.type == pafs.FileType.File
+            and i.base_name.endswith(".parquet")
+            and not i.base_name.startswith(".")
+        ),
         key=lambda i: i.path,
     )
 

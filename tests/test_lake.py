@@ -54,8 +54,18 @@ def batches() -> list[SampleBatch]:
 
 def _expected(batches: list[SampleBatch], patient: str) -> dict[str, tuple[object, ...]]:
     return {
-        r.reading_id: (r.device_id, r.metric.value, r.value, r.unit, r.device_time_us, r.seq,
-                       r.quality, r.transport.value, r.gateway_id, r.tz_offset_min)
+        r.reading_id: (
+            r.device_id,
+            r.metric.value,
+            r.value,
+            r.unit,
+            r.device_time_us,
+            r.seq,
+            r.quality,
+            r.transport.value,
+            r.gateway_id,
+            r.tz_offset_min,
+        )
         for b in batches
         if b.patient_id == patient
         for r in b.readings()
@@ -65,9 +75,20 @@ def _expected(batches: list[SampleBatch], patient: str) -> dict[str, tuple[objec
 def _as_rows(table: pa.Table) -> dict[str, tuple[object, ...]]:
     ids = lake.hex_ids(table["reading_id"]).to_pylist()
     us = pc.cast(table["device_time"], pa.int64()).to_pylist()
-    cols = [table[c].to_pylist() for c in (
-        "device_id", "metric", "value", "unit", "seq", "quality", "transport", "gateway_id",
-        "tz_offset_min")]
+    cols = [
+        table[c].to_pylist()
+        for c in (
+            "device_id",
+            "metric",
+            "value",
+            "unit",
+            "seq",
+            "quality",
+            "transport",
+            "gateway_id",
+            "tz_offset_min",
+        )
+    ]
     out = {}
     for i, rid in enumerate(ids):
         dev, metric, value, unit, seq, q, tr, gw, tz = (c[i] for c in cols)
@@ -75,8 +96,9 @@ def _as_rows(table: pa.Table) -> dict[str, tuple[object, ...]]:
     return out
 
 
-def test_write_and_read_back(tmp_path: Path, kms: LocalKeystore,
-                             batches: list[SampleBatch]) -> None:
+def test_write_and_read_back(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     root = tmp_path / "lake"
     table = lake.build_table(batches, "b-0001")
     assert table.schema.equals(lake.SCHEMA)
@@ -99,12 +121,14 @@ def test_write_and_read_back(tmp_path: Path, kms: LocalKeystore,
     metrics = got["metric"].to_pylist()
     assert metrics == sorted(metrics)
     assert _as_rows(lake.read_patient(root, "patient-beta", kms)) == _expected(
-        batches, "patient-beta")
+        batches, "patient-beta"
+    )
     assert lake.read_patient(root, "nobody", kms).num_rows == 0
 
 
-def test_time_range_and_metric_filters(tmp_path: Path, kms: LocalKeystore,
-                                       batches: list[SampleBatch]) -> None:
+def test_time_range_and_metric_filters(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     root = tmp_path / "lake"
     lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
     start = dt.datetime(2024, 11, 21, 14, 41, tzinfo=dt.UTC)  # the third batch only
@@ -129,8 +153,9 @@ def test_batch_across_midnight_is_split_per_date(tmp_path: Path, kms: LocalKeyst
     assert lake.read_patient(tmp_path, "p-1", kms).num_rows == 12
 
 
-def test_no_plaintext_in_files(tmp_path: Path, kms: LocalKeystore,
-                               batches: list[SampleBatch]) -> None:
+def test_no_plaintext_in_files(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     """Nothing identifying or clinical appears in the bytes of a file.
 
     The *path* contains ``patient_id=<p>`` by design (Hive partition: listing, pruning and
@@ -152,8 +177,9 @@ def test_no_plaintext_in_files(tmp_path: Path, kms: LocalKeystore,
     assert blob.count(b"PARE") == 2 * len(written)  # encrypted-footer Parquet magic
 
 
-def test_reading_without_the_key_fails_clearly(tmp_path: Path, kms: LocalKeystore,
-                                               batches: list[SampleBatch]) -> None:
+def test_reading_without_the_key_fails_clearly(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     root = tmp_path / "lake"
     lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
     stranger = LocalKeystore(tmp_path / "other-keys")
@@ -167,8 +193,9 @@ def test_reading_without_the_key_fails_clearly(tmp_path: Path, kms: LocalKeystor
         pq.read_table(err.value.path)
 
 
-def test_erasure_makes_one_patient_unreadable(tmp_path: Path, kms: LocalKeystore,
-                                              batches: list[SampleBatch]) -> None:
+def test_erasure_makes_one_patient_unreadable(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     root = tmp_path / "lake"
     lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
     kms.erase("patient-alpha")
@@ -189,8 +216,9 @@ def test_rotation_old_files_stay_readable(tmp_path: Path, kms: LocalKeystore) ->
     assert lake.read_patient(tmp_path, "p-1", kms).num_rows == 24
 
 
-def test_idempotent_write_keeps_the_first_file(tmp_path: Path, kms: LocalKeystore,
-                                               batches: list[SampleBatch]) -> None:
+def test_idempotent_write_keeps_the_first_file(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     table = lake.table_from_batches(batches[:1], batch_id="b-1", first_leaf=5)
     first = lake.write_patient_file(tmp_path, "b-1", "patient-alpha", table, kms)
     data = (tmp_path / first.path).read_bytes()
@@ -198,7 +226,11 @@ def test_idempotent_write_keeps_the_first_file(tmp_path: Path, kms: LocalKeystor
     again = lake.write_patient_file(tmp_path, "b-1", "patient-alpha", table, kms)
     assert not again.created
     assert (again.path, again.sha256, again.bytes, again.key_id) == (
-        first.path, first.sha256, first.bytes, "patient:patient-alpha:v1")
+        first.path,
+        first.sha256,
+        first.bytes,
+        "patient:patient-alpha:v1",
+    )
     assert (tmp_path / first.path).read_bytes() == data
     # a fresh encryption of the same rows differs (random keys and IVs): why we keep the file
     assert lake.encode_parquet(table, kms=kms, key_id=first.key_id) != data
@@ -207,8 +239,9 @@ def test_idempotent_write_keeps_the_first_file(tmp_path: Path, kms: LocalKeystor
     assert sorted(got["leaf_index"].to_pylist()) == list(range(5, 17))
 
 
-def test_duckdb_queries_a_decrypted_batch(tmp_path: Path, kms: LocalKeystore,
-                                          batches: list[SampleBatch]) -> None:
+def test_duckdb_queries_a_decrypted_batch(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     """DuckDB cannot open these files itself: its Parquet encryption wants a raw footer key,
     not a KMS that unwraps per-patient data keys. So pyarrow decrypts and DuckDB queries the
     Arrow table (zero copy)."""
@@ -219,14 +252,16 @@ def test_duckdb_queries_a_decrypted_batch(tmp_path: Path, kms: LocalKeystore,
         "select count(*), avg(value), count(distinct lower(hex(reading_id))) "
         "from readings where metric = 'heart_rate'"
     ).fetchall()
-    expected = [v for b in batches[::2] for m, v in zip(b.metric, b.value, strict=True)
-                if m == "heart_rate"]
+    expected = [
+        v for b in batches[::2] for m, v in zip(b.metric, b.value, strict=True) if m == "heart_rate"
+    ]
     assert count == len(expected) == ids
     assert avg == pytest.approx(sum(expected) / len(expected))
 
 
-def test_stats_count_duplicates(tmp_path: Path, kms: LocalKeystore,
-                                batches: list[SampleBatch]) -> None:
+def test_stats_count_duplicates(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
     lake.write_batch(tmp_path, "b-1", lake.build_table(batches, "b-1"), kms)
     # the same readings sealed again under another batch id: duplicates, visible in stats
     lake.write_batch(tmp_path, "b-2", lake.build_table(batches[:1], "b-2"), kms)
