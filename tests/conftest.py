@@ -111,8 +111,16 @@ def settings(stack: StackManager, tmp_path: Path) -> Settings:
     home = tmp_path / "home"
     home.mkdir()
     (home / "stack").symlink_to(stack.settings.stack_dir, target_is_directory=True)
+    tag = uuid.uuid4().hex[:12]
+    # Own topics, own collector client id (derived from the gateway id) and own shared
+    # subscription group: no test inherits another's persistent MQTT session.
     return stack.settings.model_copy(
-        update={"home": home, "topic_prefix": f"t{uuid.uuid4().hex[:12]}."}
+        update={
+            "home": home,
+            "topic_prefix": f"t{tag}.",
+            "gateway_id": f"gw-{tag}",
+            "mqtt_share_group": f"collectors-{tag}",
+        }
     )
 
 
