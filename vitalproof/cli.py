@@ -223,6 +223,25 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- lake ---------------------------------------------------------------------------------
+
+
+def cmd_lake(args: argparse.Namespace, settings: Settings) -> int:
+    from vitalproof.lakecli import lake_read, lake_stats
+
+    if args.action == "stats":
+        return lake_stats(settings, as_json=args.json)
+    return lake_read(
+        settings,
+        patient=args.patient,
+        start=args.start,
+        end=args.end,
+        metrics=args.metric,
+        fmt=args.format,
+        output=args.output,
+    )
+
+
 # -- ble ----------------------------------------------------------------------------------
 
 
@@ -307,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle")
     v.add_argument("--rpc", help="any Ethereum JSON-RPC endpoint")
     v.set_defaults(handler=cmd_verify)
+
+    lk = sub.add_parser("lake", help="read and count the sealed, encrypted lake")
+    lksub = lk.add_subparsers(dest="action", required=True)
+    lr = lksub.add_parser("read", help="decrypt and export one patient's readings")
+    lr.add_argument("--patient", required=True)
+    lr.add_argument("--from", dest="start", help="ISO 8601 time (UTC if no offset)")
+    lr.add_argument("--to", dest="end", help="ISO 8601 time, exclusive")
+    lr.add_argument("--metric", action="append", help="repeat for several metrics")
+    lr.add_argument("--format", choices=["csv", "parquet", "json", "fhir", "omh"], default="csv")
+    lr.add_argument("-o", "--output", help="file to write (default: stdout; parquet needs -o)")
+    lst = lksub.add_parser("stats", help="readings, duplicates, batches, patients, bytes")
+    lst.add_argument("--json", action="store_true")
+    lk.set_defaults(handler=cmd_lake)
 
     b = sub.add_parser("ble", help="BLE tools")
     bsub = b.add_subparsers(dest="action", required=True)
