@@ -339,6 +339,30 @@ def check_anchor_on_chain(
     )
 
 
+def submitter_key(settings: Settings) -> str | None:
+    """The submitter's private key: from an encrypted keystore file (eth-account's Web3
+    Secret Storage) or ``VITALPROOF_SUBMITTER_KEY``; never from anything committed."""
+    if settings.submitter_keystore is not None:
+        if settings.submitter_key is not None:
+            raise ConfigError(
+                "set VITALPROOF_SUBMITTER_KEY or VITALPROOF_SUBMITTER_KEYSTORE, not both"
+            )
+        if settings.submitter_keystore_password is None:
+            raise ConfigError(
+                f"keystore {settings.submitter_keystore} needs "
+                "VITALPROOF_SUBMITTER_KEYSTORE_PASSWORD"
+            )
+        try:
+            keyfile = json.loads(Path(settings.submitter_keystore).read_text())
+            key = Account.decrypt(keyfile, settings.submitter_keystore_password.get_secret_value())
+        except OSError as e:
+            raise ConfigError(f"cannot read keystore {settings.submitter_keystore}: {e}") from e
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"cannot decrypt keystore {settings.submitter_keystore}: {e}") from e
+        return "0x" + bytes(key).hex()
+    return settings.submitter_key.get_secret_value() if settings.submitter_key else None
+
+
 class Chain:
     """One chain, one submitter key, optionally one deployed VitalAnchor.
 
@@ -393,7 +417,7 @@ class Chain:
     @classmethod
     def from_settings(cls, settings: Settings) -> Chain:
         """The chain the settings select (embedded, local Anvil, or a given RPC URL)."""
-        key = settings.submitter_key.get_secret_value() if settings.submitter_key else None
+        key = submitter_key(settings)
         if settings.chain == "embedded":
             return cls.embedded()
         if settings.chain == "anvil":

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     submitter_key: SecretStr | None = Field(
         default=None, description="hex private key of the anchor submitter; dev key on local chains"
     )
+    submitter_keystore: Path | None = Field(
+        default=None, description="encrypted (Web3 Secret Storage) keystore file of the submitter"
+    )
+    submitter_keystore_password: SecretStr | None = None
 
     # Streams
     gateway_id: str = "gw-local"
