@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
+# `npm install`, not `npm ci`: npm 11 drops other platforms' optional packages (Anvil ships one
+# per OS) from the lock file and then `npm ci` refuses it as out of sync. Versions are pinned
+# exactly in package.json, and the lock file is honoured.
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
 kafka: $(VENV)/.installed
