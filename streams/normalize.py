@@ -14,10 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vitalproof.codecs import decode_samples
 from vitalproof.errors import WireFormatError
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Device, DeviceStatus
-from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch
+from vitalproof.schema import Quality, SampleBatch
 from vitalproof.units import CANONICAL_UNIT, PLAUSIBLE, Metric, UnitError, conversion_for
 
 FUTURE_TOLERANCE_US = 5 * 60 * 1_000_000  # device clocks drift; five minutes is plausible
@@ -38,10 +39,8 @@ def normalize(raw: RawRecord, lookup: Callable[[str], Device | None]) -> SampleB
         return Rejection(f"unknown device {raw.device_id}", raw)
     if device.status is not DeviceStatus.ACTIVE:
         return Rejection(f"retired device {raw.device_id}", raw)
-    if raw.content_type.split(";")[0].strip() != CONTENT_TYPE_JSON.split(";")[0]:
-        return Rejection(f"unsupported content type {raw.content_type!r}", raw)
     try:
-        batch = SampleBatch.from_json(raw.payload, device_id=raw.device_id)
+        batch = decode_samples(raw.content_type, raw.payload, raw.device_id)
     except WireFormatError as e:
         return Rejection(str(e), raw)
     try:
