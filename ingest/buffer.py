@@ -65,6 +65,7 @@ class _Seg:
     first: int
     path: Path
     last: int  # index of the last record in it; first - 1 when empty
+    size: int = 0  # bytes in the file
 
 
 @dataclass(slots=True)
@@ -183,6 +184,7 @@ class DiskBuffer:
                 self._live.append(_Loc(index, seg, pos + _HEADER.size, size))
                 self._live_bytes += _HEADER.size + size
             seg.last = index
+            seg.size = end
             index += 1
             pos = end
 
@@ -193,7 +195,12 @@ class DiskBuffer:
         return self.append_many([payload])[0]
 
     def append_many(self, payloads: Iterable[bytes]) -> list[int]:
-        """Append a group with one fsync: all are durable when this returns."""
+        """Append a group with one fsync: all are durable when this returns.
+
+        Returns the indexes of the records stored: one per payload, except when the group
+        alone exceeds the bound, in which case only its newest records are stored (the
+        others are counted in ``evicted``) and the indexes are theirs.
+        """
         items = [bytes(p) for p in payloads]
         for p in items:
             if len(p) > MAX_RECORD_BYTES:
@@ -209,9 +216,10 @@ class DiskBuffer:
                     os.fsync(f.fileno())
                     f.close()
                 f = open(seg.path, "ab")  # noqa: SIM115 - closed below, spans the loop
-            offset = f.tell()
+            offset = seg.size
             index = self._tail
             f.write(_HEADER.pack(len(p), _crc(index, p), index) + p)
+            seg.size += _HEADER.size + len(p)
             self._live.append(_Loc(index, seg, offset + _HEADER.size, len(p)))
             self._live_bytes += _HEADER.size + len(p)
             seg.last = index
@@ -225,9 +233,7 @@ class DiskBuffer:
 
     def _writable_segment(self, need: int) -> _Seg:
         seg = self._segs[-1] if self._segs else None
-        if seg is None or (
-            seg.last >= seg.first and seg.path.stat().st_size + need > self.segment_bytes
-        ):
+        if seg is None or (seg.last >= seg.first and seg.size + need > self.segment_bytes):
             path = self.directory / f"{_SEG_PREFIX}{self._tail:020d}{_SEG_SUFFIX}"
             path.touch()
             _fsync_dir(self.directory)
@@ -237,13 +243,20 @@ class DiskBuffer:
 
     def _make_room(self, items: list[bytes]) -> None:
         """Evict the oldest live records so that ``items`` fit the bounds (counted, logged)."""
+        dropped = 0
+        for p in items:
+            if self.max_bytes is not None and _HEADER.size + len(p) > self.max_bytes:
+                raise ValueError(f"a record of {len(p)} bytes can never fit max_bytes")
+        # A group larger than the bound keeps its newest records; the rest are evicted
+        # before they are ever written (counted like any other eviction).
+        while (self.max_records is not None and len(items) > self.max_records) or (
+            self.max_bytes is not None
+            and sum(_HEADER.size + len(p) for p in items) > self.max_bytes
+        ):
+            items.pop(0)
+            dropped += 1
         add_bytes = sum(_HEADER.size + len(p) for p in items)
         add_records = len(items)
-        if self.max_records is not None and add_records > self.max_records:
-            raise ValueError(f"a group of {add_records} records exceeds max_records")
-        if self.max_bytes is not None and add_bytes > self.max_bytes:
-            raise ValueError(f"a group of {add_bytes} bytes exceeds max_bytes")
-        dropped = 0
         while self._live and (
             (self.max_records is not None and len(self._live) + add_records > self.max_records)
             or (self.max_bytes is not None and self._live_bytes + add_bytes > self.max_bytes)
