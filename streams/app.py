@@ -15,6 +15,7 @@ from typing import Any, cast
 import faust
 
 from streams.batcher import Pending, Sealer
+from streams.crashpoints import crashpoint
 from streams.keystore import LocalKeystore
 from streams.normalize import RecentIds, Rejection, normalize
 from vitalproof.errors import WireFormatError
@@ -89,6 +90,7 @@ def create_app(settings: Settings) -> faust.App:
             if len(result):
                 assert result.patient_id is not None
                 await clean_topic.send(key=result.patient_id.encode(), value=result.to_json())
+                crashpoint("after_normalize")
 
     @app.agent(clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
@@ -122,6 +124,7 @@ def create_app(settings: Settings) -> faust.App:
                     )
                 for event in chunk:
                     await stream.ack(event)
+                crashpoint("after_ack")
 
     return app
 
@@ -129,6 +132,7 @@ def create_app(settings: Settings) -> faust.App:
 async def _produce_manifest(topic: faust.TopicT, sealer: Sealer, manifest: BatchManifest) -> None:
     fut = await topic.send(key=manifest.batch_id.encode(), value=manifest.to_json_bytes())
     await fut  # Kafka acknowledged (acks=all) before the ledger calls it produced
+    crashpoint("after_produce")
     sealer.mark_produced(manifest)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from anchor.merkle import leaf_hash_salted
 from anchor.merkle import root as merkle_root
 from streams import lake
+from streams.crashpoints import crashpoint
 from streams.keystore import Kms
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch, canonical_reading_bytes
@@ -102,6 +103,7 @@ class Sealer:
             self._advance(manifest.covers)
             return manifest
 
+        crashpoint("before_files")
         by_patient = group_by_patient([p.batch for p in fresh])
         leaves: list[bytes] = []
         files: list[BatchFile] = []
@@ -133,9 +135,11 @@ class Sealer:
                         bytes=written.bytes,
                     )
                 )
+        crashpoint("after_files")
         root = merkle_root(leaves)
         leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
         write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
+        crashpoint("after_leaves")
         manifest = BatchManifest(
             batch_id=batch_id,
             covers=covers,
@@ -149,6 +153,7 @@ class Sealer:
             sealed_at_us=time.time_ns() // 1000,
         )
         write_atomic(manifest_path, manifest.to_json_bytes())
+        crashpoint("after_manifest")
         self._advance(covers)
         return manifest
 

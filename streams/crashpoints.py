@@ -1,0 +1,50 @@
+"""Crash points: a hard, kill -9 style death at a named step boundary, for crash tests.
+
+``VITALPROOF_CRASH_AT=<name>`` makes the first call to ``crashpoint(<name>)`` kill the process
+with SIGKILL (nothing flushed, no ``finally``, no atexit: exactly what ``kill -9`` does);
+``<name>:<n>`` kills it at the n-th call instead. Without the variable every call is a no-op
+that costs one string comparison: the variable is read once, at import.
+
+Before dying the process writes ``vitalproof crashpoint <name> (<n>)`` to stderr (one
+unbuffered ``write``), so a test can tell a crash point it reached from any other death.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV_VAR = "VITALPROOF_CRASH_AT"
+#: The exit status a shell reports for a process killed by SIGKILL (128 + 9).
+CRASH_EXIT_CODE = 128 + signal.SIGKILL
+MARKER = "vitalproof crashpoint"
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """``"after_files"`` -> ``("after_files", 1)``, ``"after_files:3"`` -> ``(..., 3)``."""
+    name, sep, nth = spec.strip().partition(":")
+    if not sep:
+        return name, 1
+    n = int(nth)
+    if n < 1:
+        raise ValueError(f"{ENV_VAR}={spec!r}: the occurrence must be >= 1")
+    return name, n
+
+
+_target, _nth = parse_spec(os.environ.get(ENV_VAR, ""))
+_seen = 0
+_lock = threading.Lock()  # the sealer's steps run in a worker thread
+
+
+def crashpoint(name: str) -> None:
+    """Die like ``kill -9`` if ``VITALPROOF_CRASH_AT`` names this point (and occurrence)."""
+    if name != _target:
+        return
+    global _seen
+    with _lock:
+        _seen += 1
+        if _seen < _nth:
+            return
+        os.write(2, f"{MARKER} {name} ({_seen})\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
