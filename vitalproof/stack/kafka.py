@@ -227,8 +227,7 @@ def format_storage(settings: Settings, java: str, libs: Path, server: Path) -> N
             "kafka.tools.StorageTool",
             "format",
             "--ignore-formatted",
-            "-t",
-            id_file.read_text().strip(),
+            f"--cluster-id={id_file.read_text().strip()}",
             "-c",
             str(server),
         ],
@@ -238,7 +237,11 @@ def format_storage(settings: Settings, java: str, libs: Path, server: Path) -> N
 
 
 def _cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars)."""
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
+
+    One id in 64 starts with '-'; it is passed as ``--cluster-id=<id>`` so that the storage
+    tool's argument parser never mistakes it for an option.
+    """
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
