@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vitalproof import binary
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import CONTENT_TYPE_JSON, SampleBatch
 
@@ -21,6 +22,7 @@ def _decode_json(payload: bytes, device_id: str) -> SampleBatch:
 #: media type (without parameters) -> decoder
 DECODERS: dict[str, Decoder] = {
     CONTENT_TYPE_JSON.split(";")[0]: _decode_json,
+    binary.CONTENT_TYPE_BINARY.split(";")[0]: binary.decode_payload,
 }
 
 
