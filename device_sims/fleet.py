@@ -40,9 +40,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from device_sims.faults import Drop, FaultInjector, FaultSpec, Send, Storm, parse_fault_spec
 from device_sims.physiology import Profile, SimDevice
 from device_sims.record import GroundTruthWriter, valid_reading_ids
-from vitalproof.schema import CONTENT_TYPE_JSON
+from vitalproof import binary
+from vitalproof.schema import CONTENT_TYPE_JSON, SampleBatch, reading_id
 
 TOPIC_FORMAT = "devices/{device_id}/vitals"
+#: Payload encodings a fleet can publish, by the name ``Fleet(encoding=...)`` takes.
+ENCODINGS = {"json": CONTENT_TYPE_JSON, "binary": binary.CONTENT_TYPE_BINARY}
+# Faults that rewrite a payload (they parse and re-serialize JSON).
+_JSON_ONLY_FAULTS = ("malformed", "skew", "jump", "reset")
 # CONNACK reason codes after which retrying the same credential is pointless.
 _PERMANENT_REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}
 _MAX_ERRORS_KEPT = 100
@@ -143,6 +148,9 @@ class Fleet:
     (a tick with no due samples publishes nothing, so ``rate_hz`` is an upper bound unless
     ``accel_hz >= rate_hz``). ``faults`` is a :class:`FaultSpec` or its string form;
     ``record_path`` receives the ground truth (see :mod:`device_sims.record`).
+    ``encoding`` is ``"json"`` (default) or ``"binary"`` (:mod:`vitalproof.binary`, for
+    high-rate sensors); the MQTT v5 content type names it. The faults that rewrite payloads
+    (malformed, skew, jump, reset) work on JSON only.
     """
 
     def __init__(
@@ -166,6 +174,7 @@ class Fleet:
         keepalive_s: int = 60,
         progress_interval_s: float = 0.5,
         topic_format: str = TOPIC_FORMAT,
+        encoding: str = "json",
     ) -> None:
         if rate_hz <= 0:
             raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
@@ -185,8 +194,14 @@ class Fleet:
         self.connect_timeout_s, self.ack_timeout_s = connect_timeout_s, ack_timeout_s
         self.keepalive_s, self.progress_interval_s = keepalive_s, progress_interval_s
         self.topic_format = topic_format
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        rewriting = [k for k in _JSON_ONLY_FAULTS if getattr(self.faults, k) > 0]
+        if encoding != "json" and rewriting:
+            raise ValueError(f"faults {', '.join(rewriting)} need encoding='json'")
+        self.encoding = encoding
 
-        self._props = _PackedProperties(CONTENT_TYPE_JSON)
+        self._props = _PackedProperties(ENCODINGS[encoding])
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -267,7 +282,7 @@ class Fleet:
                     now_us = min(end_us, start_wall_us + round((now - start) * 1e6))
                     batch = sim.tick(now_us)
                     if batch is not None and not dev.failed:
-                        emit(injector.apply(dev.device_id, batch.to_json()))
+                        emit(injector.apply(dev.device_id, self._encode(batch)))
                     # ...and an overloaded loop skips the slots it already missed (the next
                     # tick carries their samples in one batch) instead of spiralling: fewer,
                     # larger messages, visible in the report as a lower message rate.
@@ -331,7 +346,7 @@ class Fleet:
                 self._error(f"{ev.device_id}: publish failed: {mqtt.error_string(info.rc)}")
                 return
             self._sent += 1
-            ids = [] if ev.malformed else valid_reading_ids(ev.device_id, ev.payload)
+            ids = [] if ev.malformed else self._reading_ids(ev.device_id, ev.payload)
             self._ids.update(ids)
             self._malformed += ev.malformed is not None
             self._duplicates += ev.duplicate
@@ -346,13 +361,29 @@ class Fleet:
         elif isinstance(ev, Drop):
             self._dropped += 1
             if writer is not None:
-                writer.drop(ev.device_id, valid_reading_ids(ev.device_id, ev.payload))
+                writer.drop(ev.device_id, self._reading_ids(ev.device_id, ev.payload))
         else:
             self._storms += 1
             if writer is not None:
                 writer.storm(ev.device_ids)
             for device_id in ev.device_ids:
                 self._cut(self._devs[device_id])
+
+    def _encode(self, batch: SampleBatch) -> bytes:
+        if self.encoding == "binary":
+            # The topic names the device; float32 only where lossless, so the values the
+            # pipeline decodes are the simulator's, as with JSON.
+            return binary.encode(batch, with_device=False)
+        return batch.to_json()
+
+    def _reading_ids(self, device_id: str, payload: bytes) -> list[str]:
+        if self.encoding == "binary":
+            b = binary.decode(payload, device_id=device_id)
+            return [
+                reading_id(device_id, m, q, t)
+                for m, q, t in zip(b.metric, b.seq, b.device_time_us, strict=True)
+            ]
+        return valid_reading_ids(device_id, payload)
 
     def _cut(self, dev: _Device) -> None:
         """Drop the TCP connection without DISCONNECT, as a network outage would."""
