@@ -164,10 +164,8 @@ def lake_read(
             n = len(points)
     what = {"fhir": "observations", "omh": "data points"}.get(fmt, "rows")
     where = f" to {output}" if output not in (None, "-") else ""
-    print(
-        f"{n} {what} from {table.num_rows} rows of patient {patient} ({fmt}){where}",
-        file=sys.stderr,
-    )
+    source = f" from {table.num_rows} rows" if fmt in ("fhir", "omh") else ""
+    print(f"{n} {what}{source} of patient {patient} ({fmt}){where}", file=sys.stderr)
     if skipped:
         print(f"skipped {skipped.describe()}", file=sys.stderr)
     if fmt == "parquet":
