@@ -112,6 +112,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
+    if args.transport == "ble":
+        return _collect_ble(args, settings)
     from ingest.mqtt import MqttCollector, MqttCredentials
     from vitalproof.stack import mosquitto
 
@@ -120,6 +122,34 @@ def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
     stats = asyncio.run(collector.run(duration_s=args.duration, max_messages=args.max_messages))
     print(
         f"received {stats.received}, forwarded {stats.forwarded}, acked {stats.acked}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _collect_ble(args: argparse.Namespace, settings: Settings) -> int:
+    from bleak.exc import BleakError
+
+    from ingest.ble import BleCollector
+
+    allow: dict[str, str] | None = None
+    if args.allow:
+        allow = {}
+        for item in args.allow:
+            address, _, device_id = item.partition("=")
+            if not device_id:
+                print(f"error: --allow {item!r}: expected ADDRESS=DEVICE_ID", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            allow[address] = device_id
+    collector = BleCollector(settings, allow_list=allow)
+    try:
+        stats = asyncio.run(collector.run(duration_s=args.duration))
+    except (BleakError, OSError) as e:
+        print(f"error: BLE adapter unavailable: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"notifications {stats.notifications}, readings {stats.readings}, "
+        f"produced {stats.produced}, dlq {stats.produced_dlq}, evicted {stats.evicted}",
         file=sys.stderr,
     )
     return 0
@@ -286,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--loglevel", default="warning")
     w.set_defaults(handler=cmd_worker)
 
-    c = sub.add_parser("collect", help="run the MQTT collector")
+    c = sub.add_parser("collect", help="run a collector (MQTT by default, or a BLE gateway)")
+    c.add_argument("transport", nargs="?", choices=["mqtt", "ble"], default="mqtt")
+    c.add_argument(
+        "--allow", action="append", metavar="ADDRESS=DEVICE_ID", help="BLE allow-list entry"
+    )
     c.add_argument("--duration", type=float, help="stop after this many seconds")
     c.add_argument("--max-messages", type=int, help="stop after this many acked messages")
     c.set_defaults(handler=cmd_collect)
