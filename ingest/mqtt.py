@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 DEVICE_TOPIC_FILTER = "devices/+/vitals"
 SESSION_EXPIRY_S = 24 * 3600
+# Unacked messages the broker may send us at once. Each waits for Kafka's ack (milliseconds),
+# so throughput is at most this many per Kafka round trip: mosquitto's default of 20 would
+# cap the collector near a thousand messages a second.
+RECEIVE_MAXIMUM = 1000
 
 
 class CollectorError(VitalproofError):
@@ -177,6 +181,7 @@ class MqttCollector:
             await producer.start()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         try:
             self._client.connect(
                 self.settings.mqtt_host,
@@ -245,9 +250,18 @@ class MqttCollector:
             headers=record.headers(),
         )
         self._pending.append((mid, fut))
+        # Ack as soon as Kafka answers, not at the loop's next turn: the broker sends only
+        # max_inflight_messages (20 by default) unacked messages, so waiting for the next
+        # message (or the 0.2 s timeout) before acking would stall the stream.
+        fut.add_done_callback(self._on_produced)
         self.stats.forwarded += 1
         if self._on_forwarded is not None:
             self._on_forwarded(record)
+
+    def _on_produced(self, fut: asyncio.Future[object]) -> None:
+        # A refused produce is not acked here; the run loop's next _ack_ready raises it.
+        with contextlib.suppress(CollectorError):
+            self._ack_ready()
 
     def _ack_ready(self) -> None:
         """PUBACK, in arrival order, every message whose produce Kafka acknowledged."""
