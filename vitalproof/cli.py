@@ -184,6 +184,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
             faults=args.faults,
             record=args.record,
             accel_hz=args.accel_hz,
+            encoding=args.encoding,
         )
     )
     _print_json(report)
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--faults", default="", help="e.g. dup=0.01,reorder=0.01,malformed=0.001")
     sm.add_argument("--record", type=Path, help="write the ground truth as JSON lines")
     sm.add_argument("--accel-hz", type=int, default=0, help="accelerometer sample rate")
+    sm.add_argument(
+        "--encoding", choices=["json", "binary"], default="json", help="payload encoding"
+    )
     sm.set_defaults(handler=cmd_sim)
 
     dm = sub.add_parser("demo", help="fleet -> collectors -> Kafka -> Faust -> lake -> chain")

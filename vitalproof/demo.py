@@ -340,6 +340,7 @@ async def run_sim(
     faults: str,
     record: Path | None,
     accel_hz: int,
+    encoding: str = "json",
 ) -> dict[str, Any]:
     """`vitalproof sim`: enroll N devices (if new) and run them against the broker."""
     from device_sims.fleet import Fleet
@@ -364,6 +365,7 @@ async def run_sim(
         faults=faults or None,
         record_path=record,
         accel_hz=accel_hz,
+        encoding=encoding,
     )
     report = await fleet.run()
     return {k: v for k, v in asdict(report).items() if k != "errors"} | {"errors": report.errors}

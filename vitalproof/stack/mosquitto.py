@@ -287,6 +287,9 @@ def _config_text(settings: Settings) -> str:
         f"persistence_location {base / 'data'}",
         "autosave_interval 60",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        # The collector acks only after Kafka acked: with mosquitto's default of 20 unacked
+        # messages per client it would idle waiting on Kafka round trips.
+        "max_inflight_messages 1000",
         f"log_dest file {log_path(settings)}",
         "log_type error",
         "log_type warning",
