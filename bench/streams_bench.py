@@ -1,0 +1,490 @@
+"""Streams benchmark: one worker, vitals.raw -> sealed encrypted Parquet, samples per second.
+
+    .venv/bin/python bench/streams_bench.py [--seconds 60] [--samples 3000000] [--devices 100]
+        [--per-message 120] [--batch-rows 400000] [--plot streams_bench.png]
+    .venv/bin/python bench/streams_bench.py --inprocess [--samples 400000] [--profile]
+
+End to end (default): starts a local stack (Kafka + Mosquitto on free ports, tmp home) unless
+``VITALPROOF_KAFKA_BOOTSTRAP`` names a running Kafka, enrolls the devices, pre-fills
+``vitals.raw`` with pre-encoded SampleBatch JSON (1 Hz heart rate, SpO2, respiratory rate and
+skin temperature; ``--per-message`` samples per Kafka message), then starts ONE worker
+(``python -m vitalproof worker``, exactly as deployed) and follows the manifests it seals.
+Pre-filling first means the producer does not compete with the worker for the two cores:
+what is measured is the worker alone. Reported: samples/s raw -> sealed (overall from worker
+start, and steady state between the first and the last manifest), worker RSS (VmRSS sampled,
+VmHWM peak, from /proc), bytes per sample on disk (Parquet alone, and with the 32-byte leaf
+file). The run stops when every sample is sealed or after ``--seconds``; everything it
+started is stopped. A PNG of sealed samples and RSS over time is written when matplotlib is
+importable (it is not a project dependency).
+
+``--inprocess``: no Kafka; the worker's per-message functions (decode + normalize + dedupe +
+encode for vitals.clean, then decode + seal) on the same messages, timed per stage, and with
+``--profile`` under cProfile: where the per-sample Python work is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from vitalproof.raw import RawRecord  # noqa: E402
+from vitalproof.schema import CONTENT_TYPE_JSON, Transport  # noqa: E402
+from vitalproof.settings import Settings  # noqa: E402
+
+US = 1_000_000
+METRICS = [  # metric, unit, mean, random-walk step, resolution (as devices quantize)
+    ("heart_rate", "/min", 72.0, 1.0, 1.0),
+    ("spo2", "%", 97.0, 0.3, 1.0),
+    ("respiratory_rate", "/min", 15.0, 0.3, 1.0),
+    ("skin_temperature", "Cel", 33.5, 0.02, 0.01),
+]
+console = Console()
+_clock = time.perf_counter  # --inprocess --cpu switches to process CPU time
+
+
+# -- workload --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Message:
+    device_id: str
+    payload: bytes
+    samples: int
+    received_us: int
+
+
+def generate(samples: int, devices: int, per_message: int, seed: int = 7) -> list[Message]:
+    """Device payloads, interleaved across devices, as a fleet would send them.
+
+    Every device sends ``per_message`` samples per message (``per_message / 4`` seconds of
+    its four 1 Hz vitals); device times end a few minutes before now so no clock flag fires.
+    """
+    rng = random.Random(seed)
+    secs_per_msg = max(1, per_message // len(METRICS))
+    msgs_per_dev = max(1, samples // (devices * secs_per_msg * len(METRICS)))
+    now = time.time_ns() // 1000
+    t_start = now - (msgs_per_dev * secs_per_msg + 300) * US
+    state = [[m[2] for m in METRICS] for _ in range(devices)]
+    out: list[Message] = []
+    for k in range(msgs_per_dev):
+        for d in range(devices):
+            t0 = t_start + k * secs_per_msg * US + d * 1000
+            ts = [t0 + s * US for s in range(secs_per_msg)]
+            seq = list(range(k * secs_per_msg, (k + 1) * secs_per_msg))
+            series = []
+            for j, (metric, unit, mean, step, res) in enumerate(METRICS):
+                vals: list[float | int] = []
+                x = state[d][j]
+                for _ in ts:
+                    x += rng.gauss(0, step) + (mean - x) * 0.02
+                    q = round(round(x / res) * res, 2)
+                    vals.append(int(q) if res >= 1 else q)
+                state[d][j] = x
+                series.append({"metric": metric, "unit": unit, "t": ts, "seq": seq, "v": vals})
+            doc = {"schema": 1, "device_id": f"dev-{d:05d}", "series": series}
+            payload = json.dumps(doc, separators=(",", ":")).encode()
+            rx = ts[-1] + 200_000
+            out.append(Message(f"dev-{d:05d}", payload, secs_per_msg * len(METRICS), rx))
+    return out
+
+
+def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
+    return RawRecord(
+        device_id=m.device_id,
+        payload=m.payload,
+        content_type=CONTENT_TYPE_JSON,
+        transport=Transport.MQTT,
+        gateway_id=gateway,
+        received_us=m.received_us,
+        source=f"devices/{m.device_id}/vitals",
+    )
+
+
+# -- in process ------------------------------------------------------------------------------
+
+
+def run_inprocess(args: argparse.Namespace) -> None:
+    """The worker's per-message work without Kafka: where the CPU goes, per stage."""
+    from streams.batcher import Pending, Sealer
+    from streams.keystore import LocalKeystore
+    from streams.normalize import RecentIds, Rejection, normalize
+    from vitalproof.registry import Device, DeviceStatus
+    from vitalproof.schema import SampleBatch
+
+    msgs = generate(args.samples, args.devices, args.per_message)
+    total = sum(m.samples for m in msgs)
+    devices = {
+        m.device_id: Device(m.device_id, f"pt-{m.device_id[4:]}", DeviceStatus.ACTIVE, 0)
+        for m in msgs
+    }
+    raws = [raw_record(m) for m in msgs]
+    tmp = Path(tempfile.mkdtemp(prefix="streams-bench-"))
+    prof = cProfile.Profile() if args.profile else None
+    try:
+        sealer = Sealer(tmp / "lake", LocalKeystore(tmp / "keys"))
+        recent = RecentIds()
+        if prof:
+            prof.enable()
+        t0 = _clock()
+        clean: list[bytes] = []
+        for r in raws:
+            b = normalize(r, devices.get)
+            assert not isinstance(b, Rejection), b
+            recent.drop_seen(b)
+            clean.append(b.to_json())
+        t1 = _clock()
+        pending = [Pending("clean", 0, i, SampleBatch.from_json(v)) for i, v in enumerate(clean)]
+        t2 = _clock()
+        rows = 0
+        for i in range(0, len(pending), max(1, args.batch_rows // args.per_message)):
+            m = sealer.seal(pending[i : i + max(1, args.batch_rows // args.per_message)])
+            rows += m.rows if m else 0
+        t3 = _clock()
+        if prof:
+            prof.disable()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert rows == total, (rows, total)
+    table = Table(title=f"in process: {total:,} samples, {len(msgs):,} messages")
+    for col in ("stage", "CPU seconds" if args.cpu else "seconds", "samples/s"):
+        table.add_column(col, justify="right")
+    for name, dt in (
+        ("normalize (decode, units, flags, ids, dedupe, encode)", t1 - t0),
+        ("seal: decode vitals.clean", t2 - t1),
+        ("seal: leaves, Parquet, manifest", t3 - t2),
+        ("total", t3 - t0),
+    ):
+        table.add_row(name, f"{dt:.2f}", f"{total / dt:,.0f}")
+    console.print(table)
+    if prof:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+        print(out.getvalue())
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    t: list[float] = field(default_factory=list)  # seconds since worker start
+    rows: list[int] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+
+
+def proc_memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of ``pid`` in MB, from /proc (psutil is not a dependency)."""
+    rss = hwm = 0.0
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def read_manifests(batches_dir: Path, seen: dict[str, dict[str, Any]]) -> None:
+    """Load the manifests not seen yet (the manifest is written last: it is complete)."""
+    for p in batches_dir.glob("*.json"):
+        if p.name not in seen:
+            with contextlib.suppress(OSError, ValueError):
+                seen[p.name] = json.loads(p.read_bytes())
+
+
+@contextlib.contextmanager
+def local_stack(home: Path) -> Iterator[Settings]:
+    """Settings on a running Kafka: the one VITALPROOF_* names, or a fresh stack of ours."""
+    if os.environ.get("VITALPROOF_KAFKA_BOOTSTRAP"):
+        yield Settings().model_copy(update={"home": home})
+        return
+    from pydantic import SecretStr
+
+    from vitalproof.stack import StackManager
+    from vitalproof.stack.procs import free_ports
+
+    kafka_port, controller_port, mqtt_port, anvil_port = free_ports(4)
+    settings = Settings(
+        home=home,
+        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
+        kafka_controller_port=controller_port,
+        mqtt_host="127.0.0.1",
+        mqtt_port=mqtt_port,
+        mqtt_collector_password=SecretStr("bench-collector-password"),
+        anvil_port=anvil_port,
+        chain="embedded",
+    )
+    manager = StackManager(settings)
+    console.print(f"starting Kafka on {settings.kafka_bootstrap} (home {home})")
+    try:
+        status = manager.up(chain="embedded")
+        deadline = time.monotonic() + 30
+        while not status.healthy and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = manager.status()
+        if not status.healthy:
+            raise SystemExit(f"stack not healthy:\n{status.to_json()}")
+        yield settings
+    finally:
+        manager.down()
+
+
+async def prefill(settings: Settings, msgs: list[Message]) -> float:
+    """Produce every message to vitals.raw (acks=all, as the collector does); seconds taken."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=20,
+        max_batch_size=1 << 20,
+        max_request_size=8 << 20,
+    )
+    await producer.start()
+    t0 = _clock()
+    try:
+        pending: list[asyncio.Future[object]] = []
+        for m in msgs:
+            headers = raw_record(m, settings.gateway_id).headers()
+            fut = await producer.send(
+                settings.topic_raw, m.payload, key=m.device_id.encode(), headers=headers
+            )
+            pending.append(fut)
+            if len(pending) >= 2000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return _clock() - t0
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitalproof", "worker"],
+        cwd=ROOT,
+        env=os.environ | settings.to_env(),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def run_e2e(args: argparse.Namespace) -> None:
+    from vitalproof.registry import Registry
+    from vitalproof.stack import ensure_topics
+
+    home = Path(tempfile.mkdtemp(prefix="streams-bench-home-"))
+    try:
+        with local_stack(home) as base:
+            settings = base.model_copy(
+                update={
+                    "topic_prefix": f"bench{os.getpid()}.",
+                    "batch_max_rows": args.batch_rows,
+                    "batch_max_messages": max(1000, args.batch_rows // args.per_message + 1),
+                    "batch_max_age_s": args.batch_age,
+                }
+            )
+            measure(args, settings, Registry(settings.registry_path), ensure_topics)
+    finally:
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            console.print(f"kept {home}")
+
+
+def measure(args: argparse.Namespace, settings: Settings, registry: object, ensure: Any) -> None:
+    from vitalproof.registry import Registry
+
+    assert isinstance(registry, Registry)
+    t = _clock()
+    msgs = generate(args.samples, args.devices, args.per_message)
+    total = sum(m.samples for m in msgs)
+    raw_bytes = sum(len(m.payload) for m in msgs)
+    console.print(
+        f"generated {len(msgs):,} messages, {total:,} samples "
+        f"({raw_bytes / total:.1f} B/sample of JSON) in {_clock() - t:.1f} s"
+    )
+    for d in sorted({m.device_id for m in msgs}):
+        registry.enroll(d, f"pt-{d[4:]}")
+    topics = [settings.topic_raw, settings.topic_clean, settings.topic_dlq, settings.topic_batches]
+    ensure(settings, topics, settings.partitions)
+    took = asyncio.run(prefill(settings, msgs))
+    console.print(
+        f"pre-filled {settings.topic_raw} in {took:.1f} s ({total / took:,.0f} samples/s)"
+    )
+    del msgs
+
+    batches_dir = settings.lake_dir / "_batches"
+    log = settings.home / "worker.log"
+    trace = Trace()
+    seen: dict[str, dict[str, Any]] = {}
+    hwm = 0.0
+    proc = start_worker(settings, log)
+    t0 = time.monotonic()
+    try:
+        while True:
+            time.sleep(1.0)
+            elapsed = time.monotonic() - t0
+            read_manifests(batches_dir, seen)
+            rows = sum(int(m["rows"]) for m in seen.values())
+            rss, peak = proc_memory_mb(proc.pid)
+            hwm = max(hwm, peak)
+            trace.t.append(elapsed)
+            trace.rows.append(rows)
+            trace.rss_mb.append(rss)
+            if int(elapsed) % 10 == 0:
+                console.print(
+                    f"  {elapsed:6.0f} s  sealed {rows:>11,}  "
+                    f"({rows / max(elapsed, 1e-9):,.0f}/s)  RSS {rss:,.0f} MB"
+                )
+            if proc.poll() is not None:
+                console.print(f"[red]worker exited ({proc.returncode}); see {log}[/red]")
+                break
+            if rows >= total or elapsed >= args.seconds:
+                break
+    finally:
+        stop_worker(proc)
+    report(args, settings, seen, trace, total, hwm, log)
+
+
+def report(
+    args: argparse.Namespace,
+    settings: Settings,
+    manifests: dict[str, dict[str, Any]],
+    trace: Trace,
+    total: int,
+    hwm: float,
+    log: Path,
+) -> None:
+    ms = sorted(manifests.values(), key=lambda m: int(m["sealed_at_us"]))
+    rows = sum(int(m["rows"]) for m in ms)
+    parquet = sum(int(f["bytes"]) for m in ms for f in m["files"])
+    nfiles = sum(len(m["files"]) for m in ms)
+    elapsed = trace.t[-1] if trace.t else 0.0
+    # time at which the last sealed count was reached (the run may idle at the end)
+    done_at = next((t for t, r in zip(trace.t, trace.rows, strict=True) if r >= rows), elapsed)
+    steady = 0.0
+    if len(ms) >= 2:
+        span = (int(ms[-1]["sealed_at_us"]) - int(ms[0]["sealed_at_us"])) / US
+        steady = (rows - int(ms[0]["rows"])) / span if span > 0 else 0.0
+    table = Table(title="streams bench: one worker, vitals.raw -> sealed encrypted Parquet")
+    table.add_column("measure")
+    table.add_column("result", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row("samples pre-filled / sealed", f"{total:,} / {rows:,}", "all")
+    table.add_row("run time (worker start -> last seal)", f"{done_at:.1f} s", "")
+    table.add_row("batches / files", f"{len(ms):,} / {nfiles:,}", "")
+    table.add_row("samples/s, overall (incl. start)", f"{rows / max(done_at, 1e-9):,.0f}", "")
+    table.add_row("samples/s, steady (first -> last seal)", f"{steady:,.0f}", ">= 200,000")
+    table.add_row(
+        "worker RSS, max sampled / VmHWM",
+        f"{max(trace.rss_mb or [0]):,.0f} / {hwm:,.0f} MB",
+        "<= 512 MB",
+    )
+    if rows:
+        table.add_row("bytes/sample, Parquet", f"{parquet / rows:.2f}", "<= 10")
+        table.add_row(
+            "bytes/sample, Parquet + leaf file", f"{(parquet + 32 * rows) / rows:.2f}", ""
+        )
+        table.add_row("rows per file (mean)", f"{rows / max(nfiles, 1):,.0f}", "")
+    console.print(table)
+    if rows < total:
+        console.print(f"[yellow]{total - rows:,} samples not sealed within the run[/yellow]")
+    summary = {
+        "samples": total,
+        "sealed": rows,
+        "seconds": round(done_at, 1),
+        "overall_samples_per_s": round(rows / max(done_at, 1e-9)),
+        "steady_samples_per_s": round(steady),
+        "rss_max_mb": round(max(trace.rss_mb or [0])),
+        "vm_hwm_mb": round(hwm),
+        "parquet_bytes_per_sample": round(parquet / rows, 2) if rows else None,
+        "batches": len(ms),
+        "files": nfiles,
+    }
+    print(json.dumps(summary))
+    if args.plot:
+        plot(trace, Path(args.plot))
+
+
+def plot(trace: Trace, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(trace.t, [r / 1e6 for r in trace.rows], color="tab:blue")
+    ax.set_xlabel("seconds since worker start")
+    ax.set_ylabel("samples sealed (millions)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(trace.t, trace.rss_mb, color="tab:red")
+    ax2.set_ylabel("worker RSS (MB)", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    console.print(f"plot: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60.0, help="stop the worker after this")
+    ap.add_argument("--samples", type=int, default=3_000_000, help="samples to pre-fill")
+    ap.add_argument("--devices", type=int, default=100, help="devices (one patient each)")
+    ap.add_argument("--per-message", type=int, default=120, help="samples per Kafka message")
+    ap.add_argument("--batch-rows", type=int, default=400_000, help="worker batch_max_rows")
+    ap.add_argument("--batch-age", type=float, default=10.0, help="worker batch_max_age_s")
+    ap.add_argument("--plot", default="", help="write a PNG here (needs matplotlib)")
+    ap.add_argument("--keep", action="store_true", help="keep the tmp home (lake, logs)")
+    ap.add_argument("--inprocess", action="store_true", help="no Kafka: per-stage CPU only")
+    ap.add_argument("--profile", action="store_true", help="with --inprocess: cProfile")
+    ap.add_argument("--cpu", action="store_true", help="with --inprocess: CPU, not wall time")
+    ap.add_argument("--top", type=int, default=25, help="profile lines to print")
+    args = ap.parse_args()
+    if args.inprocess:
+        global _clock
+        if args.cpu:
+            _clock = time.process_time  # robust when other work shares the cores
+        run_inprocess(args)
+    else:
+        run_e2e(args)
+
+
+if __name__ == "__main__":
+    main()
