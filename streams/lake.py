@@ -47,7 +47,7 @@ import itertools
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -624,6 +624,29 @@ def _files(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
     )
 
 
+BATCHES_DIR = "_batches"
+
+
+def sealed_batch_ids(root: str | Path, *, fs: pafs.FileSystem | None = None) -> set[str]:
+    """Batches whose manifest exists: the sealer's commit point.
+
+    A worker killed after writing a batch's files but before its manifest leaves files that
+    belong to no sealed batch; after restart the same records are sealed again under another
+    batch id. Readers pass these ids as ``batches=`` so that such orphans stay invisible.
+    """
+    fs, base = resolve_fs(root, fs)
+    sel = pafs.FileSelector(f"{base}/{BATCHES_DIR}", allow_not_found=True)
+    return {
+        i.base_name.removesuffix(".json")
+        for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+    }
+
+
+def _in_batches(path: str, batches: Collection[str] | None) -> bool:
+    return batches is None or path.rsplit("/", 1)[-1].removesuffix(".parquet") in batches
+
+
 def list_patient_files(
     root: str | Path,
     patient_id: str,
@@ -631,14 +654,20 @@ def list_patient_files(
     fs: pafs.FileSystem | None = None,
     start: dt.datetime | int | None = None,
     end: dt.datetime | int | None = None,
+    batches: Collection[str] | None = None,
 ) -> list[str]:
-    """Files of one patient whose date folder overlaps [start, end), without decrypting."""
+    """Files of one patient whose date folder overlaps [start, end), without decrypting.
+
+    ``batches``: only files of these batch ids (see :func:`sealed_batch_ids`); None: all.
+    """
     fs, base = resolve_fs(root, fs)
     lo, hi = _to_us(start), _to_us(end)
     first = None if lo is None else _date_of_us(lo)
     last = None if hi is None else _date_of_us(hi - 1)
     out = []
     for info in _files(fs, f"{base}/{patient_dir(patient_id)}"):
+        if not _in_batches(info.path, batches):
+            continue
         m = re.search(r"/date=(\d{4}-\d{2}-\d{2})/", info.path)
         date = m.group(1) if m else None
         if date is not None and (
@@ -677,6 +706,7 @@ def read_patient(
     metrics: Iterable[str] | None = None,
     *,
     fs: pafs.FileSystem | None = None,
+    batches: Collection[str] | None = None,
 ) -> pa.Table:
     """One patient's readings with device_time in [start, end), optionally some metrics.
 
@@ -688,7 +718,7 @@ def read_patient(
     lo, hi = _to_us(start), _to_us(end)
     wanted = None if metrics is None else pa.array(sorted(set(metrics)), pa.string())
     parts = []
-    for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi):
+    for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi, batches=batches):
         t = _read_file(fs, path, kms, patient_id)
         mask = None
         if lo is not None or hi is not None:
@@ -709,23 +739,29 @@ def read_patient(
     return pa.concat_tables(parts)
 
 
-def lake_stats(root: str | Path, kms: Kms, *, fs: pafs.FileSystem | None = None) -> dict[str, int]:
+def lake_stats(
+    root: str | Path,
+    kms: Kms,
+    *,
+    fs: pafs.FileSystem | None = None,
+    batches: Collection[str] | None = None,
+) -> dict[str, int]:
     """Counts for operators and tests: readings, distinct ids, duplicates, batches, bytes.
 
     Files that cannot be decrypted (erased patients) are counted in ``unreadable_files`` and
     ``bytes_on_disk`` but not in the reading counts.
     """
     fs, base = resolve_fs(root, fs)
-    infos = _files(fs, base)
+    infos = [i for i in _files(fs, base) if _in_batches(i.path, batches)]
     readings = unreadable = 0
     ids: list[pa.Array] = []
-    batches: set[str] = set()
+    batch_ids: set[str] = set()
     patients: set[str] = set()
     for info in infos:
         m = re.search(r"/patient_id=([^/]+)/", info.path)
         patient = m.group(1) if m else "?"
         patients.add(patient)
-        batches.add(info.base_name.removesuffix(".parquet"))
+        batch_ids.add(info.base_name.removesuffix(".parquet"))
         try:
             t = _read_file(fs, info.path, kms, patient, columns=["reading_id"])
         except LakeKeyUnavailable:
@@ -738,7 +774,7 @@ def lake_stats(root: str | Path, kms: Kms, *, fs: pafs.FileSystem | None = None)
         "readings": readings,
         "distinct_reading_ids": distinct,
         "duplicates": readings - distinct,
-        "batches": len(batches),
+        "batches": len(batch_ids),
         "patients": len(patients),
         "files": len(infos),
         "unreadable_files": unreadable,
