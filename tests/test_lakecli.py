@@ -67,11 +67,18 @@ def home(tmp_path: Path) -> Home:
     dup = _batch("watch-a", "patient-a", T0, 1)
     dup.keep_only([0])  # heart_rate seq 0: same reading id as in b-0001
     lake.write_batch(root, "b-0002", lake.build_table([dup], "b-0002"), kms)
+    # Only batches with a manifest are sealed; b-0003's files stand for a worker killed
+    # before its manifest, and readers must not see them.
+    (root / "_batches").mkdir()
+    for sealed in ("b-0001", "b-0002"):
+        (root / "_batches" / f"{sealed}.json").write_text("{}")
+    orphan = _batch("watch-a", "patient-a", T0 + 7200 * US, 2)
+    lake.write_batch(root, "b-0003", lake.build_table([orphan], "b-0003"), kms)
     ids = {
         p: {r.reading_id for r in batch.readings()}
         for p, batch in (("patient-a", a), ("patient-b", b))
     }
-    return Home(path, sorted(root.rglob("*.parquet")), ids)
+    return Home(path, sorted(p for p in root.rglob("*.parquet") if "b-0003" not in p.name), ids)
 
 
 def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -68,7 +68,9 @@ def sealed_ids(settings: Settings) -> list[str]:
     ]
     ids: list[str] = []
     for patient in sorted({p for m in manifests for p in m.patients}):
-        table = lake.read_patient(settings.lake_dir, patient, kms)
+        table = lake.read_patient(
+            settings.lake_dir, patient, kms, batches=lake.sealed_batch_ids(settings.lake_dir)
+        )
         ids.extend(lake.hex_ids(table["reading_id"]).to_pylist())
     return ids
 

@@ -129,7 +129,8 @@ def lake_read(
         if fmt == "parquet" and (output is None or output == "-"):
             raise _BadInput("--format parquet writes a file: give -o PATH")
         try:
-            files = lake.list_patient_files(settings.lake_dir, patient)
+            sealed = lake.sealed_batch_ids(settings.lake_dir)
+            files = lake.list_patient_files(settings.lake_dir, patient, batches=sealed)
         except lake.LakeError as e:
             raise _BadInput(str(e)) from None
     except _BadInput as e:
@@ -144,7 +145,7 @@ def lake_read(
         _error(f"no keystore at {settings.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
         return EXIT_FAILED
 
-    table = lake.read_patient(settings.lake_dir, patient, kms, lo, hi, wanted)
+    table = lake.read_patient(settings.lake_dir, patient, kms, lo, hi, wanted, batches=sealed)
     skipped = export.Skipped()
     with _sink(output) as sink:
         if fmt == "csv":
@@ -182,7 +183,11 @@ def lake_stats(settings: Settings, *, as_json: bool = False) -> int:
         _error(f"no keystore at {settings.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
         return EXIT_FAILED
     # no files and no keystore: an empty lake, counted without creating keys
-    stats = dict.fromkeys(STATS_KEYS, 0) if kms is None else lake.lake_stats(root, kms)
+    stats = (
+        dict.fromkeys(STATS_KEYS, 0)
+        if kms is None
+        else lake.lake_stats(root, kms, batches=lake.sealed_batch_ids(root))
+    )
     out = {k: stats[k] for k in STATS_KEYS}
     if as_json:
         print(json.dumps({**out, "lake": str(root)}, separators=(",", ":")))

@@ -50,8 +50,10 @@ class LakeView:
         return sorted({p for m in self.manifests() for p in m.patients})
 
     def table(self, patients: Iterable[str] | None = None) -> pa.Table:
+        """Rows of sealed batches only (files of a batch without a manifest are ignored)."""
+        sealed = lake.sealed_batch_ids(self.root)
         parts = [
-            lake.read_patient(self.root, p, self.kms)
+            lake.read_patient(self.root, p, self.kms, batches=sealed)
             for p in (self.patients() if patients is None else patients)
         ]
         return pa.concat_tables(parts) if parts else lake.SCHEMA.empty_table()
