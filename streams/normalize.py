@@ -9,6 +9,7 @@ with the original bytes, to the DLQ.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -56,30 +57,79 @@ def normalize(raw: RawRecord, lookup: Callable[[str], Device | None]) -> SampleB
 
 
 def _canonicalize(batch: SampleBatch, received_us: int) -> None:
-    """Convert units in place and set quality flags (never drop a sample)."""
-    for i in range(len(batch)):
-        metric = Metric(batch.metric[i])
-        q = batch.quality[i]
-        conv = conversion_for(metric, batch.unit[i])
-        v = batch.value[i]
+    """Convert units in place and set quality flags (never drop a sample).
+
+    Per run of one metric (a batch holds a handful): the unit check, the conversion flag and
+    the range and clock tests on the run's min and max. Only a run with something to flag
+    (a NaN, an implausible value or clock) is walked sample by sample.
+    """
+    for metric_name, start, stop in batch.runs():
+        metric = Metric(metric_name)
+        canonical = CANONICAL_UNIT[metric]
+        units = batch.unit[start:stop]
+        if units.count(canonical) == len(units):  # the usual case: one canonical unit
+            _flag_run(batch, metric, start, stop, received_us, convert=False)
+            continue
+        for unit, ustart, ustop in _unit_runs(units, start):
+            _flag_run(batch, metric, ustart, ustop, received_us, convert=unit != canonical)
+
+
+def _unit_runs(units: list[str], offset: int) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = []
+    start = offset
+    for unit, grp in itertools.groupby(units):
+        stop = start + len(list(grp))
+        out.append((unit, start, stop))
+        start = stop
+    return out
+
+
+def _flag_run(
+    batch: SampleBatch, metric: Metric, start: int, stop: int, received_us: int, *, convert: bool
+) -> None:
+    flags = 0
+    values = batch.value[start:stop]
+    if convert:
+        conv = conversion_for(metric, batch.unit[start])  # UnitError: reject the message
         if conv is not None:
             scale, offset = conv
-            v = v * scale + offset
-            batch.unit[i] = CANONICAL_UNIT[metric]
-            q |= Quality.CONVERTED
+            values = [v * scale + offset for v in values]
+            batch.value[start:stop] = values
+            batch.unit[start:stop] = [CANONICAL_UNIT[metric]] * (stop - start)
+            flags |= Quality.CONVERTED
+    lo, hi = PLAUSIBLE[metric]
+    times = batch.device_time_us[start:stop]
+    total = sum(values)
+    clean = (
+        total == total  # no NaN
+        and lo <= min(values)
+        and max(values) <= hi
+        and (
+            not received_us
+            or (
+                max(times) <= received_us + FUTURE_TOLERANCE_US
+                and min(times) >= received_us - PAST_LIMIT_US
+            )
+        )
+    )
+    if clean:
+        if flags:
+            batch.quality[start:stop] = [q | flags for q in batch.quality[start:stop]]
+        return
+    quality = batch.quality
+    for i in range(start, stop):
+        q = quality[i] | flags
+        v = batch.value[i]
         if math.isnan(v):
             q |= Quality.INVALID
-        else:
-            lo, hi = PLAUSIBLE[metric]
-            if not lo <= v <= hi:
-                q |= Quality.IMPLAUSIBLE
+        elif not lo <= v <= hi:
+            q |= Quality.IMPLAUSIBLE
         t = batch.device_time_us[i]
         if received_us and t > received_us + FUTURE_TOLERANCE_US:
             q |= Quality.CLOCK_FUTURE
         elif received_us and t < received_us - PAST_LIMIT_US:
             q |= Quality.CLOCK_PAST
-        batch.value[i] = v
-        batch.quality[i] = int(q)
+        quality[i] = int(q)
 
 
 class RecentIds:
@@ -95,18 +145,35 @@ class RecentIds:
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def drop_seen(self, batch: SampleBatch) -> int:
-        """Remove samples already seen (in place); return how many were removed."""
-        keep = []
+        """Remove samples already seen (in place); return how many were removed.
+
+        Retransmissions are rare: when none of the batch's ids is known and none repeats
+        within it (two C-level set tests) the ids are added in one update; only otherwise
+        is the batch walked id by id.
+        """
         seen = self._seen
-        for i, rid in enumerate(batch.reading_id):
+        ids = batch.reading_id
+        unique = set(ids)
+        # isdisjoint walks the *set* (the smaller side), probing the dict: O(len(ids)). With
+        # a list argument it would walk the whole memory and scan the list for each entry.
+        if len(unique) == len(ids) and seen.keys().isdisjoint(unique):
+            seen.update(dict.fromkeys(ids))
+            self._trim()
+            return 0
+        keep = []
+        for i, rid in enumerate(ids):
             if rid in seen:
                 seen.move_to_end(rid)
                 continue
             seen[rid] = None
             keep.append(i)
-        while len(seen) > self.capacity:
-            seen.popitem(last=False)
+        self._trim()
         dropped = len(batch) - len(keep)
         if dropped:
             batch.keep_only(keep)
         return dropped
+
+    def _trim(self) -> None:
+        seen = self._seen
+        while len(seen) > self.capacity:
+            seen.popitem(last=False)

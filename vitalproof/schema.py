@@ -23,8 +23,10 @@ are absent: the collector and normalization supply them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntFlag, StrEnum
@@ -180,10 +182,85 @@ class SampleBatch:
                 setattr(self, name, [col[i] for i in indices])
 
     def fill_reading_ids(self) -> None:
-        self.reading_id = [
-            reading_id(self.device_id, m, s, t)
-            for m, s, t in zip(self.metric, self.seq, self.device_time_us, strict=True)
-        ]
+        """Every sample's :func:`reading_id`, the same bytes hashed, built per series.
+
+        The per-sample work is one f-string and one BLAKE2b call; the device and metric part
+        of the material is formatted once per run of equal metrics, not once per sample.
+        """
+        blake2b = hashlib.blake2b
+        out: list[str] = []
+        for metric, start, stop in self.runs():
+            prefix = f"{self.device_id}\x1f{metric}\x1f"
+            out.extend(
+                [
+                    blake2b(f"{prefix}{s}\x1f{t}".encode(), digest_size=16).hexdigest()
+                    for s, t in zip(
+                        self.seq[start:stop], self.device_time_us[start:stop], strict=True
+                    )
+                ]
+            )
+        self.reading_id = out
+
+    def runs(self) -> list[tuple[str, int, int]]:
+        """``(metric, start, stop)`` of each run of consecutive samples of one metric.
+
+        Samples arrive series by series, so a batch has a handful of runs however many
+        samples it holds: per-run work replaces per-sample work (units, flags, templates).
+        """
+        out: list[tuple[str, int, int]] = []
+        start = 0
+        for metric, grp in itertools.groupby(self.metric):
+            stop = start + len(list(grp))
+            out.append((metric, start, stop))
+            start = stop
+        return out
+
+    def canonical_bytes_per_sample(self) -> list[bytes]:
+        """:func:`canonical_reading_bytes` of every sample, byte-identical, built per run.
+
+        ``json.dumps`` per reading costs more than everything else the sealer does per
+        sample; the document's fixed parts (device, metric, patient, unit) are formatted once
+        per run of equal (metric, unit) into a template and only the numbers and the reading
+        id are filled in per sample. tests/test_fast_paths.py checks the equality.
+        """
+        if self.patient_id is None:
+            raise ValueError("canonical_bytes_per_sample() needs a normalized batch (patient id)")
+        n = len(self)
+        if len(self.reading_id) != n:
+            raise ValueError("canonical_bytes_per_sample() needs reading ids")
+        dumps = json.dumps
+        dev = dumps(self.device_id).replace("%", "%%")
+        pat = dumps(self.patient_id).replace("%", "%%")
+        ids: Sequence[str] = self.reading_id
+        joined = "".join(ids)
+        if not (joined.isascii() and joined.isalnum()):  # ids needing JSON escapes: rare
+            ids = [dumps(r)[1:-1] for r in ids]
+        out: list[bytes] = []
+        start = 0
+        for (metric, unit), grp in itertools.groupby(zip(self.metric, self.unit, strict=True)):
+            stop = start + len(list(grp))
+            fmt = (
+                f'{{"device_id":{dev},"device_time_us":%d,"metric":'
+                f'{dumps(metric).replace("%", "%%")},"patient_id":{pat},"quality":%d,'
+                f'"reading_id":"%s","seq":%d,"unit":{dumps(unit).replace("%", "%%")},'
+                f'"value":%s}}'
+            )
+            values = _json_floats(self.value[start:stop])
+            out.extend(
+                [
+                    (fmt % row).encode()
+                    for row in zip(
+                        self.device_time_us[start:stop],
+                        self.quality[start:stop],
+                        ids[start:stop],
+                        self.seq[start:stop],
+                        values,
+                        strict=True,
+                    )
+                ]
+            )
+            start = stop
+        return out
 
     def readings(self) -> Iterator[Reading]:
         """One :class:`Reading` per sample; only for a normalized batch (ids, patient set)."""
@@ -210,22 +287,32 @@ class SampleBatch:
     # -- codec --------------------------------------------------------------------------
 
     def to_json_dict(self) -> dict[str, Any]:
+        """The wire document: one series per (metric, unit), samples in batch order.
+
+        Columns are sliced per run of equal (metric, unit), not appended sample by sample;
+        NaN values (Quality.INVALID) become null.
+        """
         series: dict[tuple[str, str], dict[str, list[Any]]] = {}
         with_ids = bool(self.reading_id)
-        for i in range(len(self)):
-            key = (self.metric[i], self.unit[i])
+        start = 0
+        for key, grp in itertools.groupby(zip(self.metric, self.unit, strict=True)):
+            stop = start + len(list(grp))
             s = series.get(key)
             if s is None:
                 s = series[key] = {"t": [], "seq": [], "v": [], "q": []}
                 if with_ids:
                     s["id"] = []
-            s["t"].append(self.device_time_us[i])
-            s["seq"].append(self.seq[i])
-            v = self.value[i]
-            s["v"].append(None if math.isnan(v) else v)
-            s["q"].append(self.quality[i])
+            s["t"] += self.device_time_us[start:stop]
+            s["seq"] += self.seq[start:stop]
+            values: list[Any] = self.value[start:stop]
+            total = sum(values)
+            if total != total:  # a NaN (or +inf and -inf) among them
+                values = [None if math.isnan(v) else v for v in values]
+            s["v"] += values
+            s["q"] += self.quality[start:stop]
             if with_ids:
-                s["id"].append(self.reading_id[i])
+                s["id"] += self.reading_id[start:stop]
+            start = stop
         doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, "device_id": self.device_id}
         for name, val in (
             ("patient_id", self.patient_id),
@@ -281,6 +368,9 @@ class SampleBatch:
         if not isinstance(series, list) or not series:
             raise WireFormatError("series missing or empty")
         any_ids = False
+        # No JSON true/false anywhere means no bool can hide among the integers, so the
+        # C-level array checks below are enough; otherwise every sample is checked.
+        fast = isinstance(data, bytes) and b"true" not in data and b"false" not in data
         for n, s in enumerate(series):
             if not isinstance(s, dict):
                 raise WireFormatError(f"series[{n}] is not an object")
@@ -303,19 +393,8 @@ class SampleBatch:
                 if not isinstance(ids, list) or len(ids) != count:
                     raise WireFormatError(f"series[{n}]: id differs in length")
                 any_ids = True
-            for i in range(count):
-                ti, si, vi, qi = t[i], seq[i], v[i], q[i]
-                if not _is_int(ti) or not _is_int(si) or not _is_int(qi):
-                    raise WireFormatError(f"series[{n}][{i}]: t, seq and q must be integers")
-                if vi is None:
-                    fv, qi = math.nan, qi | Quality.INVALID
-                elif isinstance(vi, int | float) and not isinstance(vi, bool):
-                    fv = float(vi)
-                else:
-                    raise WireFormatError(f"series[{n}][{i}]: value {vi!r} is not a number")
-                b.add(metric, unit, ti, si, fv, int(qi))
-                if ids is not None:
-                    b.reading_id.append(str(ids[i]))
+            if not (fast and _append_series(b, metric, unit, t, seq, v, q, ids)):
+                _append_series_checked(b, n, metric, unit, t, seq, v, q, ids)
         if any_ids and len(b.reading_id) != len(b):
             raise WireFormatError("reading ids given for some series only")
         return b
@@ -323,6 +402,96 @@ class SampleBatch:
 
 _METRICS = frozenset(m.value for m in Metric)
 _SAMPLE_COLUMNS = ("metric", "unit", "device_time_us", "seq", "value", "quality", "reading_id")
+
+
+def _append_series(
+    b: SampleBatch,
+    metric: str,
+    unit: str,
+    t: list[Any],
+    seq: list[Any],
+    v: list[Any],
+    q: list[Any],
+    ids: list[Any] | None,
+) -> bool:
+    """Append one series with C-level checks; ``False`` (nothing appended) if one fails.
+
+    ``array('q', ...)`` refuses floats, strings and None, ``array('d', ...)`` refuses None
+    and strings, each in one C loop instead of a Python test per sample (bools are ruled out
+    by the caller). Whatever fails here, including a None value (a device's special value,
+    which the careful path flags), goes through :func:`_append_series_checked`.
+    """
+    try:
+        array("q", t)
+        array("q", seq)
+        array("q", q)
+        values = array("d", v).tolist()
+    except (TypeError, OverflowError):
+        return False
+    count = len(v)
+    b.metric.extend([metric] * count)
+    b.unit.extend([unit] * count)
+    b.device_time_us.extend(t)
+    b.seq.extend(seq)
+    b.value.extend(values)
+    b.quality.extend(q)
+    if ids is not None:
+        try:
+            "".join(ids)  # TypeError unless every id is a string
+            b.reading_id.extend(ids)
+        except TypeError:
+            b.reading_id.extend(map(str, ids))
+    return True
+
+
+def _append_series_checked(
+    b: SampleBatch,
+    n: int,
+    metric: str,
+    unit: str,
+    t: list[Any],
+    seq: list[Any],
+    v: list[Any],
+    q: list[Any],
+    ids: list[Any] | None,
+) -> None:
+    """Sample by sample: says which sample is wrong, flags None values INVALID."""
+    for i in range(len(v)):
+        ti, si, vi, qi = t[i], seq[i], v[i], q[i]
+        if not _is_int(ti) or not _is_int(si) or not _is_int(qi):
+            raise WireFormatError(f"series[{n}][{i}]: t, seq and q must be integers")
+        if vi is None:
+            fv, qi = math.nan, qi | Quality.INVALID
+        elif isinstance(vi, int | float) and not isinstance(vi, bool):
+            fv = float(vi)
+        else:
+            raise WireFormatError(f"series[{n}][{i}]: value {vi!r} is not a number")
+        b.add(metric, unit, ti, si, fv, int(qi))
+        if ids is not None:
+            b.reading_id.append(str(ids[i]))
+
+
+def _json_floats(values: Sequence[float | None]) -> list[str]:
+    """How ``json.dumps(float(v), allow_nan=False)`` spells each value, NaN and None as null.
+
+    ``float.__repr__`` is what the json encoder writes for a finite float; mapping it over
+    the list runs in C, and one substring test over the joined result finds the rare NaN or
+    infinity ("nan", "inf": finite reprs never contain an "n").
+    """
+    try:
+        out = list(map(float.__repr__, map(float, values)))  # type: ignore[arg-type]
+    except TypeError:  # None among the values
+        out = ["nan" if v is None else float.__repr__(float(v)) for v in values]
+    if "n" in "".join(out):
+        fixed: list[str] = []
+        for r in out:
+            if r == "nan":
+                r = "null"
+            elif r.endswith("inf"):
+                raise ValueError(f"Out of range float values are not JSON compliant: {r}")
+            fixed.append(r)
+        out = fixed
+    return out
 
 
 def _is_int(x: object) -> bool:
