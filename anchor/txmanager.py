@@ -43,6 +43,7 @@ from web3.exceptions import TransactionNotFound, Web3Exception
 
 from anchor.chain import AnchorReceipt, AnchorRejected, Chain, Fees, compute_fees
 from anchor.errors import AnchorError
+from vitalproof.crashpoints import crashpoint
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class TxManager:
         """Sign, persist, then broadcast an anchor; returns its outbox entry (PENDING or
         later). Call :meth:`poll` to follow it to FINAL."""
         entry = self.prepare(root, tree_size)
+        crashpoint("anchor_after_sign")  # tests: kill -9 between the fsync'd sign and the send
         if entry.state is TxState.PENDING:
             self._broadcast(entry.id, self._attempt(entry.tx_hash))
         return self.get(entry.id)

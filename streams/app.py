@@ -15,9 +15,9 @@ from typing import Any, cast
 import faust
 
 from streams.batcher import Pending, Sealer
-from streams.crashpoints import crashpoint
 from streams.keystore import LocalKeystore
 from streams.normalize import RecentIds, Rejection, normalize
+from vitalproof.crashpoints import crashpoint
 from vitalproof.errors import WireFormatError
 from vitalproof.manifest import BatchManifest
 from vitalproof.raw import RawRecord

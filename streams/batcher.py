@@ -22,8 +22,8 @@ from anchor.errors import MerkleError
 from anchor.merkle import LEAF_PREFIX, SALT_SIZE
 from anchor.merkle import root as merkle_root
 from streams import lake
-from streams.crashpoints import crashpoint
 from streams.keystore import Kms
+from vitalproof.crashpoints import crashpoint
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch
 

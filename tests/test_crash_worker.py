@@ -2,7 +2,7 @@
 accepted reading is in exactly one sealed batch, every rejected one in the DLQ.
 
 The worker is a real subprocess on the real Kafka. ``VITALPROOF_CRASH_AT=<point>:<n>`` makes
-it SIGKILL itself at the n-th pass through a step boundary (see :mod:`streams.crashpoints`);
+it SIGKILL itself at the n-th pass through a step boundary (see :mod:`vitalproof.crashpoints`);
 the last test kills it from outside at a random moment while the fleet is still publishing.
 After the restart (without the variable) the test waits until the worker has consumed and
 committed everything, then checks the lake, the manifests, ``vitals.batches`` and the DLQ.
@@ -31,7 +31,7 @@ from device_sims.fleet import Fleet, FleetReport
 from device_sims.record import payload_digest, read_records, sent_reading_ids
 from ingest.mqtt import MqttCollector, MqttCredentials
 from streams import lake
-from streams.crashpoints import ENV_VAR, MARKER
+from vitalproof.crashpoints import ENV_VAR, MARKER
 from streams.keystore import LocalKeystore
 from tests.test_pipeline import enroll, stop
 from vitalproof.manifest import BatchManifest
