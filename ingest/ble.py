@@ -87,7 +87,16 @@ from ingest.buffer import DiskBuffer
 from ingest.gatt import GattError, GlucoseMeasurement, decode
 from ingest.gatt.parsers import full_uuid
 from ingest.kafka_sink import durable_producer
-from vitalproof.raw import H_DEVICE, H_GATEWAY, H_RECEIVED, H_SOURCE, H_TRANSPORT, RawRecord
+from vitalproof.raw import (
+    H_DEVICE,
+    H_DLQ_REASON,
+    H_DLQ_STAGE,
+    H_GATEWAY,
+    H_RECEIVED,
+    H_SOURCE,
+    H_TRANSPORT,
+    RawRecord,
+)
 from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch, Transport
 from vitalproof.settings import Settings
 from vitalproof.units import Metric
@@ -152,8 +161,6 @@ RACP_FILTER_SEQUENCE_NUMBER = 0x01
 RACP_SUCCESS = 0x01
 RACP_NO_RECORDS = 0x06
 
-H_DLQ_REASON = "dlq-reason"
-H_DLQ_STAGE = "dlq-stage"
 DLQ_STAGE = "ble"
 
 SEQ_BLOCK = 1024

@@ -20,16 +20,12 @@ from streams.normalize import RecentIds, Rejection, normalize
 from vitalproof.crashpoints import crashpoint
 from vitalproof.errors import WireFormatError
 from vitalproof.manifest import BatchManifest
-from vitalproof.raw import RawRecord
+from vitalproof.raw import H_DLQ_ORIGIN, H_DLQ_REASON, H_DLQ_STAGE, RawRecord
 from vitalproof.registry import Registry
 from vitalproof.schema import SampleBatch
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
-
-H_DLQ_REASON = "dlq-reason"
-H_DLQ_STAGE = "dlq-stage"
-H_DLQ_ORIGIN = "dlq-origin"  # topic/partition/offset of the rejected record
 
 
 def dlq_headers(
@@ -57,6 +53,10 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         broker_commit_interval=1.0,
+        # A worker killed with -9 keeps its partitions until the group notices: 10 s, not
+        # Faust's 60 s, before a restarted or surviving worker takes over.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=False,

@@ -57,14 +57,41 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class Sealer:
-    def __init__(self, lake_root: Path, kms: Kms) -> None:
+    def __init__(self, lake_root: Path, kms: Kms, *, recent_ids: int = 300_000) -> None:
         self.lake_root = lake_root
         self.kms = kms
         self.batches_dir = lake_root / BATCHES_DIR
         self.batches_dir.mkdir(parents=True, exist_ok=True)
         self._high_water: dict[tuple[str, int], int] = {}
-        for manifest in self.manifests():
+        manifests = self.manifests()
+        for manifest in manifests:
             self._advance(manifest.covers)
+        self.recent = RecentlySealed(recent_ids)
+        self.replayed = 0
+        """Readings dropped because a recent batch had sealed them already."""
+        self._load_recent(manifests)
+
+    def _load_recent(self, manifests: Sequence[BatchManifest]) -> None:
+        """Remember the reading ids of the newest batches, so a replay cannot seal them twice.
+
+        A worker killed after producing to ``vitals.clean`` but before committing its
+        ``vitals.raw`` offsets normalizes those records again after the restart; normalize's
+        own memory of recent ids died with it, so the copies reach the sealer in a *later*
+        batch. Files of erased patients cannot be read and are skipped (nothing of theirs can
+        be resealed under their old keys anyway).
+        """
+        for manifest in sorted(manifests, key=lambda m: m.sealed_at_us, reverse=True):
+            if self.recent.full:
+                break
+            ids: list[str] = []
+            for f in manifest.files:
+                try:
+                    ids.extend(
+                        lake.read_reading_ids(self.lake_root, f.path, self.kms, f.patient_id)
+                    )
+                except lake.LakeError:
+                    continue
+            self.recent.add_oldest(ids)
 
     # -- ledger -------------------------------------------------------------------------
 
@@ -106,7 +133,7 @@ class Sealer:
             return manifest
 
         crashpoint("before_files")
-        by_patient = group_by_patient([p.batch for p in fresh])
+        by_patient = group_by_patient([p.batch for p in fresh], already=self.recent)
         leaves: list[bytes] = []
         files: list[BatchFile] = []
         first_t, last_t = 2**63, -(2**63)
@@ -138,6 +165,8 @@ class Sealer:
                     )
                 )
         crashpoint("after_files")
+        if not leaves:  # every reading was a replay of an earlier batch
+            return None
         root = merkle_root(leaves)
         leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
         write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
@@ -157,6 +186,9 @@ class Sealer:
         write_atomic(manifest_path, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)
+        for patient_batches in by_patient.values():
+            for b in patient_batches:
+                self.recent.add(b.reading_id)
         return manifest
 
 
@@ -172,8 +204,40 @@ def _covers(items: Sequence[Pending]) -> list[OffsetRange]:
     ]
 
 
-def group_by_patient(batches: Sequence[SampleBatch]) -> dict[str, list[SampleBatch]]:
-    """Deduplicate by reading id (first wins) and group by patient, patients sorted.
+class RecentlySealed:
+    """A bounded memory of reading ids sealed lately (oldest forgotten first)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: dict[str, None] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self._ids) >= self.capacity
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._ids
+
+    def isdisjoint(self, ids: set[str]) -> bool:
+        return self._ids.keys().isdisjoint(ids)
+
+    def add(self, ids: Sequence[str]) -> None:
+        self._ids.update(dict.fromkeys(ids))
+        while len(self._ids) > self.capacity:
+            del self._ids[next(iter(self._ids))]
+
+    def add_oldest(self, ids: Sequence[str]) -> None:
+        """Add ids older than everything held (loading newest batches first)."""
+        room = self.capacity - len(self._ids)
+        if room > 0:
+            self._ids = dict.fromkeys(ids[-room:]) | self._ids
+
+
+def group_by_patient(
+    batches: Sequence[SampleBatch], *, already: RecentlySealed | None = None
+) -> dict[str, list[SampleBatch]]:
+    """Deduplicate by reading id (first wins, and never one sealed ``already``) and group by
+    patient, patients sorted.
 
     The order fixes each reading's leaf index: patients in sorted order, then arrival order,
     so the same records always give the same tree.
@@ -185,12 +249,16 @@ def group_by_patient(batches: Sequence[SampleBatch]) -> dict[str, list[SampleBat
             raise ValueError(f"batch from {b.device_id} is not normalized (no patient id)")
         ids = b.reading_id
         unique = set(ids)
-        if len(unique) == len(ids) and seen.isdisjoint(unique):  # no duplicate: the norm
+        if (
+            len(unique) == len(ids)
+            and seen.isdisjoint(unique)
+            and (already is None or already.isdisjoint(unique))
+        ):  # no duplicate: the norm
             seen |= unique
         else:
             keep = []
             for i, rid in enumerate(ids):
-                if rid not in seen:
+                if rid not in seen and (already is None or rid not in already):
                     seen.add(rid)
                     keep.append(i)
             if len(keep) != len(b):

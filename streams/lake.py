@@ -697,6 +697,20 @@ def _read_file(
         raise LakeError(f"cannot read {path}: {e}") from None
 
 
+def read_reading_ids(
+    root: str | Path,
+    path: str,
+    kms: Kms,
+    patient_id: str,
+    *,
+    fs: pafs.FileSystem | None = None,
+) -> list[str]:
+    """The reading ids (hex) of one file, decrypting only that column."""
+    fs, base = resolve_fs(root, fs)
+    table = _read_file(fs, f"{base}/{path}", kms, patient_id, columns=["reading_id"])
+    return hex_ids(table["reading_id"]).to_pylist()
+
+
 def read_patient(
     root: str | Path,
     patient_id: str,

@@ -31,9 +31,9 @@ from device_sims.fleet import Fleet, FleetReport
 from device_sims.record import payload_digest, read_records, sent_reading_ids
 from ingest.mqtt import MqttCollector, MqttCredentials
 from streams import lake
-from vitalproof.crashpoints import ENV_VAR, MARKER
 from streams.keystore import LocalKeystore
 from tests.test_pipeline import enroll, stop
+from vitalproof.crashpoints import ENV_VAR, MARKER
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
 from vitalproof.stack import collector_credentials
@@ -42,12 +42,6 @@ pytestmark = pytest.mark.integration
 
 #: ``<point>:<n>``: the second batch dies at the point, so one batch sealed before the crash.
 #: ``after_normalize:10`` dies mid-normalize, before any raw offset was committed.
-_REPLAY = pytest.mark.xfail(
-    reason="bug: normalize replays uncommitted vitals.raw after a crash and its dedupe memory is "
-    "gone, so vitals.clean holds the readings twice; the sealer dedupes only within a batch "
-    "and seals the copies again in a later batch",
-    strict=False,
-)
 CRASH_POINTS = [
     "before_files:2",
     "after_files:2",
@@ -55,7 +49,7 @@ CRASH_POINTS = [
     "after_manifest:2",
     "after_produce:2",
     "after_ack:2",
-    pytest.param("after_normalize:10", marks=_REPLAY),
+    "after_normalize:10",
 ]
 FAULTS = "dup=0.05,malformed=0.05"
 
@@ -356,7 +350,6 @@ def test_worker_killed_at_a_step_boundary_loses_and_duplicates_nothing(
     check_invariant(settings, record, view)
 
 
-@_REPLAY  # the kill often lands between normalize's produce and its offset commit
 def test_worker_sigkilled_at_a_random_moment_mid_stream(
     kafka_topics: Settings, tmp_path: Path
 ) -> None:

@@ -18,6 +18,11 @@ H_GATEWAY = "gateway-id"
 H_RECEIVED = "received-us"
 H_SOURCE = "source"  # MQTT topic or GATT characteristic UUID
 
+# Added to a record when it is rejected to vitals.dlq (the original headers and bytes stay).
+H_DLQ_REASON = "dlq-reason"
+H_DLQ_STAGE = "dlq-stage"  # normalize | seal | ble
+H_DLQ_ORIGIN = "dlq-origin"  # topic/partition/offset of the rejected record, when it had one
+
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
