@@ -92,16 +92,41 @@ class AnchorJob:
             await consumer.commit()  # only after the log appends are fsync'd
         return added
 
-    def poll_manifests(self, *, timeout_s: float = 5.0) -> int:
-        """Read what ``vitals.batches`` holds now (used by `anchor run --once`)."""
+    def poll_manifests(self, *, timeout_s: float = 60.0) -> int:
+        """Read everything ``vitals.batches`` holds now (used by `anchor run --once`).
+
+        "Now" is the partitions' end offsets once this consumer has its assignment: waiting
+        for an empty poll instead would stop early on a fresh cluster, where the first group
+        join alone can take seconds.
+        """
 
         async def go() -> int:
             consumer = self._consumer()
             await consumer.start()
             try:
+                deadline = time.monotonic() + timeout_s
                 total = 0
-                while (n := await self._consume_for(consumer, timeout_s)) > 0:
-                    total += n
+                while not consumer.assignment():
+                    if time.monotonic() > deadline:
+                        raise AnchorError(
+                            f"no partition of {self.settings.topic_batches} assigned "
+                            f"within {timeout_s:g} s"
+                        )
+                    total += await self._consume_for(consumer, 0.2)
+                ends = await consumer.end_offsets(list(consumer.assignment()))
+
+                async def behind() -> bool:
+                    for tp, end in ends.items():
+                        if await consumer.position(tp) < end:
+                            return True
+                    return False
+
+                while await behind():
+                    if time.monotonic() > deadline:
+                        raise AnchorError(
+                            f"could not read {self.settings.topic_batches} to its end"
+                        )
+                    total += await self._consume_for(consumer, 0.5)
                 return total
             finally:
                 await consumer.stop()

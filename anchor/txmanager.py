@@ -367,6 +367,10 @@ class TxManager:
 
         mined_nonce = int(w3.eth.get_transaction_count(self.chain.account.address, "latest"))
         if mined_nonce > entry.nonce:
+            if self._find_receipt(entry.id) is not None:
+                # Ours was mined between the receipt lookup above and the nonce query.
+                self._advance(entry)
+                return
             # Our nonce was used by a transaction that is none of ours: sign afresh.
             self._reanchor(entry)
             return

@@ -17,6 +17,7 @@ import faust
 from streams.batcher import Pending, Sealer
 from streams.keystore import LocalKeystore
 from streams.normalize import RecentIds, Rejection, normalize
+from streams.sequence import SequenceTracker
 from vitalproof.crashpoints import crashpoint
 from vitalproof.errors import WireFormatError
 from vitalproof.manifest import BatchManifest
@@ -65,11 +66,13 @@ def create_app(settings: Settings) -> faust.App:
     clean_topic = app.topic(settings.topic_clean, value_serializer="raw", key_serializer="raw")
     dlq_topic = app.topic(settings.topic_dlq, value_serializer="raw", key_serializer="raw")
     batches_topic = app.topic(settings.topic_batches, value_serializer="raw", key_serializer="raw")
+    events_topic = app.topic(settings.topic_events, value_serializer="raw", key_serializer="raw")
 
     @app.agent(raw_topic)
     async def normalize_agent(stream: faust.StreamT[Any]) -> None:
         registry = Registry(settings.registry_path)
         recent = RecentIds()
+        sequences = SequenceTracker()
         async for event in stream.events():
             msg = event.message
             raw = RawRecord.from_kafka(event.value or b"", _headers(event))
@@ -87,6 +90,18 @@ def create_app(settings: Settings) -> faust.App:
                 )
                 continue
             recent.drop_seen(result)
+            for seq_event in sequences.observe(result):
+                await events_topic.send(key=raw.device_id.encode(), value=seq_event.to_json())
+                log.info(
+                    "%s on %s: seq %d after %d (gaps %d, missing %d, resets %d so far)",
+                    seq_event.kind,
+                    seq_event.device_id,
+                    seq_event.seq,
+                    seq_event.last_seq,
+                    sequences.gaps,
+                    sequences.missing,
+                    sequences.resets,
+                )
             if len(result):
                 assert result.patient_id is not None
                 await clean_topic.send(key=result.patient_id.encode(), value=result.to_json())

@@ -197,3 +197,59 @@ def test_collector_fails_loudly_without_a_broker(settings: Settings) -> None:
     collector = MqttCollector(dead, MqttCredentials("collector", "x"))
     with pytest.raises(CollectorError, match=f"cannot reach MQTT broker 127.0.0.1:{port}"):
         asyncio.run(collector.run(duration_s=5))
+
+
+def test_dropped_messages_become_gap_events(kafka_topics: Settings, tmp_path: Path) -> None:
+    """Messages the device numbered but never delivered show up on vitals.events as gaps."""
+    settings = kafka_topics.model_copy(update={"batch_max_age_s": 1.0})
+    creds = enroll(settings, 4, prefix="gapdev")
+    record = tmp_path / "truth.jsonl"
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+
+        async def go() -> list[dict[str, object]]:
+            user, password = collector_credentials(settings)
+            collector = MqttCollector(settings, MqttCredentials(user, password))
+            stop_event = asyncio.Event()
+            task = asyncio.create_task(collector.run(stop=stop_event))
+            await asyncio.wait_for(collector.subscribed.wait(), 30)
+            fleet = Fleet(
+                creds,
+                settings.mqtt_host,
+                settings.mqtt_port,
+                rate_hz=2.0,
+                duration_s=4.0,
+                faults="drop=0.3",
+                record_path=record,
+                seed=11,
+            )
+            await fleet.run()
+            await wait_sealed(settings, sent_reading_ids(record), within_s=90)
+            stop_event.set()
+            await task
+            consumer = AIOKafkaConsumer(
+                settings.topic_events,
+                bootstrap_servers=settings.kafka_bootstrap,
+                auto_offset_reset="earliest",
+                group_id=None,
+            )
+            await consumer.start()
+            out: list[dict[str, object]] = []
+            try:
+                while batches := await consumer.getmany(timeout_ms=2000):
+                    for records in batches.values():
+                        out.extend(json.loads(r.value or b"{}") for r in records)
+            finally:
+                await consumer.stop()
+            return out
+
+        events = asyncio.run(go())
+    finally:
+        stop(worker)
+    drops = [r for r in read_records(record) if r["kind"] == "drop"]
+    assert drops, "the fault spec should have dropped messages"
+    lost = sum(len(r["reading_ids"]) for r in drops)
+    gaps = [e for e in events if e["kind"] == "gap"]
+    assert gaps, "no gap event for dropped messages"
+    assert {e["device_id"] for e in gaps} <= {d for d, _ in creds}
+    assert 0 < sum(int(e["missing"]) for e in gaps) <= lost  # type: ignore[call-overload]

@@ -161,7 +161,7 @@ def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
     job = AnchorJob.from_settings(settings)
     try:
         if args.once:
-            job.poll_manifests(timeout_s=5.0)
+            job.poll_manifests()
             receipt = job.anchor_once()
             _print_json(receipt.to_json_dict() if receipt else None)
             return 0

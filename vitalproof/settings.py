@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         return self.topic("vitals.batches")
 
     @property
+    def topic_events(self) -> str:
+        """Sequence gaps and device resets found by normalization."""
+        return self.topic("vitals.events")
+
+    @property
     def stack_dir(self) -> Path:
         return self.home / "stack"
 
