@@ -340,7 +340,7 @@ def measure(args: argparse.Namespace, settings: Settings, registry: object, ensu
     )
     for d in sorted({m.device_id for m in msgs}):
         registry.enroll(d, f"pt-{d[4:]}")
-    topics = [settings.topic_raw, settings.topic_clean, settings.topic_dlq, settings.topic_batches]
+    topics = settings.pipeline_topics
     ensure(settings, topics, settings.partitions)
     took = asyncio.run(prefill(settings, msgs))
     console.print(

@@ -133,11 +133,7 @@ def anvil_settings(settings: Settings, anvil_rpc_url: str) -> Settings:
 @pytest.fixture
 def kafka_topics(settings: Settings) -> Settings:
     """``settings`` whose raw/clean/dlq/batches topics exist with leaders elected."""
-    ensure_topics(
-        settings,
-        [settings.topic_raw, settings.topic_clean, settings.topic_dlq, settings.topic_batches],
-        settings.partitions,
-    )
+    ensure_topics(settings, settings.pipeline_topics, settings.partitions)
     return settings
 
 

@@ -40,8 +40,7 @@ def anchor_once(
 
 def test_kill_between_sign_and_send_sends_the_nonce_once(anvil_settings: Settings) -> None:
     settings = anvil_settings
-    topics = [settings.topic_raw, settings.topic_clean, settings.topic_dlq, settings.topic_batches]
-    ensure_topics(settings, topics, settings.partitions)
+    ensure_topics(settings, settings.pipeline_topics, settings.partitions)
     manifests = _sealed_batches(settings, 3, 2)
 
     async def produce() -> None:

@@ -134,9 +134,7 @@ def run_demo(
     summary.namespace = rs.namespace
     worker: subprocess.Popen[bytes] | None = None
     try:
-        ensure_topics(
-            rs, [rs.topic_raw, rs.topic_clean, rs.topic_dlq, rs.topic_batches], rs.partitions
-        )
+        ensure_topics(rs, rs.pipeline_topics, rs.partitions)
         creds = _enroll(rs, [f"dv-{run_id}-{i:04d}" for i in range(devices)])
         worker = _start_worker(rs, rs.home / "logs" / f"worker-{rs.namespace}.log")
         asyncio.run(_run(rs, creds, duration_s, summary, console, worker))

@@ -91,6 +91,17 @@ class Settings(BaseSettings):
         return self.topic("vitals.events")
 
     @property
+    def pipeline_topics(self) -> list[str]:
+        """Every topic the pipeline uses, for whoever creates them up front."""
+        return [
+            self.topic_raw,
+            self.topic_clean,
+            self.topic_dlq,
+            self.topic_batches,
+            self.topic_events,
+        ]
+
+    @property
     def stack_dir(self) -> Path:
         return self.home / "stack"
 
