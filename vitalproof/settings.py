@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ChainKind = Literal["embedded", "anvil", "rpc"]
@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         default=5.0, description="... or when its first message is this old"
     )
     anchor_period_s: float = 10.0
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # The daemons we start run in their own folders; a relative state path would point
+        # somewhere else for them.
+        return home.expanduser().resolve()
 
     @property
     def kafka_port(self) -> int:
