@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +210,7 @@ class RecentlySealed:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._ids: dict[str, None] = {}
+        self._ids: OrderedDict[str, None] = OrderedDict()
 
     @property
     def full(self) -> bool:
@@ -219,18 +220,23 @@ class RecentlySealed:
         return rid in self._ids
 
     def isdisjoint(self, ids: set[str]) -> bool:
-        return self._ids.keys().isdisjoint(ids)
+        # Iterate over the (small) candidate set, never over the memory.
+        return not any(map(self._ids.__contains__, ids))
 
     def add(self, ids: Sequence[str]) -> None:
-        self._ids.update(dict.fromkeys(ids))
-        while len(self._ids) > self.capacity:
-            del self._ids[next(iter(self._ids))]
+        held = self._ids
+        for rid in ids:
+            held[rid] = None
+        while len(held) > self.capacity:
+            held.popitem(last=False)
 
     def add_oldest(self, ids: Sequence[str]) -> None:
         """Add ids older than everything held (loading newest batches first)."""
         room = self.capacity - len(self._ids)
         if room > 0:
-            self._ids = dict.fromkeys(ids[-room:]) | self._ids
+            older = OrderedDict.fromkeys(ids[-room:])
+            older.update(self._ids)
+            self._ids = older
 
 
 def group_by_patient(

@@ -195,3 +195,14 @@ def test_salts_deterministic_per_patient_and_differ_across_patients(
     assert first == LocalKeystore(keys).salts("p-a", ids)
     other = ks.salts("p-b", ids)
     assert all(x != y for x, y in zip(first, other, strict=True))
+
+
+@given(st.binary(min_size=0, max_size=100), st.lists(st.text(max_size=40), max_size=20))
+def test_salts_equal_the_standard_hmac(key: bytes, ids: list[str]) -> None:
+    import hashlib
+    import hmac
+
+    from streams.keystore import salts_for
+
+    want = [hmac.new(key, rid.encode(), hashlib.sha256).digest() for rid in ids]
+    assert salts_for(key, ids) == want
