@@ -88,7 +88,11 @@ class MqttCollector:
         self._producer = producer
         self._on_forwarded = on_forwarded
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: asyncio.Queue[tuple[int, str, bytes, str, int]] = asyncio.Queue()
+        # paho's thread appends, the loop drains; the loop is woken once per burst, not once
+        # per message (a self-pipe write each), which is what capped the collector.
+        self._inbox: deque[tuple[int, str, bytes, str, int]] = deque()
+        self._wake = asyncio.Event()
+        self._wake_scheduled = False
         self._pending: deque[tuple[int, asyncio.Future[object]]] = deque()
         self._connected = asyncio.Event()
         self.subscribed = asyncio.Event()
@@ -162,7 +166,10 @@ class MqttCollector:
         assert self._loop is not None
         content_type = getattr(msg.properties, "ContentType", "") if msg.properties else ""
         item = (msg.mid, msg.topic, bytes(msg.payload), content_type or "", time.time_ns() // 1000)
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
+        self._inbox.append(item)
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     # -- asyncio side -------------------------------------------------------------------
 
@@ -211,15 +218,16 @@ class MqttCollector:
                 if remaining is not None and remaining <= 0:
                     break
                 wait = 0.2 if remaining is None else min(0.2, remaining)
-                if self._inbox.empty():
-                    try:
-                        item = await asyncio.wait_for(self._inbox.get(), wait)
-                    except TimeoutError:
-                        self._ack_ready()
-                        continue
-                    await self._forward(producer, item)
-                while not self._inbox.empty():
-                    await self._forward(producer, self._inbox.get_nowait())
+                if not self._inbox:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                # Clear before draining: whatever paho appends from here on is either
+                # drained below or schedules a new wake-up.
+                self._wake.clear()
+                self._wake_scheduled = False
+                inbox = self._inbox
+                while inbox:
+                    await self._forward(producer, inbox.popleft())
                 self._ack_ready()
             await self._drain()
         finally:
