@@ -200,6 +200,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         duration_s=args.duration,
         chain=args.chain,
         json_mode=args.json,
+        faults=args.faults,
     )
     if args.json:
         _print_json(summary.to_json_dict())
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--duration", type=float, default=60.0)
     dm.add_argument("--chain", choices=["embedded", "anvil"], default="embedded")
     dm.add_argument("--json", action="store_true", help="last line of stdout: the summary")
+    dm.add_argument(
+        "--faults", default="", help="fleet faults, e.g. dup=0.01,reorder=0.01,malformed=0.001"
+    )
     dm.set_defaults(handler=cmd_demo)
 
     pr = sub.add_parser("proof", help="proof bundles")

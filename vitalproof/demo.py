@@ -38,6 +38,9 @@ class DemoSummary:
     messages_sent: int = 0
     messages_acked: int = 0
     readings_sent: int = 0
+    faults: str = ""
+    malformed_sent: int = 0
+    duplicates_sent: int = 0
     readings_in_kafka: int = 0
     readings_sealed: int = 0
     missing: int = 0
@@ -59,6 +62,7 @@ class DemoSummary:
             and self.readings_sealed >= self.readings_sent
             and self.proofs_verified >= 1
             and self.proofs_failed == 0
+            and self.dlq == self.malformed_sent
             and not self.errors
         )
 
@@ -110,6 +114,7 @@ def run_demo(
     duration_s: float = 60.0,
     chain: str = "embedded",
     json_mode: bool = False,
+    faults: str = "",
 ) -> DemoSummary:
     from vitalproof.stack import StackManager, ensure_topics
 
@@ -125,12 +130,14 @@ def run_demo(
     rs = base.model_copy(
         update={
             "topic_prefix": f"demo-{run_id}.",
-            "batch_max_age_s": min(base.batch_max_age_s, 3.0),
+            # Short batches show the pipeline moving; large fleets get longer ones so that a
+            # batch does not become a thousand tiny per-patient files every few seconds.
+            "batch_max_age_s": max(min(base.batch_max_age_s, 3.0), devices / 50),
             "anchor_period_s": min(base.anchor_period_s, max(5.0, duration_s / 4)),
             "rpc_url": manager.rpc_url if chain == "anvil" else base.rpc_url,
         }
     )
-    summary = DemoSummary(chain=chain, devices=devices, duration_s=duration_s)
+    summary = DemoSummary(chain=chain, devices=devices, duration_s=duration_s, faults=faults)
     summary.namespace = rs.namespace
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -207,6 +214,7 @@ async def _run(
             record_path=record,
             on_progress=on_progress,
             seed=random.randrange(2**31),
+            faults=summary.faults or None,
         )
         report = await fleet.run()
         progress.update(
@@ -214,22 +222,31 @@ async def _run(
         )
         summary.messages_sent = report.messages_sent
         summary.messages_acked = report.messages_acked
+        summary.malformed_sent = report.malformed_sent
+        summary.duplicates_sent = report.duplicates_sent
         summary.errors.extend(report.errors[:5])
         sent_ids = _ids_from_record(record)
         summary.readings_sent = len(sent_ids)
 
-        deadline = time.monotonic() + 60 + 3 * rs.batch_max_age_s
-        sealed_rows = 0
+        # Wait while sealing makes progress: give up only after a minute without any (a
+        # large fleet leaves a backlog that the worker seals after the fleet has stopped).
+        stall_s = 60 + 3 * rs.batch_max_age_s
+        stalled_at = time.monotonic() + stall_s
+        sealed_rows = last_rows = 0
         progress.update(seal_task, total=len(sent_ids))
-        while time.monotonic() < deadline:
+        while time.monotonic() < stalled_at:
             sealed_rows = view.sealed_rows()
             progress.update(seal_task, completed=sealed_rows, detail=f"{sealed_rows} rows")
             if sealed_rows >= len(sent_ids):
                 break
+            if sealed_rows > last_rows:
+                last_rows, stalled_at = sealed_rows, time.monotonic() + stall_s
             if worker.poll() is not None:
                 summary.errors.append(f"worker exited with {worker.returncode}")
                 break
             await asyncio.sleep(0.5)
+        else:
+            summary.errors.append(f"sealing made no progress for {stall_s:g} s")
         stop_collector.set()
         stop_anchor.set()
         await collector_task
@@ -240,6 +257,10 @@ async def _run(
 
     summary.readings_in_kafka = await _count_clean_readings(rs)
     summary.dlq = await _count_records(rs, rs.topic_dlq)
+    dlq_deadline = time.monotonic() + 30
+    while summary.dlq < summary.malformed_sent and time.monotonic() < dlq_deadline:
+        await asyncio.sleep(1.0)  # rejections at the tail of a partition may still be coming
+        summary.dlq = await _count_records(rs, rs.topic_dlq)
     sealed_ids = view.sealed_reading_ids()
     summary.readings_sealed = len(sealed_ids & sent_ids)
     summary.missing = len(sent_ids - sealed_ids)
@@ -315,7 +336,7 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
         ("readings in Kafka (vitals.clean)", s.readings_in_kafka),
         ("readings sealed (distinct ids)", s.readings_sealed),
         ("missing", s.missing),
-        ("DLQ records", s.dlq),
+        ("malformed sent / DLQ records", f"{s.malformed_sent} / {s.dlq}"),
         ("batches", s.batches),
         ("anchors", s.anchors),
         ("proofs verified / failed", f"{s.proofs_verified} / {s.proofs_failed}"),
