@@ -384,7 +384,8 @@ def test_worker_sigkilled_at_a_random_moment_mid_stream(
             return killed_at
 
         kill = asyncio.create_task(killer())
-        await feed(settings, creds, record, duration_s=8.0, seed=seed % 1000)
+        # Fixed fleet (its fault mix includes malformed payloads); the kill moment is random.
+        await feed(settings, creds, record, duration_s=8.0, seed=11)
         fleet_done = time.monotonic()
         killed_at = await kill
         want = sent_reading_ids(warmup) | sent_reading_ids(record)
