@@ -364,6 +364,7 @@ def encode_parquet(table: pa.Table, *, kms: Kms | None, key_id: str | None = Non
             encryption_algorithm="AES_GCM_V1",
         )
         props = factory.file_encryption_properties(_KMS_CONFIG, config)
+        factory.remove_cache_entries_for_all_tokens()  # see _read_file
     table = sort_for_file(table)
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(
@@ -689,12 +690,18 @@ def _read_file(
     props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
     try:
         with fs.open_input_file(path) as f:
-            return pq.read_table(f, columns=columns, decryption_properties=props)
+            # use_threads=False, and the factory's caches (which hold our Python KMS client)
+            # emptied at once: a KMS client left for C++ to release at interpreter exit
+            # occasionally aborted the process ("terminate called without an active
+            # exception") after all work was done.
+            return pq.read_table(f, columns=columns, decryption_properties=props, use_threads=False)
     except KeystoreError as e:
         key = _key_id_from_ref(bridge.keys_used[-1], patient_id) if bridge.keys_used else None
         raise LakeKeyUnavailable(path, key, e) from None
     except (OSError, pa.ArrowException) as e:
         raise LakeError(f"cannot read {path}: {e}") from None
+    finally:
+        factory.remove_cache_entries_for_all_tokens()
 
 
 def read_reading_ids(
