@@ -34,7 +34,6 @@ import os
 import pstats
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -283,24 +282,15 @@ async def prefill(settings: Settings, msgs: list[Message]) -> float:
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitalproof", "worker"],
-        cwd=ROOT,
-        env=os.environ | settings.to_env(),
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    from vitalproof import processes
+
+    return processes.start(settings, "worker", log=log)
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    from vitalproof import processes
+
+    processes.stop(proc)
 
 
 def run_e2e(args: argparse.Namespace) -> None:

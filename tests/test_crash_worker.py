@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ingest.mqtt import MqttCollector, MqttCredentials
 from streams import lake
 from streams.keystore import LocalKeystore
 from tests.test_pipeline import enroll, stop
+from vitalproof import processes
 from vitalproof.crashpoints import ENV_VAR, MARKER
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
@@ -62,19 +62,12 @@ def crash_settings(settings: Settings) -> Settings:
 def start_worker(
     settings: Settings, log: Path, crash_at: str | None = None
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR} | settings.to_env()
     # Faust's default 60 s session timeout keeps a kill -9'd member in the group for a minute,
     # and the restarted worker waits for it in the rebalance: correct, but too slow for CI.
-    env |= {"BROKER_SESSION_TIMEOUT": "6.0", "BROKER_HEARTBEAT_INTERVAL": "1.0"}
+    env = {"BROKER_SESSION_TIMEOUT": "6.0", "BROKER_HEARTBEAT_INTERVAL": "1.0"}
     if crash_at is not None:
         env[ENV_VAR] = crash_at
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitalproof", "worker"],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return processes.start(settings, "worker", log=log, env=env, drop_env=(ENV_VAR,))
 
 
 def log_tail(log: Path, lines: int = 30) -> str:

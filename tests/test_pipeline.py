@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from device_sims.record import read_records, sent_reading_ids
 from ingest.mqtt import CollectorError, MqttCollector, MqttCredentials
 from streams import lake
 from streams.keystore import LocalKeystore
+from vitalproof import processes
 from vitalproof.manifest import BatchManifest
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings
@@ -41,23 +39,10 @@ def enroll(settings: Settings, n: int, prefix: str = "dev") -> list[tuple[str, s
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitalproof", "worker"],
-        env=os.environ | settings.to_env(),
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return processes.start(settings, "worker", log=log)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+stop = processes.stop
 
 
 def sealed_ids(settings: Settings) -> list[str]:

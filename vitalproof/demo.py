@@ -10,12 +10,8 @@ its own; the stack is started if needed and stopped at the end only if the demo 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vitalproof import processes
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings
 
@@ -82,31 +79,6 @@ def _enroll(settings: Settings, device_ids: list[str]) -> list[tuple[str, str]]:
     return creds
 
 
-def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")  # noqa: SIM115 (handed to the child process)
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitalproof", "worker"],
-        env=os.environ | settings.to_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 def run_demo(
     settings: Settings,
     *,
@@ -143,11 +115,11 @@ def run_demo(
     try:
         ensure_topics(rs, rs.pipeline_topics, rs.partitions)
         creds = _enroll(rs, [f"dv-{run_id}-{i:04d}" for i in range(devices)])
-        worker = _start_worker(rs, rs.home / "logs" / f"worker-{rs.namespace}.log")
+        worker = processes.start(rs, "worker", log=rs.home / "logs" / f"worker-{rs.namespace}.log")
         asyncio.run(_run(rs, creds, duration_s, summary, console, worker))
     finally:
         if worker is not None:
-            _stop_worker(worker)
+            processes.stop(worker)
         if started_stack:
             manager.down()
     summary.elapsed_s = round(time.monotonic() - t0, 1)
