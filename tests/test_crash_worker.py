@@ -28,15 +28,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from anchor.merkle import root as merkle_root
 from device_sims.fleet import Fleet, FleetReport
 from device_sims.record import payload_digest, read_records, sent_reading_ids
-from ingest.mqtt import MqttCollector, MqttCredentials
 from streams import lake
 from streams.keystore import LocalKeystore
-from tests.test_pipeline import enroll, stop
+from tests.test_pipeline import collector_running, enroll, stop
 from vitalproof import processes
 from vitalproof.crashpoints import ENV_VAR, MARKER
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
-from vitalproof.stack import collector_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -96,29 +94,24 @@ async def feed(
     seed: int = 11,
 ) -> FleetReport:
     """Fleet -> in-process collector -> ``vitals.raw``; returns once every message is in Kafka."""
-    user, password = collector_credentials(settings)
-    collector = MqttCollector(settings, MqttCredentials(user, password))
-    stop_event = asyncio.Event()
-    task = asyncio.create_task(collector.run(stop=stop_event))
-    await asyncio.wait_for(collector.subscribed.wait(), 30)
-    fleet = Fleet(
-        creds,
-        settings.mqtt_host,
-        settings.mqtt_port,
-        rate_hz=devices_rate_hz,
-        duration_s=duration_s,
-        faults=FAULTS,
-        record_path=record,
-        seed=seed,
-    )
-    report = await fleet.run()
-    assert report.ok, report.errors
-    for _ in range(300):  # the broker acked every publish; the collector forwards them all
-        if collector.stats.acked >= report.messages_sent:
-            break
-        await asyncio.sleep(0.1)
-    stop_event.set()
-    stats = await task
+    async with collector_running(settings) as collector:
+        fleet = Fleet(
+            creds,
+            settings.mqtt_host,
+            settings.mqtt_port,
+            rate_hz=devices_rate_hz,
+            duration_s=duration_s,
+            faults=FAULTS,
+            record_path=record,
+            seed=seed,
+        )
+        report = await fleet.run()
+        assert report.ok, report.errors
+        for _ in range(300):  # the broker acked every publish; the collector forwards them all
+            if collector.stats.acked >= report.messages_sent:
+                break
+            await asyncio.sleep(0.1)
+    stats = collector.stats
     assert stats.acked == report.messages_sent, (
         f"collector acked {stats.acked} of {report.messages_sent} messages"
     )

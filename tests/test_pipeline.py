@@ -6,9 +6,11 @@ The Faust worker runs as a real subprocess (`vitalproof worker`), exactly as dep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,21 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 
 
 stop = processes.stop
+
+
+@contextlib.asynccontextmanager
+async def collector_running(settings: Settings) -> AsyncIterator[MqttCollector]:
+    """An in-process MQTT collector, subscribed before the body runs; stopped after it."""
+    user, password = collector_credentials(settings)
+    collector = MqttCollector(settings, MqttCredentials(user, password))
+    stop_event = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop=stop_event))
+    await asyncio.wait_for(collector.subscribed.wait(), 30)
+    try:
+        yield collector
+    finally:
+        stop_event.set()
+        await task
 
 
 def sealed_ids(settings: Settings) -> list[str]:
@@ -99,26 +116,21 @@ def test_fleet_to_sealed_lake_loses_nothing_and_dlqs_malformed(
     try:
 
         async def go() -> tuple[list[str], list[tuple[dict[str, bytes], bytes]]]:
-            user, password = collector_credentials(settings)
-            collector = MqttCollector(settings, MqttCredentials(user, password))
-            stop_event = asyncio.Event()
-            task = asyncio.create_task(collector.run(stop=stop_event))
-            await asyncio.wait_for(collector.subscribed.wait(), 30)
-            fleet = Fleet(
-                creds,
-                settings.mqtt_host,
-                settings.mqtt_port,
-                rate_hz=2.0,
-                duration_s=4.0,
-                faults="dup=0.1,reorder=0.1,malformed=0.1",
-                record_path=record,
-                seed=7,
-            )
-            report = await fleet.run()
-            assert report.ok, report.errors
-            ids = await wait_sealed(settings, sent_reading_ids(record), within_s=90)
-            stop_event.set()
-            stats = await task
+            async with collector_running(settings) as collector:
+                fleet = Fleet(
+                    creds,
+                    settings.mqtt_host,
+                    settings.mqtt_port,
+                    rate_hz=2.0,
+                    duration_s=4.0,
+                    faults="dup=0.1,reorder=0.1,malformed=0.1",
+                    record_path=record,
+                    seed=7,
+                )
+                report = await fleet.run()
+                assert report.ok, report.errors
+                ids = await wait_sealed(settings, sent_reading_ids(record), within_s=90)
+            stats = collector.stats
             assert stats.acked == stats.received == report.messages_sent
             return ids, await dlq_records(settings)
 
@@ -193,25 +205,19 @@ def test_dropped_messages_become_gap_events(kafka_topics: Settings, tmp_path: Pa
     try:
 
         async def go() -> list[dict[str, object]]:
-            user, password = collector_credentials(settings)
-            collector = MqttCollector(settings, MqttCredentials(user, password))
-            stop_event = asyncio.Event()
-            task = asyncio.create_task(collector.run(stop=stop_event))
-            await asyncio.wait_for(collector.subscribed.wait(), 30)
-            fleet = Fleet(
-                creds,
-                settings.mqtt_host,
-                settings.mqtt_port,
-                rate_hz=2.0,
-                duration_s=4.0,
-                faults="drop=0.3",
-                record_path=record,
-                seed=11,
-            )
-            await fleet.run()
-            await wait_sealed(settings, sent_reading_ids(record), within_s=90)
-            stop_event.set()
-            await task
+            async with collector_running(settings):
+                fleet = Fleet(
+                    creds,
+                    settings.mqtt_host,
+                    settings.mqtt_port,
+                    rate_hz=2.0,
+                    duration_s=4.0,
+                    faults="drop=0.3",
+                    record_path=record,
+                    seed=11,
+                )
+                await fleet.run()
+                await wait_sealed(settings, sent_reading_ids(record), within_s=90)
             consumer = AIOKafkaConsumer(
                 settings.topic_events,
                 bootstrap_servers=settings.kafka_bootstrap,
