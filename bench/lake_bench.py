@@ -160,28 +160,31 @@ def layout_variants(slots: list[list[SampleBatch]], window_s: int) -> list[tuple
         i = t.schema.get_field_index("reading_id")
         return t.set_column(i, "reading_id", lake.hex_ids(t["reading_id"]))
 
-    no_id_enc = {k: v for k, v in lake.COLUMN_ENCODING.items() if k != "reading_id"}
+    def without_ids(t: pa.Table) -> pa.Table:
+        return t.drop_columns(["reading_id"])
+
+    stored_ids = {
+        "use_dictionary": lake._DICT_COLUMNS,
+        "column_encoding": {**lake.COLUMN_ENCODING, "reading_id": "PLAIN"},
+    }
     variants: list[tuple[str, Callable[[pa.Table], int]]] = [
-        ("pyarrow defaults (dictionary everywhere), binary ids", lambda t: _size(t)),
-        ("lake layout: binary(16) ids, delta times, dictionary values", lambda t: _size(t, **ours)),
+        ("pyarrow defaults (dictionary everywhere), binary ids stored", lambda t: _size(t)),
+        ("format 1: binary(16) ids stored, Arrow schema stored", lambda t: _size(t, **stored_ids)),
+        (
+            "format 1 with reading_id as 32-char hex string",
+            lambda t: _size(with_string_ids(t), **stored_ids),
+        ),
+        (
+            "lake layout (format 2): ids derived on read, no Arrow schema in the file",
+            lambda t: _size(without_ids(t), store_schema=False, **ours),
+        ),
         (
             "lake layout, values BYTE_STREAM_SPLIT instead",
             lambda t: _size(
-                t,
+                without_ids(t),
+                store_schema=False,
                 use_dictionary=[c for c in lake._DICT_COLUMNS if c != "value"],
                 column_encoding={**lake.COLUMN_ENCODING, "value": "BYTE_STREAM_SPLIT"},
-            ),
-        ),
-        (
-            "lake layout with reading_id as 32-char hex string",
-            lambda t: _size(with_string_ids(t), **ours),
-        ),
-        (
-            "lake layout without reading_id (derivable from device, metric, seq, time)",
-            lambda t: _size(
-                t.drop_columns(["reading_id"]),
-                use_dictionary=lake._DICT_COLUMNS,
-                column_encoding=no_id_enc,
             ),
         ),
     ]

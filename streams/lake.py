@@ -18,9 +18,12 @@ are split per date: :func:`write_patient_files` returns one :class:`WrittenFile`
 Rows: one per sample, sorted by (metric, device_time) in a file, columns in :data:`SCHEMA`;
 zstd, 128k-row groups, dictionary encoding for low-cardinality columns and the (quantized)
 values, DELTA_BINARY_PACKED for times, seq and leaf index.
-``reading_id`` is stored as ``fixed_size_binary(16)``, the raw blake2b-128 digest that the
-32-character hex id spells: it is random, so it does not compress, and it is by far the
-largest column (16 bytes instead of 32 + a 4-byte length). :func:`hex_ids` converts back.
+``reading_id`` is *not* stored (lake format 2): it is derived from device, metric, seq and
+device time (:func:`vitalproof.schema.reading_id`), and as a random 16-byte digest it was by
+far the largest column (16 of ~18 bytes per sample). Readers recompute it and return rows with
+:data:`SCHEMA`, where it is a ``fixed_size_binary(16)`` (:func:`hex_ids` spells it in hex);
+files of format 1, which stored it, are still read as they are. The Arrow schema is not stored
+in the file either (``store_schema=False``, 1.6 KB per file): readers cast to :data:`SCHEMA`.
 
 Encryption: Parquet modular encryption (``pyarrow.parquet.encryption``), encrypted footer,
 every column and the footer under the patient's current key (``uniform_encryption=True``, the
@@ -60,9 +63,10 @@ import pyarrow.parquet.encryption as pe
 
 from streams.keystore import KeystoreError, Kms
 from vitalproof.errors import VitalproofError
-from vitalproof.schema import SampleBatch
+from vitalproof.schema import SampleBatch, reading_id_digests
 
 __all__ = [
+    "FILE_SCHEMA",
     "SCHEMA",
     "KmsBridge",
     "LakeError",
@@ -70,6 +74,7 @@ __all__ = [
     "LakeSpansDates",
     "WrittenFile",
     "build_table",
+    "derive_reading_ids",
     "encode_parquet",
     "hex_ids",
     "lake_stats",
@@ -105,8 +110,14 @@ SCHEMA = pa.schema(
         pa.field("batch_id", _DICT, nullable=False),
         pa.field("leaf_index", pa.int32(), nullable=False),
     ],
-    metadata={"vitalproof.lake": "1"},
+    metadata={"vitalproof.lake": "2"},
 )
+#: Columns as stored: everything but the derivable ``reading_id``.
+FILE_SCHEMA = pa.schema(
+    [f for f in SCHEMA if f.name != "reading_id"], metadata={"vitalproof.lake": "2"}
+)
+#: What :func:`vitalproof.schema.reading_id` is computed from.
+ID_SOURCE_COLUMNS = ["device_id", "metric", "seq", "device_time"]
 
 #: Rows per row group: big enough for efficient column chunks, small enough to skip by time.
 ROW_GROUP_ROWS = 128 * 1024
@@ -131,7 +142,6 @@ _DICT_COLUMNS = [
 ]
 #: Parquet encodings of the non-dictionary columns (chosen with bench/lake_bench.py).
 COLUMN_ENCODING = {
-    "reading_id": "PLAIN",
     "device_time": "DELTA_BINARY_PACKED",
     "seq": "DELTA_BINARY_PACKED",
     "leaf_index": "DELTA_BINARY_PACKED",
@@ -366,21 +376,24 @@ def encode_parquet(table: pa.Table, *, kms: Kms | None, key_id: str | None = Non
         props = factory.file_encryption_properties(_KMS_CONFIG, config)
         factory.remove_cache_entries_for_all_tokens()  # see _read_file
     table = sort_for_file(table)
+    if "reading_id" in table.column_names:
+        table = table.drop_columns(["reading_id"])
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(
         sink,
-        SCHEMA,
+        FILE_SCHEMA,
         compression="zstd",
         compression_level=ZSTD_LEVEL,
         use_dictionary=_DICT_COLUMNS,
         column_encoding=COLUMN_ENCODING,
         sorting_columns=[
-            pq.SortingColumn(SCHEMA.get_field_index("metric")),
-            pq.SortingColumn(SCHEMA.get_field_index("device_time")),
+            pq.SortingColumn(FILE_SCHEMA.get_field_index("metric")),
+            pq.SortingColumn(FILE_SCHEMA.get_field_index("device_time")),
         ],
+        store_schema=False,
         encryption_properties=props,
     ) as writer:
-        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        writer.write_table(table.cast(FILE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
     return bytes(sink.getvalue().to_pybytes())
 
 
@@ -686,6 +699,8 @@ def _read_file(
     patient_id: str,
     columns: list[str] | None = None,
 ) -> pa.Table:
+    """Decrypt one file; rows come back with :data:`SCHEMA`'s types (or ``columns`` of it),
+    ``reading_id`` recomputed when the file does not store it (lake format 2)."""
     factory, bridge = _crypto(kms)
     props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
     try:
@@ -694,7 +709,14 @@ def _read_file(
             # emptied at once: a KMS client left for C++ to release at interpreter exit
             # occasionally aborted the process ("terminate called without an active
             # exception") after all work was done.
-            return pq.read_table(f, columns=columns, decryption_properties=props, use_threads=False)
+            pf = pq.ParquetFile(f, decryption_properties=props)
+            stored = pf.schema_arrow.names
+            wanted = SCHEMA.names if columns is None else columns
+            derive = "reading_id" in wanted and "reading_id" not in stored
+            read = [c for c in wanted if c in stored]
+            if derive:
+                read += [c for c in ID_SOURCE_COLUMNS if c not in read]
+            table = pf.read(columns=read, use_threads=False)
     except KeystoreError as e:
         key = _key_id_from_ref(bridge.keys_used[-1], patient_id) if bridge.keys_used else None
         raise LakeKeyUnavailable(path, key, e) from None
@@ -702,6 +724,29 @@ def _read_file(
         raise LakeError(f"cannot read {path}: {e}") from None
     finally:
         factory.remove_cache_entries_for_all_tokens()
+    if derive:
+        table = table.append_column(
+            pa.field("reading_id", pa.binary(16), nullable=False), derive_reading_ids(table)
+        )
+    schema = pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata)
+    return table.select(wanted).cast(schema)
+
+
+def derive_reading_ids(table: pa.Table) -> pa.FixedSizeBinaryArray:
+    """Each row's :func:`vitalproof.schema.reading_id`, as 16-byte digests.
+
+    Reading ids are not stored (they are 16 random bytes per sample); a reader pays one
+    BLAKE2b per row instead, the same call that named the reading when it was sealed.
+    """
+    digests = reading_id_digests(
+        pc.cast(table["device_id"], pa.string()).to_pylist(),
+        pc.cast(table["metric"], pa.string()).to_pylist(),
+        table["seq"].to_pylist(),
+        pc.cast(table["device_time"], pa.int64()).to_pylist(),
+    )
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(16), table.num_rows, [None, pa.py_buffer(digests)]
+    )
 
 
 def read_reading_ids(
@@ -754,7 +799,7 @@ def read_patient(
             mask = m if mask is None else pc.and_(mask, m)
         if mask is not None:
             t = t.filter(mask)
-        parts.append(t.cast(SCHEMA))
+        parts.append(t)
     if not parts:
         return SCHEMA.empty_table()
     return pa.concat_tables(parts)

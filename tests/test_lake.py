@@ -11,6 +11,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
 import pytest
 
 from streams import lake
@@ -304,3 +305,49 @@ def test_uri_root(tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
     written = lake.write_batch(uri, "b-1", lake.build_table(batches, "b-1"), kms)
     assert all((tmp_path / "lake" / w.path).is_file() for w in written)
     assert lake.read_patient(uri, "patient-beta", kms).num_rows == 12
+
+
+def _decrypted_file_schema(path: Path, kms: LocalKeystore) -> pa.Schema:
+    factory, _ = lake._crypto(kms)
+    props = factory.file_decryption_properties(lake._KMS_CONFIG, pe.DecryptionConfiguration())
+    return pq.ParquetFile(path, decryption_properties=props).schema_arrow
+
+
+def test_reading_ids_are_derived_not_stored(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
+    root = tmp_path / "lake"
+    written = lake.write_batch(root, "b-2", lake.build_table(batches, "b-2"), kms)
+    for w in written:
+        stored = _decrypted_file_schema(root / w.path, kms).names
+        assert "reading_id" not in stored
+        assert set(lake.ID_SOURCE_COLUMNS) <= set(stored)
+    alpha = next(w for w in written if "patient-alpha" in w.path)
+    want = [r for b in batches if b.patient_id == "patient-alpha" for r in b.reading_id]
+    got = lake.read_reading_ids(root, alpha.path, kms, "patient-alpha")
+    assert sorted(got) == sorted(want)
+    only = lake.read_patient(root, "patient-alpha", kms)
+    assert only.schema.equals(lake.SCHEMA)
+
+
+def test_format_1_files_with_stored_ids_still_read(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
+    """A file written before ids were derived keeps its stored ids (even ones that no longer
+    match the derivation: stored bytes win, nothing is silently rewritten)."""
+    table = lake.sort_for_file(lake.build_table(batches[:1], "b-old"))
+    bogus = pa.array([bytes([i]) * 16 for i in range(table.num_rows)], pa.binary(16))
+    table = table.set_column(0, lake.SCHEMA.field("reading_id"), bogus)
+    key_id = kms.current_key_id("patient-alpha")
+    factory, _ = lake._crypto(kms)
+    config = pe.EncryptionConfiguration(
+        footer_key=kms.key_ref(key_id), uniform_encryption=True, double_wrapping=False
+    )
+    props = factory.file_encryption_properties(lake._KMS_CONFIG, config)
+    path = tmp_path / "lake" / lake.file_path("patient-alpha", "2024-11-21", "b-old")
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path, encryption_properties=props)
+    got = lake.read_patient(tmp_path / "lake", "patient-alpha", kms)
+    assert got.schema.equals(lake.SCHEMA)
+    assert got["reading_id"].to_pylist() == bogus.to_pylist()
+    assert got["value"].to_pylist() == table["value"].to_pylist()

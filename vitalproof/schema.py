@@ -71,6 +71,25 @@ def reading_id(device_id: str, metric: str, seq: int, device_time_us: int) -> st
     return hashlib.blake2b(material, digest_size=16).hexdigest()
 
 
+def reading_id_digests(
+    device_ids: Sequence[str],
+    metrics: Sequence[str],
+    seqs: Sequence[int],
+    device_times_us: Sequence[int],
+) -> bytes:
+    """The raw 16-byte digests of :func:`reading_id` for whole columns, concatenated.
+
+    For readers that rebuild ids the lake does not store: one buffer, no hex string per row.
+    """
+    blake2b = hashlib.blake2b
+    return b"".join(
+        [
+            blake2b(f"{d}\x1f{m}\x1f{s}\x1f{t}".encode(), digest_size=16).digest()
+            for d, m, s, t in zip(device_ids, metrics, seqs, device_times_us, strict=True)
+        ]
+    )
+
+
 class Reading(BaseModel):
     """One sample, as researchers, proofs and exports see it."""
 
