@@ -206,22 +206,11 @@ ENROLLED = NOW - 2 * HOUR
 DEVICES = {"dev-1": Device("dev-1", "pat-1", DeviceStatus.ACTIVE, ENROLLED)}
 
 
-def normalized(times: list[int]) -> SampleBatch:
-    doc = {
-        "schema": 1,
-        "series": [
-            {
-                "metric": "heart_rate",
-                "unit": "/min",
-                "t": times,
-                "seq": list(range(len(times))),
-                "v": [60] * len(times),
-            }
-        ],
-    }
+def normalized_series(series: list[dict[str, Any]]) -> SampleBatch:
+    """``series`` from dev-1 through the real ``normalize``, received at NOW."""
     raw = RawRecord(
         "dev-1",
-        json.dumps(doc).encode(),
+        json.dumps({"schema": 1, "series": series}).encode(),
         CONTENT_TYPE_JSON,
         Transport.MQTT,
         "gw-1",
@@ -231,6 +220,13 @@ def normalized(times: list[int]) -> SampleBatch:
     out = normalize(raw, DEVICES.get)
     assert isinstance(out, SampleBatch)
     return out
+
+
+def normalized(times: list[int]) -> SampleBatch:
+    n = len(times)
+    return normalized_series(
+        [{"metric": "heart_rate", "unit": "/min", "t": times, "seq": list(range(n)), "v": [60] * n}]
+    )
 
 
 def test_readings_before_enrollment_are_flagged_not_dropped() -> None:
@@ -252,6 +248,31 @@ def test_before_enrollment_and_clock_past_are_independent() -> None:
     long_ago = NOW - PAST_LIMIT_US - HOUR  # a month before receipt *and* before enrollment
     (q,) = normalized([long_ago]).quality
     assert q & Quality.BEFORE_ENROLLMENT and q & Quality.CLOCK_PAST
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([("heart_rate", "/min"), ("body_temperature", "[degF]")]),
+            st.sampled_from([-HOUR, -ENROLLMENT_TOLERANCE_US - 1, -ENROLLMENT_TOLERANCE_US, 0]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_before_enrollment_flags_exactly_the_early_samples_in_any_run(
+    samples: list[tuple[tuple[str, str], int]],
+) -> None:
+    # Runs of metrics and units (the per-run fast path, conversions) mixed with early times.
+    series = [
+        {"metric": m, "unit": u, "t": [ENROLLED + dt], "seq": [i], "v": [98.0]}
+        for i, ((m, u), dt) in enumerate(samples)
+    ]
+    out = normalized_series(series)
+    assert len(out) == len(samples)
+    for t, q in zip(out.device_time_us, out.quality, strict=True):
+        assert bool(q & Quality.BEFORE_ENROLLMENT) == (t < ENROLLED - ENROLLMENT_TOLERANCE_US)
 
 
 def test_the_flag_fits_the_binary_codecs_quality_byte() -> None:
