@@ -15,6 +15,7 @@ from typing import Any, cast
 import faust
 
 from streams.batcher import Pending, Sealer
+from streams.clock import ClockEstimator
 from streams.keystore import LocalKeystore
 from streams.normalize import RecentIds, Rejection, normalize
 from streams.sequence import SequenceTracker
@@ -73,6 +74,7 @@ def create_app(settings: Settings) -> faust.App:
         registry = Registry(settings.registry_path)
         recent = RecentIds()
         sequences = SequenceTracker()
+        clocks = ClockEstimator()
         async for event in stream.events():
             msg = event.message
             raw = RawRecord.from_kafka(event.value or b"", _headers(event))
@@ -102,6 +104,9 @@ def create_app(settings: Settings) -> faust.App:
                     sequences.missing,
                     sequences.resets,
                 )
+            for clock_event in clocks.observe(result):
+                await events_topic.send(key=raw.device_id.encode(), value=clock_event.to_json())
+                log.info("%s (%d clock jumps so far)", clock_event.describe(), clocks.jumps)
             if len(result):
                 assert result.patient_id is not None
                 await clean_topic.send(key=result.patient_id.encode(), value=result.to_json())

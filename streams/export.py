@@ -85,6 +85,7 @@ EXPORT_COLUMNS = [
     "transport",
     "gateway_id",
     "tz_offset_min",
+    "clock_offset_us",
     "batch_id",
     "leaf_index",
 ]
@@ -164,7 +165,9 @@ def plain_table(table: pa.Table) -> pa.Table:
     """The lake rows as people read them: hex ids, ISO 8601 UTC times, named quality flags.
 
     Columns are :data:`EXPORT_COLUMNS`. ``quality_flags`` is ``|``-separated flag names
-    (empty when clean); ``value`` is null for readings flagged INVALID.
+    (empty when clean); ``value`` is null for readings flagged INVALID. ``clock_offset_us``
+    is the device clock's estimated offset (streams.clock) when the row arrived:
+    ``device_time + clock_offset_us`` is the reading's time on the receiving clock.
     """
     batches = [_plain_batch(rb) for rb in _chunks(table)]
     if not batches:  # keep the header (and types) of an empty export
@@ -225,8 +228,9 @@ def _string_data(arr: pa.Array) -> pa.Buffer:
 def write_jsonl(table: pa.Table, sink: BinaryIO) -> int:
     """JSON lines: one object per lake row with the :data:`EXPORT_COLUMNS` keys.
 
-    ``value`` and ``tz_offset_min`` are numbers or null, ``quality_flags`` an array of flag
-    names, times ISO 8601 UTC strings. Returns the number of rows written.
+    ``value``, ``tz_offset_min`` and ``clock_offset_us`` are numbers or null,
+    ``quality_flags`` an array of flag names, times ISO 8601 UTC strings. Returns the number
+    of rows written.
     """
     rows = 0
     for rb in _chunks(table):

@@ -107,6 +107,9 @@ SCHEMA = pa.schema(
         pa.field("transport", _DICT, nullable=False),
         pa.field("gateway_id", _DICT, nullable=False),
         pa.field("tz_offset_min", pa.int16()),
+        # receive clock minus device clock as estimated when the message arrived (null before
+        # a device's first usable message, and in files written before the column existed)
+        pa.field("clock_offset_us", pa.int64()),
         pa.field("batch_id", _DICT, nullable=False),
         pa.field("leaf_index", pa.int32(), nullable=False),
     ],
@@ -135,6 +138,7 @@ _DICT_COLUMNS = [
     "receive_time",
     "quality",
     "tz_offset_min",
+    "clock_offset_us",  # one value per message: RLE runs
     # vitals are quantized (integer bpm, %, 0.01 Cel): ~0.7 B/sample less than
     # BYTE_STREAM_SPLIT in bench/lake_bench.py; high-entropy signals (PPG, accelerometer)
     # overflow the dictionary page and the writer falls back to PLAIN by itself
@@ -265,6 +269,7 @@ def build_table(
     values = pa.array(chain("value"), pa.float64(), from_pandas=True)  # NaN -> null
     tz = _repeat(pa.array([b.tz_offset_min for b in batches], pa.int16()), counts)
     rx = _repeat(pa.array([b.receive_time_us for b in batches], pa.int64()), counts)
+    clock = _repeat(pa.array([b.clock_offset_us for b in batches], pa.int64()), counts)
     if leaf_index is None:
         ones = pa.repeat(pa.scalar(1, pa.int32()), n)
         leaves = pc.add(pc.cumulative_sum(ones), pa.scalar(first_leaf - 1, pa.int32()))
@@ -286,6 +291,7 @@ def build_table(
         "transport": _per_batch_dict([str(b.transport) for b in batches], counts),
         "gateway_id": _per_batch_dict([b.gateway_id or "" for b in batches], counts),
         "tz_offset_min": tz,
+        "clock_offset_us": clock,
         "batch_id": _per_batch_dict([batch_id], [n]),
         "leaf_index": leaves,
     }
@@ -729,7 +735,7 @@ def _read_file(
             pa.field("reading_id", pa.binary(16), nullable=False), derive_reading_ids(table)
         )
     schema = pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata)
-    return table.select(wanted).cast(schema)
+    return _upgrade(table, schema)
 
 
 def derive_reading_ids(table: pa.Table) -> pa.FixedSizeBinaryArray:
@@ -747,6 +753,15 @@ def derive_reading_ids(table: pa.Table) -> pa.FixedSizeBinaryArray:
     return pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(16), table.num_rows, [None, pa.py_buffer(digests)]
     )
+
+
+def _upgrade(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema``; a file written before a nullable column was added reads with
+    that column null."""
+    for f in schema:
+        if f.name not in table.column_names and f.nullable:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def read_reading_ids(

@@ -24,6 +24,9 @@ from vitalproof.units import CANONICAL_UNIT, PLAUSIBLE, Metric, UnitError, conve
 
 FUTURE_TOLERANCE_US = 5 * 60 * 1_000_000  # device clocks drift; five minutes is plausible
 PAST_LIMIT_US = 30 * 24 * 3600 * 1_000_000  # older than a month: a reset or wrong clock
+#: Enrollment time is taken on the gateway's clock, device times on the device's: the same
+#: five minutes of drift as for the future, before a reading counts as pre-enrollment.
+ENROLLMENT_TOLERANCE_US = FUTURE_TOLERANCE_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ def normalize(raw: RawRecord, lookup: Callable[[str], Device | None]) -> SampleB
     except WireFormatError as e:
         return Rejection(str(e), raw)
     try:
-        _canonicalize(batch, raw.received_us)
+        _canonicalize(batch, raw.received_us, enrolled_us=device.enrolled_us)
     except UnitError as e:
         return Rejection(str(e), raw)
     batch.patient_id = device.patient_id
@@ -56,22 +59,31 @@ def normalize(raw: RawRecord, lookup: Callable[[str], Device | None]) -> SampleB
     return batch
 
 
-def _canonicalize(batch: SampleBatch, received_us: int) -> None:
+def _canonicalize(batch: SampleBatch, received_us: int, *, enrolled_us: int | None = None) -> None:
     """Convert units in place and set quality flags (never drop a sample).
 
     Per run of one metric (a batch holds a handful): the unit check, the conversion flag and
     the range and clock tests on the run's min and max. Only a run with something to flag
     (a NaN, an implausible value or clock) is walked sample by sample.
+
+    ``enrolled_us`` (the device's enrollment time): samples timed before it, beyond
+    :data:`ENROLLMENT_TOLERANCE_US`, are flagged BEFORE_ENROLLMENT. They are not the
+    patient's as far as the registry knows (a device handed on keeps its old log, a clock
+    reset to a factory date), so they are kept for a human to judge, never attributed
+    silently. The flag is independent of CLOCK_PAST (older than a month before receipt):
+    a reading can carry both, and a backlog recorded after enrollment carries neither.
     """
+    not_before = None if enrolled_us is None else enrolled_us - ENROLLMENT_TOLERANCE_US
     for metric_name, start, stop in batch.runs():
         metric = Metric(metric_name)
         canonical = CANONICAL_UNIT[metric]
         units = batch.unit[start:stop]
         if units.count(canonical) == len(units):  # the usual case: one canonical unit
-            _flag_run(batch, metric, start, stop, received_us, convert=False)
+            _flag_run(batch, metric, start, stop, received_us, not_before, convert=False)
             continue
         for unit, ustart, ustop in _unit_runs(units, start):
-            _flag_run(batch, metric, ustart, ustop, received_us, convert=unit != canonical)
+            conv = unit != canonical
+            _flag_run(batch, metric, ustart, ustop, received_us, not_before, convert=conv)
 
 
 def _unit_runs(units: list[str], offset: int) -> list[tuple[str, int, int]]:
@@ -85,7 +97,14 @@ def _unit_runs(units: list[str], offset: int) -> list[tuple[str, int, int]]:
 
 
 def _flag_run(
-    batch: SampleBatch, metric: Metric, start: int, stop: int, received_us: int, *, convert: bool
+    batch: SampleBatch,
+    metric: Metric,
+    start: int,
+    stop: int,
+    received_us: int,
+    not_before: int | None,
+    *,
+    convert: bool,
 ) -> None:
     flags = 0
     values = batch.value[start:stop]
@@ -111,6 +130,7 @@ def _flag_run(
                 and min(times) >= received_us - PAST_LIMIT_US
             )
         )
+        and (not_before is None or min(times) >= not_before)
     )
     if clean:
         if flags:
@@ -129,6 +149,8 @@ def _flag_run(
             q |= Quality.CLOCK_FUTURE
         elif received_us and t < received_us - PAST_LIMIT_US:
             q |= Quality.CLOCK_PAST
+        if not_before is not None and t < not_before:
+            q |= Quality.BEFORE_ENROLLMENT
         quality[i] = int(q)
 
 

@@ -338,6 +338,7 @@ def test_format_1_files_with_stored_ids_still_read(
     table = lake.sort_for_file(lake.build_table(batches[:1], "b-old"))
     bogus = pa.array([bytes([i]) * 16 for i in range(table.num_rows)], pa.binary(16))
     table = table.set_column(0, lake.SCHEMA.field("reading_id"), bogus)
+    table = table.drop_columns(["clock_offset_us"])  # format 1 predates it
     key_id = kms.current_key_id("patient-alpha")
     factory, _ = lake._crypto(kms)
     config = pe.EncryptionConfiguration(
@@ -351,3 +352,4 @@ def test_format_1_files_with_stored_ids_still_read(
     assert got.schema.equals(lake.SCHEMA)
     assert got["reading_id"].to_pylist() == bogus.to_pylist()
     assert got["value"].to_pylist() == table["value"].to_pylist()
+    assert got["clock_offset_us"].null_count == table.num_rows

@@ -15,9 +15,11 @@ Wire JSON, schema 1::
                  "q": [0], "id": ["5f0c..."]}]}
 
 ``t`` and ``rx`` are microseconds since the Unix epoch, UTC; ``tz`` the device's UTC offset
-in minutes; ``q`` quality flags (:class:`Quality`); ``id`` reading ids (:func:`reading_id`).
-On a device payload ``patient_id``, ``gateway_id``, ``transport``, ``rx``, ``q`` and ``id``
-are absent: the collector and normalization supply them.
+in minutes; ``clock_offset`` (optional, vitals.clean only) the estimated receive clock minus
+device clock in microseconds; ``q`` quality flags (:class:`Quality`); ``id`` reading ids
+(:func:`reading_id`).
+On a device payload ``patient_id``, ``gateway_id``, ``transport``, ``rx``, ``clock_offset``,
+``q`` and ``id`` are absent: the collector and normalization supply them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Quality(IntFlag):
     CLOCK_PAST = 16  # device time implausibly far in the past
     NO_SENSOR_CONTACT = 32  # the device said its sensor had no skin contact
     ESTIMATED_TIME = 64  # the device sent no time; receive time was used
+    BEFORE_ENROLLMENT = 128  # device time before the device was enrolled, beyond tolerance
 
 
 def reading_id(device_id: str, metric: str, seq: int, device_time_us: int) -> str:
@@ -173,6 +176,9 @@ class SampleBatch:
     transport: Transport | None = None
     receive_time_us: int | None = None
     tz_offset_min: int | None = None
+    #: Estimated receive clock minus device clock, µs (streams.clock); an estimate, so
+    #: carried beside the readings, never part of a reading id or leaf.
+    clock_offset_us: int | None = None
 
     def __len__(self) -> int:
         return len(self.value)
@@ -339,6 +345,7 @@ class SampleBatch:
             ("transport", self.transport.value if self.transport else None),
             ("rx", self.receive_time_us),
             ("tz", self.tz_offset_min),
+            ("clock_offset", self.clock_offset_us),
         ):
             if val is not None:
                 doc[name] = val
@@ -383,6 +390,7 @@ class SampleBatch:
                 raise WireFormatError(f"unknown transport {transport!r}") from None
         b.receive_time_us = _opt_int(doc, "rx")
         b.tz_offset_min = _opt_int(doc, "tz")
+        b.clock_offset_us = _opt_int(doc, "clock_offset")
         series = doc.get("series")
         if not isinstance(series, list) or not series:
             raise WireFormatError("series missing or empty")
