@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyInt, PyList, PyString};
 
-/// The items of a list (fast path) or of any other iterable.
+/// The items of a list (fast path) or of any other iterable, kept alive by the returned refs.
 fn items<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
     match obj.cast::<PyList>() {
         Ok(list) => Ok(list.iter().collect()),
@@ -20,18 +20,30 @@ fn items<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
     }
 }
 
+/// `f` of every item of a list or iterable, in one pass, for values copied out of Python.
+fn each<'py, T>(
+    obj: &Bound<'py, PyAny>,
+    mut f: impl FnMut(usize, &Bound<'py, PyAny>) -> PyResult<T>,
+) -> PyResult<Vec<T>> {
+    match obj.cast::<PyList>() {
+        Ok(list) => list.iter().enumerate().map(|(i, v)| f(i, &v)).collect(),
+        Err(_) => obj
+            .try_iter()?
+            .enumerate()
+            .map(|(i, v)| f(i, &v?))
+            .collect(),
+    }
+}
+
 fn ints(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
-    items(obj)?
-        .iter()
-        .map(|v| match v.cast_exact::<PyInt>() {
-            // f"{True}" is "True", not "1": only exact ints format as their digits.
-            Ok(i) => i.extract::<i64>(),
-            Err(_) => Err(PyTypeError::new_err(format!(
-                "{what} must hold ints, got {}",
-                v.get_type().name()?
-            ))),
-        })
-        .collect()
+    each(obj, |_, v| match v.cast_exact::<PyInt>() {
+        // f"{True}" is "True", not "1": only exact ints format as their digits.
+        Ok(i) => i.extract::<i64>(),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{what} must hold ints, got {}",
+            v.get_type().name()?
+        ))),
+    })
 }
 
 fn strs<'a>(items: &'a [Bound<'_, PyAny>], what: &str) -> PyResult<Vec<&'a str>> {
@@ -77,20 +89,19 @@ fn bytes_list<'py>(py: Python<'py>, hashes: &[[u8; 32]]) -> PyResult<Bound<'py, 
 }
 
 fn leaf_hashes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<[u8; 32]>> {
-    let leaves = items(obj)?;
-    byte_strings(&leaves, "leaf hashes")?
-        .into_iter()
-        .enumerate()
-        .map(|(i, h)| {
-            <[u8; 32]>::try_from(h).map_err(|_| {
-                PyValueError::new_err(format!(
-                    "leaf hash {i} is {} bytes, expected {}",
-                    h.len(),
-                    hashing::HASH_SIZE
-                ))
-            })
+    each(obj, |i, v| {
+        let h = v
+            .cast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err("leaf hashes must be bytes"))?
+            .as_bytes();
+        <[u8; 32]>::try_from(h).map_err(|_| {
+            PyValueError::new_err(format!(
+                "leaf hash {i} is {} bytes, expected {}",
+                h.len(),
+                hashing::HASH_SIZE
+            ))
         })
-        .collect()
+    })
 }
 
 /// Reading ids (32 hex characters each) of samples given as columns of one device.
