@@ -5,7 +5,7 @@ VP := $(VENV)/bin/vitalproof
 
 .PHONY: install system demo test lint bench clean stack-up stack-down
 
-install: system $(VENV)/.installed node_modules/.installed kafka
+install: system $(VENV)/.installed $(VENV)/.native node_modules/.installed kafka
 
 system:
 	@bash scripts/install-system.sh
@@ -14,6 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The Rust hashing extension (native/, PyO3 + maturin). Cargo comes from rustup, which may not be
+# on a non-login PATH; pip fetches maturin for the build. tests/test_native.py fails without it.
+$(VENV)/.native: $(VENV)/.installed native/pyproject.toml native/Cargo.toml native/Cargo.lock \
+		$(wildcard native/src/*.rs) native/vitalproof_native.pyi
+	PATH="$$HOME/.cargo/bin:$$PATH" $(PY) -m pip install -q ./native
 	@touch $@
 
 # `npm install`, not `npm ci`: npm 11 drops other platforms' optional packages (Anvil ships one

@@ -10,6 +10,10 @@ Reported:
 * salted leaf hashing (``leaf_hash_salted`` over real canonical reading bytes), leaves/s:
   the other half of sealing.
 * ``MerkleTree`` (all levels kept) build time and inclusion proofs/s: the bundle prover.
+* the same three with the Rust extension (``vitalproof_native``, native/) that the worker
+  uses when it is installed: ``merkle_root``, ``salted_leaves`` (one call per column) and
+  ``merkle_levels`` (every level, as ``MerkleTree`` keeps them). anchor/ itself stays pure
+  Python: it is what verifiers run.
 * ``verify_offline`` per bundle, µs, for a validated model and from JSON bytes (parsing
   included), with a 4,096-reading batch in a 1,000-batch log (12- and 10-element paths).
 """
@@ -22,7 +26,8 @@ import hmac
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TypeVar
 
 from rich.console import Console
@@ -32,6 +37,7 @@ from rich.table import Table
 from anchor import merkle
 from anchor.log import MerkleLog
 from anchor.proof import ProofBundle, build_bundle, verify_offline
+from vitalproof import native
 from vitalproof.schema import Reading, Transport, reading_id
 from vitalproof.units import Metric
 
@@ -81,25 +87,40 @@ def _salt(rid: str) -> bytes:
     return hmac.new(SALT_KEY, rid.encode(), hashlib.sha256).digest()
 
 
-def bench_root(n: int, repeat: int) -> tuple[float, float]:
+def bench_root(
+    n: int, repeat: int, root: Callable[[Sequence[bytes]], bytes] = merkle.root
+) -> tuple[float, float]:
     leaves = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
     times = []
     with _progress() as p:
         task = p.add_task(f"root() over {n:,} leaves", total=repeat)
         for _ in range(repeat):
-            dt, _ = _timed(lambda: merkle.root(leaves))
+            dt, _ = _timed(lambda: root(leaves))
             times.append(dt)
             p.advance(task)
     return n / min(times), n / statistics.median(times)
 
 
+def _salted_inputs(n: int) -> tuple[list[bytes], list[bytes]]:
+    return [_salt(str(i)) for i in range(n)], [r.canonical_bytes() for r in _readings(n)]
+
+
 def bench_salted(n: int) -> float:
-    canon = [r.canonical_bytes() for r in _readings(n)]
-    salts = [_salt(str(i)) for i in range(n)]
+    salts, canon = _salted_inputs(n)
     dt, _ = _timed(
         lambda: [merkle.leaf_hash_salted(s, c) for s, c in zip(salts, canon, strict=True)]
     )
     return n / dt
+
+
+def bench_native(ext: ModuleType, n: int, repeat: int) -> tuple[float, float, float, float]:
+    """root leaves/s (best, median), salted leaves/s, all-levels build seconds."""
+    best, median = bench_root(n, repeat, ext.merkle_root)
+    salts, canon = _salted_inputs(min(n, 200_000))
+    salted_s = min(_timed(lambda: ext.salted_leaves(salts, canon))[0] for _ in range(3))
+    leaves = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
+    levels_s, _ = _timed(lambda: ext.merkle_levels(leaves))
+    return best, median, len(salts) / salted_s, levels_s
 
 
 def bench_tree(n: int) -> tuple[float, float]:
@@ -178,6 +199,8 @@ def main() -> None:
     salted = bench_salted(min(args.leaves, 200_000))
     build_s, proofs = bench_tree(args.leaves)
     per_model, per_json, depth, size = bench_verify(args.bundles)
+    ext = native.ext()
+    fast = bench_native(ext, args.leaves, args.repeat) if ext is not None else None
 
     table = Table(title="anchor.merkle / anchor.proof, one core")
     table.add_column("measure")
@@ -187,6 +210,16 @@ def main() -> None:
     table.add_row("leaf_hash_salted over canonical readings", f"{salted:,.0f} leaves/s")
     table.add_row(f"MerkleTree build, {args.leaves:,} leaves", f"{build_s:.2f} s")
     table.add_row("MerkleTree.inclusion_proof", f"{proofs:,.0f} proofs/s")
+    if fast is None:
+        table.add_row("vitalproof_native (Rust)", "not installed")
+    else:
+        n_best, n_median, n_salted, n_levels = fast
+        table.add_row(f"native merkle_root over {args.leaves:,}, best", f"{n_best:,.0f} leaves/s")
+        table.add_row(
+            f"native merkle_root over {args.leaves:,}, median", f"{n_median:,.0f} leaves/s"
+        )
+        table.add_row("native salted_leaves over canonical readings", f"{n_salted:,.0f} leaves/s")
+        table.add_row(f"native merkle_levels, {args.leaves:,} leaves", f"{n_levels:.2f} s")
     table.add_row(f"verify_offline, validated bundle (batch path {depth})", f"{per_model:,.1f} µs")
     table.add_row(f"verify_offline from JSON ({size:,} bytes)", f"{per_json:,.1f} µs")
     console.print(table)

@@ -24,6 +24,7 @@ from anchor.merkle import LEAF_PREFIX, SALT_SIZE
 from anchor.merkle import root as merkle_root
 from streams import lake
 from streams.keystore import Kms
+from vitalproof import native
 from vitalproof.crashpoints import crashpoint
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch
@@ -168,7 +169,8 @@ class Sealer:
         crashpoint("after_files")
         if not leaves:  # every reading was a replay of an earlier batch
             return None
-        root = merkle_root(leaves)
+        fast = native.ext()  # the same RFC 9162 root; every leaf here is a 32-byte hash
+        root = fast.merkle_root(leaves) if fast is not None else merkle_root(leaves)
         leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
         write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
         crashpoint("after_leaves")
@@ -286,6 +288,12 @@ def leaf_hashes_salted(salts: Sequence[bytes], canonical: Sequence[bytes]) -> li
         raise ValueError(f"{len(salts)} salts for {len(canonical)} readings")
     if salts and set(map(len, salts)) != {SALT_SIZE}:
         raise MerkleError(f"salts must be {SALT_SIZE} bytes")
+    fast = native.ext()
+    if fast is not None:
+        try:
+            return fast.salted_leaves(salts, canonical)
+        except TypeError:
+            pass  # bytes-likes other than bytes: left to the reference, which takes any buffer
     ctx = hashlib.sha256(LEAF_PREFIX)
     out: list[bytes] = []
     append = out.append
