@@ -127,11 +127,13 @@ def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
 
 def run_inprocess(args: argparse.Namespace) -> None:
     """The worker's per-message work without Kafka: where the CPU goes, per stage."""
+    from streams.app import decode_clean
     from streams.batcher import Pending, Sealer
+    from streams.dedupe import DedupeWindows
     from streams.keystore import LocalKeystore
-    from streams.normalize import RecentIds, Rejection, normalize
+    from streams.normalize import Rejection, normalize
+    from vitalproof import clean_codec
     from vitalproof.registry import Device, DeviceStatus
-    from vitalproof.schema import SampleBatch
 
     msgs = generate(args.samples, args.devices, args.per_message)
     total = sum(m.samples for m in msgs)
@@ -144,18 +146,19 @@ def run_inprocess(args: argparse.Namespace) -> None:
     prof = cProfile.Profile() if args.profile else None
     try:
         sealer = Sealer(tmp / "lake", LocalKeystore(tmp / "keys"))
-        recent = RecentIds()
+        recent = DedupeWindows()
         if prof:
             prof.enable()
         t0 = _clock()
         clean: list[bytes] = []
-        for r in raws:
+        for i, r in enumerate(raws):
             b = normalize(r, devices.get)
             assert not isinstance(b, Rejection), b
-            recent.drop_seen(b)
-            clean.append(b.to_json())
+            recent.drop_seen(b, f"0:{i}")
+            clean.append(clean_codec.encode(b))
+        recent.drain()
         t1 = _clock()
-        pending = [Pending("clean", 0, i, SampleBatch.from_json(v)) for i, v in enumerate(clean)]
+        pending = [Pending("clean", 0, i, decode_clean(v)) for i, v in enumerate(clean)]
         t2 = _clock()
         rows = 0
         for i in range(0, len(pending), max(1, args.batch_rows // args.per_message)):

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import faust
 
+from streams import changelog
 from streams.batcher import Pending, Sealer
+from streams.dedupe import DedupeWindows
 from streams.keystore import LocalKeystore
-from streams.normalize import RecentIds, Rejection, normalize
+from streams.normalize import Rejection, normalize
 from streams.sequence import SequenceTracker
+from vitalproof import clean_codec
 from vitalproof.crashpoints import crashpoint
 from vitalproof.errors import WireFormatError
 from vitalproof.manifest import BatchManifest
@@ -27,6 +30,10 @@ from vitalproof.schema import SampleBatch
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Raw records normalized per take (at most), and how long a take waits to fill up.
+NORMALIZE_TAKE = 1000
+NORMALIZE_WITHIN_S = 0.2
 
 
 def dlq_headers(
@@ -68,16 +75,50 @@ def create_app(settings: Settings) -> faust.App:
     batches_topic = app.topic(settings.topic_batches, value_serializer="raw", key_serializer="raw")
     events_topic = app.topic(settings.topic_events, value_serializer="raw", key_serializer="raw")
 
+    dedupe_topic = app.topic(
+        settings.topic("vitals.dedupe"),
+        value_serializer="raw",
+        key_serializer="raw",
+        compacting=True,
+        partitions=settings.partitions,
+    )
+
     @app.agent(raw_topic)
     async def normalize_agent(stream: faust.StreamT[Any]) -> None:
         registry = Registry(settings.registry_path)
-        recent = RecentIds()
         sequences = SequenceTracker()
-        async for event in stream.events():
-            msg = event.message
-            raw = RawRecord.from_kafka(event.value or b"", _headers(event))
-            result = normalize(raw, registry.lookup)
-            if isinstance(result, Rejection):
+        await dedupe_topic.declare()
+        dedupe = DedupeWindows()
+        dedupe.load(
+            await changelog.read_all(settings.kafka_bootstrap, dedupe_topic.get_topic_name())
+        )
+        log.info(
+            "dedupe: %d reading ids in windows %s from the changelog", len(dedupe), dedupe.windows
+        )
+        take = cast(faust.Stream[Any], stream).noack_take
+        async for events in take(NORMALIZE_TAKE, within=NORMALIZE_WITHIN_S):
+            # Produce everything without waiting, then wait for all of it at once: one
+            # round trip per take, not per message.
+            sent: list[Awaitable[Any]] = []
+            for event in events:
+                sent.extend(await _normalize_one(event, registry, dedupe, sequences))
+            await asyncio.gather(*sent)
+            # Only now, with the clean records durable, may the changelog say their ids were
+            # seen: a changelog entry without its clean record would drop a reading forever.
+            await asyncio.gather(
+                *[await dedupe_topic.send(key=k, value=v) for k, v in dedupe.drain()]
+            )
+            for event in events:
+                await stream.ack(event)
+
+    async def _normalize_one(
+        event: Any, registry: Registry, dedupe: DedupeWindows, sequences: SequenceTracker
+    ) -> list[Awaitable[Any]]:
+        msg = event.message
+        raw = RawRecord.from_kafka(event.value or b"", _headers(event))
+        result = normalize(raw, registry.lookup)
+        if isinstance(result, Rejection):
+            return [
                 await dlq_topic.send(
                     key=raw.device_id.encode(),
                     value=raw.payload,
@@ -88,24 +129,32 @@ def create_app(settings: Settings) -> faust.App:
                         _headers(event),
                     ),
                 )
-                continue
-            recent.drop_seen(result)
-            for seq_event in sequences.observe(result):
+            ]
+        sent: list[Awaitable[Any]] = []
+        dedupe.drop_seen(result, f"{msg.partition}:{msg.offset}")
+        for seq_event in sequences.observe(result):
+            sent.append(
                 await events_topic.send(key=raw.device_id.encode(), value=seq_event.to_json())
-                log.info(
-                    "%s on %s: seq %d after %d (gaps %d, missing %d, resets %d so far)",
-                    seq_event.kind,
-                    seq_event.device_id,
-                    seq_event.seq,
-                    seq_event.last_seq,
-                    sequences.gaps,
-                    sequences.missing,
-                    sequences.resets,
+            )
+            log.info(
+                "%s on %s: seq %d after %d (gaps %d, missing %d, resets %d so far)",
+                seq_event.kind,
+                seq_event.device_id,
+                seq_event.seq,
+                seq_event.last_seq,
+                sequences.gaps,
+                sequences.missing,
+                sequences.resets,
+            )
+        if len(result):
+            assert result.patient_id is not None
+            sent.append(
+                await clean_topic.send(
+                    key=result.patient_id.encode(), value=clean_codec.encode(result)
                 )
-            if len(result):
-                assert result.patient_id is not None
-                await clean_topic.send(key=result.patient_id.encode(), value=result.to_json())
-                crashpoint("after_normalize")
+            )
+            crashpoint("after_normalize")
+        return sent
 
     @app.agent(clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
@@ -175,10 +224,20 @@ def _chunks_by_rows(events: Sequence[Any], max_rows: int) -> list[list[Any]]:
 
 
 def _count_hint(event: Any) -> int:
-    # The clean wire JSON lists every value; counting commas is a cheap upper bound that
-    # spares a full decode here (the sealer decodes once).
+    # The binary record says how many samples it holds; in a JSON one (written before the
+    # binary encoding) counting commas is a cheap upper bound. Either spares a full decode
+    # here (the sealer decodes once).
     value: bytes = event.value or b""
+    if clean_codec.is_clean_binary(value):
+        return max(1, clean_codec.sample_count(value))
     return max(1, value.count(b","))
+
+
+def decode_clean(value: bytes) -> SampleBatch:
+    """A record of vitals.clean: binary, or JSON from a worker that predates it."""
+    if clean_codec.is_clean_binary(value):
+        return clean_codec.decode(value)
+    return SampleBatch.from_json(value)
 
 
 def _decode_pending(events: list[Any]) -> tuple[list[Pending], list[tuple[Any, str]]]:
@@ -187,7 +246,7 @@ def _decode_pending(events: list[Any]) -> tuple[list[Pending], list[tuple[Any, s
     for e in events:
         m = e.message
         try:
-            batch = SampleBatch.from_json(e.value or b"")
+            batch = decode_clean(e.value or b"")
         except WireFormatError as err:
             rejected.append((e, str(err)))
             continue

@@ -313,7 +313,17 @@ class SampleBatch:
             if with_ids:
                 s["id"] += self.reading_id[start:stop]
             start = stop
-        doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, "device_id": self.device_id}
+        doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, **self.wire_header()}
+        doc["series"] = [{"metric": m, "unit": u, **cols} for (m, u), cols in series.items()]
+        return doc
+
+    def wire_header(self) -> dict[str, Any]:
+        """The per-batch fields under their wire names, ``None`` ones left out.
+
+        Both encodings (this JSON and vitalproof.clean_codec's header) use it: a new
+        per-batch field is added here once.
+        """
+        doc: dict[str, Any] = {"device_id": self.device_id}
         for name, val in (
             ("patient_id", self.patient_id),
             ("gateway_id", self.gateway_id),
@@ -323,7 +333,6 @@ class SampleBatch:
         ):
             if val is not None:
                 doc[name] = val
-        doc["series"] = [{"metric": m, "unit": u, **cols} for (m, u), cols in series.items()]
         return doc
 
     def to_json(self) -> bytes:
