@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from streams.app import decode_clean
+from streams.app import bundle_by_patient, decode_clean
 from vitalproof import clean_codec
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import Quality, SampleBatch, Transport
@@ -49,7 +49,8 @@ def test_every_field_round_trips_and_equals_the_json_codec():
     same(back, b)
     assert back.metric[-1] == "heart_rate"  # sample order kept (the JSON codec regroups)
     # records written as JSON by an older worker still decode
-    same(decode_clean(b.to_json()), SampleBatch.from_json(b.to_json()))
+    (old,) = decode_clean(b.to_json())
+    same(old, SampleBatch.from_json(b.to_json()))
     assert len(data) < len(b.to_json())
 
 
@@ -77,3 +78,48 @@ def test_optional_fields_stay_absent_and_ids_are_optional():
 def test_a_damaged_record_says_what_is_wrong(mangle, message):
     with pytest.raises(WireFormatError, match=message):
         clean_codec.decode(mangle(clean_codec.encode(normalized())))
+
+
+def test_a_bundle_carries_many_batches_in_order():
+    a, b = normalized(), normalized()
+    b.patient_id, b.device_id = "pat-2", "dev-2"
+    data = clean_codec.encode_bundle([a, b, a])
+    assert clean_codec.sample_count(data) == 3 * len(a)
+    back = decode_clean(data)
+    assert len(back) == 3
+    for x, y in zip(back, [a, b, a], strict=True):
+        same(x, y)
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda d: d[:-1], "runs past the end"),
+        (lambda d: d + b"\0", "bytes after its batches"),
+        (lambda d: d[:3] + struct.pack("<I", 1) + d[7:], "hold 16 samples, not 1"),
+        (lambda d: d[:7] + struct.pack("<I", 3) + d[11:], "ends before batch 2"),
+    ],
+)
+def test_a_damaged_bundle_says_what_is_wrong(mangle, message):
+    data = clean_codec.encode_bundle([normalized(), normalized()])
+    with pytest.raises(WireFormatError, match=message):
+        clean_codec.decode_any(mangle(data))
+
+
+def test_bundles_per_patient_keep_order_and_stay_under_the_size_cap():
+    def one(patient: str, n: int) -> SampleBatch:
+        b = SampleBatch(device_id=f"d-{patient}", patient_id=patient)
+        for i in range(n):
+            b.add("heart_rate", "/min", i, i, 60.0)
+        return b
+
+    batches = [one("p1", 5), one("p2", 3), one("p1", 4), one("p1", 2), one("p2", 9)]
+    out = bundle_by_patient(batches, max_samples=9)
+    assert [(p, [len(b) for b in chunk]) for p, chunk in out] == [
+        ("p1", [5, 4]),
+        ("p1", [2]),
+        ("p2", [3]),
+        ("p2", [9]),
+    ]
+    with pytest.raises(ValueError, match="not normalized"):
+        bundle_by_patient([SampleBatch(device_id="d")], 10)

@@ -17,6 +17,12 @@ Layout, little-endian::
     q        N x u32   quality flags
     id       N x 16 bytes (only when "ids" is true)
 
+A record may also be a *bundle* of such batches (normalize sends one per patient per take, so
+Kafka and Faust pay per bundle, not per device message)::
+
+    "VB" (2 bytes), version u8 (=1), samples u32 (all batches), batches K u32
+    K x (length u32, one "VC" batch as above)
+
 A new per-batch field goes into the header (absent means ``None``); a new per-sample column
 needs a version bump. The header is JSON on purpose: one small document per message costs
 nothing next to the columns and keeps the fields self-describing.
@@ -28,6 +34,7 @@ import json
 import struct
 import sys
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
 from vitalproof.errors import WireFormatError
@@ -43,13 +50,55 @@ _BIG_ENDIAN = sys.byteorder == "big"
 ID_BYTES = 16
 
 
+BUNDLE_MAGIC = b"VB"
+_LEN = struct.Struct("<I")
+
+
 def is_clean_binary(data: bytes) -> bool:
-    return data[:2] == MAGIC
+    return data[:2] in (MAGIC, BUNDLE_MAGIC)
 
 
 def sample_count(data: bytes) -> int:
-    """Samples in an encoded batch, from the fixed header alone (no decode)."""
+    """Samples in an encoded batch or bundle, from the fixed header alone (no decode)."""
     return int(_FIXED.unpack_from(data)[2]) if len(data) >= _FIXED.size else 0
+
+
+def encode_bundle(batches: Sequence[SampleBatch]) -> bytes:
+    parts = [b""]
+    for b in batches:
+        one = encode(b)
+        parts += [_LEN.pack(len(one)), one]
+    parts[0] = _FIXED.pack(BUNDLE_MAGIC, VERSION, sum(map(len, batches)), len(batches))
+    return b"".join(parts)
+
+
+def decode_any(data: bytes) -> list[SampleBatch]:
+    """The batches of a bundle, or the one batch of a plain record."""
+    if data[:2] != BUNDLE_MAGIC:
+        return [decode(data)]
+    if len(data) < _FIXED.size:
+        raise WireFormatError("clean bundle shorter than its fixed header")
+    _magic, version, total, count = _FIXED.unpack_from(data)
+    if version != VERSION:
+        raise WireFormatError(f"unsupported clean bundle version {version} (expected 1)")
+    pos = _FIXED.size
+    out: list[SampleBatch] = []
+    for k in range(count):
+        if pos + _LEN.size > len(data):
+            raise WireFormatError(f"clean bundle ends before batch {k} of {count}", offset=pos)
+        (size,) = _LEN.unpack_from(data, pos)
+        pos += _LEN.size
+        if pos + size > len(data):
+            raise WireFormatError(f"clean bundle: batch {k} runs past the end", offset=pos)
+        out.append(decode(data[pos : pos + size]))
+        pos += size
+    if pos != len(data):
+        raise WireFormatError(f"clean bundle: {len(data) - pos} bytes after its batches")
+    if sum(map(len, out)) != total:
+        raise WireFormatError(
+            f"clean bundle: batches hold {sum(map(len, out))} samples, not {total}"
+        )
+    return out
 
 
 def encode(batch: SampleBatch) -> bytes:
