@@ -42,6 +42,7 @@ CLEAN_BUNDLE_SAMPLES = 16_384
 #: vitals.clean records handed to the seal buffer per take, and how often it is fed.
 SEAL_TAKE = 256
 SEAL_TAKE_WITHIN_S = 0.2
+STREAM_BUFFER_RECORDS = 256
 
 
 def dlq_headers(
@@ -76,6 +77,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=False,
+        # Faust buffers up to this many *records* per stream; a vitals.clean bundle holds
+        # thousands of samples, so its default (4096) could hold most of a gigabyte.
+        stream_buffer_maxsize=STREAM_BUFFER_RECORDS,
     )
     raw_topic = app.topic(settings.topic_raw, value_serializer="raw", key_serializer="raw")
     clean_topic = app.topic(settings.topic_clean, value_serializer="raw", key_serializer="raw")
@@ -193,8 +197,9 @@ def create_app(settings: Settings) -> faust.App:
             async for events in take(SEAL_TAKE, within=SEAL_TAKE_WITHIN_S):
                 buffer.add(events, time.monotonic())
                 arrived.set()
-                # Back pressure: while the sealer is a batch behind, stop consuming.
-                while buffer.rows >= 2 * settings.batch_max_rows and not sealing.done():
+                # Back pressure: while a whole batch waits behind the one being sealed, stop
+                # consuming (memory stays at about two batches).
+                while buffer.rows >= settings.batch_max_rows and not sealing.done():
                     sealed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(sealed.wait(), 1.0)
