@@ -1,7 +1,7 @@
 """Streams benchmark: one worker, vitals.raw -> sealed encrypted Parquet, samples per second.
 
     .venv/bin/python bench/streams_bench.py [--seconds 60] [--samples 3000000] [--devices 100]
-        [--per-message 120] [--batch-rows 400000] [--plot streams_bench.png]
+        [--per-message 120] [--batch-rows 200000] [--plot streams_bench.png]
     .venv/bin/python bench/streams_bench.py --inprocess [--samples 400000] [--profile]
 
 End to end (default): starts a local stack (Kafka + Mosquitto on free ports, tmp home) unless
@@ -485,7 +485,12 @@ def main() -> None:
         default="json",
         help="device payloads on vitals.raw: SampleBatch JSON or vitalproof.binary",
     )
-    ap.add_argument("--batch-rows", type=int, default=400_000, help="worker batch_max_rows")
+    ap.add_argument(
+        "--batch-rows",
+        type=int,
+        default=200_000,
+        help="worker batch_max_rows (400,000 took the worker past 512 MB RSS)",
+    )
     ap.add_argument("--batch-age", type=float, default=10.0, help="worker batch_max_age_s")
     ap.add_argument("--plot", default="", help="write a PNG here (needs matplotlib)")
     ap.add_argument("--keep", action="store_true", help="keep the tmp home (lake, logs)")
