@@ -2,7 +2,10 @@
 (vitals.clean -> encrypted Parquet + manifest -> vitals.batches).
 
 Messages carry many samples each and travel as raw bytes (``value_serializer='raw'``): Faust's
-per-event overhead is paid per message, never per sample.
+per-event overhead is paid per message, never per sample. Both agents take records in bulk
+and ack them only once what they produced is durable; normalize sends one vitals.clean record
+per patient per take (a clean_codec bundle), and the sealer cuts batches out of a buffer by
+rows, records or age (streams.seal_buffer), sealing one while the next fills.
 """
 
 from __future__ import annotations
