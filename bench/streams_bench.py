@@ -139,7 +139,6 @@ def run_inprocess(args: argparse.Namespace) -> None:
         CLEAN_BUNDLE_SAMPLES,
         NORMALIZE_TAKE,
         bundle_by_patient,
-        decode_clean,
     )
     from streams.batcher import Pending, Sealer
     from streams.dedupe import DedupeWindows
@@ -175,7 +174,11 @@ def run_inprocess(args: argparse.Namespace) -> None:
                 clean.append(clean_codec.encode_bundle(bundle))
             recent.drain()
         t1 = _clock()
-        pending = [Pending("clean", 0, i, b) for i, v in enumerate(clean) for b in decode_clean(v)]
+        pending = [
+            Pending("clean", 0, i, b)
+            for i, v in enumerate(clean)
+            for b in clean_codec.decode_record(v)
+        ]
         t2 = _clock()
         rows = 0
         step = max(1, args.batch_rows // args.per_message)  # ~batch_rows per seal

@@ -308,20 +308,13 @@ def _count_hint(event: Any) -> int:
     return max(1, value.count(b","))
 
 
-def decode_clean(value: bytes) -> list[SampleBatch]:
-    """The batches of a vitals.clean record: binary, or JSON from a worker that predates it."""
-    if clean_codec.is_clean_binary(value):
-        return clean_codec.decode_any(value)
-    return [SampleBatch.from_json(value)]
-
-
 def _decode_pending(events: list[Any]) -> tuple[list[Pending], list[tuple[Any, str]]]:
     items: list[Pending] = []
     rejected: list[tuple[Any, str]] = []
     for e in events:
         m = e.message
         try:
-            batches = decode_clean(e.value or b"")
+            batches = clean_codec.decode_record(e.value or b"")
         except WireFormatError as err:
             rejected.append((e, str(err)))
             continue

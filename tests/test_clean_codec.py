@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from streams.app import bundle_by_patient, decode_clean
+from streams.app import bundle_by_patient
 from vitalproof import clean_codec
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import Quality, SampleBatch, Transport
@@ -49,7 +49,7 @@ def test_every_field_round_trips_and_equals_the_json_codec():
     same(back, b)
     assert back.metric[-1] == "heart_rate"  # sample order kept (the JSON codec regroups)
     # records written as JSON by an older worker still decode
-    (old,) = decode_clean(b.to_json())
+    (old,) = clean_codec.decode_record(b.to_json())
     same(old, SampleBatch.from_json(b.to_json()))
     assert len(data) < len(b.to_json())
 
@@ -85,7 +85,7 @@ def test_a_bundle_carries_many_batches_in_order():
     b.patient_id, b.device_id = "pat-2", "dev-2"
     data = clean_codec.encode_bundle([a, b, a])
     assert clean_codec.sample_count(data) == 3 * len(a)
-    back = decode_clean(data)
+    back = clean_codec.decode_record(data)
     assert len(back) == 3
     for x, y in zip(back, [a, b, a], strict=True):
         same(x, y)

@@ -12,9 +12,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streams import changelog
-from streams.app import decode_clean
 from streams.dedupe import RETAIN_WINDOWS, WINDOW_US
-from vitalproof import processes
+from vitalproof import clean_codec, processes
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Registry
 from vitalproof.schema import CONTENT_TYPE_JSON, Transport
@@ -64,7 +63,10 @@ async def produce(settings: Settings, *records: RawRecord) -> None:
 def clean_ids(settings: Settings) -> list[list[str]]:
     """The reading ids of every record on vitals.clean, record by record."""
     records = asyncio.run(changelog.read_all(settings.kafka_bootstrap, settings.topic_clean))
-    return [[rid for b in decode_clean(v or b"") for rid in b.reading_id] for _k, v in records]
+    return [
+        [rid for b in clean_codec.decode_record(v or b"") for rid in b.reading_id]
+        for _k, v in records
+    ]
 
 
 def dedupe_log(settings: Settings) -> dict[bytes, bytes | None]:

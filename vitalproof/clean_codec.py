@@ -72,6 +72,14 @@ def encode_bundle(batches: Sequence[SampleBatch]) -> bytes:
     return b"".join(parts)
 
 
+def decode_record(value: bytes) -> list[SampleBatch]:
+    """The batches of any vitals.clean record: binary, or JSON from a worker that predates
+    the binary records (what every reader of the topic should call)."""
+    if is_clean_binary(value):
+        return decode_any(value)
+    return [SampleBatch.from_json(value)]
+
+
 def decode_any(data: bytes) -> list[SampleBatch]:
     """The batches of a bundle, or the one batch of a plain record."""
     if data[:2] != BUNDLE_MAGIC:

@@ -2,9 +2,10 @@
 
 A *reading* is one sample of one metric from one device. On the wire, readings travel as a
 :class:`SampleBatch`: one device, many samples, stored column-wise so that a 50 Hz
-accelerometer sends one message per second instead of fifty. The same JSON shape serves the
-device payload on MQTT (device fields only) and ``vitals.clean`` (every field filled in by
-normalization), so there is one codec and one place to change it.
+accelerometer sends one message per second instead of fifty. This JSON shape is the device
+payload on MQTT (device fields only) and can carry every field normalization fills in;
+``vitals.clean`` carries the same fields in binary (:mod:`vitalproof.clean_codec`, whose
+header is :meth:`SampleBatch.wire_header`, so a new per-batch field is added in one place).
 
 Wire JSON, schema 1::
 
