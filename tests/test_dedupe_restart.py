@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams import changelog
 from streams.dedupe import RETAIN_WINDOWS, WINDOW_US
@@ -74,6 +76,19 @@ def dedupe_log(settings: Settings) -> dict[bytes, bytes | None]:
     return dict(asyncio.run(changelog.read_all(settings.kafka_bootstrap, topic)))
 
 
+async def cleanup_policy(settings: Settings, topic: str) -> str:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)]
+        )
+        (resource,) = response.resources
+        return next(str(c[1]) for c in resource[4] if c[0] == "cleanup.policy")
+    finally:
+        await admin.close()
+
+
 def wait_for(what: str, check: object, log: Path, within_s: float = 60.0) -> None:
     assert callable(check)
     deadline = time.monotonic() + within_s
@@ -133,3 +148,6 @@ def test_a_duplicate_after_a_restart_is_dropped_by_normalize(kafka_topics: Setti
     changelog_now = dedupe_log(settings)
     assert sorted(v is None for v in changelog_now.values()) == [False, True, True]
     assert [v for v in changelog_now.values() if v] == [bytes.fromhex(clean[2][0])]
+    # ... and Kafka compacts it: the topic keeps the live keys, not the history.
+    policy = asyncio.run(cleanup_policy(settings, settings.topic("vitals.dedupe")))
+    assert policy == "compact"
