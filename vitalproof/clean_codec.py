@@ -35,6 +35,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
+from itertools import groupby
 from typing import Any
 
 from vitalproof.errors import WireFormatError
@@ -111,12 +112,10 @@ def decode_any(data: bytes) -> list[SampleBatch]:
 
 def encode(batch: SampleBatch) -> bytes:
     n = len(batch)
-    runs: list[list[Any]] = []
-    for metric, unit in zip(batch.metric, batch.unit, strict=True):
-        if runs and runs[-1][0] == metric and runs[-1][1] == unit:
-            runs[-1][2] += 1
-        else:
-            runs.append([metric, unit, 1])
+    runs = [  # groupby walks the samples in C; a batch has a handful of runs
+        [metric, unit, sum(1 for _ in grp)]
+        for (metric, unit), grp in groupby(zip(batch.metric, batch.unit, strict=True))
+    ]
     with_ids = bool(batch.reading_id)
     if with_ids and len(batch.reading_id) != n:
         raise ValueError(f"{len(batch.reading_id)} reading ids for {n} samples")
