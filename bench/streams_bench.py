@@ -1,7 +1,7 @@
 """Streams benchmark: one worker, vitals.raw -> sealed encrypted Parquet, samples per second.
 
     .venv/bin/python bench/streams_bench.py [--seconds 60] [--samples 3000000] [--devices 100]
-        [--per-message 120] [--batch-rows 400000] [--plot streams_bench.png]
+        [--per-message 120] [--batch-rows 200000] [--plot streams_bench.png]
     .venv/bin/python bench/streams_bench.py --inprocess [--samples 400000] [--profile]
 
 End to end (default): starts a local stack (Kafka + Mosquitto on free ports, tmp home) unless
@@ -49,8 +49,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vitalproof import binary  # noqa: E402
 from vitalproof.raw import RawRecord  # noqa: E402
-from vitalproof.schema import CONTENT_TYPE_JSON, Transport  # noqa: E402
+from vitalproof.schema import CONTENT_TYPE_JSON, SampleBatch, Transport  # noqa: E402
 from vitalproof.settings import Settings  # noqa: E402
 
 US = 1_000_000
@@ -73,9 +74,12 @@ class Message:
     payload: bytes
     samples: int
     received_us: int
+    content_type: str = CONTENT_TYPE_JSON
 
 
-def generate(samples: int, devices: int, per_message: int, seed: int = 7) -> list[Message]:
+def generate(
+    samples: int, devices: int, per_message: int, seed: int = 7, encoding: str = "json"
+) -> list[Message]:
     """Device payloads, interleaved across devices, as a fleet would send them.
 
     Every device sends ``per_message`` samples per message (``per_message / 4`` seconds of
@@ -105,8 +109,12 @@ def generate(samples: int, devices: int, per_message: int, seed: int = 7) -> lis
                 series.append({"metric": metric, "unit": unit, "t": ts, "seq": seq, "v": vals})
             doc = {"schema": 1, "device_id": f"dev-{d:05d}", "series": series}
             payload = json.dumps(doc, separators=(",", ":")).encode()
+            ctype = CONTENT_TYPE_JSON
+            if encoding == "binary":  # the same samples in vitalproof.binary
+                payload = binary.encode(SampleBatch.from_json(payload), with_device=False)
+                ctype = binary.CONTENT_TYPE_BINARY
             rx = ts[-1] + 200_000
-            out.append(Message(f"dev-{d:05d}", payload, secs_per_msg * len(METRICS), rx))
+            out.append(Message(f"dev-{d:05d}", payload, secs_per_msg * len(METRICS), rx, ctype))
     return out
 
 
@@ -114,7 +122,7 @@ def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
     return RawRecord(
         device_id=m.device_id,
         payload=m.payload,
-        content_type=CONTENT_TYPE_JSON,
+        content_type=m.content_type,
         transport=Transport.MQTT,
         gateway_id=gateway,
         received_us=m.received_us,
@@ -127,13 +135,19 @@ def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
 
 def run_inprocess(args: argparse.Namespace) -> None:
     """The worker's per-message work without Kafka: where the CPU goes, per stage."""
+    from streams.app import (
+        CLEAN_BUNDLE_SAMPLES,
+        NORMALIZE_TAKE,
+        bundle_by_patient,
+    )
     from streams.batcher import Pending, Sealer
+    from streams.dedupe import DedupeWindows
     from streams.keystore import LocalKeystore
-    from streams.normalize import RecentIds, Rejection, normalize
+    from streams.normalize import Rejection, normalize
+    from vitalproof import clean_codec
     from vitalproof.registry import Device, DeviceStatus
-    from vitalproof.schema import SampleBatch
 
-    msgs = generate(args.samples, args.devices, args.per_message)
+    msgs = generate(args.samples, args.devices, args.per_message, encoding=args.raw_encoding)
     total = sum(m.samples for m in msgs)
     devices = {
         m.device_id: Device(m.device_id, f"pt-{m.device_id[4:]}", DeviceStatus.ACTIVE, 0)
@@ -144,22 +158,32 @@ def run_inprocess(args: argparse.Namespace) -> None:
     prof = cProfile.Profile() if args.profile else None
     try:
         sealer = Sealer(tmp / "lake", LocalKeystore(tmp / "keys"))
-        recent = RecentIds()
+        recent = DedupeWindows()
         if prof:
             prof.enable()
         t0 = _clock()
         clean: list[bytes] = []
-        for r in raws:
-            b = normalize(r, devices.get)
-            assert not isinstance(b, Rejection), b
-            recent.drop_seen(b)
-            clean.append(b.to_json())
+        for start in range(0, len(raws), NORMALIZE_TAKE):  # as the worker takes them
+            accepted = []
+            for i, r in enumerate(raws[start : start + NORMALIZE_TAKE], start):
+                b = normalize(r, devices.get)
+                assert not isinstance(b, Rejection), b
+                recent.drop_seen(b, f"0:{i}")
+                accepted.append(b)
+            for _patient, bundle in bundle_by_patient(accepted, CLEAN_BUNDLE_SAMPLES):
+                clean.append(clean_codec.encode_bundle(bundle))
+            recent.drain()
         t1 = _clock()
-        pending = [Pending("clean", 0, i, SampleBatch.from_json(v)) for i, v in enumerate(clean)]
+        pending = [
+            Pending("clean", 0, i, b)
+            for i, v in enumerate(clean)
+            for b in clean_codec.decode_record(v)
+        ]
         t2 = _clock()
         rows = 0
-        for i in range(0, len(pending), max(1, args.batch_rows // args.per_message)):
-            m = sealer.seal(pending[i : i + max(1, args.batch_rows // args.per_message)])
+        step = max(1, args.batch_rows // args.per_message)  # ~batch_rows per seal
+        for i in range(0, len(pending), step):
+            m = sealer.seal(pending[i : i + step])
             rows += m.rows if m else 0
         t3 = _clock()
         if prof:
@@ -321,12 +345,12 @@ def measure(args: argparse.Namespace, settings: Settings, registry: object, ensu
 
     assert isinstance(registry, Registry)
     t = _clock()
-    msgs = generate(args.samples, args.devices, args.per_message)
+    msgs = generate(args.samples, args.devices, args.per_message, encoding=args.raw_encoding)
     total = sum(m.samples for m in msgs)
     raw_bytes = sum(len(m.payload) for m in msgs)
     console.print(
         f"generated {len(msgs):,} messages, {total:,} samples "
-        f"({raw_bytes / total:.1f} B/sample of JSON) in {_clock() - t:.1f} s"
+        f"({raw_bytes / total:.1f} B/sample of {args.raw_encoding}) in {_clock() - t:.1f} s"
     )
     for d in sorted({m.device_id for m in msgs}):
         registry.enroll(d, f"pt-{d[4:]}")
@@ -458,7 +482,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3_000_000, help="samples to pre-fill")
     ap.add_argument("--devices", type=int, default=100, help="devices (one patient each)")
     ap.add_argument("--per-message", type=int, default=120, help="samples per Kafka message")
-    ap.add_argument("--batch-rows", type=int, default=400_000, help="worker batch_max_rows")
+    ap.add_argument(
+        "--raw-encoding",
+        choices=("json", "binary"),
+        default="json",
+        help="device payloads on vitals.raw: SampleBatch JSON or vitalproof.binary",
+    )
+    ap.add_argument(
+        "--batch-rows",
+        type=int,
+        default=200_000,
+        help="worker batch_max_rows (400,000 took the worker past 512 MB RSS)",
+    )
     ap.add_argument("--batch-age", type=float, default=10.0, help="worker batch_max_age_s")
     ap.add_argument("--plot", default="", help="write a PNG here (needs matplotlib)")
     ap.add_argument("--keep", action="store_true", help="keep the tmp home (lake, logs)")

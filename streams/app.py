@@ -2,23 +2,32 @@
 (vitals.clean -> encrypted Parquet + manifest -> vitals.batches).
 
 Messages carry many samples each and travel as raw bytes (``value_serializer='raw'``): Faust's
-per-event overhead is paid per message, never per sample.
+per-event overhead is paid per message, never per sample. Both agents take records in bulk
+and ack them only once what they produced is durable; normalize sends one vitals.clean record
+per patient per take (a clean_codec bundle), and the sealer cuts batches out of a buffer by
+rows, records or age (streams.seal_buffer), sealing one while the next fills.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import faust
 
+from streams import changelog
 from streams.batcher import Pending, Sealer
 from streams.clock import ClockEstimator
+from streams.dedupe import DedupeWindows
 from streams.keystore import LocalKeystore
-from streams.normalize import RecentIds, Rejection, normalize
+from streams.normalize import Rejection, normalize
+from streams.seal_buffer import SealBuffer
 from streams.sequence import SequenceTracker
+from vitalproof import clean_codec
 from vitalproof.crashpoints import crashpoint
 from vitalproof.errors import WireFormatError
 from vitalproof.manifest import BatchManifest
@@ -28,6 +37,16 @@ from vitalproof.schema import SampleBatch
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Raw records normalized per take (at most), and how long a take waits to fill up.
+NORMALIZE_TAKE = 1000
+NORMALIZE_WITHIN_S = 0.2
+#: Samples per vitals.clean record at most (~40 bytes each: well under Kafka's 1 MB).
+CLEAN_BUNDLE_SAMPLES = 16_384
+#: vitals.clean records handed to the seal buffer per take, and how often it is fed.
+SEAL_TAKE = 256
+SEAL_TAKE_WITHIN_S = 0.2
+STREAM_BUFFER_RECORDS = 256
 
 
 def dlq_headers(
@@ -62,6 +81,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=False,
+        # Faust buffers up to this many *records* per stream; a vitals.clean bundle holds
+        # thousands of samples, so its default (4096) could hold most of a gigabyte.
+        stream_buffer_maxsize=STREAM_BUFFER_RECORDS,
     )
     raw_topic = app.topic(settings.topic_raw, value_serializer="raw", key_serializer="raw")
     clean_topic = app.topic(settings.topic_clean, value_serializer="raw", key_serializer="raw")
@@ -69,17 +91,70 @@ def create_app(settings: Settings) -> faust.App:
     batches_topic = app.topic(settings.topic_batches, value_serializer="raw", key_serializer="raw")
     events_topic = app.topic(settings.topic_events, value_serializer="raw", key_serializer="raw")
 
+    dedupe_topic = app.topic(
+        settings.topic("vitals.dedupe"),
+        value_serializer="raw",
+        key_serializer="raw",
+        compacting=True,
+        partitions=settings.partitions,
+    )
+
     @app.agent(raw_topic)
     async def normalize_agent(stream: faust.StreamT[Any]) -> None:
         registry = Registry(settings.registry_path)
-        recent = RecentIds()
         sequences = SequenceTracker()
         clocks = ClockEstimator()
-        async for event in stream.events():
-            msg = event.message
-            raw = RawRecord.from_kafka(event.value or b"", _headers(event))
-            result = normalize(raw, registry.lookup)
-            if isinstance(result, Rejection):
+        await dedupe_topic.declare()
+        dedupe = DedupeWindows()
+        dedupe.load(
+            await changelog.read_all(settings.kafka_bootstrap, dedupe_topic.get_topic_name())
+        )
+        log.info(
+            "dedupe: %d reading ids in windows %s from the changelog", len(dedupe), dedupe.windows
+        )
+        take = cast(faust.Stream[Any], stream).noack_take
+        clean_name, dedupe_name = clean_topic.get_topic_name(), dedupe_topic.get_topic_name()
+        # A take never spans more raw records than a batch may: bundles stay within what
+        # one batch would have covered message by message.
+        per_take = min(NORMALIZE_TAKE, settings.batch_max_messages)
+        async for events in take(per_take, within=NORMALIZE_WITHIN_S):
+            # Produce everything without waiting, then wait for all of it at once: one
+            # round trip per take, not per message. The clean batches go out bundled per
+            # patient, straight through the producer (Faust's send costs per call).
+            sent: list[Awaitable[Any]] = []
+            accepted: list[SampleBatch] = []
+            for event in events:
+                sent.extend(
+                    await _normalize_one(event, registry, dedupe, sequences, clocks, accepted)
+                )
+            for patient_id, bundle in bundle_by_patient(accepted, CLEAN_BUNDLE_SAMPLES):
+                value = clean_codec.encode_bundle(bundle)
+                sent.append(await _send(clean_name, patient_id.encode(), value))
+            await asyncio.gather(*sent)
+            # Only now, with the clean records durable, may the changelog say their ids were
+            # seen: a changelog entry without its clean record would drop a reading forever.
+            await asyncio.gather(*[await _send(dedupe_name, k, v) for k, v in dedupe.drain()])
+            for event in events:
+                await stream.ack(event)
+
+    async def _send(topic: str, key: bytes, value: bytes | None) -> Awaitable[Any]:
+        return await app.producer.send(topic, key, value, None, None, None)
+
+    async def _normalize_one(
+        event: Any,
+        registry: Registry,
+        dedupe: DedupeWindows,
+        sequences: SequenceTracker,
+        clocks: ClockEstimator,
+        accepted: list[SampleBatch],
+    ) -> list[Awaitable[Any]]:
+        """Normalize one raw record: its batch goes to ``accepted``; the DLQ and sequence
+        events it causes are sent (their futures returned)."""
+        msg = event.message
+        raw = RawRecord.from_kafka(event.value or b"", _headers(event))
+        result = normalize(raw, registry.lookup)
+        if isinstance(result, Rejection):
+            return [
                 await dlq_topic.send(
                     key=raw.device_id.encode(),
                     value=raw.payload,
@@ -90,61 +165,115 @@ def create_app(settings: Settings) -> faust.App:
                         _headers(event),
                     ),
                 )
-                continue
-            recent.drop_seen(result)
-            for seq_event in sequences.observe(result):
+            ]
+        sent: list[Awaitable[Any]] = []
+        dedupe.drop_seen(result, f"{msg.partition}:{msg.offset}")
+        for seq_event in sequences.observe(result):
+            sent.append(
                 await events_topic.send(key=raw.device_id.encode(), value=seq_event.to_json())
-                log.info(
-                    "%s on %s: seq %d after %d (gaps %d, missing %d, resets %d so far)",
-                    seq_event.kind,
-                    seq_event.device_id,
-                    seq_event.seq,
-                    seq_event.last_seq,
-                    sequences.gaps,
-                    sequences.missing,
-                    sequences.resets,
-                )
-            for clock_event in clocks.observe(result):
+            )
+            log.info(
+                "%s on %s: seq %d after %d (gaps %d, missing %d, resets %d so far)",
+                seq_event.kind,
+                seq_event.device_id,
+                seq_event.seq,
+                seq_event.last_seq,
+                sequences.gaps,
+                sequences.missing,
+                sequences.resets,
+            )
+        # Before the batch is bundled: the estimate travels with it (clock_offset_us).
+        for clock_event in clocks.observe(result):
+            sent.append(
                 await events_topic.send(key=raw.device_id.encode(), value=clock_event.to_json())
-                log.info("%s (%d clock jumps so far)", clock_event.describe(), clocks.jumps)
-            if len(result):
-                assert result.patient_id is not None
-                await clean_topic.send(key=result.patient_id.encode(), value=result.to_json())
-                crashpoint("after_normalize")
+            )
+            log.info("%s (%d clock jumps so far)", clock_event.describe(), clocks.jumps)
+        if len(result):
+            accepted.append(result)
+            crashpoint("after_normalize")
+        return sent
 
     @app.agent(clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
         sealer = Sealer(settings.lake_dir, LocalKeystore(settings.keys_dir))
         for unsent in sealer.unproduced():
             await _produce_manifest(batches_topic, sealer, unsent)
+        buffer: SealBuffer[Any] = SealBuffer(
+            max_rows=settings.batch_max_rows,
+            max_records=settings.batch_max_messages,
+            max_age_s=settings.batch_max_age_s,
+            rows_of=_count_hint,
+        )
+        arrived, sealed = asyncio.Event(), asyncio.Event()
+        sealing = asyncio.create_task(_seal_loop(stream, sealer, buffer, arrived, sealed))
         take = cast(faust.Stream[Any], stream).noack_take
-        async for events in take(settings.batch_max_messages, within=settings.batch_max_age_s):
-            for chunk in _chunks_by_rows(events, settings.batch_max_rows):
-                items, rejected = _decode_pending(chunk)
-                for event, reason in rejected:
-                    msg = event.message
-                    await dlq_topic.send(
-                        key=event.key,
-                        value=event.value,
-                        headers=dlq_headers(
-                            reason,
-                            "seal",
-                            f"{msg.topic}/{msg.partition}/{msg.offset}",
-                            _headers(event),
-                        ),
-                    )
-                manifest: BatchManifest | None = await asyncio.to_thread(sealer.seal, items)
-                if manifest is not None:
-                    await _produce_manifest(batches_topic, sealer, manifest)
-                    log.info(
-                        "sealed %s: %d rows, %d files",
-                        manifest.batch_id,
-                        manifest.rows,
-                        len(manifest.files),
-                    )
-                for event in chunk:
-                    await stream.ack(event)
-                crashpoint("after_ack")
+        try:
+            async for events in take(SEAL_TAKE, within=SEAL_TAKE_WITHIN_S):
+                buffer.add(events, time.monotonic())
+                arrived.set()
+                # Back pressure: while a whole batch waits behind the one being sealed, stop
+                # consuming (memory stays at about two batches).
+                while buffer.rows >= settings.batch_max_rows and not sealing.done():
+                    sealed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(sealed.wait(), 1.0)
+                if sealing.done():
+                    sealing.result()  # the sealer died: so does the agent, loudly
+        finally:
+            sealing.cancel()
+
+    async def _seal_loop(
+        stream: faust.StreamT[Any],
+        sealer: Sealer,
+        buffer: SealBuffer[Any],
+        arrived: asyncio.Event,
+        sealed: asyncio.Event,
+    ) -> None:
+        """Seal each batch as soon as it is due (rows, records or age), oldest first, while
+        the agent keeps consuming: the next batch fills during the seal."""
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), buffer.seconds_left(time.monotonic()))
+                arrived.clear()
+                while buffer.ready(time.monotonic()):
+                    await _seal_batch(stream, sealer, buffer.pop_batch())
+                    sealed.set()
+        except Exception:
+            # Said now, not when the agent next looks (no record may come to make it look).
+            log.exception("the sealer failed; nothing more is sealed or acked")
+            raise
+
+    async def _seal_batch(stream: faust.StreamT[Any], sealer: Sealer, chunk: list[Any]) -> None:
+        items, rejected = _decode_pending(chunk)
+        sent = []
+        for event, reason in rejected:
+            msg = event.message
+            sent.append(
+                await dlq_topic.send(
+                    key=event.key,
+                    value=event.value,
+                    headers=dlq_headers(
+                        reason,
+                        "seal",
+                        f"{msg.topic}/{msg.partition}/{msg.offset}",
+                        _headers(event),
+                    ),
+                )
+            )
+        await asyncio.gather(*sent)
+        manifest: BatchManifest | None = await asyncio.to_thread(sealer.seal, items)
+        if manifest is not None:
+            await _produce_manifest(batches_topic, sealer, manifest)
+            log.info(
+                "sealed %s: %d rows, %d files",
+                manifest.batch_id,
+                manifest.rows,
+                len(manifest.files),
+            )
+        for event in chunk:
+            await stream.ack(event)
+        crashpoint("after_ack")
 
     return app
 
@@ -156,33 +285,37 @@ async def _produce_manifest(topic: faust.TopicT, sealer: Sealer, manifest: Batch
     sealer.mark_produced(manifest)
 
 
+def bundle_by_patient(
+    batches: Sequence[SampleBatch], max_samples: int
+) -> list[tuple[str, list[SampleBatch]]]:
+    """Group batches per patient (arrival order kept within a patient), and split a group
+    once it holds ``max_samples`` samples, so no record outgrows Kafka's message size."""
+    groups: dict[str, list[list[SampleBatch]]] = {}
+    sizes: dict[str, int] = {}
+    for b in batches:
+        if b.patient_id is None:
+            raise ValueError(f"batch from {b.device_id} is not normalized (no patient id)")
+        chunks = groups.setdefault(b.patient_id, [[]])
+        if chunks[-1] and sizes[b.patient_id] + len(b) > max_samples:
+            chunks.append([])
+            sizes[b.patient_id] = 0
+        chunks[-1].append(b)
+        sizes[b.patient_id] = sizes.get(b.patient_id, 0) + len(b)
+    return [(p, chunk) for p, chunks in groups.items() for chunk in chunks]
+
+
 def _headers(event: Any) -> dict[str, bytes]:
     h = event.headers or {}
     return {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in dict(h).items()}
 
 
-def _chunks_by_rows(events: Sequence[Any], max_rows: int) -> list[list[Any]]:
-    """Split one take into consecutive chunks of at most ~``max_rows`` samples each.
-
-    Consecutive chunks keep each partition's offsets contiguous and non-overlapping, which is
-    what makes a batch id (derived from the offsets it covers) deterministic.
-    """
-    chunks: list[list[Any]] = [[]]
-    rows = 0
-    for e in events:
-        n = _count_hint(e)
-        if chunks[-1] and rows + n > max_rows:
-            chunks.append([])
-            rows = 0
-        chunks[-1].append(e)
-        rows += n
-    return chunks
-
-
 def _count_hint(event: Any) -> int:
-    # The clean wire JSON lists every value; counting commas is a cheap upper bound that
-    # spares a full decode here (the sealer decodes once).
+    # The binary record says how many samples it holds; in a JSON one (written before the
+    # binary encoding) counting commas is a cheap upper bound. Either spares a full decode
+    # here (the sealer decodes once).
     value: bytes = event.value or b""
+    if clean_codec.is_clean_binary(value):
+        return max(1, clean_codec.sample_count(value))
     return max(1, value.count(b","))
 
 
@@ -192,9 +325,10 @@ def _decode_pending(events: list[Any]) -> tuple[list[Pending], list[tuple[Any, s
     for e in events:
         m = e.message
         try:
-            batch = SampleBatch.from_json(e.value or b"")
+            batches = clean_codec.decode_record(e.value or b"")
         except WireFormatError as err:
             rejected.append((e, str(err)))
             continue
-        items.append(Pending(m.topic, m.partition, m.offset, batch))
+        # A bundle's batches share its offset: the sealer covers and skips them together.
+        items.extend(Pending(m.topic, m.partition, m.offset, b) for b in batches)
     return items, rejected

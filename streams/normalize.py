@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -152,50 +151,3 @@ def _flag_run(
         if not_before is not None and t < not_before:
             q |= Quality.BEFORE_ENROLLMENT
         quality[i] = int(q)
-
-
-class RecentIds:
-    """Bounded memory of recently seen reading ids, for deduplication.
-
-    Retransmissions arrive within seconds to minutes of the original, so a bounded LRU
-    catches them without unbounded growth. (It lives in the worker's memory: a restart
-    forgets it, and the batcher's own per-batch dedupe is then the last line.)
-    """
-
-    def __init__(self, capacity: int = 500_000) -> None:
-        self.capacity = capacity
-        self._seen: OrderedDict[str, None] = OrderedDict()
-
-    def drop_seen(self, batch: SampleBatch) -> int:
-        """Remove samples already seen (in place); return how many were removed.
-
-        Retransmissions are rare: when none of the batch's ids is known and none repeats
-        within it (two C-level set tests) the ids are added in one update; only otherwise
-        is the batch walked id by id.
-        """
-        seen = self._seen
-        ids = batch.reading_id
-        unique = set(ids)
-        # isdisjoint walks the *set* (the smaller side), probing the dict: O(len(ids)). With
-        # a list argument it would walk the whole memory and scan the list for each entry.
-        if len(unique) == len(ids) and seen.keys().isdisjoint(unique):
-            seen.update(dict.fromkeys(ids))
-            self._trim()
-            return 0
-        keep = []
-        for i, rid in enumerate(ids):
-            if rid in seen:
-                seen.move_to_end(rid)
-                continue
-            seen[rid] = None
-            keep.append(i)
-        self._trim()
-        dropped = len(batch) - len(keep)
-        if dropped:
-            batch.keep_only(keep)
-        return dropped
-
-    def _trim(self) -> None:
-        seen = self._seen
-        while len(seen) > self.capacity:
-            seen.popitem(last=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from streams.normalize import RecentIds, Rejection, normalize
+from streams.normalize import Rejection, normalize
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Device, DeviceStatus
 from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch, Transport
@@ -81,17 +81,3 @@ def test_rejections_carry_reason_and_original_bytes():
         assert isinstance(out, Rejection), reason
         assert reason in out.reason
         assert out.raw.payload == record.payload
-
-
-def test_recent_ids_drop_retransmissions_and_stay_bounded():
-    doc = {"schema": 1, "series": [series("heart_rate", "/min", [60, 61, 62])]}
-    recent = RecentIds(capacity=4)
-    first = normalize(raw(doc), DEVICES.get)
-    again = normalize(raw(doc), DEVICES.get)
-    assert isinstance(first, SampleBatch) and isinstance(again, SampleBatch)
-    assert recent.drop_seen(first) == 0 and len(first) == 3
-    assert recent.drop_seen(again) == 3 and len(again) == 0
-    other = normalize(raw({"schema": 1, "series": [series("spo2", "%", [97, 98])]}), DEVICES.get)
-    assert isinstance(other, SampleBatch)
-    recent.drop_seen(other)
-    assert len(recent._seen) == 4

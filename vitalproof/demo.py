@@ -275,7 +275,7 @@ async def _count_records(rs: Settings, topic: str) -> int:
 async def _count_clean_readings(rs: Settings) -> int:
     from aiokafka import AIOKafkaConsumer
 
-    from vitalproof.schema import SampleBatch
+    from vitalproof.clean_codec import decode_record
 
     consumer = AIOKafkaConsumer(
         rs.topic_clean,
@@ -290,7 +290,8 @@ async def _count_clean_readings(rs: Settings) -> int:
         while batches := await consumer.getmany(timeout_ms=1500):
             for records in batches.values():
                 for r in records:
-                    ids.update(SampleBatch.from_json(r.value or b"").reading_id)
+                    for batch in decode_record(r.value or b""):
+                        ids.update(batch.reading_id)
         return len(ids)
     finally:
         await consumer.stop()

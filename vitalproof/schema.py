@@ -2,9 +2,10 @@
 
 A *reading* is one sample of one metric from one device. On the wire, readings travel as a
 :class:`SampleBatch`: one device, many samples, stored column-wise so that a 50 Hz
-accelerometer sends one message per second instead of fifty. The same JSON shape serves the
-device payload on MQTT (device fields only) and ``vitals.clean`` (every field filled in by
-normalization), so there is one codec and one place to change it.
+accelerometer sends one message per second instead of fifty. This JSON shape is the device
+payload on MQTT (device fields only) and can carry every field normalization fills in;
+``vitals.clean`` carries the same fields in binary (:mod:`vitalproof.clean_codec`, whose
+header is :meth:`SampleBatch.wire_header`, so a new per-batch field is added in one place).
 
 Wire JSON, schema 1::
 
@@ -349,7 +350,17 @@ class SampleBatch:
             if with_ids:
                 s["id"] += self.reading_id[start:stop]
             start = stop
-        doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, "device_id": self.device_id}
+        doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, **self.wire_header()}
+        doc["series"] = [{"metric": m, "unit": u, **cols} for (m, u), cols in series.items()]
+        return doc
+
+    def wire_header(self) -> dict[str, Any]:
+        """The per-batch fields under their wire names, ``None`` ones left out.
+
+        Both encodings (this JSON and vitalproof.clean_codec's header) use it: a new
+        per-batch field is added here once.
+        """
+        doc: dict[str, Any] = {"device_id": self.device_id}
         for name, val in (
             ("patient_id", self.patient_id),
             ("gateway_id", self.gateway_id),
@@ -360,7 +371,6 @@ class SampleBatch:
         ):
             if val is not None:
                 doc[name] = val
-        doc["series"] = [{"metric": m, "unit": u, **cols} for (m, u), cols in series.items()]
         return doc
 
     def to_json(self) -> bytes:
