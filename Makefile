@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 # on a non-login PATH; pip fetches maturin for the build. tests/test_native.py fails without it.
 $(VENV)/.native: $(VENV)/.installed native/pyproject.toml native/Cargo.toml native/Cargo.lock \
 		$(wildcard native/src/*.rs) native/vitalproof_native.pyi
+	@PATH="$$HOME/.cargo/bin:$$PATH" command -v cargo >/dev/null || { \
+		echo "make: cargo (Rust >= 1.85) not found: install it with rustup to build native/"; exit 1; }
 	PATH="$$HOME/.cargo/bin:$$PATH" $(PY) -m pip install -q ./native
 	@touch $@
 
