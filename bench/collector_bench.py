@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
 import pickle
@@ -173,10 +174,19 @@ def publisher_main(config_path: str) -> None:
     status = Path(cfg["status"])
     last_status = time.monotonic()
 
-    def fill(c: _Conn) -> None:
-        free = c.window - c.inflight
+    # Offered load: cfg["rate"] messages/s from this process (0: as fast as the broker
+    # acks). Unpaced, the publishers offer several times what the broker can forward, and
+    # mosquitto then spends its one core accepting messages it drops for the subscriber
+    # (its queue for a session is bounded): that measures an overloaded broker, not the
+    # subscriber.
+    rate = float(cfg["rate"])
+    sent = 0
+    t0 = time.monotonic()
+
+    def fill(c: _Conn, limit: int) -> int:
+        free = min(c.window - c.inflight, limit)
         if free <= 0:
-            return
+            return 0
         parts = []
         n_t = len(c.templates)
         for _ in range(free):
@@ -186,11 +196,20 @@ def publisher_main(config_path: str) -> None:
             c.next_id = c.next_id % 65535 + 1
         c.sock.sendall(b"".join(parts))  # blocking: a packet is never half written
         c.inflight += free
+        return free
 
-    for c in conns:
-        fill(c)
+    first = 0
     while not stop:
-        for key, _ in sel.select(0.5):
+        budget = int(rate * (time.monotonic() - t0)) - sent if rate else 1 << 62
+        # Round robin from a moving start, so no connection is always served last.
+        for k in range(len(conns)):
+            if budget <= 0:
+                break
+            n = fill(conns[(first + k) % len(conns)], budget)
+            sent += n
+            budget -= n
+        first = (first + 1) % len(conns)
+        for key, _ in sel.select(0.002 if rate else 0.5):
             c = key.data
             data = c.sock.recv(65536)  # readable: does not block
             if not data:
@@ -215,7 +234,6 @@ def publisher_main(config_path: str) -> None:
                     acked += 1
                 i = j + rl
             c.buf = buf[i:]
-            fill(c)
         now = time.monotonic()
         if now - last_status >= 0.25:
             status.write_text(json.dumps({"acked": acked, "t": now}))
@@ -252,6 +270,7 @@ class Publishers:
         n: int,
         window: int,
         workdir: Path,
+        rate: float,
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.status: list[Path] = []
@@ -263,6 +282,7 @@ class Publishers:
                 "host": settings.mqtt_host,
                 "port": settings.mqtt_port,
                 "window": window,
+                "rate": rate / n,
                 "content_type": binary.CONTENT_TYPE_BINARY,
                 "status": str(status),
                 "devices": [(d, pw, [p for p, _ in payloads[d]]) for d, pw in mine],
@@ -365,7 +385,11 @@ def measure_mosquitto_sub(
 
 
 async def measure_collector(
-    settings: Settings, pubs_factory: Callable[[], Publishers], warmup: float, window: float
+    settings: Settings,
+    pubs_factory: Callable[[], Publishers],
+    warmup: float,
+    window: float,
+    profile: Path | None = None,
 ) -> tuple[float, float, dict[str, int]]:
     """(collector acked messages/s, publisher acked messages/s, collector stats)."""
     from ingest.mqtt import MqttCollector, MqttCredentials
@@ -380,9 +404,15 @@ async def measure_collector(
     try:
         await asyncio.sleep(warmup)
         pubs.check()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:  # the collector runs on this thread: all of it is seen
+            profiler.enable()
         c0, a0, t0 = collector.stats.acked, pubs.acked(), time.monotonic()
         await asyncio.sleep(window)
         c1, a1, t1 = collector.stats.acked, pubs.acked(), time.monotonic()
+        if profiler is not None and profile is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
         pubs.check()
     finally:
         pubs.stop()
@@ -431,12 +461,23 @@ def main() -> int:
     ap.add_argument("--tick-s", type=float, default=0.2, help="device time per message")
     ap.add_argument("--window", type=float, default=15.0, help="measured seconds per phase")
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=25_000,
+        help="offered messages/s, all publishers together (0: as fast as the broker acks)",
+    )
     ap.add_argument("--inflight", type=int, default=20, help="PUBACK window per device")
     ap.add_argument(
         "--broker-inflight",
         type=int,
         default=1000,
         help="max_inflight_messages for the bench's own broker (0: the stack's default, 20)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="cProfile the collector's measured window into this file (slows it down)",
     )
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args()
@@ -503,7 +544,9 @@ def main() -> int:
         mean_bytes = statistics.fmean(len(p) for p, _ in all_msgs)
 
         def pubs_factory() -> Publishers:
-            return Publishers(settings, devices, payloads, args.publishers, args.inflight, tmp)
+            return Publishers(
+                settings, devices, payloads, args.publishers, args.inflight, tmp, args.rate
+            )
 
         with console.status("phase 1: mosquitto_sub reading the stream"):
             sub_rate, sub_pub_rate = measure_mosquitto_sub(
@@ -511,7 +554,7 @@ def main() -> int:
             )
         with console.status("phase 2: one collector -> Kafka"):
             col_rate, col_pub_rate, stats = asyncio.run(
-                measure_collector(settings, pubs_factory, args.warmup, args.window)
+                measure_collector(settings, pubs_factory, args.warmup, args.window, args.profile)
             )
             decoded, raw_mean = asyncio.run(check_raw(settings, 2000))
     finally:
@@ -523,6 +566,7 @@ def main() -> int:
     figures = {
         "devices": args.devices,
         "publishers": args.publishers,
+        "offered_msgs_per_s": args.rate or None,
         "payload_bytes_mean": round(mean_bytes, 1),
         "samples_per_message": round(mean_samples, 2),
         "mosquitto_sub_msgs_per_s": round(sub_rate),
@@ -540,6 +584,9 @@ def main() -> int:
     table.add_column("measure")
     table.add_column("result", justify="right")
     table.add_column("target", justify="right")
+    table.add_row(
+        "offered by the publishers", f"{args.rate:,.0f} msg/s" if args.rate else "flood", ""
+    )
     table.add_row("payload (mean)", f"{mean_bytes:,.0f} B, {mean_samples:.1f} samples", "")
     table.add_row("mosquitto_sub read (broker ceiling)", f"{sub_rate:,.0f} msg/s", "")
     table.add_row("collector acked to Kafka", f"{col_rate:,.0f} msg/s", ">= 20,000")
