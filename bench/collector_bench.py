@@ -8,13 +8,20 @@ What it does (bounded, about two minutes):
 2. Enrolls ``--devices`` devices and pre-generates their payloads with the simulator
    (:class:`device_sims.physiology.SimDevice`, 50 Hz triaxial accelerometer, one message per
    ``--tick-s`` of device time), encoded with :mod:`vitalproof.binary`.
-3. Phase "mosquitto_sub": ``--publishers`` publisher processes flood the broker while
-   ``mosquitto_sub -q 1 -t 'devices/#'`` (the collector account) reads the same stream: the
-   broker's ceiling on this machine with this publisher.
+3. Phase "mosquitto_sub": ``--publishers`` publisher processes publish while
+   ``mosquitto_sub -q 1 -t 'devices/#'`` (the collector account; it prints 2 bytes per
+   message to a pipe that is only counted) reads the same stream: the broker's ceiling on
+   this machine with this publisher.
 4. Phase "collector": the same publishers, and ONE :class:`ingest.mqtt.MqttCollector`
    (this process) forwarding to Kafka ``vitals.raw``; its acked count (PUBACK only after
    Kafka acked) over a fixed window gives messages/s; samples/s = messages/s x the mean
    samples per message, which is checked by decoding records read back from ``vitals.raw``.
+
+The offered load is a closed loop by default: the publishers stay at most ``--backlog``
+messages ahead of what the phase's subscriber consumed, so each phase measures its
+subscriber's ceiling. Open loop (``--backlog 0 --rate R``) offers R messages/s whatever
+happens; above a subscriber's ceiling, mosquitto then accepts messages it has to queue (and
+past its per-session queue bound, drop), and spends its one core doing so.
 
 Why a raw-socket publisher instead of :class:`device_sims.fleet.Fleet`: the fleet simulates
 physiology and computes reading ids per sample, a few thousand messages/s per core, which
@@ -24,7 +31,7 @@ credential, QoS 1 PUBLISH with the content type property, PUBACK window = the br
 Receive Maximum) and sends payloads built beforehand, cycling through them: repeated reading
 ids do not matter to a collector, which never parses payloads.
 
-Run: ``.venv/bin/python bench/collector_bench.py [--devices 100] [--window 15]``
+Run: ``.venv/bin/python bench/collector_bench.py [--devices 100] [--window 15] [--json]``
 """
 
 from __future__ import annotations
@@ -174,12 +181,16 @@ def publisher_main(config_path: str) -> None:
     status = Path(cfg["status"])
     last_status = time.monotonic()
 
-    # Offered load: cfg["rate"] messages/s from this process (0: as fast as the broker
-    # acks). Unpaced, the publishers offer several times what the broker can forward, and
-    # mosquitto then spends its one core accepting messages it drops for the subscriber
-    # (its queue for a session is bounded): that measures an overloaded broker, not the
-    # subscriber.
+    # Offered load: at most cfg["rate"] messages/s from this process (0: no cap), and, when
+    # cfg["credit"] names a file, no more than this process's share of the total the
+    # measuring process allows there (what its subscriber consumed plus a bounded backlog).
+    # Unpaced, the publishers offer several times what the broker can forward, and mosquitto
+    # spends its one core accepting messages it then drops for the subscriber (its queue per
+    # session is bounded): that measures an overloaded broker, not the subscriber.
     rate = float(cfg["rate"])
+    credit = Path(cfg["credit"]) if cfg["credit"] else None
+    allowed = 1 << 62
+    next_credit = 0.0
     sent = 0
     t0 = time.monotonic()
 
@@ -200,7 +211,12 @@ def publisher_main(config_path: str) -> None:
 
     first = 0
     while not stop:
-        budget = int(rate * (time.monotonic() - t0)) - sent if rate else 1 << 62
+        now = time.monotonic()
+        if credit is not None and now >= next_credit:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                allowed = int(int(credit.read_text()) * cfg["share"])
+            next_credit = now + 0.01
+        budget = min(int(rate * (now - t0)) if rate else 1 << 62, allowed) - sent
         # Round robin from a moving start, so no connection is always served last.
         for k in range(len(conns)):
             if budget <= 0:
@@ -209,7 +225,7 @@ def publisher_main(config_path: str) -> None:
             sent += n
             budget -= n
         first = (first + 1) % len(conns)
-        for key, _ in sel.select(0.002 if rate else 0.5):
+        for key, _ in sel.select(0.002 if rate or credit else 0.5):
             c = key.data
             data = c.sock.recv(65536)  # readable: does not block
             if not data:
@@ -271,10 +287,14 @@ class Publishers:
         window: int,
         workdir: Path,
         rate: float,
+        backlog: int,
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.status: list[Path] = []
         run = uuid.uuid4().hex[:6]
+        self.backlog = backlog
+        self.credit = workdir / f"credit{run}" if backlog else None
+        self.grant(0)
         for k in range(n):
             mine = devices[k::n]
             status = workdir / f"pub{run}-{k}.json"
@@ -283,6 +303,8 @@ class Publishers:
                 "port": settings.mqtt_port,
                 "window": window,
                 "rate": rate / n,
+                "credit": str(self.credit) if self.credit else None,
+                "share": 1 / n,
                 "content_type": binary.CONTENT_TYPE_BINARY,
                 "status": str(status),
                 "devices": [(d, pw, [p for p, _ in payloads[d]]) for d, pw in mine],
@@ -296,6 +318,13 @@ class Publishers:
                     stderr=(workdir / f"pub{k}.log").open("wb"),
                 )
             )
+
+    def grant(self, consumed: int) -> None:
+        """Allow the publishers ``consumed`` + backlog messages in all (closed loop)."""
+        if self.credit is not None:
+            tmp = self.credit.with_suffix(".tmp")
+            tmp.write_text(str(consumed + self.backlog))
+            tmp.replace(self.credit)
 
     def acked(self) -> int:
         total = 0
@@ -353,6 +382,7 @@ def measure_mosquitto_sub(
     )
     count = 0
     lock = threading.Lock()
+    done = threading.Event()
 
     def reader() -> None:
         nonlocal count
@@ -361,10 +391,15 @@ def measure_mosquitto_sub(
             with lock:
                 count += chunk.count(b"\n")
 
+    def granter() -> None:
+        while not done.wait(0.005):
+            pubs.grant(count)
+
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     time.sleep(1.0)  # subscribed
     pubs = pubs_factory()
+    threading.Thread(target=granter, daemon=True).start()
     try:
         time.sleep(warmup)
         pubs.check()
@@ -377,6 +412,7 @@ def measure_mosquitto_sub(
         a1, t1 = pubs.acked(), time.monotonic()
         pubs.check()
     finally:
+        done.set()
         pubs.stop()
         sub.terminate()
         sub.wait(10)
@@ -401,6 +437,13 @@ async def measure_collector(
     task = asyncio.create_task(collector.run(stop=stop))
     await asyncio.wait_for(collector.subscribed.wait(), 30)
     pubs = pubs_factory()
+
+    async def grant() -> None:
+        while True:
+            pubs.grant(collector.stats.acked)
+            await asyncio.sleep(0.005)
+
+    granting = asyncio.create_task(grant())
     try:
         await asyncio.sleep(warmup)
         pubs.check()
@@ -415,6 +458,7 @@ async def measure_collector(
             profiler.dump_stats(profile)
         pubs.check()
     finally:
+        granting.cancel()
         pubs.stop()
         stop.set()
         await asyncio.wait_for(task, 60)
@@ -464,8 +508,16 @@ def main() -> int:
     ap.add_argument(
         "--rate",
         type=float,
-        default=25_000,
-        help="offered messages/s, all publishers together (0: as fast as the broker acks)",
+        default=0,
+        help="offered messages/s at most, all publishers together (0: no cap)",
+    )
+    ap.add_argument(
+        "--backlog",
+        type=int,
+        default=5_000,
+        help="closed loop: publish at most this many messages ahead of what the subscriber "
+        "consumed, so each phase finds its subscriber's ceiling without overflowing "
+        "mosquitto's queue (0: open loop, --rate alone)",
     )
     ap.add_argument("--inflight", type=int, default=20, help="PUBACK window per device")
     ap.add_argument(
@@ -545,7 +597,14 @@ def main() -> int:
 
         def pubs_factory() -> Publishers:
             return Publishers(
-                settings, devices, payloads, args.publishers, args.inflight, tmp, args.rate
+                settings,
+                devices,
+                payloads,
+                args.publishers,
+                args.inflight,
+                tmp,
+                args.rate,
+                args.backlog,
             )
 
         with console.status("phase 1: mosquitto_sub reading the stream"):
@@ -566,7 +625,8 @@ def main() -> int:
     figures = {
         "devices": args.devices,
         "publishers": args.publishers,
-        "offered_msgs_per_s": args.rate or None,
+        "offered_msgs_per_s_cap": args.rate or None,
+        "backlog": args.backlog or None,
         "payload_bytes_mean": round(mean_bytes, 1),
         "samples_per_message": round(mean_samples, 2),
         "mosquitto_sub_msgs_per_s": round(sub_rate),
@@ -585,7 +645,10 @@ def main() -> int:
     table.add_column("result", justify="right")
     table.add_column("target", justify="right")
     table.add_row(
-        "offered by the publishers", f"{args.rate:,.0f} msg/s" if args.rate else "flood", ""
+        "offered load",
+        (f"at most {args.rate:,.0f} msg/s" if args.rate else "no rate cap")
+        + (f", <= {args.backlog:,} ahead of the subscriber" if args.backlog else ""),
+        "",
     )
     table.add_row("payload (mean)", f"{mean_bytes:,.0f} B, {mean_samples:.1f} samples", "")
     table.add_row("mosquitto_sub read (broker ceiling)", f"{sub_rate:,.0f} msg/s", "")
