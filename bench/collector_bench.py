@@ -426,7 +426,7 @@ async def measure_collector(
     warmup: float,
     window: float,
     profile: Path | None = None,
-) -> tuple[float, float, dict[str, int]]:
+) -> tuple[float, float, dict[str, float]]:
     """(collector acked messages/s, publisher acked messages/s, collector stats)."""
     from ingest.mqtt import MqttCollector, MqttCredentials
     from vitalproof.stack import collector_credentials
@@ -451,8 +451,10 @@ async def measure_collector(
         if profiler is not None:  # the collector runs on this thread: all of it is seen
             profiler.enable()
         c0, a0, t0 = collector.stats.acked, pubs.acked(), time.monotonic()
+        cpu0 = time.process_time()
         await asyncio.sleep(window)
         c1, a1, t1 = collector.stats.acked, pubs.acked(), time.monotonic()
+        cpu1 = time.process_time()
         if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(profile)
@@ -467,6 +469,10 @@ async def measure_collector(
         "forwarded": collector.stats.forwarded,
         "acked": collector.stats.acked,
         "produce_errors": collector.stats.produce_errors,
+        # CPU of this process (the collector, and the bench's credit writes) per message:
+        # steadier than messages/s on a machine others share.
+        "cpu_us_per_msg": round((cpu1 - cpu0) * 1e6 / max(c1 - c0, 1), 1),
+        "cpu_share": round((cpu1 - cpu0) / (t1 - t0), 2),
     }
     return (c1 - c0) / (t1 - t0), (a1 - a0) / (t1 - t0), stats
 
@@ -654,6 +660,11 @@ def main() -> int:
     table.add_row("mosquitto_sub read (broker ceiling)", f"{sub_rate:,.0f} msg/s", "")
     table.add_row("collector acked to Kafka", f"{col_rate:,.0f} msg/s", ">= 20,000")
     table.add_row("collector samples", f"{col_rate * mean_samples:,.0f} samples/s", ">= 200,000")
+    table.add_row(
+        "collector CPU per message (CPU share)",
+        f"{stats['cpu_us_per_msg']:.1f} µs ({stats['cpu_share']:.2f} core)",
+        "",
+    )
     table.add_row("collector / mosquitto_sub", f"{figures['collector_over_mosquitto_sub']}", "")
     table.add_row(
         "publishers acked (phase 1 / 2)", f"{sub_pub_rate:,.0f} / {col_pub_rate:,.0f} msg/s", ""
