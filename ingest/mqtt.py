@@ -379,9 +379,7 @@ class MqttCollector:
             self._failure = e
             self._wake.set()
             return
-        ack = self._client.ack
-        for mid in mids:
-            ack(mid, 1)
+        self._client.ack_many(mids)
         self.stats.acked += len(mids)
 
     async def _drain(self) -> None:

@@ -9,7 +9,9 @@ overrides two of paho's internal hooks and nothing else:
 - ``_sock_recv`` serves paho's small reads from one 64 KiB ``recv()``;
 - ``_handle_publish`` decodes a QoS 1 MQTT v5 PUBLISH by hand into (packet id, topic,
   payload, content type) and hands that to :attr:`FastClient.on_publish_fast`, without an
-  ``MQTTMessage``. Anything it does not fully understand goes to paho's own handler.
+  ``MQTTMessage``. Anything it does not fully understand goes to paho's own handler;
+- :meth:`FastClient.ack_many` queues the PUBACKs of a whole burst as one write through
+  ``_packet_queue`` (paho's ``ack()`` costs a queued packet and a ``send()`` each).
 
 CONNECT, SUBSCRIBE, PUBACK, keepalive, QoS 0/2, TLS and reconnects stay paho's. The hooks are
 private, so they are checked at import (:data:`SUPPORTED`) and the client falls back to plain
@@ -30,8 +32,10 @@ PublishSink = Callable[[int, str, bytes, str], None]
 
 SUPPORTED = all(
     callable(getattr(mqtt.Client, name, None))
-    for name in ("_sock_recv", "_handle_publish", "_packet_read")
+    for name in ("_sock_recv", "_handle_publish", "_packet_read", "_packet_queue")
 )
+_PUBACK = 0x40
+_PUBACK_HEAD = bytes([_PUBACK, 2])  # remaining length 2: packet id only, reason Success
 
 
 class UnhandledPublish(ValueError):
@@ -112,6 +116,20 @@ class FastClient(mqtt.Client):
     def buffered(self) -> bool:
         """Bytes already read from the socket but not yet parsed: select() cannot see them."""
         return self._rpos < len(self._rbuf) and self._rsock is self._sock
+
+    def ack_many(self, mids: list[int]) -> None:
+        """PUBACK (QoS 1, manual acks) each of ``mids``, in order, in one write.
+
+        Without a reason code or properties, as paho writes them: in MQTT 5 that means
+        Success (3.4.2.1)."""
+        if not SUPPORTED or not self._manual_ack:
+            for mid in mids:
+                self.ack(mid, 1)
+            return
+        if mids:
+            head = _PUBACK_HEAD
+            packet = b"".join([head + mid.to_bytes(2, "big") for mid in mids])
+            self._packet_queue(_PUBACK, packet, 0, 0)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if not SUPPORTED:

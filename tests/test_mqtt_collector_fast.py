@@ -24,7 +24,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest.mqtt import AckLedger, CollectorError, MqttCollector, MqttCredentials
-from ingest.mqtt_client import READ_CHUNK, SUPPORTED, UnhandledPublish, decode_publish_v5
+from ingest.mqtt_client import (
+    READ_CHUNK,
+    SUPPORTED,
+    FastClient,
+    UnhandledPublish,
+    decode_publish_v5,
+)
 from vitalproof import binary
 from vitalproof.raw import RawRecord
 from vitalproof.schema import CONTENT_TYPE_JSON
@@ -292,3 +298,27 @@ def test_publishes_read_ahead_behind_another_packet_are_not_left_waiting() -> No
     assert [(m, t, p, ct) for m, t, p, ct, _ in inbox] == [
         (mid, "devices/d-1/vitals", b"p%d" % mid, binary.CONTENT_TYPE_BINARY) for mid in (1, 2, 3)
     ]
+
+
+def test_ack_many_writes_what_paho_ack_writes_one_by_one() -> None:
+    mids = [1, 2, 255, 256, 65535]
+    written = []
+    for batched in (False, True):
+        client = FastClient(
+            CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        ours, broker = socket.socketpair()
+        try:
+            client._sock = ours  # what connect() would have opened
+            if batched:
+                client.ack_many(mids)
+            else:
+                for mid in mids:
+                    client.ack(mid, 1)
+            client.loop_write()
+            written.append(broker.recv(1 << 16))
+        finally:
+            client._sock = None
+            ours.close()
+            broker.close()
+    assert written[0] == written[1] == b"".join(b"\x40\x02" + m.to_bytes(2, "big") for m in mids)
