@@ -46,6 +46,7 @@ SESSION_EXPIRY_S = 24 * 3600
 # so throughput is at most this many per Kafka round trip: mosquitto's default of 20 would
 # cap the collector near a thousand messages a second.
 RECEIVE_MAXIMUM = 1000
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
 
 
 class CollectorError(VitalproofError):
@@ -142,6 +143,8 @@ class MqttCollector:
         """Set once the broker granted the subscription: from then on nothing is missed."""
         self._connect_error: str | None = None
         self._closing = False
+        self._reconnect_at = 0.0
+        self._reconnect_delay = RECONNECT_MIN_S
         self._client = self._make_client()
 
     # -- paho side (callbacks run on the event loop) -------------------------------------
@@ -233,6 +236,7 @@ class MqttCollector:
         topic = f"$share/{self.settings.mqtt_share_group}/{DEVICE_TOPIC_FILTER}"
         client.subscribe(topic, qos=1)
         log.info("collector connected (session present: %s)", flags.session_present)
+        self._reconnect_delay = RECONNECT_MIN_S
         self._connected.set()
 
     def _on_disconnect(
@@ -295,7 +299,6 @@ class MqttCollector:
             ) from e
         deadline = None if duration_s is None else time.monotonic() + duration_s
         next_misc = time.monotonic() + 1.0
-        reconnect_delay = 0.5
         try:
             await asyncio.wait_for(self._connected.wait(), 30)
             if self._connect_error:
@@ -315,10 +318,8 @@ class MqttCollector:
                     next_misc = now + 1.0
                     if self._client.socket() is not None:
                         self._client.loop_misc()
-                    elif not self._connected.is_set():
-                        reconnect_delay = self._reconnect(reconnect_delay)
-                    if self._connected.is_set():
-                        reconnect_delay = 0.5
+                if self._client.socket() is None and now >= self._reconnect_at:
+                    self._reconnect(now)
                 if not self._inbox:
                     wait = 0.2 if remaining is None else min(0.2, remaining)
                     with contextlib.suppress(TimeoutError):
@@ -334,14 +335,16 @@ class MqttCollector:
                 await producer.stop()
         return self.stats
 
-    def _reconnect(self, delay: float) -> float:
-        """One reconnect attempt (the session brings back whatever was unacked)."""
+    def _reconnect(self, now: float) -> None:
+        """One reconnect attempt (the session brings back whatever was unacked); the next,
+        if this one fails or the broker refuses it, after an exponential backoff."""
+        delay = self._reconnect_delay
+        self._reconnect_at = now + delay
+        self._reconnect_delay = min(delay * 2, RECONNECT_MAX_S)
         try:
             self._client.reconnect()
         except OSError as e:
             log.warning("MQTT reconnect failed (%s); next try in %.1f s", e, delay)
-            return min(delay * 2, 10.0)
-        return delay
 
     async def _forward(self, sender: BurstSender) -> None:
         """Send everything received so far to Kafka as one burst."""
