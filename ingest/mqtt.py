@@ -190,21 +190,14 @@ class MqttCollector:
         self._loop.remove_writer(sock)
 
     def _on_readable(self) -> None:
-        """Read every packet the socket holds: one burst, one wake-up of the run loop."""
+        """Read what the socket holds (every complete packet of it): one burst, one wake-up
+        of the run loop."""
         client, inbox = self._client, self._inbox
         self._received_us = time.time_ns() // 1000
         before = len(inbox)
-        for _ in range(4 * RECEIVE_MAXIMUM):  # bounded: other callbacks get their turn
-            n = len(inbox)
-            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+        for _ in range(64):  # bounded (4 MiB): other callbacks get their turn
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or not client.read_more():
                 break
-            if len(inbox) == n and not client.buffered():
-                # Nothing new and nothing read ahead: the socket is drained, or held another
-                # packet type and the reader fires again while bytes remain. TLS may still
-                # hold decrypted bytes that select() cannot see.
-                sock = client.socket()
-                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                    break
         if len(inbox) > before:
             self._wake.set()
 

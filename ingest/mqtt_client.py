@@ -4,12 +4,14 @@ Profiling the collector at 25,000 offered messages/s (``bench/collector_bench.py
 put 85 % of its time in paho's receive path: four ``recv()`` calls per packet (the command
 byte, each remaining-length byte, then the body) and a generic MQTT v5 ``Properties`` object
 per PUBLISH, whose constructor alone runs some seventy ``str.replace`` calls. This subclass
-overrides two of paho's internal hooks and nothing else:
+replaces that path and nothing else:
 
-- ``_sock_recv`` serves paho's small reads from one 64 KiB ``recv()``;
-- ``_handle_publish`` decodes a QoS 1 MQTT v5 PUBLISH by hand into (packet id, topic,
-  payload, content type) and hands that to :attr:`FastClient.on_publish_fast`, without an
-  ``MQTTMessage``. Anything it does not fully understand goes to paho's own handler;
+- :meth:`FastClient.loop_read` reads up to 64 KiB at once and frames every complete packet
+  in it (paho reads one packet per call, byte by byte up to its body). A QoS 1 MQTT v5
+  PUBLISH is decoded by hand into (packet id, topic, payload, content type) and handed to
+  :attr:`FastClient.on_publish_fast`, without an ``MQTTMessage``; every other packet, and any
+  PUBLISH the lean decoder does not fully understand, goes to paho's own ``_packet_handle``
+  with paho's reader state set as its reader would have left it;
 - :meth:`FastClient.ack_many` queues the PUBACKs of a whole burst as one write through
   ``_packet_queue`` (paho's ``ack()`` costs a queued packet and a ``send()`` each).
 
@@ -20,10 +22,14 @@ paho when they are missing; tests/test_mqtt_collector_fast.py pins their behavio
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
+
+MQTTv5 = MQTTProtocolVersion.MQTTv5
 
 READ_CHUNK = 1 << 16
 
@@ -32,8 +38,8 @@ PublishSink = Callable[[int, str, bytes, str], None]
 
 SUPPORTED = all(
     callable(getattr(mqtt.Client, name, None))
-    for name in ("_sock_recv", "_handle_publish", "_packet_read", "_packet_queue")
-)
+    for name in ("_sock_recv", "_packet_handle", "_packet_queue", "_loop_rc_handle", "_easy_log")
+) and all(hasattr(mqtt, name) for name in ("time_func", "MQTT_ERR_CONN_LOST", "MQTT_ERR_PROTOCOL"))
 _PUBACK = 0x40
 _PUBACK_HEAD = bytes([_PUBACK, 2])  # remaining length 2: packet id only, reason Success
 
@@ -109,13 +115,9 @@ class FastClient(mqtt.Client):
     on_publish_fast: PublishSink | None = None
     """Receives each QoS 1 PUBLISH instead of ``on_message`` (which still gets the others)."""
 
-    _rbuf: bytes = b""
-    _rpos: int = 0
-    _rsock: object = None
-
-    def buffered(self) -> bool:
-        """Bytes already read from the socket but not yet parsed: select() cannot see them."""
-        return self._rpos < len(self._rbuf) and self._rsock is self._sock
+    _partial: bytearray | None = None  # the start of a packet the next read completes
+    _partial_sock: object = None
+    _read_more = False
 
     def ack_many(self, mids: list[int]) -> None:
         """PUBACK (QoS 1, manual acks) each of ``mids``, in order, in one write.
@@ -131,34 +133,108 @@ class FastClient(mqtt.Client):
             packet = b"".join([head + mid.to_bytes(2, "big") for mid in mids])
             self._packet_queue(_PUBACK, packet, 0, 0)
 
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if not SUPPORTED:
-            return super()._sock_recv(bufsize)
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf) or self._rsock is not self._sock:
-            buf = super()._sock_recv(READ_CHUNK)  # raises BlockingIOError when empty
-            self._rsock, pos = self._sock, 0
-            if not buf:  # closed by the broker
-                self._rbuf, self._rpos = b"", 0
-                return buf
-        end = pos + bufsize
-        self._rbuf, self._rpos = buf, end
-        return buf[pos:end]
+    def read_more(self) -> bool:
+        """The last read filled its buffer, or TLS holds decrypted bytes select() cannot see:
+        read again before waiting for the socket."""
+        sock = self._sock
+        return self._read_more or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
-    def _handle_publish(self) -> MQTTErrorCode:
-        sink = self.on_publish_fast
-        packet = self._in_packet
-        if (
-            sink is None
-            or not SUPPORTED
-            or not self._manual_ack
-            or (packet["command"] & 0x06) != 0x02  # QoS 1 only
-            or self._protocol != MQTTProtocolVersion.MQTTv5
-        ):
-            return super()._handle_publish()
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        """One ``recv()`` of up to 64 KiB, and every complete packet in it handled."""
+        sock = self._sock
+        if not SUPPORTED or sock is None:
+            return super().loop_read(max_packets)
+        self._read_more = False
         try:
-            mid, topic, payload, content_type = decode_publish_v5(packet["packet"])
-        except UnhandledPublish:
-            return super()._handle_publish()  # paho decides, as it always did
-        sink(mid, topic, payload, content_type)
+            data = self._sock_recv(READ_CHUNK)
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        except OSError as err:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if not data:
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        self._read_more = len(data) == READ_CHUNK
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        buf = self._partial if self._partial_sock is sock else None
+        if buf is None:
+            buf = bytearray(data)
+        else:
+            buf += data
+        rc, used = self._handle_packets(buf, sock)
+        del buf[:used]
+        self._partial, self._partial_sock = (buf, sock) if buf else (None, None)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._partial = None
+            return self._loop_rc_handle(rc)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_packets(self, buf: bytearray, sock: object) -> tuple[MQTTErrorCode, int]:
+        """Handle the complete packets at the start of ``buf``: (paho's result code, bytes
+        used). Stops at the first incomplete packet, or when a handler closed the socket."""
+        sink, n, i = self.on_publish_fast, len(buf), 0
+        fast = sink is not None and self._manual_ack and self._protocol == MQTTv5
+        while i + 2 <= n:
+            command, length, shift, j = buf[i], 0, 0, i + 1
+            while True:  # remaining length: a variable byte integer, 4 bytes at most
+                if j >= n:
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS, i
+                byte = buf[j]
+                j += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    return MQTTErrorCode.MQTT_ERR_PROTOCOL, i
+            end = j + length
+            if end > n:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS, i
+            body = buf[j:end]
+            if fast and command & 0xF6 == 0x32:  # PUBLISH, QoS 1 (any DUP, RETAIN)
+                try:
+                    mid, topic, payload, content_type = decode_publish_v5(body)
+                except UnhandledPublish:
+                    pass  # paho's handler decides, below
+                else:
+                    assert sink is not None
+                    sink(mid, topic, payload, content_type)
+                    i = end
+                    continue
+            rc = self._paho_handle(command, buf[i + 1 : j], length, body)
+            i = end
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is not sock:
+                return rc, n  # the rest belonged to a connection that is gone
+        return MQTTErrorCode.MQTT_ERR_SUCCESS, i
+
+    def _paho_handle(
+        self, command: int, length_bytes: bytearray, length: int, body: bytearray
+    ) -> MQTTErrorCode:
+        """One packet through paho's handlers, with its reader's state as paho leaves it."""
+        self._in_packet = {
+            "command": command,
+            "have_remaining": 1,
+            "remaining_count": list(length_bytes),
+            "remaining_mult": 1 << (7 * len(length_bytes)),
+            "remaining_length": length,
+            "packet": body,
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        return rc

@@ -322,3 +322,56 @@ def test_ack_many_writes_what_paho_ack_writes_one_by_one() -> None:
             ours.close()
             broker.close()
     assert written[0] == written[1] == b"".join(b"\x40\x02" + m.to_bytes(2, "big") for m in mids)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 1000, 1 << 20])
+def test_framing_holds_whatever_the_reads_cut(piece: int) -> None:
+    """Packets cut anywhere by the network (inside the remaining length, the topic, the
+    properties, the payload) come out whole and in order; what the lean path leaves to
+    paho (a QoS 0 PUBLISH, a PINGRESP) still reaches paho's handlers."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = binary.CONTENT_TYPE_BINARY
+    props.UserProperty = ("k", "v")
+    sizes = [0, 1, 100, 127, 128, 16383, 16384, 70_000]
+    stream = b"\xd0\x00"  # PINGRESP
+    want = []
+    for mid, size in enumerate(sizes, start=1):
+        payload = bytes([mid]) * size
+        body = publish_body(f"devices/d-{mid}/vitals", mid, props, payload)
+        stream += b"\x32" + _remaining_length(len(body)) + body
+        want.append((mid, f"devices/d-{mid}/vitals", payload, binary.CONTENT_TYPE_BINARY))
+    qos0 = b"\x00\x0cdevices/q/vs" + b"\x00" + b"qos0"
+    stream += b"\x30" + _remaining_length(len(qos0)) + qos0
+
+    client = FastClient(
+        CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True
+    )
+    got: list[tuple[int, str, bytes, str]] = []
+    others: list[bytes] = []
+    client.on_publish_fast = lambda *m: got.append(m)
+    client.on_message = lambda c, u, msg: others.append(msg.payload)
+    ours, broker = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        client._sock = ours  # what connect() would have opened
+        for k in range(0, len(stream), piece):
+            broker.sendall(stream[k : k + piece])
+            while True:
+                assert client.loop_read() == mqtt.MQTT_ERR_SUCCESS
+                if not client.read_more():
+                    break
+    finally:
+        client._sock = None
+        ours.close()
+        broker.close()
+    assert got == want
+    assert others == [b"qos0"]
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
