@@ -49,6 +49,8 @@ class UnhandledPublish(ValueError):
 
 
 def _varint(body: bytes | bytearray, i: int) -> tuple[int, int]:
+    """The MQTT variable byte integer at ``body[i]``: (value, index after it). IndexError if
+    ``body`` ends first; ValueError past the 4 bytes MQTT allows."""
     value, shift = 0, 0
     for _ in range(4):
         byte = body[i]
@@ -57,7 +59,7 @@ def _varint(body: bytes | bytearray, i: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, i
         shift += 7
-    raise UnhandledPublish("variable byte integer longer than 4 bytes")
+    raise ValueError("variable byte integer longer than 4 bytes")
 
 
 def _length16(body: bytes | bytearray, i: int) -> int:
@@ -104,7 +106,9 @@ def decode_publish_v5(body: bytes | bytearray) -> tuple[int, str, bytes, str]:
                 raise UnhandledPublish(f"property {pid:#04x} in a PUBLISH")
         if i != end:
             raise UnhandledPublish("properties do not end where their length says")
-    except (IndexError, UnicodeDecodeError) as e:
+    except UnhandledPublish:
+        raise
+    except (IndexError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise UnhandledPublish(f"malformed PUBLISH: {e}") from e
     return mid, topic, bytes(body[end:]), content_type
 
@@ -176,18 +180,13 @@ class FastClient(mqtt.Client):
         sink, n, i = self.on_publish_fast, len(buf), 0
         fast = sink is not None and self._manual_ack and self._protocol == MQTTv5
         while i + 2 <= n:
-            command, length, shift, j = buf[i], 0, 0, i + 1
-            while True:  # remaining length: a variable byte integer, 4 bytes at most
-                if j >= n:
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS, i
-                byte = buf[j]
-                j += 1
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    return MQTTErrorCode.MQTT_ERR_PROTOCOL, i
+            command = buf[i]
+            try:
+                length, j = _varint(buf, i + 1)  # the remaining length
+            except IndexError:  # not all here yet
+                return MQTTErrorCode.MQTT_ERR_SUCCESS, i
+            except ValueError:
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL, i
             end = j + length
             if end > n:
                 return MQTTErrorCode.MQTT_ERR_SUCCESS, i

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from ingest.mqtt import AckLedger, CollectorError, MqttCollector, MqttCredentials
 from ingest.mqtt_client import (
@@ -338,10 +338,10 @@ def test_framing_holds_whatever_the_reads_cut(piece: int) -> None:
     for mid, size in enumerate(sizes, start=1):
         payload = bytes([mid]) * size
         body = publish_body(f"devices/d-{mid}/vitals", mid, props, payload)
-        stream += b"\x32" + _remaining_length(len(body)) + body
+        stream += b"\x32" + VariableByteIntegers.encode(len(body)) + body
         want.append((mid, f"devices/d-{mid}/vitals", payload, binary.CONTENT_TYPE_BINARY))
     qos0 = b"\x00\x0cdevices/q/vs" + b"\x00" + b"qos0"
-    stream += b"\x30" + _remaining_length(len(qos0)) + qos0
+    stream += b"\x30" + VariableByteIntegers.encode(len(qos0)) + qos0
 
     client = FastClient(
         CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True
@@ -366,12 +366,3 @@ def test_framing_holds_whatever_the_reads_cut(piece: int) -> None:
         broker.close()
     assert got == want
     assert others == [b"qos0"]
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
