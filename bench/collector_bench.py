@@ -68,6 +68,10 @@ from vitalproof import binary  # noqa: E402
 from vitalproof.settings import Settings  # noqa: E402
 
 T0 = 1_732_200_000_000_000
+# How often the measuring process rewrites the publishers' credit (closed loop): a file
+# rename in the collector's own process, so not too often; 5,000 messages of backlog last
+# about 80 ms at 60,000 msg/s.
+GRANT_EVERY_S = 0.02
 
 
 # -- a minimal MQTT v5 QoS 1 publisher (runs in its own process) ------------------------------
@@ -392,7 +396,7 @@ def measure_mosquitto_sub(
                 count += chunk.count(b"\n")
 
     def granter() -> None:
-        while not done.wait(0.005):
+        while not done.wait(GRANT_EVERY_S):
             pubs.grant(count)
 
     thread = threading.Thread(target=reader, daemon=True)
@@ -441,7 +445,7 @@ async def measure_collector(
     async def grant() -> None:
         while True:
             pubs.grant(collector.stats.acked)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(GRANT_EVERY_S)
 
     granting = asyncio.create_task(grant())
     try:
