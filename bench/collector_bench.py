@@ -8,13 +8,20 @@ What it does (bounded, about two minutes):
 2. Enrolls ``--devices`` devices and pre-generates their payloads with the simulator
    (:class:`device_sims.physiology.SimDevice`, 50 Hz triaxial accelerometer, one message per
    ``--tick-s`` of device time), encoded with :mod:`vitalproof.binary`.
-3. Phase "mosquitto_sub": ``--publishers`` publisher processes flood the broker while
-   ``mosquitto_sub -q 1 -t 'devices/#'`` (the collector account) reads the same stream: the
-   broker's ceiling on this machine with this publisher.
+3. Phase "mosquitto_sub": ``--publishers`` publisher processes publish while
+   ``mosquitto_sub -q 1 -t 'devices/#'`` (the collector account; it prints 2 bytes per
+   message to a pipe that is only counted) reads the same stream: the broker's ceiling on
+   this machine with this publisher.
 4. Phase "collector": the same publishers, and ONE :class:`ingest.mqtt.MqttCollector`
    (this process) forwarding to Kafka ``vitals.raw``; its acked count (PUBACK only after
    Kafka acked) over a fixed window gives messages/s; samples/s = messages/s x the mean
    samples per message, which is checked by decoding records read back from ``vitals.raw``.
+
+The offered load is a closed loop by default: the publishers stay at most ``--backlog``
+messages ahead of what the phase's subscriber consumed, so each phase measures its
+subscriber's ceiling. Open loop (``--backlog 0 --rate R``) offers R messages/s whatever
+happens; above a subscriber's ceiling, mosquitto then accepts messages it has to queue (and
+past its per-session queue bound, drop), and spends its one core doing so.
 
 Why a raw-socket publisher instead of :class:`device_sims.fleet.Fleet`: the fleet simulates
 physiology and computes reading ids per sample, a few thousand messages/s per core, which
@@ -24,7 +31,7 @@ credential, QoS 1 PUBLISH with the content type property, PUBACK window = the br
 Receive Maximum) and sends payloads built beforehand, cycling through them: repeated reading
 ids do not matter to a collector, which never parses payloads.
 
-Run: ``.venv/bin/python bench/collector_bench.py [--devices 100] [--window 15]``
+Run: ``.venv/bin/python bench/collector_bench.py [--devices 100] [--window 15] [--json]``
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
 import pickle
@@ -60,6 +68,10 @@ from vitalproof import binary  # noqa: E402
 from vitalproof.settings import Settings  # noqa: E402
 
 T0 = 1_732_200_000_000_000
+# How often the measuring process rewrites the publishers' credit (closed loop): a file
+# rename in the collector's own process, so not too often; 5,000 messages of backlog last
+# about 80 ms at 60,000 msg/s.
+GRANT_EVERY_S = 0.02
 
 
 # -- a minimal MQTT v5 QoS 1 publisher (runs in its own process) ------------------------------
@@ -173,10 +185,23 @@ def publisher_main(config_path: str) -> None:
     status = Path(cfg["status"])
     last_status = time.monotonic()
 
-    def fill(c: _Conn) -> None:
-        free = c.window - c.inflight
+    # Offered load: at most cfg["rate"] messages/s from this process (0: no cap), and, when
+    # cfg["credit"] names a file, no more than this process's share of the total the
+    # measuring process allows there (what its subscriber consumed plus a bounded backlog).
+    # Unpaced, the publishers offer several times what the broker can forward, and mosquitto
+    # spends its one core accepting messages it then drops for the subscriber (its queue per
+    # session is bounded): that measures an overloaded broker, not the subscriber.
+    rate = float(cfg["rate"])
+    credit = Path(cfg["credit"]) if cfg["credit"] else None
+    allowed = 1 << 62
+    next_credit = 0.0
+    sent = 0
+    t0 = time.monotonic()
+
+    def fill(c: _Conn, limit: int) -> int:
+        free = min(c.window - c.inflight, limit)
         if free <= 0:
-            return
+            return 0
         parts = []
         n_t = len(c.templates)
         for _ in range(free):
@@ -186,11 +211,25 @@ def publisher_main(config_path: str) -> None:
             c.next_id = c.next_id % 65535 + 1
         c.sock.sendall(b"".join(parts))  # blocking: a packet is never half written
         c.inflight += free
+        return free
 
-    for c in conns:
-        fill(c)
+    first = 0
     while not stop:
-        for key, _ in sel.select(0.5):
+        now = time.monotonic()
+        if credit is not None and now >= next_credit:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                allowed = int(int(credit.read_text()) * cfg["share"])
+            next_credit = now + 0.01
+        budget = min(int(rate * (now - t0)) if rate else 1 << 62, allowed) - sent
+        # Round robin from a moving start, so no connection is always served last.
+        for k in range(len(conns)):
+            if budget <= 0:
+                break
+            n = fill(conns[(first + k) % len(conns)], budget)
+            sent += n
+            budget -= n
+        first = (first + 1) % len(conns)
+        for key, _ in sel.select(0.002 if rate or credit else 0.5):
             c = key.data
             data = c.sock.recv(65536)  # readable: does not block
             if not data:
@@ -215,7 +254,6 @@ def publisher_main(config_path: str) -> None:
                     acked += 1
                 i = j + rl
             c.buf = buf[i:]
-            fill(c)
         now = time.monotonic()
         if now - last_status >= 0.25:
             status.write_text(json.dumps({"acked": acked, "t": now}))
@@ -252,10 +290,15 @@ class Publishers:
         n: int,
         window: int,
         workdir: Path,
+        rate: float,
+        backlog: int,
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.status: list[Path] = []
         run = uuid.uuid4().hex[:6]
+        self.backlog = backlog
+        self.credit = workdir / f"credit{run}" if backlog else None
+        self.grant(0)
         for k in range(n):
             mine = devices[k::n]
             status = workdir / f"pub{run}-{k}.json"
@@ -263,6 +306,9 @@ class Publishers:
                 "host": settings.mqtt_host,
                 "port": settings.mqtt_port,
                 "window": window,
+                "rate": rate / n,
+                "credit": str(self.credit) if self.credit else None,
+                "share": 1 / n,
                 "content_type": binary.CONTENT_TYPE_BINARY,
                 "status": str(status),
                 "devices": [(d, pw, [p for p, _ in payloads[d]]) for d, pw in mine],
@@ -276,6 +322,13 @@ class Publishers:
                     stderr=(workdir / f"pub{k}.log").open("wb"),
                 )
             )
+
+    def grant(self, consumed: int) -> None:
+        """Allow the publishers ``consumed`` + backlog messages in all (closed loop)."""
+        if self.credit is not None:
+            tmp = self.credit.with_suffix(".tmp")
+            tmp.write_text(str(consumed + self.backlog))
+            tmp.replace(self.credit)
 
     def acked(self) -> int:
         total = 0
@@ -333,6 +386,7 @@ def measure_mosquitto_sub(
     )
     count = 0
     lock = threading.Lock()
+    done = threading.Event()
 
     def reader() -> None:
         nonlocal count
@@ -341,10 +395,15 @@ def measure_mosquitto_sub(
             with lock:
                 count += chunk.count(b"\n")
 
+    def granter() -> None:
+        while not done.wait(GRANT_EVERY_S):
+            pubs.grant(count)
+
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     time.sleep(1.0)  # subscribed
     pubs = pubs_factory()
+    threading.Thread(target=granter, daemon=True).start()
     try:
         time.sleep(warmup)
         pubs.check()
@@ -357,6 +416,7 @@ def measure_mosquitto_sub(
         a1, t1 = pubs.acked(), time.monotonic()
         pubs.check()
     finally:
+        done.set()
         pubs.stop()
         sub.terminate()
         sub.wait(10)
@@ -365,8 +425,12 @@ def measure_mosquitto_sub(
 
 
 async def measure_collector(
-    settings: Settings, pubs_factory: Callable[[], Publishers], warmup: float, window: float
-) -> tuple[float, float, dict[str, int]]:
+    settings: Settings,
+    pubs_factory: Callable[[], Publishers],
+    warmup: float,
+    window: float,
+    profile: Path | None = None,
+) -> tuple[float, float, dict[str, float]]:
     """(collector acked messages/s, publisher acked messages/s, collector stats)."""
     from ingest.mqtt import MqttCollector, MqttCredentials
     from vitalproof.stack import collector_credentials
@@ -377,14 +441,30 @@ async def measure_collector(
     task = asyncio.create_task(collector.run(stop=stop))
     await asyncio.wait_for(collector.subscribed.wait(), 30)
     pubs = pubs_factory()
+
+    async def grant() -> None:
+        while True:
+            pubs.grant(collector.stats.acked)
+            await asyncio.sleep(GRANT_EVERY_S)
+
+    granting = asyncio.create_task(grant())
     try:
         await asyncio.sleep(warmup)
         pubs.check()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:  # the collector runs on this thread: all of it is seen
+            profiler.enable()
         c0, a0, t0 = collector.stats.acked, pubs.acked(), time.monotonic()
+        cpu0 = time.process_time()
         await asyncio.sleep(window)
         c1, a1, t1 = collector.stats.acked, pubs.acked(), time.monotonic()
+        cpu1 = time.process_time()
+        if profiler is not None and profile is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
         pubs.check()
     finally:
+        granting.cancel()
         pubs.stop()
         stop.set()
         await asyncio.wait_for(task, 60)
@@ -393,6 +473,10 @@ async def measure_collector(
         "forwarded": collector.stats.forwarded,
         "acked": collector.stats.acked,
         "produce_errors": collector.stats.produce_errors,
+        # CPU of this process (the collector, and the bench's credit writes) per message:
+        # steadier than messages/s on a machine others share.
+        "cpu_us_per_msg": round((cpu1 - cpu0) * 1e6 / max(c1 - c0, 1), 1),
+        "cpu_share": round((cpu1 - cpu0) / (t1 - t0), 2),
     }
     return (c1 - c0) / (t1 - t0), (a1 - a0) / (t1 - t0), stats
 
@@ -431,12 +515,31 @@ def main() -> int:
     ap.add_argument("--tick-s", type=float, default=0.2, help="device time per message")
     ap.add_argument("--window", type=float, default=15.0, help="measured seconds per phase")
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="offered messages/s at most, all publishers together (0: no cap)",
+    )
+    ap.add_argument(
+        "--backlog",
+        type=int,
+        default=5_000,
+        help="closed loop: publish at most this many messages ahead of what the subscriber "
+        "consumed, so each phase finds its subscriber's ceiling without overflowing "
+        "mosquitto's queue (0: open loop, --rate alone)",
+    )
     ap.add_argument("--inflight", type=int, default=20, help="PUBACK window per device")
     ap.add_argument(
         "--broker-inflight",
         type=int,
         default=1000,
         help="max_inflight_messages for the bench's own broker (0: the stack's default, 20)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="cProfile the collector's measured window into this file (slows it down)",
     )
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args()
@@ -503,7 +606,16 @@ def main() -> int:
         mean_bytes = statistics.fmean(len(p) for p, _ in all_msgs)
 
         def pubs_factory() -> Publishers:
-            return Publishers(settings, devices, payloads, args.publishers, args.inflight, tmp)
+            return Publishers(
+                settings,
+                devices,
+                payloads,
+                args.publishers,
+                args.inflight,
+                tmp,
+                args.rate,
+                args.backlog,
+            )
 
         with console.status("phase 1: mosquitto_sub reading the stream"):
             sub_rate, sub_pub_rate = measure_mosquitto_sub(
@@ -511,7 +623,7 @@ def main() -> int:
             )
         with console.status("phase 2: one collector -> Kafka"):
             col_rate, col_pub_rate, stats = asyncio.run(
-                measure_collector(settings, pubs_factory, args.warmup, args.window)
+                measure_collector(settings, pubs_factory, args.warmup, args.window, args.profile)
             )
             decoded, raw_mean = asyncio.run(check_raw(settings, 2000))
     finally:
@@ -523,6 +635,8 @@ def main() -> int:
     figures = {
         "devices": args.devices,
         "publishers": args.publishers,
+        "offered_msgs_per_s_cap": args.rate or None,
+        "backlog": args.backlog or None,
         "payload_bytes_mean": round(mean_bytes, 1),
         "samples_per_message": round(mean_samples, 2),
         "mosquitto_sub_msgs_per_s": round(sub_rate),
@@ -540,10 +654,21 @@ def main() -> int:
     table.add_column("measure")
     table.add_column("result", justify="right")
     table.add_column("target", justify="right")
+    table.add_row(
+        "offered load",
+        (f"at most {args.rate:,.0f} msg/s" if args.rate else "no rate cap")
+        + (f", <= {args.backlog:,} ahead of the subscriber" if args.backlog else ""),
+        "",
+    )
     table.add_row("payload (mean)", f"{mean_bytes:,.0f} B, {mean_samples:.1f} samples", "")
     table.add_row("mosquitto_sub read (broker ceiling)", f"{sub_rate:,.0f} msg/s", "")
     table.add_row("collector acked to Kafka", f"{col_rate:,.0f} msg/s", ">= 20,000")
     table.add_row("collector samples", f"{col_rate * mean_samples:,.0f} samples/s", ">= 200,000")
+    table.add_row(
+        "collector CPU per message (CPU share)",
+        f"{stats['cpu_us_per_msg']:.1f} µs ({stats['cpu_share']:.2f} core)",
+        "",
+    )
     table.add_row("collector / mosquitto_sub", f"{figures['collector_over_mosquitto_sub']}", "")
     table.add_row(
         "publishers acked (phase 1 / 2)", f"{sub_pub_rate:,.0f} / {col_pub_rate:,.0f} msg/s", ""

@@ -6,8 +6,10 @@ as MQTT requires. The session is persistent (fixed client id, clean_start=False,
 expiry), so whatever was in flight when the collector died is redelivered when it returns.
 Several collectors share the load through a shared subscription ($share/<group>/...).
 
-paho runs its network loop in its own thread; each message is handed to the asyncio loop
-with ``call_soon_threadsafe`` and everything else happens on the loop.
+Everything runs on the asyncio loop, paho included: its socket is driven with
+``add_reader``/``add_writer`` (no network thread, no thread hand-off per message). A burst of
+messages read from the socket is handed to Kafka as one record batch per partition
+(:class:`ingest.kafka_sink.BurstSender`) and acknowledged, in order, when its batches are.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
@@ -29,9 +31,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ingest.kafka_sink import durable_producer
+from ingest.kafka_sink import BurstSender, durable_producer
+from ingest.mqtt_client import FastClient
 from vitalproof.errors import VitalproofError
-from vitalproof.raw import RawRecord
+from vitalproof.raw import H_RECEIVED, RawRecord
 from vitalproof.schema import CONTENT_TYPE_JSON, Transport
 from vitalproof.settings import Settings
 
@@ -43,6 +46,7 @@ SESSION_EXPIRY_S = 24 * 3600
 # so throughput is at most this many per Kafka round trip: mosquitto's default of 20 would
 # cap the collector near a thousand messages a second.
 RECEIVE_MAXIMUM = 1000
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
 
 
 class CollectorError(VitalproofError):
@@ -71,6 +75,46 @@ class MqttCredentials:
     tls_ca: Path | None = None
 
 
+# (packet id, topic, payload, content type, receive time in µs): what a burst holds per message.
+Arrival = tuple[int, str, bytes, str, int]
+
+
+class AckLedger:
+    """Which broker packet ids may be acknowledged, in arrival order.
+
+    A burst's ids become ackable once every Kafka batch it was sent in is acknowledged, and
+    only after every earlier burst's: MQTT wants PUBACKs in arrival order, and a later burst
+    acknowledged first would let a crash lose an earlier one.
+    """
+
+    def __init__(self) -> None:
+        self._bursts: deque[tuple[list[int], list[asyncio.Future[object]]]] = deque()
+        self.pending = 0
+
+    def add(self, mids: list[int], futures: list[asyncio.Future[object]]) -> None:
+        self._bursts.append((mids, futures))
+        self.pending += len(mids)
+
+    def futures(self) -> list[asyncio.Future[object]]:
+        return [f for _, fs in self._bursts for f in fs]
+
+    def pop_ready(self) -> list[int]:
+        """Ids of the leading bursts Kafka acknowledged; raises if Kafka refused one."""
+        out: list[int] = []
+        bursts = self._bursts
+        while bursts and all(f.done() for f in bursts[0][1]):
+            mids, futures = bursts[0]
+            for f in futures:
+                if f.cancelled() or f.exception() is not None:
+                    # Never ack what Kafka did not take: the broker redelivers it.
+                    err = "cancelled" if f.cancelled() else f.exception()
+                    raise CollectorError(f"Kafka refused a produce: {err}")
+            bursts.popleft()
+            self.pending -= len(mids)
+            out.extend(mids)
+        return out
+
+
 class MqttCollector:
     def __init__(
         self,
@@ -79,31 +123,34 @@ class MqttCollector:
         *,
         client_id: str | None = None,
         producer: AIOKafkaProducer | None = None,
-        on_forwarded: Callable[[RawRecord], None] | None = None,
     ) -> None:
         self.settings = settings
         self.credentials = credentials
         self.client_id = client_id or f"vitalproof-collector-{settings.gateway_id}"
         self.stats = CollectorStats()
         self._producer = producer
-        self._on_forwarded = on_forwarded
         self._loop: asyncio.AbstractEventLoop | None = None
-        # paho's thread appends, the loop drains; the loop is woken once per burst, not once
-        # per message (a self-pipe write each), which is what capped the collector.
-        self._inbox: deque[tuple[int, str, bytes, str, int]] = deque()
+        self._inbox: list[Arrival] = []
+        self._received_us = 0  # when the socket read under way started
         self._wake = asyncio.Event()
-        self._wake_scheduled = False
-        self._pending: deque[tuple[int, asyncio.Future[object]]] = deque()
+        self._ledger = AckLedger()
+        self._failure: CollectorError | None = None
+        # Per (topic, content type): the Kafka key and the headers with the receive time
+        # left to fill in, so a message costs a list copy, not a RawRecord and six encodes.
+        self._templates: dict[tuple[str, str], tuple[bytes, list[tuple[str, bytes]], int]] = {}
         self._connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set once the broker granted the subscription: from then on nothing is missed."""
         self._connect_error: str | None = None
+        self._closing = False
+        self._reconnect_at = 0.0
+        self._reconnect_delay = RECONNECT_MIN_S
         self._client = self._make_client()
 
-    # -- paho side (network thread) -----------------------------------------------------
+    # -- paho side (callbacks run on the event loop) -------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
-        c = mqtt.Client(
+    def _make_client(self) -> FastClient:
+        c = FastClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
@@ -116,9 +163,43 @@ class MqttCollector:
         c.max_queued_messages_set(0)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        c.on_publish_fast = self._on_publish
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
+        c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_socket_register_write
+        c.on_socket_unregister_write = self._on_socket_unregister_write
         return c
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_reader(sock, self._on_readable)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, client.loop_write)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    def _on_readable(self) -> None:
+        """Read what the socket holds (every complete packet of it): one burst, one wake-up
+        of the run loop."""
+        client, inbox = self._client, self._inbox
+        self._received_us = time.time_ns() // 1000
+        before = len(inbox)
+        for _ in range(64):  # bounded (4 MiB): other callbacks get their turn
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or not client.read_more():
+                break
+        if len(inbox) > before:
+            self._wake.set()
 
     def _on_subscribe(
         self,
@@ -128,9 +209,8 @@ class MqttCollector:
         reasons: list[ReasonCode],
         props: Properties | None,
     ) -> None:
-        assert self._loop is not None
         if all(not r.is_failure for r in reasons):
-            self._loop.call_soon_threadsafe(self.subscribed.set)
+            self.subscribed.set()
         else:
             log.error("subscription refused: %s", reasons)
 
@@ -142,15 +222,15 @@ class MqttCollector:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
-        assert self._loop is not None
         if reason.is_failure:
             self._connect_error = f"MQTT broker refused the collector: {reason}"
-            self._loop.call_soon_threadsafe(self._connected.set)
+            self._connected.set()
             return
         topic = f"$share/{self.settings.mqtt_share_group}/{DEVICE_TOPIC_FILTER}"
         client.subscribe(topic, qos=1)
         log.info("collector connected (session present: %s)", flags.session_present)
-        self._loop.call_soon_threadsafe(self._connected.set)
+        self._reconnect_delay = RECONNECT_MIN_S
+        self._connected.set()
 
     def _on_disconnect(
         self,
@@ -160,16 +240,22 @@ class MqttCollector:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
-        log.warning("collector disconnected from MQTT: %s", reason)
+        self._connected.clear()
+        if not self._closing:
+            log.warning("collector disconnected from MQTT: %s", reason)
+            self._wake.set()  # the run loop reconnects
+
+    def _on_publish(self, mid: int, topic: str, payload: bytes, content_type: str) -> None:
+        self._inbox.append((mid, topic, payload, content_type, self._received_us))
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        assert self._loop is not None
-        content_type = getattr(msg.properties, "ContentType", "") if msg.properties else ""
-        item = (msg.mid, msg.topic, bytes(msg.payload), content_type or "", time.time_ns() // 1000)
-        self._inbox.append(item)
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            self._loop.call_soon_threadsafe(self._wake.set)
+        """What paho decodes itself (whatever the lean decoder leaves to it)."""
+        props = msg.properties
+        content_type = getattr(props, "ContentType", "") if props is not None else ""
+        # bytes(payload) is the payload itself, not a copy, when paho gives bytes (it does).
+        self._inbox.append(
+            (msg.mid, msg.topic, bytes(msg.payload), content_type, self._received_us)
+        )
 
     # -- asyncio side -------------------------------------------------------------------
 
@@ -186,6 +272,7 @@ class MqttCollector:
         producer = self._producer or durable_producer(self.settings)
         if own_producer:
             await producer.start()
+        sender = BurstSender(producer, self.settings.topic_raw)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         props.ReceiveMaximum = RECEIVE_MAXIMUM
@@ -203,88 +290,129 @@ class MqttCollector:
             raise CollectorError(
                 f"cannot reach MQTT broker {self.settings.mqtt_host}:{self.settings.mqtt_port}: {e}"
             ) from e
-        self._client.loop_start()
         deadline = None if duration_s is None else time.monotonic() + duration_s
+        next_misc = time.monotonic() + 1.0
         try:
             await asyncio.wait_for(self._connected.wait(), 30)
             if self._connect_error:
                 raise CollectorError(self._connect_error)
             while True:
+                if self._failure is not None:
+                    raise self._failure
                 if stop is not None and stop.is_set():
                     break
                 if max_messages is not None and self.stats.acked >= max_messages:
                     break
-                remaining = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
                     break
-                wait = 0.2 if remaining is None else min(0.2, remaining)
+                if now >= next_misc:  # keepalive pings, and noticing a silent broker
+                    next_misc = now + 1.0
+                    if self._client.socket() is not None:
+                        self._client.loop_misc()
+                if self._client.socket() is None and now >= self._reconnect_at:
+                    self._reconnect(now)
                 if not self._inbox:
+                    wait = 0.2 if remaining is None else min(0.2, remaining)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
-                # Clear before draining: whatever paho appends from here on is either
-                # drained below or schedules a new wake-up.
                 self._wake.clear()
-                self._wake_scheduled = False
-                inbox = self._inbox
-                while inbox:
-                    await self._forward(producer, inbox.popleft())
-                self._ack_ready()
+                if self._inbox:
+                    await self._forward(sender)
             await self._drain()
         finally:
-            self._client.disconnect()
-            self._client.loop_stop()
+            self._closing = True
+            await self._disconnect()
             if own_producer:
                 await producer.stop()
         return self.stats
 
-    async def _forward(
-        self, producer: AIOKafkaProducer, item: tuple[int, str, bytes, str, int]
-    ) -> None:
-        mid, topic, payload, content_type, received_us = item
-        self.stats.received += 1
-        record = RawRecord(
-            device_id=device_from_topic(topic),
-            payload=payload,
-            content_type=content_type or CONTENT_TYPE_JSON,
-            transport=Transport.MQTT,
-            gateway_id=self.settings.gateway_id,
-            received_us=received_us,
-            source=topic,
-        )
-        fut = await producer.send(
-            self.settings.topic_raw,
-            value=record.payload,
-            key=record.device_id.encode(),
-            headers=record.headers(),
-        )
-        self._pending.append((mid, fut))
+    def _reconnect(self, now: float) -> None:
+        """One reconnect attempt (the session brings back whatever was unacked); the next,
+        if this one fails or the broker refuses it, after an exponential backoff."""
+        delay = self._reconnect_delay
+        self._reconnect_at = now + delay
+        self._reconnect_delay = min(delay * 2, RECONNECT_MAX_S)
+        try:
+            self._client.reconnect()
+        except OSError as e:
+            log.warning("MQTT reconnect failed (%s); next try in %.1f s", e, delay)
+
+    async def _forward(self, sender: BurstSender) -> None:
+        """Send everything received so far to Kafka as one burst."""
+        burst, self._inbox = self._inbox, []
+        templates, gateway = self._templates, self.settings.gateway_id
+        records = []
+        for _, topic, payload, content_type, received_us in burst:
+            template = templates.get((topic, content_type))
+            if template is None:
+                template = templates[(topic, content_type)] = _headers_template(
+                    topic, content_type, gateway
+                )
+            key, headers, at = template
+            headers = headers.copy()
+            headers[at] = (H_RECEIVED, b"%d" % received_us)
+            records.append((key, payload, headers))
+        self.stats.received += len(burst)
+        futures = await sender.send(records)
+        self._ledger.add([a[0] for a in burst], futures)
+        self.stats.forwarded += len(burst)
         # Ack as soon as Kafka answers, not at the loop's next turn: the broker sends only
-        # max_inflight_messages (20 by default) unacked messages, so waiting for the next
-        # message (or the 0.2 s timeout) before acking would stall the stream.
-        fut.add_done_callback(self._on_produced)
-        self.stats.forwarded += 1
-        if self._on_forwarded is not None:
-            self._on_forwarded(record)
+        # Receive Maximum unacked messages, so waiting for the next burst would stall it.
+        for f in futures:
+            f.add_done_callback(self._on_produced)
 
     def _on_produced(self, fut: asyncio.Future[object]) -> None:
-        # A refused produce is not acked here; the run loop's next _ack_ready raises it.
-        with contextlib.suppress(CollectorError):
-            self._ack_ready()
+        self._ack_ready()
 
     def _ack_ready(self) -> None:
         """PUBACK, in arrival order, every message whose produce Kafka acknowledged."""
-        while self._pending and self._pending[0][1].done():
-            mid, fut = self._pending[0]
-            if fut.exception() is not None:
-                # Never ack what Kafka did not take: the broker redelivers it after restart.
-                self.stats.produce_errors += 1
-                raise CollectorError(f"Kafka refused a produce: {fut.exception()}")
-            self._pending.popleft()
-            self._client.ack(mid, 1)
-            self.stats.acked += 1
+        try:
+            mids = self._ledger.pop_ready()
+        except CollectorError as e:
+            self.stats.produce_errors += 1
+            self._failure = e
+            self._wake.set()
+            return
+        self._client.ack_many(mids)
+        self.stats.acked += len(mids)
 
     async def _drain(self) -> None:
-        if self._pending:
-            with contextlib.suppress(Exception):
-                await asyncio.gather(*(f for _, f in self._pending), return_exceptions=True)
+        if futures := self._ledger.futures():
+            await asyncio.gather(*futures, return_exceptions=True)
         self._ack_ready()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _disconnect(self) -> None:
+        """Send the queued PUBACKs, then DISCONNECT, before the socket closes."""
+        client = self._client
+        if client.socket() is None:
+            return
+        client.disconnect()
+        for _ in range(100):  # the writer callback sends; 2 s at most
+            if client.socket() is None:
+                return
+            await asyncio.sleep(0.02)
+        client.loop_write()  # no longer waiting
+        if client.socket() is not None:
+            client._sock_close()  # broker gone quiet: close our side
+
+
+def _headers_template(
+    topic: str, content_type: str, gateway_id: str
+) -> tuple[bytes, list[tuple[str, bytes]], int]:
+    """(Kafka key, headers of :class:`RawRecord`, index of the receive time among them)."""
+    record = RawRecord(
+        device_id=device_from_topic(topic),
+        payload=b"",
+        content_type=content_type or CONTENT_TYPE_JSON,
+        transport=Transport.MQTT,
+        gateway_id=gateway_id,
+        received_us=0,
+        source=topic,
+    )
+    headers = record.headers()
+    at = next(i for i, (name, _) in enumerate(headers) if name == H_RECEIVED)
+    return record.device_id.encode(), headers, at
