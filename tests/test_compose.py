@@ -33,6 +33,7 @@ def test_ports_match_local_defaults():
     conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text()
     assert f"listener {s.mqtt_port} " in conf
     assert "allow_anonymous false" in conf and "persistence true" in conf
+    assert f"max_packet_size {mosquitto.MAX_PACKET_BYTES}" in conf.splitlines()
 
 
 def test_kafka_settings_match_the_local_broker():

@@ -299,3 +299,37 @@ def test_password_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
     assert hash_password("s3cret", salt=salt) == entry
     assert verify_password("s3cret", entry)
     assert not verify_password("wrong", entry)
+
+
+def test_oversized_publish_is_refused_at_the_broker(
+    settings: Settings, devices: dict[str, str], collector: Client
+) -> None:
+    """A payload Kafka could never take (its record limit is 1 MiB) is refused by the broker,
+    never acked and never delivered, so a collector cannot be stopped by it; the device's
+    next normal reading flows."""
+    import time
+
+    from vitalproof.stack.mosquitto import MAX_PACKET_BYTES
+
+    device_id, password = next(iter(devices.items()))
+    device = _connected(settings, device_id, password)
+    try:
+        big = b"x" * (MAX_PACKET_BYTES + 1024)
+        info = device.client.publish(f"devices/{device_id}/vitals", big, qos=1)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:  # the client sent it: the broker must refuse it
+            time.sleep(1.0)
+            with device.puback_event:
+                rc = device.pubacks.get(info.mid)
+            assert rc is None or rc.is_failure, f"oversized publish acked with {rc}"
+        else:  # the client library knew the limit from CONNACK and refused to send
+            assert info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE, info.rc
+        assert _wait_for_payload(collector, big, 1.5) is None, "oversized payload delivered"
+    finally:
+        device.close()
+    device = _connected(settings, device_id, password)
+    try:
+        payload = f"after {uuid.uuid4()}".encode()
+        assert device.publish(f"devices/{device_id}/vitals", payload).value == 0
+        assert _wait_for_payload(collector, payload, TIMEOUT) is not None
+    finally:
+        device.close()

@@ -45,6 +45,11 @@ READY_TIMEOUT_S = 15.0
 RELOAD_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
 MAX_QUEUED_MESSAGES = 100_000
+#: Largest MQTT packet the broker takes. Below Kafka's 1 MiB record limit with room for the
+#: collector's headers: a bigger payload would be acked by the broker and then could never be
+#: produced (the collector would stop on it at every restart). MQTT v5 clients learn the limit
+#: from CONNACK; a client that sends more anyway is disconnected, and nothing is acked.
+MAX_PACKET_BYTES = 512 * 1024
 
 PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
@@ -290,6 +295,7 @@ def _config_text(settings: Settings) -> str:
         # The collector acks only after Kafka acked: with mosquitto's default of 20 unacked
         # messages per client it would idle waiting on Kafka round trips.
         "max_inflight_messages 1000",
+        f"max_packet_size {MAX_PACKET_BYTES}",
         f"log_dest file {log_path(settings)}",
         "log_type error",
         "log_type warning",
