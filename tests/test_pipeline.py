@@ -51,7 +51,7 @@ stop = processes.stop
 async def collector_running(settings: Settings) -> AsyncIterator[MqttCollector]:
     """An in-process MQTT collector, subscribed before the body runs; stopped after it."""
     user, password = collector_credentials(settings)
-    collector = MqttCollector(settings, MqttCredentials(user, password))
+    collector = MqttCollector(settings, MqttCredentials(user, password, settings.mqtt_tls_ca))
     stop_event = asyncio.Event()
     task = asyncio.create_task(collector.run(stop=stop_event))
     await asyncio.wait_for(collector.subscribed.wait(), 30)
@@ -159,7 +159,9 @@ def test_unknown_device_goes_to_dlq_with_reason(kafka_topics: Settings, tmp_path
 
         async def go() -> list[tuple[dict[str, bytes], bytes]]:
             user, password = collector_credentials(settings)
-            collector = MqttCollector(settings, MqttCredentials(user, password))
+            collector = MqttCollector(
+                settings, MqttCredentials(user, password, settings.mqtt_tls_ca)
+            )
             task = asyncio.create_task(collector.run(max_messages=2, duration_s=60))
             await asyncio.wait_for(collector.subscribed.wait(), 30)
             fleet = Fleet(

@@ -304,6 +304,18 @@ def _config_text(settings: Settings) -> str:
         "connection_messages true",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
     ]
+    if settings.mqtt_tls_listener_port is not None:
+        if settings.mqtt_tls_certfile is None or settings.mqtt_tls_keyfile is None:
+            raise StackError(
+                "VITALPROOF_MQTT_TLS_LISTENER_PORT needs VITALPROOF_MQTT_TLS_CERTFILE and "
+                "VITALPROOF_MQTT_TLS_KEYFILE (the broker's certificate and key, PEM)"
+            )
+        lines += [
+            f"listener {settings.mqtt_tls_listener_port} {settings.mqtt_host}",
+            f"certfile {settings.mqtt_tls_certfile}",
+            f"keyfile {settings.mqtt_tls_keyfile}",
+            "tls_version tlsv1.2",
+        ]
     if os.geteuid() == 0:
         # As root mosquitto would switch to user "mosquitto", which cannot read our 0600
         # files; naming the current user keeps it as is.
