@@ -58,6 +58,24 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def read_manifests(batches_dir: Path) -> list[BatchManifest]:
+    return [
+        BatchManifest.model_validate_json(p.read_bytes())
+        for p in sorted(batches_dir.glob("*.json"))
+    ]
+
+
+def unproduced(batches_dir: Path) -> list[BatchManifest]:
+    """Sealed batches whose manifest Kafka never acknowledged (the outbox). A function of
+    the folder alone: the worker produces them while its seal process is still starting."""
+    done = {p.stem for p in batches_dir.glob("*.produced")}
+    return [m for m in read_manifests(batches_dir) if m.batch_id not in done]
+
+
+def mark_produced(batches_dir: Path, batch_id: str) -> None:
+    write_atomic(batches_dir / f"{batch_id}.produced", b"")
+
+
 class Sealer:
     def __init__(self, lake_root: Path, kms: Kms, *, recent_ids: int = 300_000) -> None:
         self.lake_root = lake_root
@@ -98,18 +116,13 @@ class Sealer:
     # -- ledger -------------------------------------------------------------------------
 
     def manifests(self) -> list[BatchManifest]:
-        return [
-            BatchManifest.model_validate_json(p.read_bytes())
-            for p in sorted(self.batches_dir.glob("*.json"))
-        ]
+        return read_manifests(self.batches_dir)
 
     def unproduced(self) -> list[BatchManifest]:
-        """Sealed batches whose manifest Kafka never acknowledged (the outbox)."""
-        done = {p.stem for p in self.batches_dir.glob("*.produced")}
-        return [m for m in self.manifests() if m.batch_id not in done]
+        return unproduced(self.batches_dir)
 
     def mark_produced(self, manifest: BatchManifest) -> None:
-        write_atomic(self.batches_dir / f"{manifest.batch_id}.produced", b"")
+        mark_produced(self.batches_dir, manifest.batch_id)
 
     def _advance(self, covers: Sequence[OffsetRange]) -> None:
         for c in covers:
