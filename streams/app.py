@@ -20,9 +20,9 @@ from typing import Any, TypeVar, cast
 import faust
 
 from streams import changelog
-from streams.batcher import BATCHES_DIR, mark_produced, unproduced
 from streams.clock import ClockEstimator
 from streams.dedupe import DedupeWindows
+from streams.ledger import BATCHES_DIR, mark_produced, unproduced
 from streams.normalize import Rejection, normalize
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import SealProcess, SealProcessDied, exit_like

@@ -12,7 +12,6 @@ sealed but never produced (crash in between) is produced again at start (an outb
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,12 +23,17 @@ from anchor.merkle import LEAF_PREFIX, SALT_SIZE
 from anchor.merkle import root as merkle_root
 from streams import lake
 from streams.keystore import Kms
+from streams.ledger import (  # re-exported: where the batch folder was always found
+    BATCHES_DIR,
+    mark_produced,
+    read_manifests,
+    unproduced,
+    write_atomic,
+)
 from vitalproof import native
 from vitalproof.crashpoints import crashpoint
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch
-
-BATCHES_DIR = "_batches"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,40 +44,6 @@ class Pending:
     partition: int
     offset: int
     batch: SampleBatch
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """temp file, fsync, rename, fsync the folder: the file is either whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read_manifests(batches_dir: Path) -> list[BatchManifest]:
-    return [
-        BatchManifest.model_validate_json(p.read_bytes())
-        for p in sorted(batches_dir.glob("*.json"))
-    ]
-
-
-def unproduced(batches_dir: Path) -> list[BatchManifest]:
-    """Sealed batches whose manifest Kafka never acknowledged (the outbox). A function of
-    the folder alone: the worker produces them while its seal process is still starting."""
-    done = {p.stem for p in batches_dir.glob("*.produced")}
-    return [m for m in read_manifests(batches_dir) if m.batch_id not in done]
-
-
-def mark_produced(batches_dir: Path, batch_id: str) -> None:
-    write_atomic(batches_dir / f"{batch_id}.produced", b"")
 
 
 class Sealer:

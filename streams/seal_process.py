@@ -32,12 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from streams.batcher import Pending, Sealer
-from streams.keystore import LocalKeystore
 from vitalproof import clean_codec
 from vitalproof.errors import WireFormatError
+
+if TYPE_CHECKING:  # the sealer (and pyarrow with it) is imported in the child only
+    from streams.batcher import Pending, Sealer
 
 #: One consumed ``vitals.clean`` record: topic, partition, offset, value bytes.
 CleanRecord = tuple[str, int, int, bytes]
@@ -72,6 +73,8 @@ class SealOutcome:
 
 def decode_records(records: Sequence[CleanRecord]) -> tuple[list[Pending], list[tuple[int, str]]]:
     """The sealer's items for ``records``, and the undecodable ones (index, reason)."""
+    from streams.batcher import Pending
+
     items: list[Pending] = []
     rejected: list[tuple[int, str]] = []
     for i, (topic, partition, offset, value) in enumerate(records):
@@ -218,6 +221,9 @@ def _tie_to_parent(parent_pid: int) -> None:
 
 def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
     """Answer seal requests until EOF; an error is reported, then the child exits."""
+    from streams.batcher import Sealer
+    from streams.keystore import LocalKeystore
+
     try:
         sealer = Sealer(lake_dir, LocalKeystore(keys_dir))
     except Exception:
