@@ -254,7 +254,9 @@ def create_app(settings: Settings) -> faust.App:
         records = [
             (e.message.topic, e.message.partition, e.message.offset, e.value or b"") for e in chunk
         ]
+        started = time.monotonic()
         outcome = await sealer.seal(records)
+        sealing_s = time.monotonic() - started
         sent = []
         for index, reason in outcome.rejected:
             event = chunk[index]
@@ -274,7 +276,14 @@ def create_app(settings: Settings) -> faust.App:
         await asyncio.gather(*sent)
         if outcome.batch_id is not None and outcome.manifest_json is not None:
             await _produce_manifest(batches_topic, outcome.batch_id, outcome.manifest_json)
-            log.info("sealed %s: %d rows, %d files", outcome.batch_id, outcome.rows, outcome.files)
+            # The seal's time against the time between seals says which process limits.
+            log.info(
+                "sealed %s: %d rows, %d files; %.2f s in the seal process",
+                outcome.batch_id,
+                outcome.rows,
+                outcome.files,
+                sealing_s,
+            )
         for event in chunk:
             await stream.ack(event)
         crashpoint("after_ack")
