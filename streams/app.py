@@ -5,7 +5,9 @@ Messages carry many samples each and travel as raw bytes (``value_serializer='ra
 per-event overhead is paid per message, never per sample. Both agents take records in bulk
 and ack them only once what they produced is durable; normalize sends one vitals.clean record
 per patient per take (a clean_codec bundle), and the sealer cuts batches out of a buffer by
-rows, records or age (streams.seal_buffer), sealing one while the next fills.
+rows, records or age (streams.seal_buffer), sealing one while the next fills. Sealing itself
+runs in a child process (streams.seal_process) on the other core; this process produces the
+manifests and acks.
 """
 
 from __future__ import annotations
