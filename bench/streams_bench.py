@@ -11,11 +11,11 @@ skin temperature; ``--per-message`` samples per Kafka message), then starts ONE 
 (``python -m vitalproof worker``, exactly as deployed) and follows the manifests it seals.
 Pre-filling first means the producer does not compete with the worker for the two cores:
 what is measured is the worker alone. Reported: samples/s raw -> sealed (overall from worker
-start, and steady state between the first and the last manifest), worker RSS (VmRSS sampled,
-VmHWM peak, from /proc), bytes per sample on disk (Parquet alone, and with the 32-byte leaf
-file). The run stops when every sample is sealed or after ``--seconds``; everything it
-started is stopped. A PNG of sealed samples and RSS over time is written when matplotlib is
-importable (it is not a project dependency).
+start, and steady state between the first and the last manifest), worker RSS (the worker and
+its seal process together: VmRSS sampled, sum of their VmHWM peaks, from /proc), bytes per
+sample on disk (Parquet alone, and with the 32-byte leaf file). The run stops when every
+sample is sealed or after ``--seconds``; everything it started is stopped. A PNG of sealed
+samples and RSS over time is written when matplotlib is importable (not a dependency).
 
 ``--inprocess``: no Kafka; the worker's per-message functions (decode + normalize + dedupe +
 encode for vitals.clean, then decode + seal) on the same messages, timed per stage, and with
@@ -140,10 +140,12 @@ def run_inprocess(args: argparse.Namespace) -> None:
         NORMALIZE_TAKE,
         bundle_by_patient,
     )
-    from streams.batcher import Pending, Sealer
+    from streams.batcher import Sealer
     from streams.dedupe import DedupeWindows
     from streams.keystore import LocalKeystore
     from streams.normalize import Rejection, normalize
+    from streams.seal_buffer import SealBuffer
+    from streams.seal_process import CleanRecord, seal_records
     from vitalproof import clean_codec
     from vitalproof.registry import Device, DeviceStatus
 
@@ -174,17 +176,19 @@ def run_inprocess(args: argparse.Namespace) -> None:
                 clean.append(clean_codec.encode_bundle(bundle))
             recent.drain()
         t1 = _clock()
-        pending = [
-            Pending("clean", 0, i, b)
-            for i, v in enumerate(clean)
-            for b in clean_codec.decode_record(v)
-        ]
+        # Cut into batches as the worker's seal buffer does (whole records, by rows), and
+        # sealed by what the seal process runs.
+        buffer: SealBuffer[CleanRecord] = SealBuffer(
+            max_rows=args.batch_rows,
+            max_records=len(clean) + 1,
+            max_age_s=float("inf"),
+            rows_of=lambda r: clean_codec.sample_count(r[3]),
+        )
+        buffer.add([("clean", 0, i, v) for i, v in enumerate(clean)], 0.0)
         t2 = _clock()
         rows = 0
-        step = max(1, args.batch_rows // args.per_message)  # ~batch_rows per seal
-        for i in range(0, len(pending), step):
-            m = sealer.seal(pending[i : i + step])
-            rows += m.rows if m else 0
+        while len(buffer):
+            rows += seal_records(sealer, buffer.pop_batch()).rows
         t3 = _clock()
         if prof:
             prof.disable()
@@ -196,8 +200,8 @@ def run_inprocess(args: argparse.Namespace) -> None:
         table.add_column(col, justify="right")
     for name, dt in (
         ("normalize (decode, units, flags, ids, dedupe, encode)", t1 - t0),
-        ("seal: decode vitals.clean", t2 - t1),
-        ("seal: leaves, Parquet, manifest", t3 - t2),
+        ("seal: cut batches (sample counts)", t2 - t1),
+        ("seal process: decode, leaves, Parquet, manifest", t3 - t2),
         ("total", t3 - t0),
     ):
         table.add_row(name, f"{dt:.2f}", f"{total / dt:,.0f}")
@@ -215,7 +219,9 @@ def run_inprocess(args: argparse.Namespace) -> None:
 class Trace:
     t: list[float] = field(default_factory=list)  # seconds since worker start
     rows: list[int] = field(default_factory=list)
-    rss_mb: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)  # worker + seal process
+    pss_mb: list[float] = field(default_factory=list)
+    cpu_s: tuple[float, float] = (0.0, 0.0)  # worker, seal process (last sample)
 
 
 def proc_memory_mb(pid: int) -> tuple[float, float]:
@@ -228,6 +234,64 @@ def proc_memory_mb(pid: int) -> tuple[float, float]:
             elif line.startswith("VmHWM:"):
                 hwm = int(line.split()[1]) / 1024
     return rss, hwm
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the worker's seal process)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(entry / "status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    if int(line.split()[1]) == pid:
+                        out.append(int(entry.name))
+                    break
+    return out
+
+
+def proc_pss_mb(pid: int) -> float:
+    """Proportional set size: shared library pages split between the processes mapping
+    them, so the worker and its seal process add up to what they really hold together."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+@dataclass
+class TreeSample:
+    """The worker and its children (the seal process) at one moment."""
+
+    rss_mb: float
+    child_rss_mb: float
+    hwm_mb: float  # sum of VmHWM
+    pss_mb: float  # sum of Pss
+    cpu_s: float
+    child_cpu_s: float
+
+
+def sample_tree(pid: int) -> TreeSample:
+    rss, hwm = proc_memory_mb(pid)
+    child_rss = child_cpu = 0.0
+    pss = proc_pss_mb(pid)
+    for child in children(pid):
+        c_rss, c_hwm = proc_memory_mb(child)
+        child_rss += c_rss
+        hwm += c_hwm
+        pss += proc_pss_mb(child)
+        child_cpu += proc_cpu_s(child)
+    return TreeSample(rss, child_rss, hwm, pss, proc_cpu_s(pid), child_cpu)
 
 
 def read_manifests(batches_dir: Path, seen: dict[str, dict[str, Any]]) -> None:
@@ -375,15 +439,20 @@ def measure(args: argparse.Namespace, settings: Settings, registry: object, ensu
             elapsed = time.monotonic() - t0
             read_manifests(batches_dir, seen)
             rows = sum(int(m["rows"]) for m in seen.values())
-            rss, peak = proc_memory_mb(proc.pid)
-            hwm = max(hwm, peak)
+            tree = sample_tree(proc.pid)
+            rss = tree.rss_mb + tree.child_rss_mb
+            hwm = max(hwm, tree.hwm_mb)
             trace.t.append(elapsed)
             trace.rows.append(rows)
             trace.rss_mb.append(rss)
+            trace.pss_mb.append(tree.pss_mb)
+            trace.cpu_s = (tree.cpu_s, tree.child_cpu_s)
             if int(elapsed) % 10 == 0:
                 console.print(
                     f"  {elapsed:6.0f} s  sealed {rows:>11,}  "
-                    f"({rows / max(elapsed, 1e-9):,.0f}/s)  RSS {rss:,.0f} MB"
+                    f"({rows / max(elapsed, 1e-9):,.0f}/s)  RSS {rss:,.0f} MB "
+                    f"(worker {tree.rss_mb:,.0f} + seal {tree.child_rss_mb:,.0f}), "
+                    f"PSS {tree.pss_mb:,.0f} MB, CPU s {tree.cpu_s:.0f} + {tree.child_cpu_s:.0f}"
                 )
             if proc.poll() is not None:
                 console.print(f"[red]worker exited ({proc.returncode}); see {log}[/red]")
@@ -425,9 +494,18 @@ def report(
     table.add_row("samples/s, overall (incl. start)", f"{rows / max(done_at, 1e-9):,.0f}", "")
     table.add_row("samples/s, steady (first -> last seal)", f"{steady:,.0f}", ">= 200,000")
     table.add_row(
-        "worker RSS, max sampled / VmHWM",
+        "RSS worker + seal process, max sampled / sum of VmHWM",
         f"{max(trace.rss_mb or [0]):,.0f} / {hwm:,.0f} MB",
         "<= 512 MB",
+    )
+    table.add_row(
+        "PSS worker + seal process, max sampled", f"{max(trace.pss_mb or [0]):,.0f} MB", ""
+    )
+    table.add_row(
+        "CPU s worker / seal process (per s of run)",
+        f"{trace.cpu_s[0]:.0f} / {trace.cpu_s[1]:.0f} "
+        f"({trace.cpu_s[0] / max(elapsed, 1e-9):.2f} / {trace.cpu_s[1] / max(elapsed, 1e-9):.2f})",
+        "",
     )
     if rows:
         table.add_row("bytes/sample, Parquet", f"{parquet / rows:.2f}", "<= 10")
@@ -446,6 +524,9 @@ def report(
         "steady_samples_per_s": round(steady),
         "rss_max_mb": round(max(trace.rss_mb or [0])),
         "vm_hwm_mb": round(hwm),
+        "pss_max_mb": round(max(trace.pss_mb or [0])),
+        "cpu_s_worker": round(trace.cpu_s[0], 1),
+        "cpu_s_seal_process": round(trace.cpu_s[1], 1),
         "parquet_bytes_per_sample": round(parquet / rows, 2) if rows else None,
         "batches": len(ms),
         "files": nfiles,

@@ -5,7 +5,9 @@ Messages carry many samples each and travel as raw bytes (``value_serializer='ra
 per-event overhead is paid per message, never per sample. Both agents take records in bulk
 and ack them only once what they produced is durable; normalize sends one vitals.clean record
 per patient per take (a clean_codec bundle), and the sealer cuts batches out of a buffer by
-rows, records or age (streams.seal_buffer), sealing one while the next fills.
+rows, records or age (streams.seal_buffer), sealing one while the next fills. Sealing itself
+runs in a child process (streams.seal_process) on the other core; this process produces the
+manifests and acks.
 """
 
 from __future__ import annotations
@@ -15,28 +17,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import faust
 
 from streams import changelog
-from streams.batcher import Pending, Sealer
 from streams.clock import ClockEstimator
 from streams.dedupe import DedupeWindows
-from streams.keystore import LocalKeystore
+from streams.ledger import BATCHES_DIR, mark_produced, unproduced
 from streams.normalize import Rejection, normalize
 from streams.seal_buffer import SealBuffer
+from streams.seal_process import SealProcess, SealProcessDied, exit_like
 from streams.sequence import SequenceTracker
 from vitalproof import clean_codec
 from vitalproof.crashpoints import crashpoint
-from vitalproof.errors import WireFormatError
-from vitalproof.manifest import BatchManifest
 from vitalproof.raw import H_DLQ_ORIGIN, H_DLQ_REASON, H_DLQ_STAGE, RawRecord
 from vitalproof.registry import Registry
 from vitalproof.schema import SampleBatch
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Raw records normalized per take (at most), and how long a take waits to fill up.
 NORMALIZE_TAKE = 1000
@@ -195,9 +196,19 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
-        sealer = Sealer(settings.lake_dir, LocalKeystore(settings.keys_dir))
-        for unsent in sealer.unproduced():
-            await _produce_manifest(batches_topic, sealer, unsent)
+        # The child loads the ledger and recent ids while the outbox is produced here.
+        sealer = SealProcess(settings.lake_dir, settings.keys_dir)
+        sealer.start()
+        try:
+            batches_dir = settings.lake_dir / BATCHES_DIR
+            for unsent in unproduced(batches_dir):
+                await _produce_manifest(batches_topic, unsent.batch_id, unsent.to_json_bytes())
+            await _fatal_on_error(sealer.ready())
+            await _consume_into_buffer(stream, sealer)
+        finally:
+            sealer.close()
+
+    async def _consume_into_buffer(stream: faust.StreamT[Any], sealer: SealProcess) -> None:
         buffer: SealBuffer[Any] = SealBuffer(
             max_rows=settings.batch_max_rows,
             max_records=settings.batch_max_messages,
@@ -205,7 +216,9 @@ def create_app(settings: Settings) -> faust.App:
             rows_of=_count_hint,
         )
         arrived, sealed = asyncio.Event(), asyncio.Event()
-        sealing = asyncio.create_task(_seal_loop(stream, sealer, buffer, arrived, sealed))
+        sealing = asyncio.create_task(
+            _fatal_on_error(_seal_loop(stream, sealer, buffer, arrived, sealed))
+        )
         take = cast(faust.Stream[Any], stream).noack_take
         try:
             async for events in take(SEAL_TAKE, within=SEAL_TAKE_WITHIN_S):
@@ -217,37 +230,38 @@ def create_app(settings: Settings) -> faust.App:
                     sealed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(sealed.wait(), 1.0)
-                if sealing.done():
-                    sealing.result()  # the sealer died: so does the agent, loudly
         finally:
             sealing.cancel()
 
     async def _seal_loop(
         stream: faust.StreamT[Any],
-        sealer: Sealer,
+        sealer: SealProcess,
         buffer: SealBuffer[Any],
         arrived: asyncio.Event,
         sealed: asyncio.Event,
     ) -> None:
         """Seal each batch as soon as it is due (rows, records or age), oldest first, while
-        the agent keeps consuming: the next batch fills during the seal."""
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), buffer.seconds_left(time.monotonic()))
-                arrived.clear()
-                while buffer.ready(time.monotonic()):
-                    await _seal_batch(stream, sealer, buffer.pop_batch())
-                    sealed.set()
-        except Exception:
-            # Said now, not when the agent next looks (no record may come to make it look).
-            log.exception("the sealer failed; nothing more is sealed or acked")
-            raise
+        the agent keeps consuming: the next batch fills while the child seals this one."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), buffer.seconds_left(time.monotonic()))
+            arrived.clear()
+            while buffer.ready(time.monotonic()):
+                await _seal_batch(stream, sealer, buffer.pop_batch())
+                sealed.set()
 
-    async def _seal_batch(stream: faust.StreamT[Any], sealer: Sealer, chunk: list[Any]) -> None:
-        items, rejected = _decode_pending(chunk)
+    async def _seal_batch(
+        stream: faust.StreamT[Any], sealer: SealProcess, chunk: list[Any]
+    ) -> None:
+        records = [
+            (e.message.topic, e.message.partition, e.message.offset, e.value or b"") for e in chunk
+        ]
+        started = time.monotonic()
+        outcome = await sealer.seal(records)
+        sealing_s = time.monotonic() - started
         sent = []
-        for event, reason in rejected:
+        for index, reason in outcome.rejected:
+            event = chunk[index]
             msg = event.message
             sent.append(
                 await dlq_topic.send(
@@ -262,27 +276,27 @@ def create_app(settings: Settings) -> faust.App:
                 )
             )
         await asyncio.gather(*sent)
-        manifest: BatchManifest | None = await asyncio.to_thread(sealer.seal, items)
-        if manifest is not None:
-            await _produce_manifest(batches_topic, sealer, manifest)
+        if outcome.batch_id is not None and outcome.manifest_json is not None:
+            await _produce_manifest(batches_topic, outcome.batch_id, outcome.manifest_json)
+            # The seal's time against the time between seals says which process limits.
             log.info(
-                "sealed %s: %d rows, %d files",
-                manifest.batch_id,
-                manifest.rows,
-                len(manifest.files),
+                "sealed %s: %d rows, %d files; %.2f s in the seal process",
+                outcome.batch_id,
+                outcome.rows,
+                outcome.files,
+                sealing_s,
             )
         for event in chunk:
             await stream.ack(event)
         crashpoint("after_ack")
 
+    async def _produce_manifest(topic: faust.TopicT, batch_id: str, manifest_json: bytes) -> None:
+        fut = await topic.send(key=batch_id.encode(), value=manifest_json)
+        await fut  # Kafka acknowledged (acks=all) before the ledger calls it produced
+        crashpoint("after_produce")
+        mark_produced(settings.lake_dir / BATCHES_DIR, batch_id)
+
     return app
-
-
-async def _produce_manifest(topic: faust.TopicT, sealer: Sealer, manifest: BatchManifest) -> None:
-    fut = await topic.send(key=manifest.batch_id.encode(), value=manifest.to_json_bytes())
-    await fut  # Kafka acknowledged (acks=all) before the ledger calls it produced
-    crashpoint("after_produce")
-    sealer.mark_produced(manifest)
 
 
 def bundle_by_patient(
@@ -319,16 +333,15 @@ def _count_hint(event: Any) -> int:
     return max(1, value.count(b","))
 
 
-def _decode_pending(events: list[Any]) -> tuple[list[Pending], list[tuple[Any, str]]]:
-    items: list[Pending] = []
-    rejected: list[tuple[Any, str]] = []
-    for e in events:
-        m = e.message
-        try:
-            batches = clean_codec.decode_record(e.value or b"")
-        except WireFormatError as err:
-            rejected.append((e, str(err)))
-            continue
-        # A bundle's batches share its offset: the sealer covers and skips them together.
-        items.extend(Pending(m.topic, m.partition, m.offset, b) for b in batches)
-    return items, rejected
+async def _fatal_on_error(work: Awaitable[T]) -> T:
+    """Await ``work``; if sealing fails, the whole worker dies now, loudly. A worker that
+    went on consuming without sealing would only pile up unacked records; a restarted one
+    recovers from the ledger."""
+    try:
+        return await work
+    except SealProcessDied as err:
+        log.critical("%s: the worker stops; a restart recovers from the ledger", err)
+        exit_like(err.returncode)
+    except Exception:
+        log.critical("sealing failed: the worker stops; a restart recovers", exc_info=True)
+        exit_like(1)

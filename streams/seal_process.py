@@ -1,0 +1,257 @@
+"""The sealer in its own OS process, so sealing gets the second core.
+
+Why a process and not a thread: decoding, leaves, Arrow tables and the Parquet writer hold
+the GIL often enough that a sealing thread and the worker's event loop (normalize, Faust)
+shared one core. The worker hands each batch's ``vitals.clean`` records over as they came
+(topic, partition, offset, value bytes: nothing per sample is built in the worker) and gets
+back the manifest the child sealed; the worker then produces it, marks it produced and acks,
+in the same order as before.
+
+The child owns the :class:`~streams.batcher.Sealer` (ledger, recently sealed ids, keystore).
+It is a plain ``python -m streams.seal_process`` subprocess (not ``multiprocessing``, whose
+exit handler joins children) talking over one socket with ``multiprocessing.connection``'s
+framing. Its life is tied to the worker's: it ignores SIGINT/SIGTERM sent to the process
+group (the worker decides when it stops), leaves on EOF, and the kernel SIGKILLs it if the
+worker dies (``PR_SET_PDEATHSIG``), so no orphan can seal behind a restarted worker's back.
+If the child dies, :meth:`SealProcess.seal` raises :class:`SealProcessDied` and the worker
+must die too (see ``streams.app``): a restarted worker recovers from the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Pipe
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from vitalproof import clean_codec
+from vitalproof.errors import WireFormatError
+
+if TYPE_CHECKING:  # the sealer (and pyarrow with it) is imported in the child only
+    from streams.batcher import Pending, Sealer
+
+#: One consumed ``vitals.clean`` record: topic, partition, offset, value bytes.
+CleanRecord = tuple[str, int, int, bytes]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class SealProcessError(RuntimeError):
+    """The child failed to seal (its traceback is the message); it has exited."""
+
+
+class SealProcessDied(RuntimeError):
+    """The child is gone (``returncode`` as ``subprocess`` reports it: ``-9`` for SIGKILL)."""
+
+    def __init__(self, returncode: int | None) -> None:
+        super().__init__(f"the seal process died (exit status {returncode})")
+        self.returncode = returncode
+
+
+@dataclass(frozen=True, slots=True)
+class SealOutcome:
+    """What sealing one batch gave: the manifest (exactly the bytes written to the ledger),
+    or ``None`` if every record was sealed before; and the records that could not be decoded
+    (index in the batch, reason), which the worker sends to the DLQ."""
+
+    batch_id: str | None
+    manifest_json: bytes | None
+    rows: int
+    files: int
+    rejected: list[tuple[int, str]]
+
+
+def decode_records(records: Sequence[CleanRecord]) -> tuple[list[Pending], list[tuple[int, str]]]:
+    """The sealer's items for ``records``, and the undecodable ones (index, reason)."""
+    from streams.batcher import Pending
+
+    items: list[Pending] = []
+    rejected: list[tuple[int, str]] = []
+    for i, (topic, partition, offset, value) in enumerate(records):
+        try:
+            batches = clean_codec.decode_record(value)
+        except WireFormatError as err:
+            rejected.append((i, str(err)))
+            continue
+        # A bundle's batches share its offset: the sealer covers and skips them together.
+        items.extend(Pending(topic, partition, offset, b) for b in batches)
+    return items, rejected
+
+
+def seal_records(sealer: Sealer, records: Sequence[CleanRecord]) -> SealOutcome:
+    """Decode and seal one batch of records (in the child; also usable in process)."""
+    items, rejected = decode_records(records)
+    manifest = sealer.seal(items) if items else None
+    if manifest is None:
+        return SealOutcome(None, None, 0, 0, rejected)
+    return SealOutcome(
+        manifest.batch_id, manifest.to_json_bytes(), manifest.rows, len(manifest.files), rejected
+    )
+
+
+# -- the worker's side --------------------------------------------------------------------------
+
+
+class SealProcess:
+    """The worker's handle on the child. One request at a time (``seal`` awaits the reply)."""
+
+    def __init__(self, lake_dir: Path, keys_dir: Path) -> None:
+        self.lake_dir = lake_dir
+        self.keys_dir = keys_dir
+        self._conn: Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Spawn the child (from the event loop's thread: ``PR_SET_PDEATHSIG`` follows the
+        thread that forked). It loads the ledger while the caller goes on; see :meth:`ready`."""
+        ours, theirs = Pipe(duplex=True)
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "streams.seal_process",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                    str(self.lake_dir),
+                    str(self.keys_dir),
+                ],
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        self._conn = ours
+
+    async def ready(self) -> None:
+        """Until the child has rebuilt its ledger and recent ids."""
+        reply = await asyncio.to_thread(self._recv)
+        if reply != ("ready", None):
+            raise SealProcessError(f"unexpected first message from the seal process: {reply!r}")
+
+    async def seal(self, records: list[CleanRecord]) -> SealOutcome:
+        """Seal ``records`` in the child. The hand-off runs in a thread: pickling bytes and
+        waiting on the socket keep the event loop (and the GIL) free."""
+        return await asyncio.to_thread(self._call, records)
+
+    def _call(self, records: list[CleanRecord]) -> SealOutcome:
+        conn = self._require_conn()
+        try:
+            conn.send(records)
+        except OSError:
+            raise self._died() from None
+        reply = self._recv()
+        if not isinstance(reply, SealOutcome):
+            raise SealProcessError(f"unexpected reply from the seal process: {reply!r}")
+        return reply
+
+    def _recv(self) -> object:
+        conn = self._require_conn()
+        try:
+            kind, body = conn.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        if kind == "error":
+            self._died()  # reap it: it exits after reporting
+            raise SealProcessError(str(body))
+        if kind == "sealed":
+            return body
+        return (kind, body)
+
+    def _require_conn(self) -> Connection:
+        if self._conn is None:
+            raise SealProcessError("the seal process was not started")
+        return self._conn
+
+    def _died(self) -> SealProcessDied:
+        code = None
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self._proc.wait(timeout=5)
+        return SealProcessDied(code)
+
+    def close(self) -> None:
+        """Stop the child now. Safe at any moment: a seal cut short is never acked, and a
+        restarted worker finds its files (if any) either committed or ignored."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def exit_like(returncode: int | None) -> NoReturn:
+    """End this process the way the child ended: by the same signal (a crash point's SIGKILL
+    in the child reads, from outside, as the worker's), else with its status (1 if none).
+    No cleanup on the way out: whatever was not acked is redelivered to the next worker."""
+    logging.shutdown()
+    if returncode is not None and returncode < 0:
+        sig = -returncode
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(returncode if returncode is not None and returncode > 0 else 1)
+
+
+# -- the child's side ---------------------------------------------------------------------------
+
+
+def _tie_to_parent(parent_pid: int) -> None:
+    """Be SIGKILLed by the kernel when the worker dies; leave now if it is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    # Signals to the process group (Ctrl-C, the stop of the worker) are the worker's to
+    # handle; the child follows through EOF or PDEATHSIG.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
+    """Answer seal requests until EOF; an error is reported, then the child exits."""
+    from streams.batcher import Sealer
+    from streams.keystore import LocalKeystore
+
+    try:
+        sealer = Sealer(lake_dir, LocalKeystore(keys_dir))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return 1
+    conn.send(("ready", None))
+    while True:
+        try:
+            records = conn.recv()
+        except EOFError:
+            return 0
+        try:
+            outcome = seal_records(sealer, records)
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+            return 1
+        conn.send(("sealed", outcome))
+
+
+def main(argv: Sequence[str]) -> int:
+    fd, parent_pid, lake_dir, keys_dir = argv
+    _tie_to_parent(int(parent_pid))
+    return serve(Connection(int(fd)), Path(lake_dir), Path(keys_dir))
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this ``__main__`` copy: what the child pickles must name
+    # ``streams.seal_process.SealOutcome``, which the worker can unpickle.
+    from streams.seal_process import main as _main
+
+    sys.exit(_main(sys.argv[1:]))
