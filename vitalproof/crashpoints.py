@@ -34,7 +34,7 @@ def parse_spec(spec: str) -> tuple[str, int]:
 
 _target, _nth = parse_spec(os.environ.get(ENV_VAR, ""))
 _seen = 0
-_lock = threading.Lock()  # the sealer's steps run in a worker thread
+_lock = threading.Lock()  # a process may hit crash points from more than one thread
 
 
 def crashpoint(name: str) -> None:
