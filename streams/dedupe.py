@@ -36,7 +36,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from streams.digest_run import ID_BYTES, DigestRun, split
+from streams.digest_run import ID_BYTES, Bools, DigestRun, split
+from streams.id_filter import MAX_LIVE, IdFilter
 from vitalproof.schema import SampleBatch
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class DedupeWindows:
     ) -> None:
         if min(window_us, retain, max_ids, recent_ids, run_ids) <= 0:
             raise ValueError("window_us, retain, max_ids, recent_ids and run_ids must be positive")
+        if retain > MAX_LIVE:
+            raise ValueError(f"retain must be at most {MAX_LIVE} windows")
         self.window_us = window_us
         self.retain = retain
         self.max_ids = max_ids
@@ -86,6 +89,7 @@ class DedupeWindows:
         self._counts: dict[int, int] = {}  # window -> ids held
         self._keys: dict[int, list[bytes]] = {}  # window -> its changelog keys
         self._held = 0
+        self._filter = IdFilter(max_ids)
         self._newest = -(2**62)
         self._out: list[Record] = []
         self.dropped = 0
@@ -104,8 +108,8 @@ class DedupeWindows:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed runs (the hex strings of the recent set not counted)."""
-        return sum(r.nbytes for runs in self._runs.values() for r in runs)
+        """Bytes of the runs and the filter (the hex strings of the recent set not counted)."""
+        return self._filter.nbytes + sum(r.nbytes for rs in self._runs.values() for r in rs)
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -157,6 +161,7 @@ class DedupeWindows:
                 self._count(window, len(fresh))
                 self._newest = max(self._newest, window)
                 self._out.append((key, packed))
+                self._filter.add(window, split(packed)[0])
                 if self._recent_count >= self.recent_ids:
                     self._pack_recent()
             self._expire()
@@ -198,6 +203,7 @@ class DedupeWindows:
             if window <= self._newest - self.retain:
                 continue  # tombstoned by _expire below
             hi, lo = split(b"".join(v for _k, v in entries))
+            self._filter.add(window, hi)
             for start in range(0, len(hi), self.run_ids):
                 self._add_run(
                     window,
@@ -213,14 +219,25 @@ class DedupeWindows:
         t = batch.receive_time_us or (min(batch.device_time_us) if batch.device_time_us else 0)
         return t // self.window_us
 
-    def _in_runs(self, packed: bytes) -> np.ndarray | None:
-        """Which of the packed ids some run holds (``None``: there are no runs)."""
-        found = None
+    def _in_runs(self, packed: bytes) -> Bools | None:
+        """Which of the packed ids some run holds (``None``: none of them).
+
+        Only the ids the filter cannot rule out are looked up, in every run.
+        """
+        if not self._runs:
+            return None
         hi, lo = split(packed)
+        maybe = self._filter.maybe_held(hi)
+        if not maybe.any():
+            return None
+        rows = np.flatnonzero(maybe)
+        hi, lo = hi[rows], lo[rows]
+        hit = np.zeros(len(rows), dtype=np.bool_)
         for runs in self._runs.values():
             for run in runs:
-                hit = run.contains(hi, lo)
-                found = hit if found is None else found | hit
+                hit |= run.contains(hi, lo)
+        found = np.zeros(len(maybe), dtype=np.bool_)
+        found[rows] = hit
         return found
 
     def _in_recent(self, rid: str) -> bool:
@@ -272,6 +289,7 @@ class DedupeWindows:
         for key in self._keys.pop(window):
             self._out.append((key, None))
         self._runs.pop(window, None)
+        self._filter.drop(window)
         self._recent_count -= len(self._recent.pop(window, ()))
         self._held -= self._counts.pop(window, 0)
 

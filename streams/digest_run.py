@@ -37,7 +37,7 @@ def split(packed: bytes | bytearray | memoryview) -> tuple[U64, U64]:
 class DigestRun:
     """Sorted (by first word) digests with ``starts[b]``: where bucket ``b`` begins."""
 
-    __slots__ = ("_bounds", "_n", "_shift", "_starts", "hi", "lo")
+    __slots__ = ("_bounds", "_longest", "_n", "_shift", "_starts", "hi", "lo")
 
     def __init__(self, hi: U64, lo: U64) -> None:
         """``hi``/``lo`` in any order (they are sorted here)."""
@@ -55,6 +55,7 @@ class DigestRun:
         starts = np.zeros(len(counts) + 1, dtype=np.uint32 if n < 2**32 else np.int64)
         np.cumsum(counts, out=starts[1:])
         self._starts = starts
+        self._longest = int(counts.max(initial=0))
         # (start, end) of every bucket as one (buckets, 2) view: one gather per lookup
         self._bounds = np.lib.stride_tricks.as_strided(
             starts, shape=(len(counts), 2), strides=(starts.itemsize, starts.itemsize)
@@ -77,25 +78,26 @@ class DigestRun:
     def contains(self, hi: U64, lo: U64) -> Bools:
         """For each query digest, whether this run holds it (exactly, all 16 bytes).
 
-        The common answer (no) costs one gather of first words per key; second words are
-        compared only where a first word matched.
+        The common answer (no) costs one gather of ``BLOCK`` first words per key, with no
+        bucket bounds: an equal first word can only sit in the key's own bucket. Bounds
+        and second words are looked at only where a first word matched.
         """
         if self._n == 0 or len(hi) == 0:
             return np.zeros(len(hi), dtype=np.bool_)
-        bounds = self._bounds[_buckets(hi, self._shift)].astype(np.intp)
-        start = bounds[:, 0]
-        length = bounds[:, 1] - start
-        idx = start[:, None] + _OFFSETS
-        same = (self.hi[idx] == hi[:, None]) & (length[:, None] > _OFFSETS)
+        bucket = _buckets(hi, self._shift)
+        idx = np.add(self._starts[bucket][:, None], _OFFSETS)  # uint32 + intp: intp
+        same = self.hi[idx] == hi[:, None]
         candidate = same.any(axis=1)
         hit = np.zeros(len(hi), dtype=np.bool_)
         if candidate.any():
             rows = np.flatnonzero(candidate)
-            hit[rows] = (same[rows] & (self.lo[idx[rows]] == lo[rows, None])).any(axis=1)
-        long = length > BLOCK
-        if long.any():  # a bucket longer than the block: exact, not fast
-            for i in np.flatnonzero(long):
-                s, e = int(start[i]), int(start[i] + length[i])
+            length = self._bounds[bucket[rows]].astype(np.intp) @ np.array([-1, 1])
+            within = length[:, None] > _OFFSETS  # the padding is zeros: a real 0 may match
+            hit[rows] = (same[rows] & within & (self.lo[idx[rows]] == lo[rows, None])).any(1)
+        if self._longest > BLOCK:  # a bucket longer than the block: exact, not fast
+            bounds = self._bounds[bucket].astype(np.intp)
+            for i in np.flatnonzero(bounds[:, 1] - bounds[:, 0] > BLOCK):
+                s, e = bounds[i]
                 hit[i] = bool(np.any((self.hi[s:e] == hi[i]) & (self.lo[s:e] == lo[i])))
         return hit
 
