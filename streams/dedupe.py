@@ -161,7 +161,6 @@ class DedupeWindows:
                 self._count(window, len(fresh))
                 self._newest = max(self._newest, window)
                 self._out.append((key, packed))
-                self._filter.add(window, split(packed)[0])
                 if self._recent_count >= self.recent_ids:
                     self._pack_recent()
             self._expire()
@@ -257,7 +256,9 @@ class DedupeWindows:
 
     def _pack_recent(self) -> None:
         for window, ids in self._recent.items():
-            self._add_run(window, DigestRun(*split(bytes.fromhex("".join(ids)))))
+            hi, lo = split(bytes.fromhex("".join(ids)))
+            self._filter.add(window, hi)  # the filter covers the runs, the set itself
+            self._add_run(window, DigestRun(hi, lo))
         self._recent.clear()
         self._recent_count = 0
 
