@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from streams.dedupe import DedupeWindows
 from streams.digest_run import BLOCK, DigestRun, split
 from vitalproof.schema import SampleBatch
+from vitalproof.settings import Settings
 
 MIN = 60 * 1_000_000
 T0 = 1_800_000_000_000_000 // MIN * MIN
@@ -171,3 +173,16 @@ def test_a_run_answers_exactly_on_all_16_bytes_even_in_a_long_bucket() -> None:
     assert run.contains(hi, lo).tolist() == [t in held for t in TWINS]
     with pytest.raises(ValueError, match="16-byte"):
         split(b"\x00" * 17)
+
+
+def test_budget_and_retention_are_settings_the_worker_inherits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VITALPROOF_DEDUPE_MAX_IDS", "1234")
+    s = Settings()
+    assert (s.dedupe_max_ids, s.dedupe_retain_windows) == (1234, 5)
+    assert s.to_env()["VITALPROOF_DEDUPE_MAX_IDS"] == "1234"  # what `worker` is started with
+    with pytest.raises(ValidationError):
+        Settings(dedupe_max_ids=0)
+    with pytest.raises(ValueError, match="at most 254 windows"):
+        DedupeWindows(retain=300)
