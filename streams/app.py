@@ -106,7 +106,9 @@ def create_app(settings: Settings) -> faust.App:
         sequences = SequenceTracker()
         clocks = ClockEstimator()
         await dedupe_topic.declare()
-        dedupe = DedupeWindows()
+        dedupe = DedupeWindows(
+            retain=settings.dedupe_retain_windows, max_ids=settings.dedupe_max_ids
+        )
         dedupe.load(
             await changelog.read_all(settings.kafka_bootstrap, dedupe_topic.get_topic_name())
         )

@@ -16,22 +16,44 @@ rewrites the same key), whose value is the message's new ids packed as 16-byte d
 When a window expires its keys get tombstones, so the compacted topic, and the memory
 rebuilt from it at start, stay bounded by ``retain`` windows of traffic.
 
+Memory: at 200,000 samples/s five minutes are 60M ids, far too many for Python strings in a
+set (~120 bytes each, measured). Ids are held as 16-byte digests in sorted numpy runs
+(:mod:`streams.digest_run`) behind a one-byte-per-slot filter (:mod:`streams.id_filter`),
+~23 bytes per id at 10M; only the newest ``recent_ids`` live as the batch's own hex
+strings in a set, until they are packed into a run. And the memory has a
+budget, ``max_ids``: when it is reached the oldest window is evicted early (tombstoned,
+counted in :attr:`DedupeWindows.evicted_windows`, logged). The trade-off: at full rate the
+budget, not ``retain``, decides how late a retransmission normalize still catches; an
+older one reaches the sealer, whose memory of recently sealed ids is the last line.
+
 Pure logic: :class:`DedupeWindows` takes changelog records in and hands records to write
 out; the agent does the Kafka I/O.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+import numpy as np
+
+from streams.digest_run import ID_BYTES, Bools, DigestRun, split
+from streams.id_filter import MAX_LIVE, IdFilter
 from vitalproof.schema import SampleBatch
+
+log = logging.getLogger(__name__)
 
 #: Retransmissions later than ``WINDOW_US * RETAIN_WINDOWS`` after the original reach the
 #: sealer, whose own memory of recently sealed ids is the last line.
 WINDOW_US = 60 * 1_000_000
 RETAIN_WINDOWS = 5
-ID_BYTES = 16  # a reading id is a 16-byte BLAKE2b digest, hex on the wire
+MAX_IDS = 8_000_000
+"""Default memory budget in ids (~17 bytes each in runs): ~40 s at 200,000 samples/s."""
+RECENT_IDS = 1 << 17
+"""Newest ids kept as strings before they are packed into a run (a bounded, fast set)."""
+RUN_IDS = 1 << 21
+"""Largest run a window grows by merging: bounds the copy (and the memory it needs
+transiently) of one merge; a window with more ids holds several runs."""
 
 Record = tuple[bytes, bytes | None]
 """One changelog record: key, and the packed ids (``None``: a tombstone)."""
@@ -41,35 +63,54 @@ class ChangelogError(ValueError):
     """A changelog record that this module did not write (wrong key or value shape)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    window: int
-    ids: list[str]
-
-
 class DedupeWindows:
     """Reading ids seen in the newest ``retain`` windows; the changelog records to write."""
 
-    def __init__(self, *, window_us: int = WINDOW_US, retain: int = RETAIN_WINDOWS) -> None:
-        if window_us <= 0 or retain <= 0:
-            raise ValueError("window_us and retain must be positive")
+    def __init__(
+        self,
+        *,
+        window_us: int = WINDOW_US,
+        retain: int = RETAIN_WINDOWS,
+        max_ids: int = MAX_IDS,
+        recent_ids: int = RECENT_IDS,
+        run_ids: int = RUN_IDS,
+    ) -> None:
+        if min(window_us, retain, max_ids, recent_ids, run_ids) <= 0:
+            raise ValueError("window_us, retain, max_ids, recent_ids and run_ids must be positive")
+        if retain > MAX_LIVE:
+            raise ValueError(f"retain must be at most {MAX_LIVE} windows")
         self.window_us = window_us
         self.retain = retain
-        self._ids: set[str] = set()
-        self._entries: dict[bytes, _Entry] = {}  # changelog key -> what it added
-        self._windows: dict[int, list[bytes]] = {}  # window -> changelog keys
+        self.max_ids = max_ids
+        self.recent_ids = recent_ids
+        self.run_ids = run_ids
+        self._recent: dict[int, set[str]] = {}  # window -> hex ids not packed yet
+        self._recent_count = 0
+        self._runs: dict[int, list[DigestRun]] = {}  # window -> packed ids
+        self._counts: dict[int, int] = {}  # window -> ids held
+        self._keys: dict[int, list[bytes]] = {}  # window -> its changelog keys
+        self._held = 0
+        self._filter = IdFilter(max_ids)
         self._newest = -(2**62)
         self._out: list[Record] = []
         self.dropped = 0
         """Samples dropped as duplicates since start."""
+        self.evicted_windows = 0
+        """Windows dropped before their time because the memory budget was reached."""
+        self.evicted_ids = 0
 
     def __len__(self) -> int:
         """Reading ids held (what bounds the memory)."""
-        return len(self._ids)
+        return self._held
 
     @property
     def windows(self) -> list[int]:
-        return sorted(self._windows)
+        return sorted(self._keys)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the runs and the filter (the hex strings of the recent set not counted)."""
+        return self._filter.nbytes + sum(r.nbytes for rs in self._runs.values() for r in rs)
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -78,35 +119,53 @@ class DedupeWindows:
 
         ``origin`` names the raw record (``partition:offset``): it makes the changelog key,
         so processing the same record again writes the same key. Duplicates are rare: when
-        none of the ids is known and none repeats (two C-level set operations) the batch is
-        kept whole; only otherwise is it walked id by id.
+        no run holds any id (one vectorized lookup per run), the recent set holds none and
+        none repeats (C-level set operations), the batch is kept whole; only otherwise is
+        it walked id by id.
         """
         ids = batch.reading_id
         if len(ids) != len(batch):
             raise ValueError("drop_seen() needs reading ids (a normalized batch)")
-        seen = self._ids
+        if not ids:
+            return 0
+        packed = bytes.fromhex("".join(ids))
+        in_runs = self._in_runs(packed)
         unique = set(ids)
-        if len(unique) == len(ids) and seen.isdisjoint(unique):
+        if (
+            len(unique) == len(ids)
+            and all(s.isdisjoint(unique) for s in self._recent.values())
+            and not (in_runs is not None and in_runs.any())
+        ):
             fresh = ids
         else:
+            known = set() if in_runs is None else set(np.flatnonzero(in_runs).tolist())
             keep: list[int] = []
             within: set[str] = set()
             for i, rid in enumerate(ids):
-                if rid in seen or rid in within:
+                if i in known or rid in within or self._in_recent(rid):
                     continue
                 within.add(rid)
                 keep.append(i)
             if len(keep) != len(ids):
                 batch.keep_only(keep)
             fresh = batch.reading_id
+            packed = bytes.fromhex("".join(fresh))
         dropped = len(ids) - len(fresh)
         self.dropped += dropped
         if fresh:
             window = self._window_of(batch)
-            key = f"{window}/{origin}/{batch.device_id}".encode()
-            if self._add(key, window, list(fresh)):
-                self._out.append((key, bytes.fromhex("".join(fresh))))
+            if window > self._newest - self.retain:
+                key = f"{window}/{origin}/{batch.device_id}".encode()
+                self._keys.setdefault(window, []).append(key)
+                self._recent.setdefault(window, set()).update(fresh)
+                self._recent_count += len(fresh)
+                self._count(window, len(fresh))
+                self._newest = max(self._newest, window)
+                self._out.append((key, packed))
+                if self._recent_count >= self.recent_ids:
+                    self._pack_recent()
             self._expire()
+            self._enforce_budget()
         return dropped
 
     def drain(self) -> list[Record]:
@@ -119,22 +178,40 @@ class DedupeWindows:
     def load(self, records: Iterable[Record]) -> None:
         """Rebuild from the changelog as read from its start (last value per key wins).
 
-        Windows that expired meanwhile are dropped and get their tombstones (in
-        :meth:`drain`), so a compaction that has not run yet costs nothing after a restart.
+        The packed values go straight into runs, one bulk sort per window. Windows that
+        expired meanwhile, or that do not fit the budget, are dropped and get their
+        tombstones (in :meth:`drain`), so a compaction that has not run yet costs nothing
+        after a restart.
         """
         latest: dict[bytes, bytes | None] = {}
         for key, value in records:
             latest[key] = value
+        by_window: dict[int, list[tuple[bytes, bytes]]] = {}
         for key, value in latest.items():
             if value is None:
                 continue
             window = _parse_key(key)
             if len(value) % ID_BYTES:
                 raise ChangelogError(f"changelog value of {key!r} is not whole 16-byte ids")
-            hexed = value.hex()
-            step = 2 * ID_BYTES
-            self._add(key, window, [hexed[i : i + step] for i in range(0, len(hexed), step)])
+            by_window.setdefault(window, []).append((key, value))
+        del latest
+        self._newest = max([self._newest, *by_window])
+        for window in sorted(by_window):
+            entries = by_window.pop(window)
+            keys = self._keys.setdefault(window, [])
+            keys.extend(k for k, _v in entries)
+            if window <= self._newest - self.retain:
+                continue  # tombstoned by _expire below
+            hi, lo = split(b"".join(v for _k, v in entries))
+            self._filter.add(window, hi)
+            for start in range(0, len(hi), self.run_ids):
+                self._add_run(
+                    window,
+                    DigestRun(hi[start : start + self.run_ids], lo[start : start + self.run_ids]),
+                )
+            self._count(window, len(hi))
         self._expire()
+        self._enforce_budget()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -142,29 +219,81 @@ class DedupeWindows:
         t = batch.receive_time_us or (min(batch.device_time_us) if batch.device_time_us else 0)
         return t // self.window_us
 
-    def _add(self, key: bytes, window: int, ids: list[str]) -> bool:
-        """Remember ``ids`` under ``key``; ``False`` if its window has expired already."""
-        if window <= self._newest - self.retain:
-            return False
-        old = self._entries.get(key)
-        if old is not None:  # the same raw record again: replace, never double count
-            self._ids.difference_update(old.ids)
+    def _in_runs(self, packed: bytes) -> Bools | None:
+        """Which of the packed ids some run holds (``None``: none of them).
+
+        Only the ids the filter cannot rule out are looked up, in every run.
+        """
+        if not self._runs:
+            return None
+        hi, lo = split(packed)
+        maybe = self._filter.maybe_held(hi)
+        if not maybe.any():
+            return None
+        rows = np.flatnonzero(maybe)
+        hi, lo = hi[rows], lo[rows]
+        hit = np.zeros(len(rows), dtype=np.bool_)
+        for runs in self._runs.values():
+            for run in runs:
+                hit |= run.contains(hi, lo)
+        found = np.zeros(len(maybe), dtype=np.bool_)
+        found[rows] = hit
+        return found
+
+    def _in_recent(self, rid: str) -> bool:
+        return any(rid in s for s in self._recent.values())
+
+    def _count(self, window: int, n: int) -> None:
+        self._counts[window] = self._counts.get(window, 0) + n
+        self._held += n
+
+    def _add_run(self, window: int, run: DigestRun) -> None:
+        """Merge into the window's last run while that stays within ``run_ids``."""
+        runs = self._runs.setdefault(window, [])
+        if runs and len(runs[-1]) + len(run) <= self.run_ids:
+            runs[-1] = DigestRun.merged([runs[-1], run])
         else:
-            self._windows.setdefault(window, []).append(key)
-        self._entries[key] = _Entry(window, ids)
-        self._ids.update(ids)
-        self._newest = max(self._newest, window)
-        return True
+            runs.append(run)
+
+    def _pack_recent(self) -> None:
+        for window, ids in self._recent.items():
+            hi, lo = split(bytes.fromhex("".join(ids)))
+            self._filter.add(window, hi)  # the filter covers the runs, the set itself
+            self._add_run(window, DigestRun(hi, lo))
+        self._recent.clear()
+        self._recent_count = 0
 
     def _expire(self) -> None:
         cutoff = self._newest - self.retain
-        if min(self._windows, default=cutoff + 1) > cutoff:
-            return
-        for window in [w for w in self._windows if w <= cutoff]:
-            for key in self._windows.pop(window):
-                entry = self._entries.pop(key)
-                self._ids.difference_update(entry.ids)
-                self._out.append((key, None))
+        for window in [w for w in self._keys if w <= cutoff]:
+            self._drop_window(window)
+
+    def _enforce_budget(self) -> None:
+        """Evict the oldest windows (tombstoned like expired ones) while over ``max_ids``."""
+        while self._held > self.max_ids and self._keys:
+            window = min(self._keys)
+            n = self._counts.get(window, 0)
+            self._drop_window(window)
+            self.evicted_windows += 1
+            self.evicted_ids += n
+            log.warning(
+                "dedupe: memory budget of %d ids reached; window %d (%d ids) evicted before "
+                "its time (%d windows, %d ids evicted so far): older retransmissions reach "
+                "the sealer",
+                self.max_ids,
+                window,
+                n,
+                self.evicted_windows,
+                self.evicted_ids,
+            )
+
+    def _drop_window(self, window: int) -> None:
+        for key in self._keys.pop(window):
+            self._out.append((key, None))
+        self._runs.pop(window, None)
+        self._filter.drop(window)
+        self._recent_count -= len(self._recent.pop(window, ()))
+        self._held -= self._counts.pop(window, 0)
 
 
 def _parse_key(key: bytes) -> int:
