@@ -229,6 +229,9 @@ def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return 1
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
     conn.send(("ready", None))
     while True:
         try:
@@ -240,6 +243,9 @@ def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
         except Exception:
             conn.send(("error", traceback.format_exc()))
             return 1
+        # Each batch builds and encodes its tables afresh: hand the allocator's cached pages
+        # back instead of letting the peak of the largest batch stay resident.
+        pool.release_unused()
         conn.send(("sealed", outcome))
 
 

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         default=5, gt=0, description="normalize drops ids seen in this many one-minute windows"
     )
     dedupe_max_ids: int = Field(
-        default=8_000_000,
+        default=4_000_000,
         gt=0,
         description="... but holds at most this many ids (~17 bytes each): past it the oldest "
         "window is evicted early and older retransmissions reach the sealer's memory",
