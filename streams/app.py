@@ -143,6 +143,16 @@ def create_app(settings: Settings) -> faust.App:
     async def _send(topic: str, key: bytes, value: bytes | None) -> Awaitable[Any]:
         return await app.producer.send(topic, key, value, None, None, None)
 
+    async def _send_dlq(
+        event: Any, key: bytes, value: bytes, reason: str, *, stage: str = "normalize"
+    ) -> Awaitable[Any]:
+        """The rejected record's original bytes and headers, plus why, where and from where."""
+        msg = event.message
+        origin = f"{msg.topic}/{msg.partition}/{msg.offset}"
+        return await dlq_topic.send(
+            key=key, value=value, headers=dlq_headers(reason, stage, origin, _headers(event))
+        )
+
     async def _normalize_one(
         event: Any,
         registry: Registry,
@@ -157,18 +167,7 @@ def create_app(settings: Settings) -> faust.App:
         raw = RawRecord.from_kafka(event.value or b"", _headers(event))
         result = normalize(raw, registry.lookup)
         if isinstance(result, Rejection):
-            return [
-                await dlq_topic.send(
-                    key=raw.device_id.encode(),
-                    value=raw.payload,
-                    headers=dlq_headers(
-                        result.reason,
-                        "normalize",
-                        f"{msg.topic}/{msg.partition}/{msg.offset}",
-                        _headers(event),
-                    ),
-                )
-            ]
+            return [await _send_dlq(event, raw.device_id.encode(), raw.payload, result.reason)]
         sent: list[Awaitable[Any]] = []
         dedupe.drop_seen(result, f"{msg.partition}:{msg.offset}")
         for seq_event in sequences.observe(result):
@@ -264,19 +263,7 @@ def create_app(settings: Settings) -> faust.App:
         sent = []
         for index, reason in outcome.rejected:
             event = chunk[index]
-            msg = event.message
-            sent.append(
-                await dlq_topic.send(
-                    key=event.key,
-                    value=event.value,
-                    headers=dlq_headers(
-                        reason,
-                        "seal",
-                        f"{msg.topic}/{msg.partition}/{msg.offset}",
-                        _headers(event),
-                    ),
-                )
-            )
+            sent.append(await _send_dlq(event, event.key, event.value, reason, stage="seal"))
         await asyncio.gather(*sent)
         if outcome.batch_id is not None and outcome.manifest_json is not None:
             await _produce_manifest(batches_topic, outcome.batch_id, outcome.manifest_json)

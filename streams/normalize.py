@@ -9,7 +9,6 @@ with the original bytes, to the DLQ.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from vitalproof.codecs import decode_samples
 from vitalproof.errors import WireFormatError
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Device, DeviceStatus
-from vitalproof.schema import Quality, SampleBatch
+from vitalproof.schema import Quality, SampleBatch, runs_of
 from vitalproof.units import CANONICAL_UNIT, PLAUSIBLE, Metric, UnitError, conversion_for
 
 FUTURE_TOLERANCE_US = 5 * 60 * 1_000_000  # device clocks drift; five minutes is plausible
@@ -80,19 +79,9 @@ def _canonicalize(batch: SampleBatch, received_us: int, *, enrolled_us: int | No
         if units.count(canonical) == len(units):  # the usual case: one canonical unit
             _flag_run(batch, metric, start, stop, received_us, not_before, convert=False)
             continue
-        for unit, ustart, ustop in _unit_runs(units, start):
+        for unit, ustart, ustop in runs_of(units, start):
             conv = unit != canonical
             _flag_run(batch, metric, ustart, ustop, received_us, not_before, convert=conv)
-
-
-def _unit_runs(units: list[str], offset: int) -> list[tuple[str, int, int]]:
-    out: list[tuple[str, int, int]] = []
-    start = offset
-    for unit, grp in itertools.groupby(units):
-        stop = start + len(list(grp))
-        out.append((unit, start, stop))
-        start = stop
-    return out
 
 
 def _flag_run(

@@ -35,7 +35,6 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
-from itertools import groupby
 from typing import Any
 
 from vitalproof.errors import WireFormatError
@@ -112,10 +111,7 @@ def decode_any(data: bytes) -> list[SampleBatch]:
 
 def encode(batch: SampleBatch) -> bytes:
     n = len(batch)
-    runs = [  # groupby walks the samples in C; a batch has a handful of runs
-        [metric, unit, sum(1 for _ in grp)]
-        for (metric, unit), grp in groupby(zip(batch.metric, batch.unit, strict=True))
-    ]
+    runs = [[metric, unit, stop - start] for (metric, unit), start, stop in batch.series_runs()]
     with_ids = bool(batch.reading_id)
     if with_ids and len(batch.reading_id) != n:
         raise ValueError(f"{len(batch.reading_id)} reading ids for {n} samples")

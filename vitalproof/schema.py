@@ -30,10 +30,10 @@ import itertools
 import json
 import math
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntFlag, StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -93,6 +93,25 @@ def reading_id_digests(
             for d, m, s, t in zip(device_ids, metrics, seqs, device_times_us, strict=True)
         ]
     )
+
+
+K = TypeVar("K")
+
+
+def runs_of(keys: Iterable[K], offset: int = 0) -> list[tuple[K, int, int]]:
+    """``(key, start, stop)`` of each run of equal consecutive keys, positions from ``offset``.
+
+    Samples arrive series by series, so a batch has a handful of runs however many samples
+    it holds: per-run work (units, flags, templates, wire series) replaces per-sample work.
+    ``groupby`` walks the keys in C.
+    """
+    out: list[tuple[K, int, int]] = []
+    start = offset
+    for key, grp in itertools.groupby(keys):
+        stop = start + len(list(grp))
+        out.append((key, start, stop))
+        start = stop
+    return out
 
 
 class Reading(BaseModel):
@@ -244,13 +263,11 @@ class SampleBatch:
         Samples arrive series by series, so a batch has a handful of runs however many
         samples it holds: per-run work replaces per-sample work (units, flags, templates).
         """
-        out: list[tuple[str, int, int]] = []
-        start = 0
-        for metric, grp in itertools.groupby(self.metric):
-            stop = start + len(list(grp))
-            out.append((metric, start, stop))
-            start = stop
-        return out
+        return runs_of(self.metric)
+
+    def series_runs(self) -> list[tuple[tuple[str, str], int, int]]:
+        """``((metric, unit), start, stop)`` of each run of one metric in one unit."""
+        return runs_of(zip(self.metric, self.unit, strict=True))
 
     def canonical_bytes_per_sample(self) -> list[bytes]:
         """:func:`canonical_reading_bytes` of every sample, byte-identical, built per run.
@@ -273,9 +290,7 @@ class SampleBatch:
         if not (joined.isascii() and joined.isalnum()):  # ids needing JSON escapes: rare
             ids = [dumps(r)[1:-1] for r in ids]
         out: list[bytes] = []
-        start = 0
-        for (metric, unit), grp in itertools.groupby(zip(self.metric, self.unit, strict=True)):
-            stop = start + len(list(grp))
+        for (metric, unit), start, stop in self.series_runs():
             fmt = (
                 f'{{"device_id":{dev},"device_time_us":%d,"metric":'
                 f'{dumps(metric).replace("%", "%%")},"patient_id":{pat},"quality":%d,'
@@ -296,7 +311,6 @@ class SampleBatch:
                     )
                 ]
             )
-            start = stop
         return out
 
     def readings(self) -> Iterator[Reading]:
@@ -331,9 +345,7 @@ class SampleBatch:
         """
         series: dict[tuple[str, str], dict[str, list[Any]]] = {}
         with_ids = bool(self.reading_id)
-        start = 0
-        for key, grp in itertools.groupby(zip(self.metric, self.unit, strict=True)):
-            stop = start + len(list(grp))
+        for key, start, stop in self.series_runs():
             s = series.get(key)
             if s is None:
                 s = series[key] = {"t": [], "seq": [], "v": [], "q": []}
@@ -349,7 +361,6 @@ class SampleBatch:
             s["q"] += self.quality[start:stop]
             if with_ids:
                 s["id"] += self.reading_id[start:stop]
-            start = stop
         doc: dict[str, Any] = {"schema": WIRE_SCHEMA_VERSION, **self.wire_header()}
         doc["series"] = [{"metric": m, "unit": u, **cols} for (m, u), cols in series.items()]
         return doc
