@@ -15,7 +15,10 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
+import random
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,8 +30,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anchor import merkle
-from streams.batcher import Pending, Sealer, leaf_hashes_salted
+from anchor.errors import MerkleError
+from streams.batcher import Pending, Sealer, batch_leaves, leaf_hashes_salted
 from streams.keystore import LocalKeystore, salts_for
+from tests import test_fast_paths as fast_paths
 from tests.test_merkle import VECTORS
 from vitalproof import native
 from vitalproof.schema import SampleBatch, Transport, reading_id
@@ -268,3 +273,85 @@ print(salts_for(b"k" * 32, b.reading_id)[0].hex())
     assert len(warnings) == 1, out.stderr
     assert warnings[0].startswith("WARNING vitalproof.native: vitalproof_native is not importable")
     assert "pure-Python reference" in warnings[0]
+
+
+def _reference_leaves(b: SampleBatch, salts: list[bytes]) -> list[bytes]:
+    """The definition: leaf_hash_salted(salt, canonical_reading_bytes(reading)) per reading."""
+    canonical = fast_paths.reference_canonical(b)
+    return [merkle.leaf_hash_salted(s, c) for s, c in zip(salts, canonical, strict=True)]
+
+
+def _salts(n: int) -> list[bytes]:
+    return [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(fast_paths.batches())
+def test_canonical_leaves_equal_reference(ext: ModuleType, b: SampleBatch) -> None:
+    """Any device, patient, metric, unit and id text (escapes fall back to Python), any
+    64-bit numbers, NaN as null: the native leaves are the definition's, byte for byte."""
+    salts = _salts(len(b))
+    want = _reference_leaves(b, salts)
+    assert batch_leaves(b, salts) == want
+    with reference_only():
+        assert batch_leaves(b, salts) == want
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=8))
+def test_canonical_leaves_spell_floats_as_python_repr(ext: ModuleType, vals: list[float]) -> None:
+    b = _one_series(vals)
+    assert batch_leaves(b, _salts(len(b))) == _reference_leaves(b, _salts(len(b)))
+
+
+def test_canonical_leaves_spell_random_doubles_as_python_repr(ext: ModuleType) -> None:
+    """200,000 doubles drawn uniformly over bit patterns (every exponent, subnormals), 50,000
+    with few significant bits (exact ties, rounded to even), and the layout edges of
+    ``float.__repr__``: one digit spelled differently would break every proof."""
+    rng = random.Random(9162)
+    vals = [
+        struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(200_000)
+    ]
+    vals = [v for v in vals if math.isfinite(v)]
+    # few significant bits: where exact ties between two shortest spellings live
+    vals += [rng.randint(-(2**40), 2**40) / 2 ** rng.randint(0, 30) for _ in range(50_000)]
+    vals += [0.0, -0.0, 1e-4, 1e-5, 9.999999999999999e-5, 1e15, 1e16, 9999999999999998.0]
+    vals += [1e16 - 2, 2e16 + 8, 5e-324, -5e-324, 2.2250738585072014e-308, 1.7976931348623157e308]
+    vals += [0.1 * k for k in range(-2000, 2000)] + [k / 100 for k in range(3000, 4500)]
+    b = _one_series(vals)
+    salts = _salts(len(b))
+    got = batch_leaves(b, salts)
+    with reference_only():
+        want = batch_leaves(b, salts)
+    bad = [v for v, g, w in zip(vals, got, want, strict=True) if g != w]
+    assert not bad, f"{len(bad)} values spelled unlike repr(), e.g. {bad[:5]}"
+
+
+def test_canonical_leaves_refuse_infinity_like_json(ext: ModuleType) -> None:
+    b = _one_series([1.0, math.inf])
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        batch_leaves(b, _salts(2))
+    with reference_only(), pytest.raises(ValueError, match="not JSON compliant"):
+        batch_leaves(b, _salts(2))
+
+
+def test_canonical_leaves_check_their_inputs(ext: ModuleType) -> None:
+    b = _one_series([1.0, 2.0])
+    device, patient, runs = b.canonical_parts()
+    cols = (b.device_time_us, b.quality, b.reading_id, b.seq, b.value)
+    with pytest.raises(ValueError, match="equal lengths"):
+        ext.canonical_leaves(_salts(1), device, patient, runs, *cols)
+    with pytest.raises(ValueError, match="tile"):
+        ext.canonical_leaves(_salts(2), device, patient, [(*runs[0][:2], 1, 2)], *cols)
+    with pytest.raises(ValueError, match="cover 1 of 2"):
+        ext.canonical_leaves(_salts(2), device, patient, [(*runs[0][:2], 0, 1)], *cols)
+    with pytest.raises(MerkleError, match="32 bytes"):
+        batch_leaves(b, [b"short", b"salt"])
+
+
+def _one_series(vals: list[float]) -> SampleBatch:
+    b = SampleBatch(device_id="dev-1", patient_id="pt-1")
+    for i, v in enumerate(vals):
+        b.add("skin_temperature", "Cel", T0 + i, i, v)
+    b.fill_reading_ids()
+    return b

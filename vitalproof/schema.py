@@ -269,32 +269,42 @@ class SampleBatch:
         """``((metric, unit), start, stop)`` of each run of one metric in one unit."""
         return runs_of(zip(self.metric, self.unit, strict=True))
 
+    def canonical_parts(self) -> tuple[str, str, list[tuple[str, str, int, int]]]:
+        """The fixed parts of every reading's canonical document, spelled as ``json.dumps``
+        spells them: device, patient, and ``(metric, unit, start, stop)`` per run of one
+        metric in one unit. With these, a document is a template with numbers filled in
+        (here and in the native ``canonical_leaves``), not a ``json.dumps`` per reading."""
+        if self.patient_id is None:
+            raise ValueError("canonical bytes need a normalized batch (patient id)")
+        if len(self.reading_id) != len(self):
+            raise ValueError("canonical bytes need reading ids")
+        dumps = json.dumps
+        runs = [
+            (dumps(metric), dumps(unit), start, stop)
+            for (metric, unit), start, stop in self.series_runs()
+        ]
+        return dumps(self.device_id), dumps(self.patient_id), runs
+
     def canonical_bytes_per_sample(self) -> list[bytes]:
         """:func:`canonical_reading_bytes` of every sample, byte-identical, built per run.
 
         ``json.dumps`` per reading costs more than everything else the sealer does per
-        sample; the document's fixed parts (device, metric, patient, unit) are formatted once
-        per run of equal (metric, unit) into a template and only the numbers and the reading
-        id are filled in per sample. tests/test_fast_paths.py checks the equality.
+        sample; the document's fixed parts (:meth:`canonical_parts`) are formatted once per
+        run into a template and only the numbers and the reading id are filled in per
+        sample. tests/test_fast_paths.py checks the equality.
         """
-        if self.patient_id is None:
-            raise ValueError("canonical_bytes_per_sample() needs a normalized batch (patient id)")
-        n = len(self)
-        if len(self.reading_id) != n:
-            raise ValueError("canonical_bytes_per_sample() needs reading ids")
-        dumps = json.dumps
-        dev = dumps(self.device_id).replace("%", "%%")
-        pat = dumps(self.patient_id).replace("%", "%%")
+        device, patient, runs = self.canonical_parts()
+        dev, pat = device.replace("%", "%%"), patient.replace("%", "%%")
         ids: Sequence[str] = self.reading_id
         joined = "".join(ids)
         if not (joined.isascii() and joined.isalnum()):  # ids needing JSON escapes: rare
-            ids = [dumps(r)[1:-1] for r in ids]
+            ids = [json.dumps(r)[1:-1] for r in ids]
         out: list[bytes] = []
-        for (metric, unit), start, stop in self.series_runs():
+        for metric, unit, start, stop in runs:
             fmt = (
                 f'{{"device_id":{dev},"device_time_us":%d,"metric":'
-                f'{dumps(metric).replace("%", "%%")},"patient_id":{pat},"quality":%d,'
-                f'"reading_id":"%s","seq":%d,"unit":{dumps(unit).replace("%", "%%")},'
+                f'{metric.replace("%", "%%")},"patient_id":{pat},"quality":%d,'
+                f'"reading_id":"%s","seq":%d,"unit":{unit.replace("%", "%%")},'
                 f'"value":%s}}'
             )
             values = _json_floats(self.value[start:stop])

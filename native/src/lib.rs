@@ -164,6 +164,108 @@ fn salted_leaves<'py>(
     bytes_list(py, &out)
 }
 
+/// A JSON string body that needs no escaping (printable ASCII, no quote, no backslash): what
+/// reading ids are. Anything else is left to the Python reference (`TypeError`).
+fn json_plain(s: &str, what: &str) -> PyResult<()> {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        Ok(())
+    } else {
+        Err(PyTypeError::new_err(format!("{what} {s:?} needs JSON escaping")))
+    }
+}
+
+/// Salted RFC 9162 leaf hashes of a normalized batch's readings, straight from its columns:
+/// SHA-256(0x00 || salt || canonical_reading_bytes(reading)), the canonical JSON built here.
+///
+/// ``runs`` are ``(metric_json, unit_json, start, stop)`` tiling the columns in order, the
+/// JSON fragments spelled by ``json.dumps``; ``value`` holds floats (``None`` or NaN is JSON
+/// null; an infinity is a ``ValueError``, as ``json.dumps(allow_nan=False)`` says).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn canonical_leaves<'py>(
+    py: Python<'py>,
+    salts: &Bound<'py, PyAny>,
+    device_json: &str,
+    patient_json: &str,
+    runs: Vec<(String, String, usize, usize)>,
+    device_time_us: &Bound<'py, PyAny>,
+    quality: &Bound<'py, PyAny>,
+    reading_id: &Bound<'py, PyAny>,
+    seq: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyList>> {
+    let salt_items = items(salts)?;
+    let salts = byte_strings(&salt_items, "salts")?;
+    let id_items = items(reading_id)?;
+    let ids = strs(&id_items, "reading_id")?;
+    for id in &ids {
+        json_plain(id, "reading id")?;
+    }
+    let times = ints(device_time_us, "device_time_us")?;
+    let quality = ints(quality, "quality")?;
+    let seqs = ints(seq, "seq")?;
+    let values = each(value, |i, v| {
+        if v.is_none() {
+            return Ok(None);
+        }
+        let x: f64 = v.extract()?;
+        if x.is_nan() {
+            Ok(None)
+        } else if x.is_infinite() {
+            let r = if x > 0.0 { "inf" } else { "-inf" };
+            Err(PyValueError::new_err(format!(
+                "Out of range float values are not JSON compliant: {r} (value {i})"
+            )))
+        } else {
+            Ok(Some(x))
+        }
+    })?;
+    same_length(&[
+        ("readings", times.len()),
+        ("salts", salts.len()),
+        ("quality", quality.len()),
+        ("reading ids", ids.len()),
+        ("seqs", seqs.len()),
+        ("values", values.len()),
+    ])?;
+    let mut next = 0;
+    for &(_, _, start, stop) in &runs {
+        if start != next || stop < start {
+            return Err(PyValueError::new_err(format!(
+                "run {start}..{stop} does not continue at {next}: runs must tile the columns"
+            )));
+        }
+        next = stop;
+    }
+    if next != times.len() {
+        return Err(PyValueError::new_err(format!(
+            "runs cover {next} of {} readings",
+            times.len()
+        )));
+    }
+    let runs: Vec<hashing::Run<'_>> = runs
+        .iter()
+        .map(|(m, u, start, stop)| hashing::Run {
+            metric_json: m,
+            unit_json: u,
+            start: *start,
+            stop: *stop,
+        })
+        .collect();
+    let readings = hashing::Readings {
+        device_json,
+        patient_json,
+        runs: &runs,
+        times: &times,
+        quality: &quality,
+        ids: &ids,
+        seqs: &seqs,
+        values: &values,
+    };
+    let out = py.detach(|| hashing::canonical_leaves(&salts, &readings));
+    bytes_list(py, &out)
+}
+
 /// RFC 9162 root over 32-byte leaf hashes (SHA-256 of nothing for an empty list).
 #[pyfunction]
 fn merkle_root<'py>(py: Python<'py>, leaves: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
@@ -188,6 +290,7 @@ fn vitalproof_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reading_ids, m)?)?;
     m.add_function(wrap_pyfunction!(salts, m)?)?;
     m.add_function(wrap_pyfunction!(salted_leaves, m)?)?;
+    m.add_function(wrap_pyfunction!(canonical_leaves, m)?)?;
     m.add_function(wrap_pyfunction!(merkle_root, m)?)?;
     m.add_function(wrap_pyfunction!(merkle_levels, m)?)?;
     Ok(())
