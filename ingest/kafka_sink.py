@@ -22,6 +22,7 @@ def durable_producer(settings: Settings, **overrides: object) -> AIOKafkaProduce
         "linger_ms": 5,
         "max_batch_size": 1 << 20,
         "request_timeout_ms": 30_000,
+        "compression_type": settings.kafka_compression_type,
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

@@ -81,6 +81,9 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # Every byte sent costs the worker a syscall's copy (and, to a local broker, the
+        # receive path too): compressed batches (cramjam, in C) cost less than they save.
+        producer_compression_type=settings.kafka_compression_type,
         stream_wait_empty=False,
         # Faust buffers up to this many *records* per stream; a vitals.clean bundle holds
         # thousands of samples, so its default (4096) could hold most of a gigabyte.

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
         default="", description="prepended to every topic (tests isolate with it)"
     )
     partitions: int = 4
+    kafka_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = Field(
+        default="lz4",
+        description="codec of the record batches the collectors and the worker produce",
+    )
 
     # MQTT
     mqtt_host: str = "127.0.0.1"
@@ -85,6 +89,11 @@ class Settings(BaseSettings):
         # The daemons we start run in their own folders; a relative state path would point
         # somewhere else for them.
         return home.expanduser().resolve()
+
+    @property
+    def kafka_compression_type(self) -> str | None:
+        """:attr:`kafka_compression` as aiokafka and Faust take it (``None``: uncompressed)."""
+        return None if self.kafka_compression == "none" else self.kafka_compression
 
     @property
     def kafka_port(self) -> int:
