@@ -84,6 +84,7 @@ def test_a_damaged_record_says_what_is_wrong(mangle, message):
 def test_a_bundle_carries_many_batches_in_order():
     a, b = normalized(), normalized()
     b.patient_id, b.device_id = "pat-2", "dev-2"
+    b.fill_reading_ids()  # another device: other ids
     data = clean_codec.encode_bundle([a, b, a])
     assert clean_codec.sample_count(data) == 3 * len(a)
     back = clean_codec.decode_record(data)
@@ -124,3 +125,14 @@ def test_bundles_per_patient_keep_order_and_stay_under_the_size_cap():
     ]
     with pytest.raises(ValueError, match="not normalized"):
         bundle_by_patient([SampleBatch(device_id="d")], 10)
+
+
+def test_reading_ids_are_derived_not_stored_and_stored_ones_still_decode():
+    b = normalized()
+    derived, stored = clean_codec.encode(b), clean_codec.encode(b, store_ids=True)
+    assert len(stored) - len(derived) == 16 * len(b) - len(b'"derive"') + len(b"true")
+    assert b'"ids":"derive"' in derived
+    same(clean_codec.decode(derived), b)
+    same(clean_codec.decode(stored), b)  # records of workers that stored them
+    (one,) = clean_codec.decode_any(clean_codec.encode_bundle([b]))
+    assert one.reading_id == b.reading_id

@@ -17,6 +17,12 @@ Layout, little-endian::
     q        N x u32   quality flags
     id       N x 16 bytes (only when "ids" is true)
 
+``"ids"`` is ``true`` (stored, as above), ``"derive"`` (the batch has reading ids, not
+stored: :func:`decode` recomputes them, as the lake does, since an id is a function of
+device, metric, seq and device time) or ``false`` (a batch without ids). Normalize writes
+``"derive"``: 16 random bytes per sample were over a third of every record and the part no
+codec can compress, and deriving them costs the reader less than decoding them.
+
 A record may also be a *bundle* of such batches (normalize sends one per patient per take, so
 Kafka and Faust pay per bundle, not per device message)::
 
@@ -109,13 +115,16 @@ def decode_any(data: bytes) -> list[SampleBatch]:
     return out
 
 
-def encode(batch: SampleBatch) -> bytes:
+def encode(batch: SampleBatch, *, store_ids: bool = False) -> bytes:
+    """One batch; its reading ids (if any) are derived again on decode unless ``store_ids``."""
     n = len(batch)
     runs = [[metric, unit, stop - start] for (metric, unit), start, stop in batch.series_runs()]
-    with_ids = bool(batch.reading_id)
-    if with_ids and len(batch.reading_id) != n:
+    has_ids = bool(batch.reading_id)
+    if has_ids and len(batch.reading_id) != n:
         raise ValueError(f"{len(batch.reading_id)} reading ids for {n} samples")
-    header = {**batch.wire_header(), "runs": runs, "ids": with_ids}
+    with_ids = has_ids and store_ids
+    ids: bool | str = True if with_ids else ("derive" if has_ids else False)
+    header = {**batch.wire_header(), "runs": runs, "ids": ids}
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [_FIXED.pack(MAGIC, VERSION, n, len(head)), head]
     for attr, code in _COLUMNS:
@@ -162,6 +171,8 @@ def decode(data: bytes) -> SampleBatch:
         hexed = data[pos:].hex()
         step = 2 * ID_BYTES
         b.reading_id = [hexed[i : i + step] for i in range(0, len(hexed), step)]
+    elif header.get("ids") == "derive":
+        b.fill_reading_ids()
     return b
 
 
