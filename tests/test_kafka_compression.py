@@ -1,6 +1,6 @@
 """Record batches are compressed with the configured codec, end to end on the real Kafka.
 
-The worker and the collectors compress what they produce (lz4 by default): on one machine,
+The worker and the collectors compress what they produce (zstd by default): on one machine,
 every byte a producer sends is also received by the broker in the sender's own syscall, and
 the codec (cramjam) costs less CPU than the bytes it saves. A codec aiokafka cannot load
 would only fail at the first send, so the round trip is tested, not just the setting.
@@ -23,8 +23,8 @@ from vitalproof.stack.kafka import kafka_dir
 
 
 def test_setting_reaches_the_worker_and_the_collectors(settings: Settings) -> None:
-    assert settings.kafka_compression == "lz4"
-    assert create_app(settings).conf.producer_compression_type == "lz4"
+    assert settings.kafka_compression == "zstd"
+    assert create_app(settings).conf.producer_compression_type == "zstd"
     plain = settings.model_copy(update={"kafka_compression": "none"})
     assert plain.kafka_compression_type is None
     assert create_app(plain).conf.producer_compression_type is None

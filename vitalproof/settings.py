@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     )
     partitions: int = 4
     kafka_compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = Field(
-        default="lz4",
+        default="zstd",
+        # zstd (level 3, as aiokafka sets it) compresses ~5x faster than aiokafka's lz4 at
+        # its level 9, and smaller
         description="codec of the record batches the collectors and the worker produce",
     )
 
