@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from itertools import chain
 
 import numpy as np
 
@@ -85,8 +86,10 @@ class DedupeWindows:
         self.max_ids = max_ids
         self.recent_ids = recent_ids
         self.run_ids = run_ids
-        self._recent: dict[int, set[str]] = {}  # window -> hex ids not packed yet
-        self._recent_count = 0
+        # Ids not packed yet: one set over all windows (one C-level lookup per batch), and
+        # per window the batches' ids, to pack them or to forget them with their window.
+        self._recent: set[str] = set()
+        self._recent_by_window: dict[int, list[tuple[str, ...]]] = {}
         self._runs: dict[int, list[DigestRun]] = {}  # window -> packed ids
         self._counts: dict[int, int] = {}  # window -> ids held
         self._keys: dict[int, list[bytes]] = {}  # window -> its changelog keys
@@ -110,7 +113,7 @@ class DedupeWindows:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the runs and the filter (the hex strings of the recent set not counted)."""
+        """Bytes of the runs and the filter (the recent set not counted)."""
         return self._filter.nbytes + sum(r.nbytes for rs in self._runs.values() for r in rs)
 
     # -- the hot path -------------------------------------------------------------------
@@ -121,8 +124,8 @@ class DedupeWindows:
         ``origin`` names the raw record (``partition:offset``): it makes the changelog key,
         so processing the same record again writes the same key. Duplicates are rare: when
         no run holds any id (one vectorized lookup per run), the recent set holds none and
-        none repeats (C-level set operations), the batch is kept whole; only otherwise is
-        it walked id by id.
+        none repeats (C-level set operations, one set for all windows), the batch is kept
+        whole; only otherwise is it walked id by id.
         """
         ids = batch.reading_id
         if len(ids) != len(batch):
@@ -134,7 +137,7 @@ class DedupeWindows:
         unique = set(ids)
         if (
             len(unique) == len(ids)
-            and all(s.isdisjoint(unique) for s in self._recent.values())
+            and self._recent.isdisjoint(unique)
             and not (in_runs is not None and in_runs.any())
         ):
             fresh = ids
@@ -143,7 +146,7 @@ class DedupeWindows:
             keep: list[int] = []
             within: set[str] = set()
             for i, rid in enumerate(ids):
-                if i in known or rid in within or self._in_recent(rid):
+                if i in known or rid in within or rid in self._recent:
                     continue
                 within.add(rid)
                 keep.append(i)
@@ -158,12 +161,12 @@ class DedupeWindows:
             if window > self._newest - self.retain:
                 key = f"{window}/{origin}/{batch.device_id}".encode()
                 self._keys.setdefault(window, []).append(key)
-                self._recent.setdefault(window, set()).update(fresh)
-                self._recent_count += len(fresh)
+                self._recent.update(fresh)
+                self._recent_by_window.setdefault(window, []).append(tuple(fresh))
                 self._count(window, len(fresh))
                 self._newest = max(self._newest, window)
                 self._out.append((key, packed))
-                if self._recent_count >= self.recent_ids:
+                if len(self._recent) >= self.recent_ids:
                     self._pack_recent()
             self._expire()
             self._enforce_budget()
@@ -241,9 +244,6 @@ class DedupeWindows:
         found[rows] = hit
         return found
 
-    def _in_recent(self, rid: str) -> bool:
-        return any(rid in s for s in self._recent.values())
-
     def _count(self, window: int, n: int) -> None:
         self._counts[window] = self._counts.get(window, 0) + n
         self._held += n
@@ -257,12 +257,12 @@ class DedupeWindows:
             runs.append(run)
 
     def _pack_recent(self) -> None:
-        for window, ids in self._recent.items():
-            hi, lo = split(bytes.fromhex("".join(ids)))
+        for window, batches in self._recent_by_window.items():
+            hi, lo = split(bytes.fromhex("".join(chain.from_iterable(batches))))
             self._filter.add(window, hi)  # the filter covers the runs, the set itself
             self._add_run(window, DigestRun(hi, lo))
         self._recent.clear()
-        self._recent_count = 0
+        self._recent_by_window.clear()
 
     def _expire(self) -> None:
         cutoff = self._newest - self.retain
@@ -293,7 +293,8 @@ class DedupeWindows:
             self._out.append((key, None))
         self._runs.pop(window, None)
         self._filter.drop(window)
-        self._recent_count -= len(self._recent.pop(window, ()))
+        for ids in self._recent_by_window.pop(window, ()):
+            self._recent.difference_update(ids)
         self._held -= self._counts.pop(window, 0)
 
 
