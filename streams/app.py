@@ -136,6 +136,7 @@ def create_app(settings: Settings) -> faust.App:
             await asyncio.gather(*sent)
             # Only now, with the clean records durable, may the changelog say their ids were
             # seen: a changelog entry without its clean record would drop a reading forever.
+            # One record per (window, raw partition) of the take, not one per raw record.
             await asyncio.gather(*[await _send(dedupe_name, k, v) for k, v in dedupe.drain()])
             for event in events:
                 await stream.ack(event)

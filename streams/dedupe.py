@@ -10,11 +10,25 @@ Why a changelog of our own and not a Faust Table: the normalize agent consumes i
 it protects (see :mod:`streams.app`); a Faust Table writes its changelog per assignment,
 under the partition of whatever event is "current", on its own schedule.
 
-The cost is per message, not per sample: one changelog record per accepted raw message,
-keyed ``<window>/<raw partition>:<raw offset>/<device>`` (a replay of the same raw record
-rewrites the same key), whose value is the message's new ids packed as 16-byte digests.
-When a window expires its keys get tombstones, so the compacted topic, and the memory
-rebuilt from it at start, stay bounded by ``retain`` windows of traffic.
+The cost is per take, not per message or sample: one changelog record per (window, raw
+partition) per :meth:`DedupeWindows.drain` (the agent drains once per take, after the
+take's clean records are durable), keyed ``<window>/<raw partition>:<raw offset>`` with the
+offset of the first raw record in that partition that brought the window new ids; its
+value is their new ids packed as 16-byte digests, in record order, at most
+:data:`RECORD_BYTES` (then the next raw record starts the next key). (One record per raw
+message cost the worker ~5 % of its CPU in sends.) When a window expires its keys get
+tombstones, so the compacted topic, and the memory rebuilt from it at start, stay bounded
+by ``retain`` windows of traffic.
+
+Why that key survives a crash: after one, the agent resumes at the committed offset, where
+a take of the crashed run began, and the changelog's ids of every record before the crash
+are dropped as seen. The first records with new ids are those of the take whose changelog
+write was lost or raced the crash: the same first offset, so the same key, overwritten.
+A replay cut differently may hold fewer of that take's ids than the record it overwrites;
+the rest belong to uncommitted raw records, which the replay processes (and writes under
+their own key) before their offsets are committed. Every record only ever holds ids whose
+clean records were durable when it was written, so the worst a crash costs is a reading
+emitted twice (the sealer's memory of sealed ids drops it), never one dropped for good.
 
 Memory: at 200,000 samples/s five minutes are 60M ids, far too many for Python strings in a
 set (~120 bytes each, measured). Ids are held as 16-byte digests in sorted numpy runs
@@ -57,6 +71,12 @@ RUN_IDS = 1 << 21
 """Largest run a window grows by merging: bounds the copy (and the memory it needs
 transiently) of one merge; a window with more ids holds several runs."""
 
+RECORD_BYTES = 512 * 1024
+"""A changelog record's value at most, unless one raw record's new ids alone are more: well
+under Kafka's default 1 MB message size (a take of 1,000 raw records of 120 samples from one
+partition and window would be 1.9 MB). Where a record is cut depends only on the raw records
+from its first one on, so a replay cuts it at the same place."""
+
 Record = tuple[bytes, bytes | None]
 """One changelog record: key, and the packed ids (``None``: a tombstone)."""
 
@@ -96,7 +116,10 @@ class DedupeWindows:
         self._held = 0
         self._filter = IdFilter(max_ids)
         self._newest = -(2**62)
-        self._out: list[Record] = []
+        self._out: list[Record] = []  # tombstones (and records of windows gone since)
+        # (window, raw partition) -> its changelog key and packed ids, until drain()
+        self._pending: dict[tuple[int, str], tuple[bytes, list[bytes]]] = {}
+        self._pending_bytes: dict[tuple[int, str], int] = {}
         self.dropped = 0
         """Samples dropped as duplicates since start."""
         self.evicted_windows = 0
@@ -121,8 +144,10 @@ class DedupeWindows:
     def drop_seen(self, batch: SampleBatch, origin: str) -> int:
         """Remove samples already seen (in place), remember the rest; how many were removed.
 
-        ``origin`` names the raw record (``partition:offset``): it makes the changelog key,
-        so processing the same record again writes the same key. Duplicates are rare: when
+        ``origin`` names the raw record (``partition:offset``, records of one partition in
+        offset order): the first record with new ids per window and partition since the
+        last :meth:`drain` makes the changelog key (see the module docstring). Duplicates
+        are rare: when
         no run holds any id (one vectorized lookup per run), the recent set holds none and
         none repeats (C-level set operations, one set for all windows), the batch is kept
         whole; only otherwise is it walked id by id.
@@ -159,13 +184,24 @@ class DedupeWindows:
         if fresh:
             window = self._window_of(batch)
             if window > self._newest - self.retain:
-                key = f"{window}/{origin}/{batch.device_id}".encode()
-                self._keys.setdefault(window, []).append(key)
+                group = (window, origin.partition(":")[0])
+                pending = self._pending.get(group)
+                size = self._pending_bytes.get(group, 0) + len(packed)
+                if pending is not None and size > RECORD_BYTES:  # full: out, start anew
+                    self._out.append((pending[0], b"".join(pending[1])))
+                    pending = None
+                if pending is None:
+                    key = f"{window}/{origin}".encode()
+                    self._keys.setdefault(window, []).append(key)
+                    self._pending[group] = (key, [packed])
+                    size = len(packed)
+                else:
+                    pending[1].append(packed)
+                self._pending_bytes[group] = size
                 self._recent.update(fresh)
                 self._recent_by_window.setdefault(window, []).append(tuple(fresh))
                 self._count(window, len(fresh))
                 self._newest = max(self._newest, window)
-                self._out.append((key, packed))
                 if len(self._recent) >= self.recent_ids:
                     self._pack_recent()
             self._expire()
@@ -173,8 +209,16 @@ class DedupeWindows:
         return dropped
 
     def drain(self) -> list[Record]:
-        """The changelog records to write since the last call, in order."""
+        """The changelog records to write since the last call: one per (window, raw
+        partition) with new ids, and the tombstones of the windows gone.
+
+        Call it once the clean records of every batch passed to :meth:`drop_seen` since the
+        last call are durable, and write what it returns.
+        """
         out, self._out = self._out, []
+        out.extend((key, b"".join(packs)) for key, packs in self._pending.values())
+        self._pending.clear()
+        self._pending_bytes.clear()
         return out
 
     # -- restart ------------------------------------------------------------------------
@@ -289,6 +333,11 @@ class DedupeWindows:
             )
 
     def _drop_window(self, window: int) -> None:
+        # A record not drained yet goes out before its tombstone (compaction keeps the last).
+        for group in [g for g in self._pending if g[0] == window]:
+            key, packs = self._pending.pop(group)
+            del self._pending_bytes[group]
+            self._out.append((key, b"".join(packs)))
         for key in self._keys.pop(window):
             self._out.append((key, None))
         self._runs.pop(window, None)
@@ -305,4 +354,6 @@ def _parse_key(key: bytes) -> int:
             raise ValueError
         return int(window)
     except ValueError:
-        raise ChangelogError(f"changelog key {key!r} is not <window>/<origin>/<device>") from None
+        raise ChangelogError(
+            f"changelog key {key!r} is not <window>/<partition>:<offset>[/<device>]"
+        ) from None

@@ -138,7 +138,7 @@ def test_the_budget_evicts_the_oldest_window_early_with_tombstones(
     assert "memory budget of 250 ids reached" in caplog.text
     assert caplog.records[-1].levelno == logging.WARNING
     records = d.drain()
-    assert (f"{T0 // MIN}/0:0/dev-1".encode(), None) in records
+    assert (f"{T0 // MIN}/0:0".encode(), None) in records
     # the evicted ids are no longer known; the retained ones still are
     old, kept = batch([digest(5)], T0 + 3 * MIN), batch([digest(1005)], T0 + 3 * MIN)
     assert d.drop_seen(old, "0:9") == 0 and d.drop_seen(kept, "0:10") == 1
@@ -146,7 +146,7 @@ def test_the_budget_evicts_the_oldest_window_early_with_tombstones(
     after = DedupeWindows(window_us=MIN, retain=5, max_ids=150)
     after.load(records)
     assert after.windows == [T0 // MIN + 2] and len(after) == 100
-    assert [k for k, v in after.drain() if v is None] == [f"{T0 // MIN + 1}/0:1/dev-1".encode()]
+    assert [k for k, v in after.drain() if v is None] == [f"{T0 // MIN + 1}/0:1".encode()]
 
 
 def test_reload_puts_the_packed_changelog_values_straight_into_runs() -> None:
