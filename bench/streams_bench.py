@@ -188,9 +188,10 @@ def run_inprocess(args: argparse.Namespace) -> None:
             for i, r in enumerate(raws[start : start + NORMALIZE_TAKE], start):
                 b = normalize(r, devices.get)
                 assert not isinstance(b, Rejection), b
-                recent.drop_seen(b, f"0:{i}")
-                accepted.append(b)
-            for _patient, bundle in bundle_by_patient(accepted, CLEAN_BUNDLE_SAMPLES):
+                accepted.append((b, f"0:{i}"))
+            recent.drop_seen_many(accepted)
+            batches = [b for b, _origin in accepted]
+            for _patient, bundle in bundle_by_patient(batches, CLEAN_BUNDLE_SAMPLES):
                 clean.append(clean_codec.encode_bundle(bundle))
             recent.drain()
         t1 = _clock()

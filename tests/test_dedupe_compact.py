@@ -105,6 +105,42 @@ def test_drops_exactly_what_a_python_set_drops_within_retention(
     assert after.windows == sorted(ref.windows) and len(after) == len(d)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=steps,
+    retain=st.integers(min_value=1, max_value=4),
+    recent=st.integers(1, 20),
+    cuts=st.lists(st.integers(1, 8), min_size=1, max_size=40),
+)
+def test_a_take_at_once_drops_what_its_batches_one_by_one_drop(
+    steps: list[tuple[list[str], int]], retain: int, recent: int, cuts: list[int]
+) -> None:
+    # As the agent calls it: the batches of one take in one call (runs looked up once for
+    # all, windows expiring and ids moving into runs in between), drained per take.
+    d = DedupeWindows(
+        window_us=MIN, retain=retain, max_ids=1000, recent_ids=recent, run_ids=3 * recent
+    )
+    ref = Reference(retain)
+    window, n, records = 0, 0, []
+    takes = iter(cuts * len(steps))
+    while n < len(steps):
+        take = steps[n : n + next(takes)]
+        batches, expected = [], []
+        for k, (ids, advance) in enumerate(take, n):
+            window += advance
+            batches.append((batch(ids, T0 + window * MIN + k), f"0:{k}"))
+            expected.append(ref.drop_seen(ids, T0 // MIN + window))
+        dropped = d.drop_seen_many(batches)
+        assert [b.reading_id for b, _ in batches] == expected
+        assert dropped == sum(len(ids) for ids, _ in take) - sum(map(len, expected))
+        assert len(d) == sum(len(s) for s in ref.windows.values())
+        records += d.drain()
+        n += len(take)
+    after = DedupeWindows(window_us=MIN, retain=retain, max_ids=1000, run_ids=3 * recent)
+    after.load(records)
+    assert after.windows == sorted(ref.windows) and len(after) == len(d)
+
+
 @settings(max_examples=100, deadline=None)
 @given(steps=steps, budget=st.integers(min_value=1, max_value=30))
 def test_under_any_budget_it_never_drops_an_id_it_has_not_seen(
