@@ -5,7 +5,8 @@
     .venv/bin/python bench/streams_bench.py --inprocess [--samples 400000] [--profile]
 
 End to end (default): starts a local stack (Kafka + Mosquitto on free ports, tmp home) unless
-``VITALPROOF_KAFKA_BOOTSTRAP`` names a running Kafka, enrolls the devices, pre-fills
+``VITALPROOF_KAFKA_BOOTSTRAP`` names a running Kafka, enrolls the devices (as of an hour
+before the first generated device time, so no reading is flagged BEFORE_ENROLLMENT), pre-fills
 ``vitals.raw`` with pre-encoded SampleBatch JSON (1 Hz heart rate, SpO2, respiratory rate and
 skin temperature; ``--per-message`` samples per Kafka message), then starts ONE worker
 (``python -m vitalproof worker``, exactly as deployed) and follows the manifests it seals.
