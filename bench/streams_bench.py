@@ -5,7 +5,8 @@
     .venv/bin/python bench/streams_bench.py --inprocess [--samples 400000] [--profile]
 
 End to end (default): starts a local stack (Kafka + Mosquitto on free ports, tmp home) unless
-``VITALPROOF_KAFKA_BOOTSTRAP`` names a running Kafka, enrolls the devices, pre-fills
+``VITALPROOF_KAFKA_BOOTSTRAP`` names a running Kafka, enrolls the devices (as of an hour
+before the first generated device time, so no reading is flagged BEFORE_ENROLLMENT), pre-fills
 ``vitals.raw`` with pre-encoded SampleBatch JSON (1 Hz heart rate, SpO2, respiratory rate and
 skin temperature; ``--per-message`` samples per Kafka message), then starts ONE worker
 (``python -m vitalproof worker``, exactly as deployed) and follows the manifests it seals.
@@ -53,6 +54,7 @@ from vitalproof import binary  # noqa: E402
 from vitalproof.raw import RawRecord  # noqa: E402
 from vitalproof.schema import CONTENT_TYPE_JSON, SampleBatch, Transport  # noqa: E402
 from vitalproof.settings import Settings  # noqa: E402
+from vitalproof.units import PLAUSIBLE, Metric  # noqa: E402
 
 US = 1_000_000
 METRICS = [  # metric, unit, mean, random-walk step, resolution (as devices quantize)
@@ -74,6 +76,7 @@ class Message:
     payload: bytes
     samples: int
     received_us: int
+    first_us: int  # device time of the message's first sample
     content_type: str = CONTENT_TYPE_JSON
 
 
@@ -83,7 +86,9 @@ def generate(
     """Device payloads, interleaved across devices, as a fleet would send them.
 
     Every device sends ``per_message`` samples per message (``per_message / 4`` seconds of
-    its four 1 Hz vitals); device times end a few minutes before now so no clock flag fires.
+    its four 1 Hz vitals); values stay in each metric's plausible range, and device times end
+    a few minutes before now, so no flag fires, provided the devices are enrolled before the
+    first of them (:func:`enrolled_us`).
     """
     rng = random.Random(seed)
     secs_per_msg = max(1, per_message // len(METRICS))
@@ -91,6 +96,7 @@ def generate(
     now = time.time_ns() // 1000
     t_start = now - (msgs_per_dev * secs_per_msg + 300) * US
     state = [[m[2] for m in METRICS] for _ in range(devices)]
+    lo, hi = zip(*(PLAUSIBLE[Metric(m[0])] for m in METRICS), strict=True)
     out: list[Message] = []
     for k in range(msgs_per_dev):
         for d in range(devices):
@@ -103,7 +109,8 @@ def generate(
                 x = state[d][j]
                 for _ in ts:
                     x += rng.gauss(0, step) + (mean - x) * 0.02
-                    q = round(round(x / res) * res, 2)
+                    # within the measuring range, as a device reports (SpO2 <= 100 %)
+                    q = min(max(round(round(x / res) * res, 2), lo[j]), hi[j])
                     vals.append(int(q) if res >= 1 else q)
                 state[d][j] = x
                 series.append({"metric": metric, "unit": unit, "t": ts, "seq": seq, "v": vals})
@@ -114,8 +121,19 @@ def generate(
                 payload = binary.encode(SampleBatch.from_json(payload), with_device=False)
                 ctype = binary.CONTENT_TYPE_BINARY
             rx = ts[-1] + 200_000
-            out.append(Message(f"dev-{d:05d}", payload, secs_per_msg * len(METRICS), rx, ctype))
+            n = secs_per_msg * len(METRICS)
+            out.append(Message(f"dev-{d:05d}", payload, n, rx, ts[0], ctype))
     return out
+
+
+def enrolled_us(msgs: list[Message]) -> int:
+    """When to enroll the devices: an hour before the earliest device time generated.
+
+    Real devices are enrolled before they record. Enrolled at bench start instead, every
+    sample (timed up to hours earlier) would carry BEFORE_ENROLLMENT and normalize would
+    take its per-sample flagging path, which real traffic does not.
+    """
+    return min((m.first_us for m in msgs), default=time.time_ns() // 1000) - 3600 * US
 
 
 def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
@@ -151,8 +169,9 @@ def run_inprocess(args: argparse.Namespace) -> None:
 
     msgs = generate(args.samples, args.devices, args.per_message, encoding=args.raw_encoding)
     total = sum(m.samples for m in msgs)
+    enrolled = enrolled_us(msgs)
     devices = {
-        m.device_id: Device(m.device_id, f"pt-{m.device_id[4:]}", DeviceStatus.ACTIVE, 0)
+        m.device_id: Device(m.device_id, f"pt-{m.device_id[4:]}", DeviceStatus.ACTIVE, enrolled)
         for m in msgs
     }
     raws = [raw_record(m) for m in msgs]
@@ -170,9 +189,10 @@ def run_inprocess(args: argparse.Namespace) -> None:
             for i, r in enumerate(raws[start : start + NORMALIZE_TAKE], start):
                 b = normalize(r, devices.get)
                 assert not isinstance(b, Rejection), b
-                recent.drop_seen(b, f"0:{i}")
-                accepted.append(b)
-            for _patient, bundle in bundle_by_patient(accepted, CLEAN_BUNDLE_SAMPLES):
+                accepted.append((b, f"0:{i}"))
+            recent.drop_seen_many(accepted)
+            batches = [b for b, _origin in accepted]
+            for _patient, bundle in bundle_by_patient(batches, CLEAN_BUNDLE_SAMPLES):
                 clean.append(clean_codec.encode_bundle(bundle))
             recent.drain()
         t1 = _clock()
@@ -416,8 +436,9 @@ def measure(args: argparse.Namespace, settings: Settings, registry: object, ensu
         f"generated {len(msgs):,} messages, {total:,} samples "
         f"({raw_bytes / total:.1f} B/sample of {args.raw_encoding}) in {_clock() - t:.1f} s"
     )
+    enrolled = enrolled_us(msgs)
     for d in sorted({m.device_id for m in msgs}):
-        registry.enroll(d, f"pt-{d[4:]}")
+        registry.enroll(d, f"pt-{d[4:]}", enrolled_us=enrolled)
     topics = settings.pipeline_topics
     ensure(settings, topics, settings.partitions)
     took = asyncio.run(prefill(settings, msgs))

@@ -128,17 +128,30 @@ def create_app(settings: Settings) -> faust.App:
             # round trip per take, not per message. The clean batches go out bundled per
             # patient, straight through the producer (Faust's send costs per call).
             sent: list[Awaitable[Any]] = []
-            accepted: list[SampleBatch] = []
+            normalized: list[tuple[RawRecord, SampleBatch, str]] = []
             for event in events:
-                sent.extend(
-                    await _normalize_one(event, registry, dedupe, sequences, clocks, accepted)
-                )
+                raw = RawRecord.from_kafka(event.value or b"", _headers(event))
+                result = normalize(raw, registry.lookup)
+                if isinstance(result, Rejection):
+                    reason = result.reason
+                    sent.append(await _send_dlq(event, raw.device_id.encode(), raw.payload, reason))
+                else:
+                    msg = event.message
+                    normalized.append((raw, result, f"{msg.partition}:{msg.offset}"))
+            # The take's batches in one call, in consumption order: the dedupe memory is
+            # looked up for all their ids at once (per message, numpy's per-call overhead
+            # cost more than the lookups).
+            dedupe.drop_seen_many([(batch, origin) for _raw, batch, origin in normalized])
+            accepted: list[SampleBatch] = []
+            for raw, batch, _origin in normalized:
+                sent.extend(await _observe(raw, batch, sequences, clocks, accepted))
             for patient_id, bundle in bundle_by_patient(accepted, CLEAN_BUNDLE_SAMPLES):
                 value = clean_codec.encode_bundle(bundle)
                 sent.append(await _send(clean_name, patient_id.encode(), value))
             await asyncio.gather(*sent)
             # Only now, with the clean records durable, may the changelog say their ids were
             # seen: a changelog entry without its clean record would drop a reading forever.
+            # One record per (window, raw partition) of the take, not one per raw record.
             await asyncio.gather(*[await _send(dedupe_name, k, v) for k, v in dedupe.drain()])
             for event in events:
                 await stream.ack(event)
@@ -156,23 +169,16 @@ def create_app(settings: Settings) -> faust.App:
             key=key, value=value, headers=dlq_headers(reason, stage, origin, _headers(event))
         )
 
-    async def _normalize_one(
-        event: Any,
-        registry: Registry,
-        dedupe: DedupeWindows,
+    async def _observe(
+        raw: RawRecord,
+        result: SampleBatch,
         sequences: SequenceTracker,
         clocks: ClockEstimator,
         accepted: list[SampleBatch],
     ) -> list[Awaitable[Any]]:
-        """Normalize one raw record: its batch goes to ``accepted``; the DLQ and sequence
-        events it causes are sent (their futures returned)."""
-        msg = event.message
-        raw = RawRecord.from_kafka(event.value or b"", _headers(event))
-        result = normalize(raw, registry.lookup)
-        if isinstance(result, Rejection):
-            return [await _send_dlq(event, raw.device_id.encode(), raw.payload, result.reason)]
+        """One normalized, deduplicated raw record: its batch goes to ``accepted``; the
+        sequence and clock events it causes are sent (their futures returned)."""
         sent: list[Awaitable[Any]] = []
-        dedupe.drop_seen(result, f"{msg.partition}:{msg.offset}")
         for seq_event in sequences.observe(result):
             sent.append(
                 await events_topic.send(key=raw.device_id.encode(), value=seq_event.to_json())

@@ -10,11 +10,25 @@ Why a changelog of our own and not a Faust Table: the normalize agent consumes i
 it protects (see :mod:`streams.app`); a Faust Table writes its changelog per assignment,
 under the partition of whatever event is "current", on its own schedule.
 
-The cost is per message, not per sample: one changelog record per accepted raw message,
-keyed ``<window>/<raw partition>:<raw offset>/<device>`` (a replay of the same raw record
-rewrites the same key), whose value is the message's new ids packed as 16-byte digests.
-When a window expires its keys get tombstones, so the compacted topic, and the memory
-rebuilt from it at start, stay bounded by ``retain`` windows of traffic.
+The cost is per take, not per message or sample: one changelog record per (window, raw
+partition) per :meth:`DedupeWindows.drain` (the agent drains once per take, after the
+take's clean records are durable), keyed ``<window>/<raw partition>:<raw offset>`` with the
+offset of the first raw record in that partition that brought the window new ids; its
+value is their new ids packed as 16-byte digests, in record order, at most
+:data:`RECORD_BYTES` (then the next raw record starts the next key). (One record per raw
+message cost the worker ~5 % of its CPU in sends.) When a window expires its keys get
+tombstones, so the compacted topic, and the memory rebuilt from it at start, stay bounded
+by ``retain`` windows of traffic.
+
+Why that key survives a crash: after one, the agent resumes at the committed offset, where
+a take of the crashed run began, and the changelog's ids of every record before the crash
+are dropped as seen. The first records with new ids are those of the take whose changelog
+write was lost or raced the crash: the same first offset, so the same key, overwritten.
+A replay cut differently may hold fewer of that take's ids than the record it overwrites;
+the rest belong to uncommitted raw records, which the replay processes (and writes under
+their own key) before their offsets are committed. Every record only ever holds ids whose
+clean records were durable when it was written, so the worst a crash costs is a reading
+emitted twice (the sealer's memory of sealed ids drops it), never one dropped for good.
 
 Memory: at 200,000 samples/s five minutes are 60M ids, far too many for Python strings in a
 set (~120 bytes each, measured). Ids are held as 16-byte digests in sorted numpy runs
@@ -33,7 +47,9 @@ out; the agent does the Kafka I/O.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -51,10 +67,17 @@ MAX_IDS = 4_000_000
 """Default memory budget in ids (~23 bytes each held): 5 minutes of 13,000 samples/s, 20 s at
 200,000 samples/s (one worker stays under 512 MB with the seal process beside it)."""
 RECENT_IDS = 1 << 17
-"""Newest ids kept as strings before they are packed into a run (a bounded, fast set)."""
+"""Newest ids kept as strings before they are packed into a run (a bounded, fast set; packing
+waits for the end of a :meth:`DedupeWindows.drop_seen_many` call, so one take may exceed it)."""
 RUN_IDS = 1 << 21
 """Largest run a window grows by merging: bounds the copy (and the memory it needs
 transiently) of one merge; a window with more ids holds several runs."""
+
+RECORD_BYTES = 512 * 1024
+"""A changelog record's value at most, unless one raw record's new ids alone are more: well
+under Kafka's default 1 MB message size (a take of 1,000 raw records of 120 samples from one
+partition and window would be 1.9 MB). Where a record is cut depends only on the raw records
+from its first one on, so a replay cuts it at the same place."""
 
 Record = tuple[bytes, bytes | None]
 """One changelog record: key, and the packed ids (``None``: a tombstone)."""
@@ -85,15 +108,21 @@ class DedupeWindows:
         self.max_ids = max_ids
         self.recent_ids = recent_ids
         self.run_ids = run_ids
-        self._recent: dict[int, set[str]] = {}  # window -> hex ids not packed yet
-        self._recent_count = 0
+        # Ids not packed yet: one set over all windows (one C-level lookup per batch), and
+        # per window the batches' ids, to pack them or to forget them with their window.
+        self._recent: set[str] = set()
+        self._recent_by_window: dict[int, list[tuple[str, ...]]] = {}
         self._runs: dict[int, list[DigestRun]] = {}  # window -> packed ids
         self._counts: dict[int, int] = {}  # window -> ids held
         self._keys: dict[int, list[bytes]] = {}  # window -> its changelog keys
         self._held = 0
         self._filter = IdFilter(max_ids)
         self._newest = -(2**62)
-        self._out: list[Record] = []
+        self._out: list[Record] = []  # tombstones (and records of windows gone since)
+        # (window, raw partition) -> its changelog key and packed ids, until drain()
+        self._pending: dict[tuple[int, str], tuple[bytes, list[bytes]]] = {}
+        self._pending_bytes: dict[tuple[int, str], int] = {}
+        self._generation = 0  # windows dropped so far
         self.dropped = 0
         """Samples dropped as duplicates since start."""
         self.evicted_windows = 0
@@ -110,40 +139,67 @@ class DedupeWindows:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the runs and the filter (the hex strings of the recent set not counted)."""
+        """Bytes of the runs and the filter (the recent set not counted)."""
         return self._filter.nbytes + sum(r.nbytes for rs in self._runs.values() for r in rs)
 
     # -- the hot path -------------------------------------------------------------------
 
     def drop_seen(self, batch: SampleBatch, origin: str) -> int:
+        """:meth:`drop_seen_many` for one batch."""
+        return self.drop_seen_many([(batch, origin)])
+
+    def drop_seen_many(self, batches: Sequence[tuple[SampleBatch, str]]) -> int:
         """Remove samples already seen (in place), remember the rest; how many were removed.
 
-        ``origin`` names the raw record (``partition:offset``): it makes the changelog key,
-        so processing the same record again writes the same key. Duplicates are rare: when
-        no run holds any id (one vectorized lookup per run), the recent set holds none and
-        none repeats (C-level set operations), the batch is kept whole; only otherwise is
-        it walked id by id.
+        ``batches`` in the order their raw records were consumed, each with its ``origin``,
+        the raw record (``partition:offset``; one partition's records in offset order): the
+        first record with new ids per window and partition since the last :meth:`drain`
+        makes the changelog key (see the module docstring). They are handled one after the
+        other, so a retransmission among them is dropped like one from before.
+
+        Why many at once (the agent passes a whole take): the runs are looked up for every
+        id of every batch in one vectorized call. Per message, numpy's per-call overhead,
+        paid for every run, cost more than the lookups (~150 us per message of 120 ids
+        with 3.5M ids held, measured). Packing recent ids into runs waits until all are
+        handled, so those answers stay valid; only a window dropped meanwhile (expired,
+        evicted) has the rest looked up again. Duplicates are rare: when no run holds any
+        id of a batch, the recent set holds none and none repeats (C-level set operations,
+        one set for all windows), the batch is kept whole; only otherwise is it walked id
+        by id.
         """
+        for batch, _origin in batches:
+            if len(batch.reading_id) != len(batch):
+                raise ValueError("drop_seen() needs reading ids (a normalized batch)")
+        packed_all = bytes.fromhex("".join(chain.from_iterable(b.reading_id for b, _ in batches)))
+        held = self._held_rows(packed_all)
+        generation = self._generation
+        dropped = start = 0
+        for batch, origin in batches:
+            stop = start + len(batch.reading_id)
+            if stop == start:
+                continue
+            if self._generation != generation:  # a window went: look the rest up again
+                rest = self._held_rows(packed_all[start * ID_BYTES :])
+                held, generation = [start + r for r in rest], self._generation
+            known = held[bisect_left(held, start) : bisect_left(held, stop)]
+            packed = packed_all[start * ID_BYTES : stop * ID_BYTES]
+            dropped += self._drop_one(batch, origin, packed, {r - start for r in known})
+            start = stop
+        if len(self._recent) >= self.recent_ids:
+            self._pack_recent()
+        return dropped
+
+    def _drop_one(self, batch: SampleBatch, origin: str, packed: bytes, in_runs: set[int]) -> int:
+        """One batch of :meth:`drop_seen_many`: ``in_runs``, the positions some run holds."""
         ids = batch.reading_id
-        if len(ids) != len(batch):
-            raise ValueError("drop_seen() needs reading ids (a normalized batch)")
-        if not ids:
-            return 0
-        packed = bytes.fromhex("".join(ids))
-        in_runs = self._in_runs(packed)
         unique = set(ids)
-        if (
-            len(unique) == len(ids)
-            and all(s.isdisjoint(unique) for s in self._recent.values())
-            and not (in_runs is not None and in_runs.any())
-        ):
+        if not in_runs and len(unique) == len(ids) and self._recent.isdisjoint(unique):
             fresh = ids
         else:
-            known = set() if in_runs is None else set(np.flatnonzero(in_runs).tolist())
             keep: list[int] = []
             within: set[str] = set()
             for i, rid in enumerate(ids):
-                if i in known or rid in within or self._in_recent(rid):
+                if i in in_runs or rid in within or rid in self._recent:
                     continue
                 within.add(rid)
                 keep.append(i)
@@ -156,22 +212,43 @@ class DedupeWindows:
         if fresh:
             window = self._window_of(batch)
             if window > self._newest - self.retain:
-                key = f"{window}/{origin}/{batch.device_id}".encode()
-                self._keys.setdefault(window, []).append(key)
-                self._recent.setdefault(window, set()).update(fresh)
-                self._recent_count += len(fresh)
-                self._count(window, len(fresh))
-                self._newest = max(self._newest, window)
-                self._out.append((key, packed))
-                if self._recent_count >= self.recent_ids:
-                    self._pack_recent()
+                self._remember(window, origin, fresh, packed)
             self._expire()
             self._enforce_budget()
         return dropped
 
+    def _remember(self, window: int, origin: str, fresh: list[str], packed: bytes) -> None:
+        """Hold new ids, and add them to the changelog record of their window and partition."""
+        group = (window, origin.partition(":")[0])
+        pending = self._pending.get(group)
+        size = self._pending_bytes.get(group, 0) + len(packed)
+        if pending is not None and size > RECORD_BYTES:  # full: out, start anew
+            self._out.append((pending[0], b"".join(pending[1])))
+            pending = None
+        if pending is None:
+            key = f"{window}/{origin}".encode()
+            self._keys.setdefault(window, []).append(key)
+            self._pending[group] = (key, [packed])
+            size = len(packed)
+        else:
+            pending[1].append(packed)
+        self._pending_bytes[group] = size
+        self._recent.update(fresh)
+        self._recent_by_window.setdefault(window, []).append(tuple(fresh))
+        self._count(window, len(fresh))
+        self._newest = max(self._newest, window)
+
     def drain(self) -> list[Record]:
-        """The changelog records to write since the last call, in order."""
+        """The changelog records to write since the last call: one per (window, raw
+        partition) with new ids, and the tombstones of the windows gone.
+
+        Call it once the clean records of every batch passed to :meth:`drop_seen` since the
+        last call are durable, and write what it returns.
+        """
         out, self._out = self._out, []
+        out.extend((key, b"".join(packs)) for key, packs in self._pending.values())
+        self._pending.clear()
+        self._pending_bytes.clear()
         return out
 
     # -- restart ------------------------------------------------------------------------
@@ -220,6 +297,11 @@ class DedupeWindows:
         t = batch.receive_time_us or (min(batch.device_time_us) if batch.device_time_us else 0)
         return t // self.window_us
 
+    def _held_rows(self, packed: bytes) -> list[int]:
+        """Positions (ascending) of the packed ids that some run holds."""
+        found = self._in_runs(packed)
+        return [] if found is None else np.flatnonzero(found).tolist()
+
     def _in_runs(self, packed: bytes) -> Bools | None:
         """Which of the packed ids some run holds (``None``: none of them).
 
@@ -241,9 +323,6 @@ class DedupeWindows:
         found[rows] = hit
         return found
 
-    def _in_recent(self, rid: str) -> bool:
-        return any(rid in s for s in self._recent.values())
-
     def _count(self, window: int, n: int) -> None:
         self._counts[window] = self._counts.get(window, 0) + n
         self._held += n
@@ -257,12 +336,12 @@ class DedupeWindows:
             runs.append(run)
 
     def _pack_recent(self) -> None:
-        for window, ids in self._recent.items():
-            hi, lo = split(bytes.fromhex("".join(ids)))
+        for window, batches in self._recent_by_window.items():
+            hi, lo = split(bytes.fromhex("".join(chain.from_iterable(batches))))
             self._filter.add(window, hi)  # the filter covers the runs, the set itself
             self._add_run(window, DigestRun(hi, lo))
         self._recent.clear()
-        self._recent_count = 0
+        self._recent_by_window.clear()
 
     def _expire(self) -> None:
         cutoff = self._newest - self.retain
@@ -289,11 +368,18 @@ class DedupeWindows:
             )
 
     def _drop_window(self, window: int) -> None:
+        self._generation += 1  # lookups made before may name ids of this window
+        # A record not drained yet goes out before its tombstone (compaction keeps the last).
+        for group in [g for g in self._pending if g[0] == window]:
+            key, packs = self._pending.pop(group)
+            del self._pending_bytes[group]
+            self._out.append((key, b"".join(packs)))
         for key in self._keys.pop(window):
             self._out.append((key, None))
         self._runs.pop(window, None)
         self._filter.drop(window)
-        self._recent_count -= len(self._recent.pop(window, ()))
+        for ids in self._recent_by_window.pop(window, ()):
+            self._recent.difference_update(ids)
         self._held -= self._counts.pop(window, 0)
 
 
@@ -304,4 +390,6 @@ def _parse_key(key: bytes) -> int:
             raise ValueError
         return int(window)
     except ValueError:
-        raise ChangelogError(f"changelog key {key!r} is not <window>/<origin>/<device>") from None
+        raise ChangelogError(
+            f"changelog key {key!r} is not <window>/<partition>:<offset>[/<device>]"
+        ) from None

@@ -9,7 +9,6 @@ with the original bytes, to the DLQ.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +72,7 @@ def _canonicalize(batch: SampleBatch, received_us: int, *, enrolled_us: int | No
     """
     not_before = None if enrolled_us is None else enrolled_us - ENROLLMENT_TOLERANCE_US
     for metric_name, start, stop in batch.runs():
-        metric = Metric(metric_name)
+        metric = _METRIC_BY_NAME.get(metric_name) or Metric(metric_name)
         canonical = CANONICAL_UNIT[metric]
         units = batch.unit[start:stop]
         if units.count(canonical) == len(units):  # the usual case: one canonical unit
@@ -82,6 +81,17 @@ def _canonicalize(batch: SampleBatch, received_us: int, *, enrolled_us: int | No
         for unit, ustart, ustop in runs_of(units, start):
             conv = unit != canonical
             _flag_run(batch, metric, ustart, ustop, received_us, not_before, convert=conv)
+
+
+# Plain ints: ``Quality`` arithmetic (``Flag.__or__``, ``EnumType.__call__``) costs a Python
+# call per operation, which per sample was most of a flagged run's cost.
+_INVALID = int(Quality.INVALID)
+_IMPLAUSIBLE = int(Quality.IMPLAUSIBLE)
+_CONVERTED = int(Quality.CONVERTED)
+_CLOCK_FUTURE = int(Quality.CLOCK_FUTURE)
+_CLOCK_PAST = int(Quality.CLOCK_PAST)
+_BEFORE_ENROLLMENT = int(Quality.BEFORE_ENROLLMENT)
+_METRIC_BY_NAME = {m.value: m for m in Metric}
 
 
 def _flag_run(
@@ -94,7 +104,15 @@ def _flag_run(
     *,
     convert: bool,
 ) -> None:
-    flags = 0
+    """Convert and flag samples ``start:stop`` (one metric, one unit).
+
+    Each test is decided for the whole run from its min and max where it can be: a flag
+    that holds for every sample (a backlog from before enrollment, a clock reset) is
+    OR-ed in once per run; only a test that splits the run makes one list of per-sample
+    flags (list comprehensions over ints, no ``Quality`` objects). The clock tests cannot
+    both hold for one sample: the future bound lies after the past one.
+    """
+    flags = 0  # for every sample of the run
     values = batch.value[start:stop]
     if convert:
         conv = conversion_for(metric, batch.unit[start])  # UnitError: reject the message
@@ -103,40 +121,58 @@ def _flag_run(
             values = [v * scale + offset for v in values]
             batch.value[start:stop] = values
             batch.unit[start:stop] = [CANONICAL_UNIT[metric]] * (stop - start)
-            flags |= Quality.CONVERTED
+            flags |= _CONVERTED
+    per_sample: list[list[int]] = []
     lo, hi = PLAUSIBLE[metric]
-    times = batch.device_time_us[start:stop]
     total = sum(values)
-    clean = (
-        total == total  # no NaN
-        and lo <= min(values)
-        and max(values) <= hi
-        and (
-            not received_us
-            or (
-                max(times) <= received_us + FUTURE_TOLERANCE_US
-                and min(times) >= received_us - PAST_LIMIT_US
-            )
+    if not (total == total and lo <= min(values) and max(values) <= hi):  # NaN or range
+        per_sample.append(
+            [_INVALID if v != v else 0 if lo <= v <= hi else _IMPLAUSIBLE for v in values]
         )
-        and (not_before is None or min(times) >= not_before)
-    )
-    if clean:
-        if flags:
-            batch.quality[start:stop] = [q | flags for q in batch.quality[start:stop]]
+    times = batch.device_time_us[start:stop]
+    tmin, tmax = min(times), max(times)
+    if received_us:
+        future = received_us + FUTURE_TOLERANCE_US
+        past = received_us - PAST_LIMIT_US
+        flags |= _split(times, tmin, tmax, future, _CLOCK_FUTURE, per_sample, above=True)
+        flags |= _split(times, tmin, tmax, past, _CLOCK_PAST, per_sample, above=False)
+    if not_before is not None:
+        flags |= _split(times, tmin, tmax, not_before, _BEFORE_ENROLLMENT, per_sample, above=False)
+    if not flags and not per_sample:
         return
-    quality = batch.quality
-    for i in range(start, stop):
-        q = quality[i] | flags
-        v = batch.value[i]
-        if math.isnan(v):
-            q |= Quality.INVALID
-        elif not lo <= v <= hi:
-            q |= Quality.IMPLAUSIBLE
-        t = batch.device_time_us[i]
-        if received_us and t > received_us + FUTURE_TOLERANCE_US:
-            q |= Quality.CLOCK_FUTURE
-        elif received_us and t < received_us - PAST_LIMIT_US:
-            q |= Quality.CLOCK_PAST
-        if not_before is not None and t < not_before:
-            q |= Quality.BEFORE_ENROLLMENT
-        quality[i] = int(q)
+    quality = batch.quality[start:stop]
+    if flags:
+        quality = [q | flags for q in quality]
+    for extra in per_sample:
+        quality = [q | f for q, f in zip(quality, extra, strict=True)]
+    batch.quality[start:stop] = quality
+
+
+def _split(
+    times: list[int],
+    tmin: int,
+    tmax: int,
+    bound: int,
+    flag: int,
+    per_sample: list[list[int]],
+    *,
+    above: bool,
+) -> int:
+    """``flag`` for times beyond ``bound`` (``above`` it, or else below it).
+
+    Returns ``flag`` if every time is beyond it, 0 if none or some are; for some, appends
+    the per-sample flags to ``per_sample``.
+    """
+    if above:
+        if tmax <= bound:
+            return 0
+        if tmin > bound:
+            return flag
+        per_sample.append([flag if t > bound else 0 for t in times])
+    else:
+        if tmin >= bound:
+            return 0
+        if tmax < bound:
+            return flag
+        per_sample.append([flag if t < bound else 0 for t in times])
+    return 0

@@ -105,6 +105,42 @@ def test_drops_exactly_what_a_python_set_drops_within_retention(
     assert after.windows == sorted(ref.windows) and len(after) == len(d)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=steps,
+    retain=st.integers(min_value=1, max_value=4),
+    recent=st.integers(1, 20),
+    cuts=st.lists(st.integers(1, 8), min_size=1, max_size=40),
+)
+def test_a_take_at_once_drops_what_its_batches_one_by_one_drop(
+    steps: list[tuple[list[str], int]], retain: int, recent: int, cuts: list[int]
+) -> None:
+    # As the agent calls it: the batches of one take in one call (runs looked up once for
+    # all, windows expiring and ids moving into runs in between), drained per take.
+    d = DedupeWindows(
+        window_us=MIN, retain=retain, max_ids=1000, recent_ids=recent, run_ids=3 * recent
+    )
+    ref = Reference(retain)
+    window, n, records = 0, 0, []
+    takes = iter(cuts * len(steps))
+    while n < len(steps):
+        take = steps[n : n + next(takes)]
+        batches, expected = [], []
+        for k, (ids, advance) in enumerate(take, n):
+            window += advance
+            batches.append((batch(ids, T0 + window * MIN + k), f"0:{k}"))
+            expected.append(ref.drop_seen(ids, T0 // MIN + window))
+        dropped = d.drop_seen_many(batches)
+        assert [b.reading_id for b, _ in batches] == expected
+        assert dropped == sum(len(ids) for ids, _ in take) - sum(map(len, expected))
+        assert len(d) == sum(len(s) for s in ref.windows.values())
+        records += d.drain()
+        n += len(take)
+    after = DedupeWindows(window_us=MIN, retain=retain, max_ids=1000, run_ids=3 * recent)
+    after.load(records)
+    assert after.windows == sorted(ref.windows) and len(after) == len(d)
+
+
 @settings(max_examples=100, deadline=None)
 @given(steps=steps, budget=st.integers(min_value=1, max_value=30))
 def test_under_any_budget_it_never_drops_an_id_it_has_not_seen(
@@ -138,7 +174,7 @@ def test_the_budget_evicts_the_oldest_window_early_with_tombstones(
     assert "memory budget of 250 ids reached" in caplog.text
     assert caplog.records[-1].levelno == logging.WARNING
     records = d.drain()
-    assert (f"{T0 // MIN}/0:0/dev-1".encode(), None) in records
+    assert (f"{T0 // MIN}/0:0".encode(), None) in records
     # the evicted ids are no longer known; the retained ones still are
     old, kept = batch([digest(5)], T0 + 3 * MIN), batch([digest(1005)], T0 + 3 * MIN)
     assert d.drop_seen(old, "0:9") == 0 and d.drop_seen(kept, "0:10") == 1
@@ -146,7 +182,7 @@ def test_the_budget_evicts_the_oldest_window_early_with_tombstones(
     after = DedupeWindows(window_us=MIN, retain=5, max_ids=150)
     after.load(records)
     assert after.windows == [T0 // MIN + 2] and len(after) == 100
-    assert [k for k, v in after.drain() if v is None] == [f"{T0 // MIN + 1}/0:1/dev-1".encode()]
+    assert [k for k, v in after.drain() if v is None] == [f"{T0 // MIN + 1}/0:1".encode()]
 
 
 def test_reload_puts_the_packed_changelog_values_straight_into_runs() -> None:

@@ -143,7 +143,7 @@ def test_a_duplicate_after_a_restart_is_dropped_by_normalize(kafka_topics: Setti
     assert [len(ids) for ids in clean] == [10, 3, 1], clean
     all_ids = [rid for ids in clean for rid in ids]
     assert len(set(all_ids)) == len(all_ids) == 14
-    # One changelog record per accepted message (none for the dropped retransmission); the
+    # One changelog record per take that brought new ids (none for the retransmission); the
     # two older ones are tombstoned, only the newest window is still live.
     changelog_now = dedupe_log(settings)
     assert sorted(v is None for v in changelog_now.values()) == [False, True, True]

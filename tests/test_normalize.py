@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 
-from streams.normalize import Rejection, normalize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.normalize import (
+    ENROLLMENT_TOLERANCE_US,
+    FUTURE_TOLERANCE_US,
+    PAST_LIMIT_US,
+    Rejection,
+    _canonicalize,
+    normalize,
+)
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Device, DeviceStatus
 from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch, Transport
+from vitalproof.units import CANONICAL_UNIT, CONVERSIONS, PLAUSIBLE, Metric, conversion_for
 
 NOW = 1_800_000_000_000_000
 DEVICES = {
@@ -81,3 +93,87 @@ def test_rejections_carry_reason_and_original_bytes():
         assert isinstance(out, Rejection), reason
         assert reason in out.reason
         assert out.raw.payload == record.payload
+
+
+# -- the per-run flagging against the rules applied sample by sample ------------------------
+
+_CONVERSIONS = list(CONVERSIONS)
+
+
+def _reference(b: SampleBatch, received_us: int, enrolled_us: int | None) -> None:
+    """Every rule of normalize's units and flags, one sample at a time, in Quality terms."""
+    for i in range(len(b)):
+        metric = Metric(b.metric[i])
+        q = Quality(b.quality[i])
+        v = b.value[i]
+        conv = conversion_for(metric, b.unit[i])
+        if conv is not None:
+            v = v * conv[0] + conv[1]
+            b.unit[i] = CANONICAL_UNIT[metric]
+            q |= Quality.CONVERTED
+        lo, hi = PLAUSIBLE[metric]
+        if math.isnan(v):
+            q |= Quality.INVALID
+        elif not lo <= v <= hi:
+            q |= Quality.IMPLAUSIBLE
+        t = b.device_time_us[i]
+        if received_us and t > received_us + FUTURE_TOLERANCE_US:
+            q |= Quality.CLOCK_FUTURE
+        if received_us and t < received_us - PAST_LIMIT_US:
+            q |= Quality.CLOCK_PAST
+        if enrolled_us is not None and t < enrolled_us - ENROLLMENT_TOLERANCE_US:
+            q |= Quality.BEFORE_ENROLLMENT
+        b.value[i] = v
+        b.quality[i] = int(q)
+
+
+# Device times relative to receipt, on and around every bound.
+_OFFSETS = [0, -60_000_000, FUTURE_TOLERANCE_US, FUTURE_TOLERANCE_US + 1, -PAST_LIMIT_US]
+_OFFSETS += [-PAST_LIMIT_US - 1, -2 * PAST_LIMIT_US, 3 * FUTURE_TOLERANCE_US]
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> tuple[SampleBatch, int, int | None]:
+    rx = draw(st.sampled_from([0, NOW]))
+    enrolled = draw(
+        st.one_of(
+            st.none(),
+            st.just(0),
+            st.sampled_from(_OFFSETS).map(lambda dt: NOW + dt + ENROLLMENT_TOLERANCE_US),
+            st.integers(NOW - 2 * PAST_LIMIT_US, NOW + 2 * PAST_LIMIT_US),
+        )
+    )
+    b = SampleBatch(device_id="dev-1")
+    for _ in range(draw(st.integers(1, 4))):  # runs of one metric, as series arrive
+        metric = Metric(draw(st.sampled_from([m.value for m in Metric])))
+        canonical = CANONICAL_UNIT[metric]
+        units = [canonical] + [f for (f, to) in _CONVERSIONS if to == canonical]
+        lo, hi = PLAUSIBLE[metric]
+        values = st.one_of(
+            st.floats(lo - 10, hi + 10),
+            st.sampled_from([lo, hi, math.nan, math.inf, -math.inf]),
+        )
+        shared_dt = draw(st.sampled_from(_OFFSETS))  # a run mostly shares its clock state
+        unit = draw(st.sampled_from(units))
+        for _ in range(draw(st.integers(1, 8))):
+            dt = draw(st.one_of(st.just(shared_dt), st.sampled_from(_OFFSETS)))
+            if draw(st.integers(0, 9)) == 0:
+                unit = draw(st.sampled_from(units))
+            b.add(metric.value, unit, NOW + dt, 1, draw(values), draw(st.integers(0, 255)))
+    return b, rx, enrolled
+
+
+@settings(max_examples=500, deadline=None)
+@given(_cases())
+def test_canonicalize_equals_the_rules_sample_by_sample(
+    case: tuple[SampleBatch, int, int | None],
+) -> None:
+    b, rx, enrolled = case
+    ref = SampleBatch(device_id=b.device_id)
+    for i in range(len(b)):
+        ref.add(b.metric[i], b.unit[i], b.device_time_us[i], b.seq[i], b.value[i], b.quality[i])
+    _canonicalize(b, rx, enrolled_us=enrolled)
+    _reference(ref, rx, enrolled)
+    assert b.unit == ref.unit and b.quality == ref.quality
+    assert all(type(q) is int for q in b.quality)  # no Quality objects leak into the batch
+    assert json.dumps(b.value) == json.dumps(ref.value)  # NaN-aware equality

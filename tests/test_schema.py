@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -123,3 +124,18 @@ def test_canonical_bytes_are_sorted_compact_and_nan_free():
         b'{"device_id":"d","device_time_us":1,"metric":"spo2","patient_id":"p","quality":1,'
         b'"reading_id":"r","seq":2,"unit":"%","value":null}'
     )
+
+
+def test_quality_absent_is_all_zero_and_a_bad_one_still_an_error() -> None:
+    series = {"metric": "heart_rate", "unit": "/min", "t": [1, 2], "seq": [1, 2], "v": [60, 61]}
+    b = SampleBatch.from_json(
+        json.dumps({"schema": 1, "device_id": "d", "series": [series]}).encode()
+    )
+    assert b.quality == [0, 0] and b.value == [60.0, 61.0]
+    for q in (None, [0], "0"):
+        doc = {"schema": 1, "device_id": "d", "series": [{**series, "q": q}]}
+        with pytest.raises(WireFormatError, match="q differs in length"):
+            SampleBatch.from_json(json.dumps(doc).encode())
+    doc = {"schema": 1, "device_id": "d", "series": [{**series, "v": [None, 61]}]}
+    b = SampleBatch.from_json(json.dumps(doc).encode())  # the careful path, no q either
+    assert b.quality == [int(Quality.INVALID), 0]

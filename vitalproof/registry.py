@@ -71,10 +71,22 @@ class Registry:
         with closing(sqlite3.connect(self.path, timeout=30)) as db, db:
             yield db
 
-    def enroll(self, device_id: str, patient_id: str) -> Enrollment:
+    def enroll(
+        self, device_id: str, patient_id: str, *, enrolled_us: int | None = None
+    ) -> Enrollment:
+        """Enroll ``device_id`` for ``patient_id``, from now or from ``enrolled_us``.
+
+        Normalization flags readings timed before the enrollment (BEFORE_ENROLLMENT), so the
+        time must precede the data a device is trusted for. ``enrolled_us`` back-dates it
+        for a device whose readings are known to be the patient's from then on (a record
+        imported late, a benchmark replaying hours of synthetic readings); not in the future.
+        """
         _valid_id("device id", device_id)
         _valid_id("patient id", patient_id)
         now = time.time_ns() // 1000
+        at = now if enrolled_us is None else enrolled_us
+        if at > now:
+            raise RegistryError(f"enrollment time of {device_id} is in the future")
         with self._db() as db:
             row = db.execute(
                 "SELECT status FROM devices WHERE device_id = ?", (device_id,)
@@ -83,9 +95,9 @@ class Registry:
                 raise RegistryError(f"device {device_id} is already enrolled")
             db.execute(
                 "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, NULL)",
-                (device_id, patient_id, DeviceStatus.ACTIVE.value, now),
+                (device_id, patient_id, DeviceStatus.ACTIVE.value, at),
             )
-        device = Device(device_id, patient_id, DeviceStatus.ACTIVE, now)
+        device = Device(device_id, patient_id, DeviceStatus.ACTIVE, at)
         return Enrollment(device, secrets.token_urlsafe(18))
 
     def retire(self, device_id: str) -> Device:

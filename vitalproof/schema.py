@@ -454,16 +454,19 @@ class SampleBatch:
             count = len(v)
             if len(t) != count or len(seq) != count:
                 raise WireFormatError(f"series[{n}]: t, seq and v differ in length")
-            q = s.get("q", [0] * count)
+            q = None  # absent from device payloads: all 0, nothing to check
+            if "q" in s:
+                q = s["q"]
+                if not isinstance(q, list) or len(q) != count:
+                    raise WireFormatError(f"series[{n}]: q differs in length")
             ids = s.get("id")
-            if not isinstance(q, list) or len(q) != count:
-                raise WireFormatError(f"series[{n}]: q differs in length")
             if ids is not None:
                 if not isinstance(ids, list) or len(ids) != count:
                     raise WireFormatError(f"series[{n}]: id differs in length")
                 any_ids = True
             if not (fast and _append_series(b, metric, unit, t, seq, v, q, ids)):
-                _append_series_checked(b, n, metric, unit, t, seq, v, q, ids)
+                qs = [0] * count if q is None else q
+                _append_series_checked(b, n, metric, unit, t, seq, v, qs, ids)
         if any_ids and len(b.reading_id) != len(b):
             raise WireFormatError("reading ids given for some series only")
         return b
@@ -480,7 +483,7 @@ def _append_series(
     t: list[Any],
     seq: list[Any],
     v: list[Any],
-    q: list[Any],
+    q: list[Any] | None,
     ids: list[Any] | None,
 ) -> bool:
     """Append one series with C-level checks; ``False`` (nothing appended) if one fails.
@@ -488,12 +491,14 @@ def _append_series(
     ``array('q', ...)`` refuses floats, strings and None, ``array('d', ...)`` refuses None
     and strings, each in one C loop instead of a Python test per sample (bools are ruled out
     by the caller). Whatever fails here, including a None value (a device's special value,
-    which the careful path flags), goes through :func:`_append_series_checked`.
+    which the careful path flags), goes through :func:`_append_series_checked`. ``q``
+    ``None`` (a device payload has none): all 0, with no array to check.
     """
     try:
         array("q", t)
         array("q", seq)
-        array("q", q)
+        if q is not None:
+            array("q", q)
         values = array("d", v).tolist()
     except (TypeError, OverflowError):
         return False
@@ -503,7 +508,7 @@ def _append_series(
     b.device_time_us.extend(t)
     b.seq.extend(seq)
     b.value.extend(values)
-    b.quality.extend(q)
+    b.quality.extend([0] * count if q is None else q)
     if ids is not None:
         try:
             "".join(ids)  # TypeError unless every id is a string
