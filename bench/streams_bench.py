@@ -360,7 +360,8 @@ def local_stack(home: Path) -> Iterator[Settings]:
 
 
 async def prefill(settings: Settings, msgs: list[Message]) -> float:
-    """Produce every message to vitals.raw (acks=all, as the collector does); seconds taken."""
+    """Produce every message to vitals.raw (acks=all and the codec, as the collector does);
+    seconds taken."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
@@ -369,6 +370,7 @@ async def prefill(settings: Settings, msgs: list[Message]) -> float:
         linger_ms=20,
         max_batch_size=1 << 20,
         max_request_size=8 << 20,
+        compression_type=settings.kafka_compression_type,  # as the collectors send it
     )
     await producer.start()
     t0 = _clock()
