@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -27,7 +28,7 @@ from streams.dedupe import DedupeWindows
 from streams.ledger import BATCHES_DIR, mark_produced, unproduced
 from streams.normalize import Rejection, normalize
 from streams.seal_buffer import SealBuffer
-from streams.seal_process import SealProcess, SealProcessDied, exit_like
+from streams.seal_process import SealOutcome, SealProcess, SealProcessDied, exit_like
 from streams.sequence import SequenceTracker
 from vitalproof import clean_codec
 from vitalproof.crashpoints import crashpoint
@@ -48,6 +49,8 @@ CLEAN_BUNDLE_SAMPLES = 16_384
 SEAL_TAKE = 256
 SEAL_TAKE_WITHIN_S = 0.2
 STREAM_BUFFER_RECORDS = 256
+#: Batches in the seal process at once: one being sealed, one waiting to be.
+SEAL_DEPTH = 2
 
 
 def dlq_headers(
@@ -225,50 +228,62 @@ def create_app(settings: Settings) -> faust.App:
             max_age_s=settings.batch_max_age_s,
             rows_of=_count_hint,
         )
-        arrived, sealed = asyncio.Event(), asyncio.Event()
-        sealing = asyncio.create_task(
-            _fatal_on_error(_seal_loop(stream, sealer, buffer, arrived, sealed))
-        )
+        pipe = _SealPipe()
+        cutting = asyncio.create_task(_fatal_on_error(_cut_loop(sealer, buffer, pipe)))
+        collecting = asyncio.create_task(_fatal_on_error(_collect_loop(stream, sealer, pipe)))
         take = cast(faust.Stream[Any], stream).noack_take
         try:
             async for events in take(SEAL_TAKE, within=SEAL_TAKE_WITHIN_S):
                 buffer.add(events, time.monotonic())
-                arrived.set()
-                # Back pressure: while a whole batch waits behind the one being sealed, stop
-                # consuming (memory stays at about two batches).
-                while buffer.rows >= settings.batch_max_rows and not sealing.done():
-                    sealed.clear()
+                pipe.arrived.set()
+                # Back pressure: while a whole batch waits behind the ones in the seal
+                # process, stop consuming (memory stays at a few batches).
+                while buffer.rows >= settings.batch_max_rows and not cutting.done():
+                    pipe.sealed.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(sealed.wait(), 1.0)
+                        await asyncio.wait_for(pipe.sealed.wait(), 1.0)
         finally:
-            sealing.cancel()
+            cutting.cancel()
+            collecting.cancel()
 
-    async def _seal_loop(
-        stream: faust.StreamT[Any],
-        sealer: SealProcess,
-        buffer: SealBuffer[Any],
-        arrived: asyncio.Event,
-        sealed: asyncio.Event,
-    ) -> None:
-        """Seal each batch as soon as it is due (rows, records or age), oldest first, while
-        the agent keeps consuming: the next batch fills while the child seals this one."""
+    async def _cut_loop(sealer: SealProcess, buffer: SealBuffer[Any], pipe: _SealPipe) -> None:
+        """Cut each batch as soon as it is due (rows, records or age), oldest first, and hand
+        it to the seal process once fewer than :data:`SEAL_DEPTH` are there."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), buffer.seconds_left(time.monotonic()))
-            arrived.clear()
+                await asyncio.wait_for(pipe.arrived.wait(), buffer.seconds_left(time.monotonic()))
+            pipe.arrived.clear()
             while buffer.ready(time.monotonic()):
-                await _seal_batch(stream, sealer, buffer.pop_batch())
-                sealed.set()
+                await pipe.slots.acquire()
+                chunk = buffer.pop_batch()
+                pipe.in_flight.append(chunk)
+                pipe.submitted.set()
+                await sealer.submit(
+                    [
+                        (e.message.topic, e.message.partition, e.message.offset, e.value or b"")
+                        for e in chunk
+                    ]
+                )
 
-    async def _seal_batch(
-        stream: faust.StreamT[Any], sealer: SealProcess, chunk: list[Any]
+    async def _collect_loop(
+        stream: faust.StreamT[Any], sealer: SealProcess, pipe: _SealPipe
     ) -> None:
-        records = [
-            (e.message.topic, e.message.partition, e.message.offset, e.value or b"") for e in chunk
-        ]
-        started = time.monotonic()
-        outcome = await sealer.seal(records)
-        sealing_s = time.monotonic() - started
+        """Each batch's outcome, in the order they were handed over: its rejects to the DLQ,
+        its manifest to vitals.batches, then its records acked."""
+        while True:
+            while not pipe.in_flight:
+                pipe.submitted.clear()
+                await pipe.submitted.wait()
+            chunk = pipe.in_flight[0]
+            outcome = await sealer.outcome()
+            pipe.in_flight.popleft()
+            await _finish_batch(stream, chunk, outcome)
+            pipe.slots.release()
+            pipe.sealed.set()
+
+    async def _finish_batch(
+        stream: faust.StreamT[Any], chunk: list[Any], outcome: SealOutcome
+    ) -> None:
         sent = []
         for index, reason in outcome.rejected:
             event = chunk[index]
@@ -276,13 +291,12 @@ def create_app(settings: Settings) -> faust.App:
         await asyncio.gather(*sent)
         if outcome.batch_id is not None and outcome.manifest_json is not None:
             await _produce_manifest(batches_topic, outcome.batch_id, outcome.manifest_json)
-            # The seal's time against the time between seals says which process limits.
             log.info(
                 "sealed %s: %d rows, %d files; %.2f s in the seal process",
                 outcome.batch_id,
                 outcome.rows,
                 outcome.files,
-                sealing_s,
+                outcome.seconds,
             )
         for event in chunk:
             await stream.ack(event)
@@ -295,6 +309,18 @@ def create_app(settings: Settings) -> faust.App:
         mark_produced(settings.lake_dir / BATCHES_DIR, batch_id)
 
     return app
+
+
+class _SealPipe:
+    """What the seal agent's tasks share: batches handed to the seal process and not yet
+    acked (oldest first), the free places among :data:`SEAL_DEPTH`, and their wake-ups."""
+
+    def __init__(self) -> None:
+        self.in_flight: deque[list[Any]] = deque()
+        self.slots = asyncio.Semaphore(SEAL_DEPTH)
+        self.arrived = asyncio.Event()  # records were added to the buffer
+        self.submitted = asyncio.Event()  # a batch was handed over
+        self.sealed = asyncio.Event()  # a batch was acked
 
 
 def bundle_by_patient(

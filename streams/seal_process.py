@@ -22,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +71,8 @@ class SealOutcome:
     rows: int
     files: int
     rejected: list[tuple[int, str]]
+    seconds: float = 0.0
+    """Time the child spent on it (against the time between seals: which process limits)."""
 
 
 def decode_records(records: Sequence[CleanRecord]) -> tuple[list[Pending], list[tuple[int, str]]]:
@@ -103,7 +107,15 @@ def seal_records(sealer: Sealer, records: Sequence[CleanRecord]) -> SealOutcome:
 
 
 class SealProcess:
-    """The worker's handle on the child. One request at a time (``seal`` awaits the reply)."""
+    """The worker's handle on the child.
+
+    Requests are pipelined: :meth:`submit` hands a batch over and returns, :meth:`outcome`
+    gives the outcomes back in submission order (the child seals one batch at a time, in
+    order). With a second batch already handed over, the child starts on it the moment it
+    finishes the first instead of waiting for the worker's event loop, which a normalize
+    take keeps busy for a few hundred milliseconds at a time. One submitter and one
+    collector at a time; the two may overlap (they use the socket's two directions).
+    """
 
     def __init__(self, lake_dir: Path, keys_dir: Path) -> None:
         self.lake_dir = lake_dir
@@ -139,20 +151,29 @@ class SealProcess:
             raise SealProcessError(f"unexpected first message from the seal process: {reply!r}")
 
     async def seal(self, records: list[CleanRecord]) -> SealOutcome:
-        """Seal ``records`` in the child. The hand-off runs in a thread: pickling bytes and
-        waiting on the socket keep the event loop (and the GIL) free."""
-        return await asyncio.to_thread(self._call, records)
+        """Seal ``records`` in the child and wait for the outcome (nothing else in flight)."""
+        await self.submit(records)
+        return await self.outcome()
 
-    def _call(self, records: list[CleanRecord]) -> SealOutcome:
+    async def submit(self, records: list[CleanRecord]) -> None:
+        """Hand one batch to the child. In a thread: pickling bytes and writing them to the
+        socket (which blocks while the child is still busy with the batch before) keep the
+        event loop, and the GIL, free."""
+        await asyncio.to_thread(self._send, records)
+
+    async def outcome(self) -> SealOutcome:
+        """The outcome of the oldest batch submitted and not yet collected."""
+        reply = await asyncio.to_thread(self._recv)
+        if not isinstance(reply, SealOutcome):
+            raise SealProcessError(f"unexpected reply from the seal process: {reply!r}")
+        return reply
+
+    def _send(self, records: list[CleanRecord]) -> None:
         conn = self._require_conn()
         try:
             conn.send(records)
         except OSError:
             raise self._died() from None
-        reply = self._recv()
-        if not isinstance(reply, SealOutcome):
-            raise SealProcessError(f"unexpected reply from the seal process: {reply!r}")
-        return reply
 
     def _recv(self) -> object:
         conn = self._require_conn()
@@ -238,6 +259,7 @@ def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
             records = conn.recv()
         except EOFError:
             return 0
+        started = time.monotonic()
         try:
             outcome = seal_records(sealer, records)
         except Exception:
@@ -246,7 +268,7 @@ def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
         # Each batch builds and encodes its tables afresh: hand the allocator's cached pages
         # back instead of letting the peak of the largest batch stay resident.
         pool.release_unused()
-        conn.send(("sealed", outcome))
+        conn.send(("sealed", dataclasses.replace(outcome, seconds=time.monotonic() - started)))
 
 
 def main(argv: Sequence[str]) -> int:
