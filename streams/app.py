@@ -49,6 +49,9 @@ CLEAN_BUNDLE_SAMPLES = 16_384
 SEAL_TAKE = 256
 SEAL_TAKE_WITHIN_S = 0.2
 STREAM_BUFFER_RECORDS = 256
+#: Bytes fetched per partition (compressed) and records per poll, at most.
+FETCH_BYTES = 256 * 1024
+POLL_RECORDS = 500
 #: Batches in the seal process at once: one being sealed, one waiting to be.
 SEAL_DEPTH = 2
 
@@ -91,6 +94,12 @@ def create_app(settings: Settings) -> faust.App:
         # Faust buffers up to this many *records* per stream; a vitals.clean bundle holds
         # thousands of samples, so its default (4096) could hold most of a gigabyte.
         stream_buffer_maxsize=STREAM_BUFFER_RECORDS,
+        # Faust hands every fetched record to its stream before any record of the next
+        # partition: a big fetch of a raw backlog (1 MB per partition compressed is ~6 MB of
+        # device JSON) held vitals.clean back for seconds and left the sealer idle. Smaller
+        # fetches and polls interleave the two topics, and hold less memory.
+        consumer_max_fetch_size=FETCH_BYTES,
+        broker_max_poll_records=POLL_RECORDS,
     )
     raw_topic = app.topic(settings.topic_raw, value_serializer="raw", key_serializer="raw")
     clean_topic = app.topic(settings.topic_clean, value_serializer="raw", key_serializer="raw")
