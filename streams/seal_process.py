@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from vitalproof import clean_codec
+from vitalproof import clean_codec, memory
 from vitalproof.errors import WireFormatError
 
 if TYPE_CHECKING:  # the sealer (and pyarrow with it) is imported in the child only
@@ -265,9 +265,11 @@ def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
         except Exception:
             conn.send(("error", traceback.format_exc()))
             return 1
-        # Each batch builds and encodes its tables afresh: hand the allocator's cached pages
+        # Each batch builds its objects and tables afresh: hand the allocators' free pages
         # back instead of letting the peak of the largest batch stay resident.
+        del records
         pool.release_unused()
+        memory.trim()
         conn.send(("sealed", dataclasses.replace(outcome, seconds=time.monotonic() - started)))
 
 
