@@ -195,11 +195,18 @@ class MerkleLog:
                 raise AnchorError(f"log {self.directory} is open by another writer") from None
         elif not self.directory.is_dir():
             raise AnchorError(f"no log at {self.directory}")
+        try:
+            self._load()
+        except BaseException:
+            self.close()  # a log that cannot be read must not keep its writer lock
+            raise
+
+    def _load(self) -> None:
         self._entries: list[LogEntry] = []
         self._leaves: list[bytes] = []
         self._index: dict[str, int] = {}
         self._tree: merkle.MerkleTree | None = None
-        for n, line in enumerate(_read_lines(self._entries_path, repair=not readonly)):
+        for n, line in enumerate(_read_lines(self._entries_path, repair=not self.readonly)):
             try:
                 entry = LogEntry.parse(line)
             except AnchorError as e:
@@ -208,7 +215,8 @@ class MerkleLog:
                 raise AnchorError(f"{self._entries_path}: batch {entry.batch_id!r} appears twice")
             self._add(entry)
         self._heads = [
-            LogHead.parse(line) for line in _read_lines(self._anchors_path, repair=not readonly)
+            LogHead.parse(line)
+            for line in _read_lines(self._anchors_path, repair=not self.readonly)
         ]
 
     # -- housekeeping ---------------------------------------------------------------------

@@ -77,6 +77,7 @@ def test_verify_cli_reports_the_failing_check(settings: Settings, tmp_path) -> N
     bundle = build_bundle(
         reading=reading, salt=salt, batch_id="b1", batch=tree, leaf_index=0, log=log
     )
+    log.close()
     good = tmp_path / "good.json"
     good.write_bytes(bundle.to_json())
     doc = json.loads(bundle.to_json())

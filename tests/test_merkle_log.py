@@ -335,3 +335,19 @@ def test_replays_never_grow_the_log(
         assert lg.root() == merkle.root(want)
     with MerkleLog(directory, readonly=True) as lg:
         assert lg.root() == merkle.root(want)
+
+
+def test_a_log_that_cannot_be_read_releases_its_writer_lock(tmp_path: Path) -> None:
+    """The error names the bad line, and the lock is free at once, not when the failed log
+    object is collected (the traceback kept here keeps it alive)."""
+    import fcntl
+
+    from anchor.log import ENTRIES_FILE, LOCK_FILE, MerkleLog
+
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / ENTRIES_FILE).write_text('{"not": "an entry"}\n')
+    with pytest.raises(AnchorError, match="line 1") as err:
+        MerkleLog(tmp_path / "log")
+    with open(tmp_path / "log" / LOCK_FILE, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if held
+    assert err.value is not None
