@@ -24,7 +24,7 @@ from anchor.errors import MerkleError
 from anchor.merkle import LEAF_PREFIX, SALT_SIZE
 from anchor.merkle import root as merkle_root
 from streams import lake
-from streams.digest_run import ID_BYTES, DigestRun, split
+from streams.digest_run import DigestRun, split
 from streams.keystore import Kms
 from streams.ledger import (  # re-exported: where the batch folder was always found
     BATCHES_DIR,
@@ -36,7 +36,7 @@ from streams.ledger import (  # re-exported: where the batch folder was always f
 from vitalproof import native
 from vitalproof.crashpoints import crashpoint
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
-from vitalproof.schema import SampleBatch
+from vitalproof.schema import SampleBatch, pack_reading_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +125,12 @@ class Sealer:
         replayed = self.recent.seen([rid for p in fresh for rid in p.batch.reading_id])
         by_patient = group_by_patient([p.batch for p in fresh], already=replayed)
         leaves: list[bytes] = []
+        sealed_ids: list[str] = []  # in leaf order, for the memory of recently sealed ids
         files: list[BatchFile] = []
         first_t, last_t = 2**63, -(2**63)
         for patient_id, batches in by_patient.items():
             ids = [rid for b in batches for rid in b.reading_id]
+            sealed_ids.extend(ids)
             # A patient erased earlier gets fresh keys for new data (invariant 5 only
             # promises that the *old* data becomes unreadable).
             self.kms.current_key_id(patient_id)
@@ -179,14 +181,7 @@ class Sealer:
         write_atomic(manifest_path, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)
-        self.recent.add(
-            [
-                rid
-                for patient_batches in by_patient.values()
-                for b in patient_batches
-                for rid in b.reading_id
-            ]
-        )
+        self.recent.add(sealed_ids)
         return manifest
 
 
@@ -231,7 +226,7 @@ class RecentlySealed:
         """The ids among ``ids`` held here (normally none), in one lookup per held batch."""
         if not self._batches or not ids:
             return set()
-        hi, lo = split(_packed(ids))
+        hi, lo = split(pack_reading_ids(ids))
         hit = np.zeros(len(ids), dtype=np.bool_)
         for run in self._batches:
             hit |= run.contains(hi, lo)
@@ -250,7 +245,7 @@ class RecentlySealed:
         """Remember one sealed batch's ids (the newest)."""
         if not ids:
             return
-        self._batches.append(DigestRun(*split(_packed(ids))))
+        self._batches.append(DigestRun(*split(pack_reading_ids(ids))))
         self._size += len(ids)
         while self._size - len(self._batches[0]) >= self.capacity:
             self._size -= len(self._batches.popleft())
@@ -259,19 +254,8 @@ class RecentlySealed:
         """Add one batch older than everything held (loading newest batches first)."""
         if self.full or not ids:
             return
-        self._batches.appendleft(DigestRun(*split(_packed(ids))))
+        self._batches.appendleft(DigestRun(*split(pack_reading_ids(ids))))
         self._size += len(ids)
-
-
-def _packed(ids: Sequence[str]) -> bytes:
-    joined = "".join(ids)
-    try:
-        packed = bytes.fromhex(joined)
-    except ValueError:
-        packed = b""
-    if len(packed) != ID_BYTES * len(ids) or len(joined) != 2 * ID_BYTES * len(ids):
-        raise ValueError("reading ids must be 32 hex digits each")
-    return packed
 
 
 def group_by_patient(
@@ -317,10 +301,7 @@ def batch_leaves(batch: SampleBatch, salts: Sequence[bytes]) -> list[bytes]:
     and never become Python objects (they were a quarter of the sealer's CPU and ~50 MB per
     200,000-reading batch); tests/test_native.py holds it equal to the reference.
     """
-    if len(salts) != len(batch):
-        raise ValueError(f"{len(salts)} salts for {len(batch)} readings")
-    if salts and set(map(len, salts)) != {SALT_SIZE}:
-        raise MerkleError(f"salts must be {SALT_SIZE} bytes")
+    _check_salts(salts, len(batch))
     fast = native.ext()
     if fast is not None:
         device, patient, runs = batch.canonical_parts()
@@ -341,6 +322,14 @@ def batch_leaves(batch: SampleBatch, salts: Sequence[bytes]) -> list[bytes]:
     return leaf_hashes_salted(salts, batch.canonical_bytes_per_sample())
 
 
+def _check_salts(salts: Sequence[bytes], readings: int) -> None:
+    """One salt per reading, each of SALT_SIZE bytes (one C-level pass over the lengths)."""
+    if len(salts) != readings:
+        raise ValueError(f"{len(salts)} salts for {readings} readings")
+    if salts and set(map(len, salts)) != {SALT_SIZE}:
+        raise MerkleError(f"salts must be {SALT_SIZE} bytes")
+
+
 def leaf_hashes_salted(salts: Sequence[bytes], canonical: Sequence[bytes]) -> list[bytes]:
     """``leaf_hash_salted(salt, bytes)`` of each pair, equal to it, at half the cost.
 
@@ -349,10 +338,7 @@ def leaf_hashes_salted(salts: Sequence[bytes], canonical: Sequence[bytes]) -> li
     leaves per second the function call per leaf is what costs. tests/test_fast_paths.py
     checks equality with :func:`anchor.merkle.leaf_hash_salted`.
     """
-    if len(salts) != len(canonical):
-        raise ValueError(f"{len(salts)} salts for {len(canonical)} readings")
-    if salts and set(map(len, salts)) != {SALT_SIZE}:
-        raise MerkleError(f"salts must be {SALT_SIZE} bytes")
+    _check_salts(salts, len(canonical))
     fast = native.ext()
     if fast is not None:
         try:

@@ -63,7 +63,7 @@ import pyarrow.parquet.encryption as pe
 
 from streams.keystore import KeystoreError, Kms
 from vitalproof.errors import VitalproofError
-from vitalproof.schema import SampleBatch, reading_id_digests
+from vitalproof.schema import SampleBatch, pack_reading_ids, reading_id_digests
 
 __all__ = [
     "FILE_SCHEMA",
@@ -209,14 +209,10 @@ def _per_batch_dict(values: Sequence[str], counts: Sequence[int]) -> pa.Dictiona
 
 def ids_to_binary(ids: Sequence[str]) -> pa.FixedSizeBinaryArray:
     """32-hex reading ids -> fixed_size_binary(16), in one join and one fromhex call."""
-    if ids and set(map(len, ids)) != {32}:
-        raise LakeError("reading ids must be 32 hex characters (see vitalproof.schema.reading_id)")
     try:
-        raw = bytes.fromhex("".join(ids))
-    except ValueError:
-        raise LakeError("a reading id is not hexadecimal") from None
-    if len(raw) != 16 * len(ids):
-        raise LakeError("a reading id is not 32 hex characters")
+        raw = pack_reading_ids(ids)
+    except ValueError as e:
+        raise LakeError(str(e)) from None
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(ids), [None, pa.py_buffer(raw)])
 
 
@@ -245,6 +241,7 @@ def build_table(
     *,
     leaf_index: Sequence[int] | None = None,
     first_leaf: int = 0,
+    with_reading_ids: bool = True,
 ) -> pa.Table:
     """The lake rows of normalized SampleBatches, in concatenation order (unsorted).
 
@@ -278,7 +275,6 @@ def build_table(
             raise LakeError(f"leaf_index has {len(leaf_index)} entries for {n} readings")
         leaves = pa.array(leaf_index, pa.int32())
     cols = {
-        "reading_id": ids_to_binary(chain("reading_id")),
         "device_id": _per_batch_dict([b.device_id for b in batches], counts),
         "patient_id": _per_batch_dict([b.patient_id or "" for b in batches], counts),
         "metric": pa.array(chain("metric"), pa.string()).dictionary_encode(),
@@ -295,14 +291,20 @@ def build_table(
         "batch_id": _per_batch_dict([batch_id], [n]),
         "leaf_index": leaves,
     }
-    return pa.Table.from_pydict(cols, schema=SCHEMA)
+    if not with_reading_ids:  # rows as stored: the ids are derived on read
+        return pa.Table.from_pydict(cols, schema=FILE_SCHEMA)
+    return pa.Table.from_pydict(
+        {"reading_id": ids_to_binary(chain("reading_id")), **cols}, schema=SCHEMA
+    )
 
 
 def table_from_batches(
     batches: Sequence[SampleBatch], *, batch_id: str, first_leaf: int = 0
 ) -> pa.Table:
-    """One patient's (or any) rows of a batch whose leaves start at ``first_leaf``."""
-    return build_table(batches, batch_id, first_leaf=first_leaf)
+    """One patient's (or any) rows of a batch whose leaves start at ``first_leaf``, as the
+    sealer writes them: without the reading id column, which files do not store (building
+    it only for :func:`encode_parquet` to drop it cost a hex decode of every id)."""
+    return build_table(batches, batch_id, first_leaf=first_leaf, with_reading_ids=False)
 
 
 def sort_for_file(table: pa.Table) -> pa.Table:

@@ -95,6 +95,18 @@ def reading_id_digests(
     )
 
 
+def pack_reading_ids(ids: Sequence[str]) -> bytes:
+    """Reading ids (32 hex digits each) as their 16-byte digests, concatenated: one join
+    and one ``fromhex`` for the whole list. ``ValueError`` if any id is not 32 hex digits."""
+    try:
+        packed = bytes.fromhex("".join(ids))  # fromhex skips whitespace: the length check
+    except ValueError:
+        packed = b""
+    if (ids and set(map(len, ids)) != {32}) or len(packed) != 16 * len(ids):
+        raise ValueError("reading ids must be 32 hex digits each (see reading_id)")
+    return packed
+
+
 K = TypeVar("K")
 
 
