@@ -5,16 +5,14 @@ process, nothing to start) and any JSON-RPC node (Anvil locally, a real network 
 deployment). Transactions are always signed locally with an eth-account key, never by the
 node, so what the tests exercise is what production runs.
 
-:func:`check_anchor_on_chain` is the verifier's half: given only a JSON-RPC endpoint and the
-fields a proof bundle carries, it decides whether the anchor is (still) on that chain, and
-names the failed check with a :class:`~anchor.errors.ProofFailure`.
+The verifier's half (is an anchor still on a chain?) is
+:func:`vitalproof_verify.onchain.check_anchor_on_chain`, in the proof kit.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -28,16 +26,21 @@ from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import EthereumTesterProvider, Web3
 from web3.exceptions import (
-    BlockNotFound,
     ContractCustomError,
     ContractLogicError,
     TimeExhausted,
-    TransactionNotFound,
     Web3Exception,
 )
 
-from anchor.errors import AnchorError, ProofError, ProofFailure
+from anchor.errors import AnchorError
 from vitalproof.errors import ConfigError
+from vitalproof_verify.onchain import (
+    as_bytes,
+    check_anchor_on_chain,
+    parse_anchored,
+    rpc_web3,
+    to_hex,
+)
 
 if TYPE_CHECKING:
     from eth_tester import EthereumTester
@@ -48,10 +51,6 @@ if TYPE_CHECKING:
 
 ARTIFACT_PATH = Path(__file__).parent / "contracts" / "VitalAnchor.json"
 """The committed compiler output; tests/test_contract.py proves it matches the source."""
-
-ANCHORED_SIGNATURE = "Anchored(bytes32,uint64,uint64)"
-ANCHORED_TOPIC = keccak(text=ANCHORED_SIGNATURE)
-"""topic0 of the Anchored event; verifiers match logs on it without needing the ABI."""
 
 # DEV ONLY. Anvil's (and Hardhat's) well-known account 0 key, derived from the public
 # "test test ... junk" mnemonic. Everyone knows it: never use it on a real network.
@@ -158,7 +157,7 @@ class AnchorReceipt:
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> AnchorReceipt:
         """Inverse of :meth:`to_json_dict`."""
-        return cls(**{**d, "root": _as_bytes(d["root"])})
+        return cls(**{**d, "root": as_bytes(d["root"])})
 
 
 @dataclass(frozen=True)
@@ -233,134 +232,34 @@ def compute_fees(w3: Web3, policy: FeePolicy) -> Fees:
     return Fees(max_fee_per_gas=max_fee, max_priority_fee_per_gas=min(tip, max_fee))
 
 
-def rpc_web3(url: str, *, timeout_s: float = 30.0) -> Web3:
-    """A Web3 on a plain HTTP JSON-RPC endpoint: all a verifier needs."""
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout_s}))
-
-
-def _as_bytes(value: str | bytes) -> bytes:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    return bytes(HexBytes(value))
-
-
-def _hex(value: bytes | str) -> str:
-    return "0x" + _as_bytes(value).hex()
-
-
-def _parse_anchored(log: Any, contract: str) -> tuple[bytes, int, int] | None:
-    """(root, tree_size, timestamp) if ``log`` is an Anchored event from ``contract``."""
-    topics = log["topics"]
-    if to_checksum_address(log["address"]) != to_checksum_address(contract):
-        return None
-    if len(topics) != 2 or bytes(topics[0]) != ANCHORED_TOPIC:
-        return None
-    try:
-        size, ts = abi_decode(["uint64", "uint64"], bytes(log["data"]))
-    except Exception:
-        return None
-    return bytes(topics[1]), int(size), int(ts)
-
-
-def check_anchor_on_chain(
-    w3: Web3,
-    *,
-    chain_id: int,
-    contract: str,
-    tx_hash: str | bytes,
-    block_number: int,
-    block_hash: str | bytes,
-    log_index: int,
-    root: bytes,
-    tree_size: int,
-    block_timestamp: int | None = None,
-) -> None:
-    """Check, against any JSON-RPC endpoint, that an anchor is (still) on the canonical chain.
-
-    Order matters: a wrong chain explains every later mismatch, and a reorg explains a
-    missing log, so each failure is reported under the most basic check that fails.
-    ``block_timestamp``, when given, must equal the timestamp in the event (which the
-    contract takes from the block), so the time a bundle claims is the chain's.
-    """
-    actual_chain = int(w3.eth.chain_id)
-    if actual_chain != chain_id:
-        raise ProofError(
-            ProofFailure.WRONG_CHAIN, f"endpoint is chain {actual_chain}, bundle names {chain_id}"
-        )
-    want_block_hash = _as_bytes(block_hash)
-    try:
-        receipt = w3.eth.get_transaction_receipt(HexBytes(_as_bytes(tx_hash)))
-    except TransactionNotFound:
-        raise ProofError(
-            ProofFailure.REORGED_OUT, f"no receipt for transaction {_hex(tx_hash)}"
-        ) from None
-    try:
-        block = w3.eth.get_block(block_number)
-    except BlockNotFound:
-        raise ProofError(
-            ProofFailure.REORGED_OUT, f"block {block_number} does not exist on this chain"
-        ) from None
-    if bytes(block["hash"]) != want_block_hash:
-        raise ProofError(
-            ProofFailure.REORGED_OUT,
-            f"block {block_number} is now {_hex(block['hash'])}, bundle names "
-            f"{_hex(want_block_hash)}",
-        )
-    if bytes(receipt["blockHash"]) != want_block_hash or receipt["blockNumber"] != block_number:
-        raise ProofError(
-            ProofFailure.REORGED_OUT,
-            f"transaction is in block {receipt['blockNumber']} {_hex(receipt['blockHash'])},"
-            f" bundle names {block_number} {_hex(want_block_hash)}",
-        )
-    if receipt["status"] != 1:
-        raise ProofError(ProofFailure.ROOT_NOT_ON_CHAIN, "the anchor transaction reverted")
-    for log in receipt["logs"]:
-        if log["logIndex"] != log_index:
-            continue
-        parsed = _parse_anchored(log, contract)
-        if parsed is None:
-            break
-        got_root, got_size, got_ts = parsed
-        if got_root != bytes(root) or got_size != tree_size:
-            raise ProofError(
-                ProofFailure.ROOT_NOT_ON_CHAIN,
-                f"log {log_index} anchors root {_hex(got_root)} size {got_size}, bundle names "
-                f"{_hex(root)} size {tree_size}",
-            )
-        if block_timestamp is not None and got_ts != block_timestamp:
-            raise ProofError(
-                ProofFailure.ROOT_NOT_ON_CHAIN,
-                f"anchored at time {got_ts}, bundle claims {block_timestamp}",
-            )
-        return
-    raise ProofError(
-        ProofFailure.ROOT_NOT_ON_CHAIN,
-        f"no Anchored event from {contract} at log index {log_index} of {_hex(tx_hash)}",
-    )
-
-
 def submitter_key(settings: Settings) -> str | None:
     """The submitter's private key: from an encrypted keystore file (eth-account's Web3
     Secret Storage) or ``VITALPROOF_SUBMITTER_KEY``; never from anything committed."""
-    if settings.submitter_keystore is not None:
-        if settings.submitter_key is not None:
+    if settings.chain.submitter_keystore is not None:
+        if settings.chain.submitter_key is not None:
             raise ConfigError(
                 "set VITALPROOF_SUBMITTER_KEY or VITALPROOF_SUBMITTER_KEYSTORE, not both"
             )
-        if settings.submitter_keystore_password is None:
+        if settings.chain.submitter_keystore_password is None:
             raise ConfigError(
-                f"keystore {settings.submitter_keystore} needs "
+                f"keystore {settings.chain.submitter_keystore} needs "
                 "VITALPROOF_SUBMITTER_KEYSTORE_PASSWORD"
             )
         try:
-            keyfile = json.loads(Path(settings.submitter_keystore).read_text())
-            key = Account.decrypt(keyfile, settings.submitter_keystore_password.get_secret_value())
+            keyfile = json.loads(Path(settings.chain.submitter_keystore).read_text())
+            key = Account.decrypt(
+                keyfile, settings.chain.submitter_keystore_password.get_secret_value()
+            )
         except OSError as e:
-            raise ConfigError(f"cannot read keystore {settings.submitter_keystore}: {e}") from e
+            raise ConfigError(
+                f"cannot read keystore {settings.chain.submitter_keystore}: {e}"
+            ) from e
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"cannot decrypt keystore {settings.submitter_keystore}: {e}") from e
+            raise ConfigError(
+                f"cannot decrypt keystore {settings.chain.submitter_keystore}: {e}"
+            ) from e
         return "0x" + bytes(key).hex()
-    return settings.submitter_key.get_secret_value() if settings.submitter_key else None
+    return settings.chain.submitter_key.get_secret_value() if settings.chain.submitter_key else None
 
 
 class Chain:
@@ -418,15 +317,17 @@ class Chain:
     def from_settings(cls, settings: Settings) -> Chain:
         """The chain the settings select (embedded, local Anvil, or a given RPC URL)."""
         key = submitter_key(settings)
-        if settings.chain == "embedded":
+        if settings.chain.kind == "embedded":
             return cls.embedded()
-        if settings.chain == "anvil":
-            return cls.rpc(settings.rpc_url or f"http://127.0.0.1:{settings.anvil_port}", key)
-        if not settings.rpc_url:
+        if settings.chain.kind == "anvil":
+            return cls.rpc(
+                settings.chain.rpc_url or f"http://127.0.0.1:{settings.devstack.anvil_port}", key
+            )
+        if not settings.chain.rpc_url:
             raise ConfigError("VITALPROOF_CHAIN=rpc needs VITALPROOF_RPC_URL")
         if key is None:
             raise ConfigError("VITALPROOF_CHAIN=rpc needs VITALPROOF_SUBMITTER_KEY")
-        return cls.rpc(settings.rpc_url, key)
+        return cls.rpc(settings.chain.rpc_url, key)
 
     # -- basics -------------------------------------------------------------------------
 
@@ -503,7 +404,7 @@ class Chain:
             "maxFeePerGas": fees.max_fee_per_gas,
             "maxPriorityFeePerGas": fees.max_priority_fee_per_gas,
             "value": 0,
-            "data": _hex(data),
+            "data": to_hex(data),
         }
         if to is not None:
             tx["to"] = to_checksum_address(to)
@@ -511,7 +412,7 @@ class Chain:
 
     def estimate_gas(self, data: str | bytes, to: str | None) -> int:
         """Gas estimate with a margin; a revert here becomes :class:`AnchorRejected`."""
-        call: dict[str, Any] = {"from": self.address, "data": _hex(data)}
+        call: dict[str, Any] = {"from": self.address, "data": to_hex(data)}
         if to is not None:
             call["to"] = to
         try:
@@ -578,7 +479,7 @@ class Chain:
         data = self.anchor_calldata(root, tree_size)
         receipt = self._sign_and_send(data, self.contract_address)
         if receipt["status"] != 1:
-            raise AnchorRejected(f"transaction {_hex(receipt['transactionHash'])} reverted")
+            raise AnchorRejected(f"transaction {to_hex(receipt['transactionHash'])} reverted")
         return self.anchor_receipt(receipt)
 
     # -- reading ------------------------------------------------------------------------
@@ -586,9 +487,9 @@ class Chain:
     def anchor_receipt(self, receipt: TxReceipt | str | bytes) -> AnchorReceipt:
         """The :class:`AnchorReceipt` of a mined anchor transaction (by receipt or hash)."""
         if isinstance(receipt, str | bytes):
-            receipt = self.w3.eth.get_transaction_receipt(HexBytes(_as_bytes(receipt)))
+            receipt = self.w3.eth.get_transaction_receipt(HexBytes(as_bytes(receipt)))
         for log in receipt["logs"]:
-            parsed = _parse_anchored(log, self.contract_address)
+            parsed = parse_anchored(log, self.contract_address)
             if parsed is None:
                 continue
             root, size, _ts = parsed
@@ -596,16 +497,16 @@ class Chain:
             return AnchorReceipt(
                 chain_id=self.chain_id,
                 contract=self.contract_address,
-                tx_hash=_hex(receipt["transactionHash"]),
+                tx_hash=to_hex(receipt["transactionHash"]),
                 block_number=int(receipt["blockNumber"]),
-                block_hash=_hex(receipt["blockHash"]),
+                block_hash=to_hex(receipt["blockHash"]),
                 log_index=int(log["logIndex"]),
                 root=root,
                 tree_size=size,
                 block_timestamp=int(block["timestamp"]),
                 gas_used=int(receipt["gasUsed"]),
             )
-        raise AnchorError(f"no Anchored event in {_hex(receipt['transactionHash'])}")
+        raise AnchorError(f"no Anchored event in {to_hex(receipt['transactionHash'])}")
 
     def head(self) -> Head:
         """The contract's latest anchored head (VitalAnchor only; the variant keeps none)."""
@@ -626,11 +527,3 @@ class Chain:
             tree_size=receipt.tree_size,
             block_timestamp=receipt.block_timestamp,
         )
-
-    def wait_for_block(self, number: int, timeout_s: float = 30.0) -> None:
-        """Block until the chain reaches ``number`` (JSON-RPC nodes that mine on a timer)."""
-        deadline = time.monotonic() + timeout_s
-        while self.w3.eth.block_number < number:
-            if time.monotonic() > deadline:
-                raise AnchorError(f"chain did not reach block {number} in {timeout_s}s")
-            time.sleep(0.1)

@@ -74,8 +74,8 @@ class AnchorJob:
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
-            self.settings.topic_batches,
-            bootstrap_servers=self.settings.kafka_bootstrap,
+            self.settings.kafka.topic_batches,
+            bootstrap_servers=self.settings.kafka.bootstrap,
             group_id=f"vitalproof-anchor-{self.settings.namespace}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -109,7 +109,7 @@ class AnchorJob:
                 while not consumer.assignment():
                     if time.monotonic() > deadline:
                         raise AnchorError(
-                            f"no partition of {self.settings.topic_batches} assigned "
+                            f"no partition of {self.settings.kafka.topic_batches} assigned "
                             f"within {timeout_s:g} s"
                         )
                     total += await self._consume_for(consumer, 0.2)
@@ -124,7 +124,7 @@ class AnchorJob:
                 while await behind():
                     if time.monotonic() > deadline:
                         raise AnchorError(
-                            f"could not read {self.settings.topic_batches} to its end"
+                            f"could not read {self.settings.kafka.topic_batches} to its end"
                         )
                     total += await self._consume_for(consumer, 0.5)
                 return total

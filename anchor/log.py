@@ -4,16 +4,9 @@ Each sealed batch becomes one leaf; every anchoring period one transaction puts 
 root and size on-chain. A reading's proof is then two RFC 9162 inclusion paths (reading in
 batch, batch in log) and one transaction.
 
-Log leaf encoding (version 1). The leaf *data* is the canonical JSON of the batch entry,
-sorted keys, no whitespace, ASCII only, the root as 64 lowercase hex digits::
-
-    {"batch_id":"<id>","batch_root":"<64 hex>","batch_size":<n>,"v":1}
-
-and the leaf hash is ``SHA-256(0x00 || data)`` (RFC 9162 section 2.1.1). ``batch_size`` is
-in the leaf on purpose: an RFC 9162 inclusion path does not commit to the tree size, so a
-path into a batch can verify for more than one claimed size; the log leaf pins it. JSON (not
-a binary struct) keeps the format inspectable and re-implementable with any JSON library,
-and matches how reading leaves are canonicalised.
+The leaf of a batch is :func:`vitalproof_verify.leaves.log_leaf_data` (the canonical JSON of
+its id, root and size), hashed as RFC 9162 section 2.1.1 says; the verify kit holds that
+definition because a verifier recomputes it from a proof bundle.
 
 On disk, a directory holds:
 
@@ -40,56 +33,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from anchor import merkle
-from anchor.errors import AnchorError, MerkleError
+from anchor.errors import AnchorError
+from vitalproof.durable import fsync_dir
+from vitalproof_verify import merkle
+from vitalproof_verify.errors import MerkleError
+from vitalproof_verify.leaves import LOG_ENTRY_VERSION, check_log_entry, log_leaf_data
 
-__all__ = [
-    "LOG_ENTRY_VERSION",
-    "LogEntry",
-    "LogHead",
-    "MerkleLog",
-    "log_leaf_data",
-    "log_leaf_hash",
-]
+__all__ = ["LogEntry", "LogHead", "MerkleLog"]
 
-LOG_ENTRY_VERSION = 1
-MAX_BATCH_ID_LENGTH = 256
-_UINT64_MAX = 2**64 - 1  # the contract stores tree sizes as uint64
 ENTRIES_FILE = "entries.jsonl"
 ANCHORS_FILE = "anchors.jsonl"
 LOCK_FILE = "LOCK"
 
 
 def _check_entry(batch_id: object, batch_root: object, batch_size: object) -> None:
-    if not isinstance(batch_id, str) or not batch_id:
-        raise AnchorError(f"batch_id must be a non-empty string, got {batch_id!r}")
-    if len(batch_id) > MAX_BATCH_ID_LENGTH:
-        raise AnchorError(f"batch_id longer than {MAX_BATCH_ID_LENGTH} characters")
-    if not isinstance(batch_root, bytes) or len(batch_root) != merkle.HASH_SIZE:
-        raise AnchorError(f"batch_root must be {merkle.HASH_SIZE} bytes")
-    if (
-        not isinstance(batch_size, int)
-        or isinstance(batch_size, bool)
-        or not 0 < batch_size <= _UINT64_MAX
-    ):
-        raise AnchorError(f"batch_size must be a positive 64-bit integer, got {batch_size!r}")
-
-
-def log_leaf_data(batch_id: str, batch_root: bytes, batch_size: int) -> bytes:
-    """The exact bytes a log leaf commits to (see the module docstring for the format)."""
-    _check_entry(batch_id, batch_root, batch_size)
-    doc = {
-        "batch_id": batch_id,
-        "batch_root": batch_root.hex(),
-        "batch_size": batch_size,
-        "v": LOG_ENTRY_VERSION,
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def log_leaf_hash(batch_id: str, batch_root: bytes, batch_size: int) -> bytes:
-    """RFC 9162 leaf hash of a batch entry; what a verifier recomputes from a proof bundle."""
-    return merkle.leaf_hash(log_leaf_data(batch_id, batch_root, batch_size))
+    try:
+        check_log_entry(batch_id, batch_root, batch_size)
+    except MerkleError as e:
+        raise AnchorError(str(e)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +75,7 @@ class LogEntry:
             if doc.get("v") != LOG_ENTRY_VERSION:
                 raise ValueError(f"unknown entry version {doc.get('v')!r}")
             canonical = entry.leaf_data()
-        except (ValueError, KeyError, TypeError, AttributeError, AnchorError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, MerkleError) as e:
             raise AnchorError(f"unreadable log entry: {e}") from None
         if canonical != line:
             raise AnchorError("log entry is not in canonical form")
@@ -162,14 +123,6 @@ def _read_lines(path: Path, *, repair: bool) -> list[bytes]:
             f.flush()
             os.fsync(f.fileno())
     return data[:complete].split(b"\n")[:-1]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MerkleLog:
@@ -264,7 +217,7 @@ class MerkleLog:
             f.flush()
             os.fsync(f.fileno())
         if created:
-            _fsync_dir(self.directory)  # the new name must survive a crash too
+            fsync_dir(self.directory)  # the new name must survive a crash too
 
     # -- the log ------------------------------------------------------------------------
 

@@ -22,13 +22,13 @@ entry becomes SUPERSEDED: the later root covers this tree (RFC 9162 consistency)
 contract would refuse a smaller size anyway.
 
 The outbox is SQLite (WAL, ``synchronous=FULL``: each commit is fsync'd). One manager per
-outbox at a time: the anchor job runs only on the Faust leader.
+outbox at a time: the anchor job (``anchor.job``, its own process) holds the log's writer
+lock while it runs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +44,7 @@ from web3.exceptions import TransactionNotFound, Web3Exception
 from anchor.chain import AnchorReceipt, AnchorRejected, Chain, Fees, compute_fees
 from anchor.errors import AnchorError
 from vitalproof.crashpoints import crashpoint
+from vitalproof.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class TxManager:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         if created:
-            _fsync_dir(self.outbox_dir)  # make the new file's directory entry durable too
+            fsync_dir(self.outbox_dir)  # make the new file's directory entry durable too
         self._bind_identity()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -595,14 +596,6 @@ def _entry(row: sqlite3.Row) -> OutboxEntry:
 
 def _hex(value: bytes) -> str:
     return "0x" + bytes(value).hex()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = [

@@ -1,38 +1,37 @@
 """Proof bundles: one reading, its two Merkle paths and the transaction that anchored them.
 
-A bundle must stand alone (ARCHITECTURE invariant 4): with only the bundle and any Ethereum
-JSON-RPC endpoint, anyone can check that the reading was anchored, in which transaction,
-block and time. This module is the offline half of that check; the on-chain half lives in
-:func:`anchor.chain.check_anchor_on_chain` and is applied to ``bundle.anchor``.
+A bundle must stand alone (docs/invariants.md, "Proofs stand alone"): with only the bundle and
+any Ethereum JSON-RPC endpoint, anyone can check that the reading was anchored, in which
+transaction, block and time. This module is the offline half of that check and the bundle's
+models; the on-chain half is :func:`vitalproof_verify.onchain.check_anchor_on_chain`, applied
+to ``bundle.anchor``.
 
 The chain of commitments a verifier walks::
 
     reading fields ─canonical JSON─▶ SHA-256(0x00 || salt || canonical)   = leaf_hash
     leaf_hash ─batch.path─▶ batch.batch_root            (RFC 9162 inclusion, batch_size leaves)
-    (batch_id, batch_root, batch_size) ─anchor.log leaf─▶ ─log.path─▶ log.root
+    (batch_id, batch_root, batch_size) ─log leaf─▶ ─log.path─▶ log.root
     (log.tree_size, log.root) == (anchor.tree_size, anchor.root)  ─▶ on-chain event
 
-Encodings (schema ``anchor/schemas/proof-bundle-v1.json``): Merkle values are 64 lowercase
-hex digits; values that come from Ethereum (``anchor.*`` hashes and the root as the contract
-stores it) are 0x-prefixed lowercase hex, as JSON-RPC returns them. One spelling per value,
-so the same proof always serialises to the same bytes.
-
-Only ``vitalproof.schema``, ``vitalproof.errors`` and ``anchor.*`` are imported: a verifier
-needs nothing of the pipeline.
+Encodings (schema ``vitalproof_verify/schemas/proof-bundle-v1.json``): Merkle values are 64
+lowercase hex digits; values that come from Ethereum (``anchor.*`` hashes and the root as the
+contract stores it) are 0x-prefixed lowercase hex, as JSON-RPC returns them. One spelling per
+value, so the same proof always serialises to the same bytes.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Final, Literal
+import json
+from collections.abc import Sequence
+from importlib import resources
+from typing import Annotated, Any, Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from anchor import merkle
-from anchor.errors import AnchorError, MerkleError, ProofError, ProofFailure
-from anchor.log import MerkleLog, log_leaf_hash
-from vitalproof.schema import Reading, canonical_reading_bytes
+from vitalproof_verify import merkle
+from vitalproof_verify.errors import MerkleError, ProofError, ProofFailure
+from vitalproof_verify.leaves import canonical_reading_bytes, leaf_hash_salted, log_leaf_hash
 
 __all__ = [
     "BUNDLE_VERSION",
@@ -41,8 +40,8 @@ __all__ = [
     "BatchProof",
     "LogProof",
     "ProofBundle",
-    "ReadingFields",
-    "build_bundle",
+    "Reading",
+    "bundle_schema",
     "load_bundle",
     "verify_offline",
 ]
@@ -68,32 +67,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class ReadingFields(_Strict):
-    """Exactly the arguments of :func:`vitalproof.schema.canonical_reading_bytes`."""
+class Reading(_Strict):
+    """One reading as a leaf commits to it: exactly the arguments of
+    :func:`vitalproof_verify.leaves.canonical_reading_bytes`.
+
+    Transport metadata (gateway, receive time, clock estimate) is not part of a reading's
+    identity: a retransmission through another gateway is the same reading.
+    """
 
     reading_id: str
     device_id: str
     patient_id: str
     metric: str
-    value: float | None
+    value: float | None  # None when the device sent a special value (Quality.INVALID)
     unit: str
     device_time_us: int
     seq: int
     quality: int
-
-    @classmethod
-    def of(cls, reading: Reading) -> ReadingFields:
-        return cls(
-            reading_id=reading.reading_id,
-            device_id=reading.device_id,
-            patient_id=reading.patient_id,
-            metric=reading.metric.value,
-            value=reading.value,
-            unit=reading.unit,
-            device_time_us=reading.device_time_us,
-            seq=reading.seq,
-            quality=reading.quality,
-        )
 
     def canonical_bytes(self) -> bytes:
         return canonical_reading_bytes(**self.model_dump())
@@ -115,7 +105,11 @@ class LogProof(_Strict):
 
 
 class AnchorRef(_Strict):
-    """Where the log head is on-chain: the arguments of ``check_anchor_on_chain``."""
+    """Where the log head is on-chain: the arguments of ``check_anchor_on_chain``.
+
+    The one reference to an anchor: bundles cite it, the log's anchors.jsonl stores it (with
+    the transaction's gas beside it), the anchor job returns it.
+    """
 
     chain_id: Annotated[int, Field(ge=1)]
     contract: Address
@@ -127,18 +121,10 @@ class AnchorRef(_Strict):
     root: EthHash
     block_timestamp: UInt64
 
-    @classmethod
-    def from_receipt(cls, receipt: Mapping[str, Any]) -> AnchorRef:
-        """From ``AnchorReceipt.to_json_dict()`` (as stored in anchors.jsonl); extras dropped."""
-        try:
-            return cls.model_validate({k: receipt[k] for k in cls.model_fields})
-        except (KeyError, ValidationError) as e:
-            raise AnchorError(f"anchor record lacks what a bundle needs: {e}") from None
-
 
 class ProofBundle(_Strict):
     version: Literal[1]
-    reading: ReadingFields
+    reading: Reading
     salt: Hex32
     leaf_hash: Hex32
     batch: BatchProof
@@ -188,9 +174,9 @@ def verify_offline(bundle: ProofBundle | bytes | str) -> None:
         )
         batch_path, log_path = _hashes(b.batch.path), _hashes(b.log.path)
         canonical = b.reading.canonical_bytes()
-        leaf = merkle.leaf_hash_salted(salt, canonical)
+        leaf = leaf_hash_salted(salt, canonical)
         log_leaf = log_leaf_hash(b.batch.batch_id, batch_root, b.batch.batch_size)
-    except (ValueError, TypeError, AnchorError) as e:
+    except (ValueError, TypeError, MerkleError) as e:
         # Only reachable for a bundle built without validation (model_construct).
         raise ProofError(ProofFailure.MALFORMED, str(e)) from None
 
@@ -221,67 +207,7 @@ def verify_offline(bundle: ProofBundle | bytes | str) -> None:
         )
 
 
-def build_bundle(
-    *,
-    reading: Reading | ReadingFields | Mapping[str, Any],
-    salt: bytes,
-    batch_id: str,
-    batch: merkle.MerkleTree | Sequence[bytes],
-    leaf_index: int,
-    log: MerkleLog,
-    anchor: AnchorRef | None = None,
-) -> ProofBundle:
-    """Assemble the bundle for one reading of a sealed, logged and anchored batch.
-
-    ``batch`` is the batch's tree (or its leaf hashes; pass a :class:`~anchor.merkle.MerkleTree`
-    when building many bundles from one batch). ``anchor`` defaults to the earliest anchored
-    head that covers the batch. The result is verified before it is returned: a prover must
-    never hand out a bundle that fails, whatever the inputs were.
-    """
-    if isinstance(reading, Reading):
-        fields = ReadingFields.of(reading)
-    elif isinstance(reading, ReadingFields):
-        fields = reading
-    else:
-        fields = ReadingFields.model_validate(dict(reading))
-    tree = batch if isinstance(batch, merkle.MerkleTree) else merkle.MerkleTree(batch)
-    leaf = merkle.leaf_hash_salted(salt, fields.canonical_bytes())
-    batch_path = tree.inclusion_proof(leaf_index)  # MerkleError (an AnchorError) if outside
-    log_index = log.index_of(batch_id)
-    if log_index is None:
-        raise AnchorError(f"batch {batch_id!r} is not in the log")
-    entry = log.entry(log_index)
-    if (entry.batch_root, entry.batch_size) != (tree.root(), tree.size):
-        raise AnchorError(f"batch {batch_id!r} in the log has another root or size")
-    if anchor is None:
-        head = log.anchor_covering(log_index)
-        if head is None:
-            raise AnchorError(f"batch {batch_id!r} (log index {log_index}) is not anchored yet")
-        anchor = AnchorRef.from_receipt(head.anchor)
-    if anchor.tree_size <= log_index:
-        raise AnchorError(f"anchor of size {anchor.tree_size} does not cover index {log_index}")
-    bundle = ProofBundle(
-        version=BUNDLE_VERSION,
-        reading=fields,
-        salt=salt.hex(),
-        leaf_hash=leaf.hex(),
-        batch=BatchProof(
-            batch_id=batch_id,
-            batch_root=entry.batch_root.hex(),
-            batch_size=entry.batch_size,
-            leaf_index=leaf_index,
-            path=[p.hex() for p in batch_path],
-        ),
-        log=LogProof(
-            leaf_index=log_index,
-            tree_size=anchor.tree_size,
-            root=log.root(anchor.tree_size).hex(),
-            path=[p.hex() for p in log.inclusion_proof(log_index, anchor.tree_size)],
-        ),
-        anchor=anchor,
-    )
-    try:
-        verify_offline(bundle)
-    except ProofError as e:
-        raise AnchorError(f"refusing to build a bundle that does not verify: {e}") from e
-    return bundle
+def bundle_schema() -> dict[str, Any]:
+    """The JSON Schema of version-1 bundles (draft 2020-12), for other implementations."""
+    text = resources.files(__package__).joinpath("schemas/proof-bundle-v1.json").read_text()
+    return cast(dict[str, Any], json.loads(text))

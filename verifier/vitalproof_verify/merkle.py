@@ -1,9 +1,9 @@
 """RFC 9162 Merkle trees (Certificate Transparency v2, section 2.1): bytes in, bytes out.
 
 Modelled on sigstore-python's ``sigstore/_internal/merkle.py``: no I/O, no encodings, one
-error type (:class:`~anchor.errors.MerkleError`). Both the batch trees (over salted reading
-leaves) and the log of batch roots use this module, so a third party can re-implement a
-verifier from RFC 9162 alone.
+error type (:class:`~vitalproof_verify.errors.MerkleError`). Both the batch trees (over
+salted reading leaves) and the log of batch roots use this module, so a third party can
+re-implement a verifier from RFC 9162 alone.
 
 Hashing (RFC 9162 section 2.1.1) is SHA-256 with domain separation between leaves and
 interior nodes, so that a leaf can never be passed off as a node (second-preimage attack)::
@@ -24,17 +24,15 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-from anchor.errors import MerkleError
+from vitalproof_verify.errors import MerkleError
 
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
-    "SALT_SIZE",
     "MerkleTree",
     "consistency_proof",
     "inclusion_proof",
     "leaf_hash",
-    "leaf_hash_salted",
     "node_hash",
     "root",
     "verify_consistency",
@@ -42,8 +40,6 @@ __all__ = [
 ]
 
 HASH_SIZE = 32
-#: Salts are HMAC-SHA-256 outputs: fixed length, so ``salt || canonical`` splits one way only.
-SALT_SIZE = 32
 LEAF_PREFIX = b"\x00"
 NODE_PREFIX = b"\x01"
 #: RFC 9162 section 2.1.1: the hash of an empty list is the hash of an empty string.
@@ -60,24 +56,6 @@ def leaf_hash(data: bytes) -> bytes:
     """MTH of a one-element list (RFC 9162 section 2.1.1): SHA-256(0x00 || data)."""
     h = _LEAF_CTX.copy()
     h.update(data)
-    return h.digest()
-
-
-def leaf_hash_salted(salt: bytes, canonical: bytes) -> bytes:
-    """Leaf hash of a salted reading: SHA-256(0x00 || salt || canonical).
-
-    Vitals have so little entropy (a heart rate is one of ~200 integers) that an unsalted
-    leaf could be reversed by enumeration; the salt makes a published leaf or path useless
-    without the off-chain salt (ARCHITECTURE invariant 3). The salt is an HMAC-SHA-256 output
-    and always exactly :data:`SALT_SIZE` bytes, so the leaf data ``salt || canonical`` has one
-    and only one reading; no length prefix is needed. Any other length is refused rather than
-    hashed, because accepting it would make that unambiguity a convention instead of a fact.
-    """
-    if len(salt) != SALT_SIZE:
-        raise MerkleError(f"salt must be {SALT_SIZE} bytes, got {len(salt)}")
-    h = _LEAF_CTX.copy()
-    h.update(salt)
-    h.update(canonical)
     return h.digest()
 
 

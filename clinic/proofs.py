@@ -1,0 +1,146 @@
+"""Proof bundles from the lake: find a reading, rebuild its two Merkle paths, cite the anchor.
+
+This sits above streams and anchor (it reads the encrypted lake with the patient's key and
+the anchor log), which is why it is not in ``anchor``: the *verifier* needs nothing of this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from anchor.bundles import build_bundle
+from anchor.errors import AnchorError
+from anchor.log import MerkleLog
+from streams import lake
+from streams.keystore import LocalKeystore
+from streams.sealer import BATCHES_DIR
+from vitalproof.errors import VitalproofError
+from vitalproof.manifest import BatchManifest
+from vitalproof.settings import Settings
+from vitalproof_verify.bundle import ProofBundle
+from vitalproof_verify.errors import ProofError
+from vitalproof_verify.verify import verify_bundle
+
+
+class ProofExportError(VitalproofError):
+    """A bundle cannot be built (unknown reading, batch not anchored yet, key erased)."""
+
+
+class LakeView:
+    """Read-side view of one namespace: manifests, sealed rows, the anchor log."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.lake_dir
+        self.kms = LocalKeystore(settings.paths.keys_dir)
+
+    def manifests(self) -> list[BatchManifest]:
+        folder = self.root / BATCHES_DIR
+        return [
+            BatchManifest.model_validate_json(p.read_bytes()) for p in sorted(folder.glob("*.json"))
+        ]
+
+    def sealed_rows(self) -> int:
+        return sum(m.rows for m in self.manifests())
+
+    def patients(self) -> list[str]:
+        return sorted({p for m in self.manifests() for p in m.patients})
+
+    def table(self, patients: Iterable[str] | None = None) -> pa.Table:
+        """Rows of sealed batches only (files of a batch without a manifest are ignored)."""
+        sealed = lake.sealed_batch_ids(self.root)
+        parts = [
+            lake.read_patient(self.root, p, self.kms, batches=sealed)
+            for p in (self.patients() if patients is None else patients)
+        ]
+        return pa.concat_tables(parts) if parts else lake.SCHEMA.empty_table()
+
+    def sealed_reading_ids(self) -> set[str]:
+        return set(lake.hex_ids(self.table()["reading_id"]).to_pylist())
+
+    # -- bundles ------------------------------------------------------------------------
+
+    def find(self, reading_id: str) -> dict[str, Any]:
+        table = self.table()
+        ids = lake.hex_ids(table["reading_id"])
+        hit = table.filter(pc.equal(ids, reading_id))
+        if hit.num_rows == 0:
+            raise ProofExportError(f"reading {reading_id} is not in the lake {self.root}")
+        row = hit.slice(0, 1).to_pylist()[0]
+        row["reading_id"] = reading_id
+        return row
+
+    def bundle(self, reading_id: str, row: dict[str, Any] | None = None) -> ProofBundle:
+        row = row or self.find(reading_id)
+        batch_id = str(row["batch_id"])
+        manifest = BatchManifest.model_validate_json(
+            (self.root / BATCHES_DIR / f"{batch_id}.json").read_bytes()
+        )
+        leaves_raw = (self.root / manifest.leaves_path).read_bytes()
+        leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
+        leaf_index = int(row["leaf_index"])
+        patient_id = str(row["patient_id"])
+        (salt,) = self.kms.salts(patient_id, [reading_id])
+        value = row["value"]
+        reading = {
+            "reading_id": reading_id,
+            "device_id": str(row["device_id"]),
+            "patient_id": patient_id,
+            "metric": str(row["metric"]),
+            "value": None if value is None or math.isnan(value) else float(value),
+            "unit": str(row["unit"]),
+            "device_time_us": _us(row["device_time"]),
+            "seq": int(row["seq"]),
+            "quality": int(row["quality"]),
+        }
+        log = MerkleLog(self.settings.anchor_dir / "log", readonly=True)
+        if log.index_of(batch_id) is None:
+            raise ProofExportError(f"batch {batch_id} is not in the anchor log yet")
+        try:
+            return build_bundle(
+                reading=reading,
+                salt=salt,
+                batch_id=batch_id,
+                batch=leaves,
+                leaf_index=leaf_index,
+                log=log,
+            )
+        except AnchorError as e:
+            raise ProofExportError(f"reading {reading_id}: {e}") from e
+
+    def export_and_verify(self, reading_ids: Sequence[str], w3: Any) -> tuple[int, list[str]]:
+        """Export and verify bundles for ``reading_ids`` (the demo's last step)."""
+        table = self.table()
+        ids = lake.hex_ids(table["reading_id"])
+        ok, failures = 0, []
+        for rid in reading_ids:
+            hit = table.filter(pc.equal(ids, rid)).slice(0, 1).to_pylist()
+            try:
+                if not hit:
+                    raise ProofExportError(f"reading {rid} is not in the lake")
+                row = hit[0] | {"reading_id": rid}
+                bundle = self.bundle(rid, row)
+                verify_bundle(ProofBundle.model_validate_json(bundle.model_dump_json()), w3)
+                ok += 1
+            except (ProofError, AnchorError, ProofExportError) as e:
+                failures.append(f"{rid}: {e}")
+        return ok, failures
+
+
+def export_bundle(settings: Settings, reading_id: str) -> ProofBundle:
+    return LakeView(settings).bundle(reading_id)
+
+
+def _us(t: Any) -> int:
+    if isinstance(t, int):
+        return t
+    # pyarrow gives timezone-aware datetimes for timestamp[us, UTC]
+    import datetime as dt
+
+    delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
