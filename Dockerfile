@@ -13,11 +13,13 @@ RUN python3 -m venv /venv && /venv/bin/pip install --no-cache-dir "maturin>=1.9.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY verifier verifier
 COPY vitalproof vitalproof
 COPY ingest ingest
 COPY streams streams
 COPY anchor anchor
 COPY device_sims device_sims
+COPY clinic clinic
 COPY --from=native /wheels /wheels
-RUN pip install --no-cache-dir . /wheels/*.whl
+RUN pip install --no-cache-dir ./verifier . /wheels/*.whl
 ENTRYPOINT ["vitalproof"]

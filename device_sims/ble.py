@@ -8,7 +8,7 @@ collector runs the real ``BleakScanner``, ``BleakClient`` and
 bleak's own backends use (backend callback -> ``BleakClient.start_notify`` wrapper ->
 ``callback(BleakGATTCharacteristic, bytearray)``).
 
-Peripherals notify spec-exact characteristic values written with :mod:`ingest.gatt.encode`
+Peripherals notify spec-exact characteristic values written with :mod:`device_sims.gatt_encode`
 from :class:`device_sims.physiology.SimDevice` samples (heart rate and RR, SpO2 and pulse,
 blood pressure, temperature); weight and glucose, which the physiology model does not
 produce, come from the peripheral's own seeded generator. Simulated device time is
@@ -45,12 +45,16 @@ from bleak.backends.scanner import AdvertisementData, AdvertisementDataCallback,
 from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection
 from bleak.exc import BleakError
 
+from device_sims import gatt_encode as enc
 from device_sims.physiology import SimDevice
-from ingest.gatt import encode as enc
-from ingest.gatt.parsers import full_uuid
 from vitalproof.units import Metric
+from vitalproof.wire.gatt_numbers import Characteristic as C
+from vitalproof.wire.gatt_numbers import Service, full_uuid
 
 US = 1_000_000
+
+
+_DEVICE_INFORMATION = (C.MANUFACTURER_NAME, C.MODEL_NUMBER, C.SERIAL_NUMBER, C.FIRMWARE_REVISION)
 
 
 def _u(short: int) -> str:
@@ -116,13 +120,15 @@ class SimPeripheral:
         self.chars: dict[str, _Char] = {}
         for short, prop in self.MEASUREMENTS:
             self.chars[_u(short)] = _Char(_u(short), (prop,))
-        self.chars[_u(0x2A19)] = _Char(_u(0x2A19), ("read", "notify"), bytes([battery]))
+        self.chars[_u(C.BATTERY_LEVEL)] = _Char(
+            _u(C.BATTERY_LEVEL), ("read", "notify"), bytes([battery])
+        )
         serial = f"SN{self.rng.randrange(10**8):08d}"
         for short, text in (
-            (0x2A29, "Vitalproof Sim"),
-            (0x2A24, type(self).__name__),
-            (0x2A25, serial),
-            (0x2A26, "1.4.2"),
+            (C.MANUFACTURER_NAME, "Vitalproof Sim"),
+            (C.MODEL_NUMBER, type(self).__name__),
+            (C.SERIAL_NUMBER, serial),
+            (C.FIRMWARE_REVISION, "1.4.2"),
         ):
             self.chars[_u(short)] = _Char(_u(short), ("read",), text.encode())
 
@@ -205,8 +211,8 @@ class SimPeripheral:
 class HeartRateSim(SimPeripheral):
     """Heart Rate service 0x180D: Heart Rate Measurement with RR intervals, notified."""
 
-    SERVICE = 0x180D
-    MEASUREMENTS = ((0x2A37, "notify"),)
+    SERVICE = Service.HEART_RATE
+    MEASUREMENTS = ((C.HEART_RATE_MEASUREMENT, "notify"),)
 
     def measurements(self) -> list[tuple[str, bytes]]:
         s = self.samples((Metric.HEART_RATE.value, Metric.RR_INTERVAL.value))
@@ -214,33 +220,38 @@ class HeartRateSim(SimPeripheral):
         if not hr:
             return []
         rr = [enc.rr_from_ms(v) for _, v in s[Metric.RR_INTERVAL.value]][:9]
-        return [(_u(0x2A37), enc.encode_heart_rate(int(hr[-1][1]), contact=True, rr_intervals=rr))]
+        return [
+            (
+                _u(C.HEART_RATE_MEASUREMENT),
+                enc.encode_heart_rate(int(hr[-1][1]), contact=True, rr_intervals=rr),
+            )
+        ]
 
 
 class PulseOximeterSim(SimPeripheral):
     """Pulse Oximeter 0x1822: continuous (notify) every emission, spot-check (indicate)
     every fifth, with its device time stamp."""
 
-    SERVICE = 0x1822
-    MEASUREMENTS = ((0x2A5F, "notify"), (0x2A5E, "indicate"))
+    SERVICE = Service.PULSE_OXIMETER
+    MEASUREMENTS = ((C.PLX_CONTINUOUS, "notify"), (C.PLX_SPOT_CHECK, "indicate"))
 
     def measurements(self) -> list[tuple[str, bytes]]:
         s = self.samples((Metric.SPO2.value, Metric.HEART_RATE.value))
         if not s[Metric.SPO2.value] or not s[Metric.HEART_RATE.value]:
             return []
         (t, spo2), pr = s[Metric.SPO2.value][-1], s[Metric.HEART_RATE.value][-1][1]
-        out = [(_u(0x2A5F), enc.encode_plx_continuous(spo2, pr))]
+        out = [(_u(C.PLX_CONTINUOUS), enc.encode_plx_continuous(spo2, pr))]
         if (t // US) % 5 == 0:
             stamp = self.local_time(t)
-            out.append((_u(0x2A5E), enc.encode_plx_spot_check(spo2, pr, timestamp=stamp)))
+            out.append((_u(C.PLX_SPOT_CHECK), enc.encode_plx_spot_check(spo2, pr, timestamp=stamp)))
         return out
 
 
 class ThermometerSim(SimPeripheral):
     """Health Thermometer 0x1809: Temperature Measurement (indicate), body site, stamped."""
 
-    SERVICE = 0x1809
-    MEASUREMENTS = ((0x2A1C, "indicate"),)
+    SERVICE = Service.HEALTH_THERMOMETER
+    MEASUREMENTS = ((C.TEMPERATURE_MEASUREMENT, "indicate"),)
 
     def measurements(self) -> list[tuple[str, bytes]]:
         s = self.samples((Metric.SKIN_TEMPERATURE.value,))
@@ -249,14 +260,14 @@ class ThermometerSim(SimPeripheral):
         t, skin = s[Metric.SKIN_TEMPERATURE.value][-1]
         core = round(36.4 + (skin - 33.5) * 0.2, 1)  # core moves a little with the skin
         value = enc.encode_temperature(core, timestamp=self.local_time(t), temperature_type=2)
-        return [(_u(0x2A1C), value)]
+        return [(_u(C.TEMPERATURE_MEASUREMENT), value)]
 
 
 class BloodPressureSim(SimPeripheral):
     """Blood Pressure 0x1810: Blood Pressure Measurement (indicate) with pulse, stamped."""
 
-    SERVICE = 0x1810
-    MEASUREMENTS = ((0x2A35, "indicate"),)
+    SERVICE = Service.BLOOD_PRESSURE
+    MEASUREMENTS = ((C.BLOOD_PRESSURE_MEASUREMENT, "indicate"),)
 
     def measurements(self) -> list[tuple[str, bytes]]:
         keys = (Metric.SYSTOLIC_BP.value, Metric.DIASTOLIC_BP.value, Metric.HEART_RATE.value)
@@ -270,14 +281,14 @@ class BloodPressureSim(SimPeripheral):
         value = enc.encode_blood_pressure(
             sys_, dia, float(mean), timestamp=self.local_time(t), pulse_rate=pulse
         )
-        return [(_u(0x2A35), value)]
+        return [(_u(C.BLOOD_PRESSURE_MEASUREMENT), value)]
 
 
 class WeightScaleSim(SimPeripheral):
     """Weight Scale 0x181D: Weight Measurement (indicate) in kg with BMI and height."""
 
-    SERVICE = 0x181D
-    MEASUREMENTS = ((0x2A9D, "indicate"),)
+    SERVICE = Service.WEIGHT_SCALE
+    MEASUREMENTS = ((C.WEIGHT_MEASUREMENT, "indicate"),)
     HEIGHT_M = 1.74
 
     def measurements(self) -> list[tuple[str, bytes]]:
@@ -287,7 +298,7 @@ class WeightScaleSim(SimPeripheral):
         value = enc.encode_weight(
             kg, timestamp=self.local_time(self.device_time_us), bmi=bmi, height=self.HEIGHT_M
         )
-        return [(_u(0x2A9D), value)]
+        return [(_u(C.WEIGHT_MEASUREMENT), value)]
 
 
 class GlucoseMeterSim(SimPeripheral):
@@ -301,13 +312,17 @@ class GlucoseMeterSim(SimPeripheral):
     ``new_record_every`` emissions while connected, as if the patient measured.
     """
 
-    SERVICE = 0x1808
-    MEASUREMENTS = ((0x2A18, "notify"), (0x2A34, "notify"), (0x2A52, "write"))
+    SERVICE = Service.GLUCOSE
+    MEASUREMENTS = (
+        (C.GLUCOSE_MEASUREMENT, "notify"),
+        (C.GLUCOSE_CONTEXT, "notify"),
+        (C.RACP, "write"),
+    )
 
     def __init__(self, address: str, *, records: int = 5, new_record_every: int = 0,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(address, **kwargs)
-        self.chars[_u(0x2A52)] = _Char(_u(0x2A52), ("write", "indicate"))
+        self.chars[_u(C.RACP)] = _Char(_u(C.RACP), ("write", "indicate"))
         self.new_record_every = new_record_every
         self.records: list[tuple[int, bytes, bytes | None]] = []  # seq, measurement, context
         self.racp_requests: list[bytes] = []
@@ -330,16 +345,18 @@ class GlucoseMeterSim(SimPeripheral):
         if self.new_record_every and self.rng.randrange(self.new_record_every) == 0:
             seq = self.store_record()
             _, meas, ctx = self.records[seq]
-            return [(_u(0x2A18), meas)] + ([(_u(0x2A34), ctx)] if ctx else [])
+            return [(_u(C.GLUCOSE_MEASUREMENT), meas)] + (
+                [(_u(C.GLUCOSE_CONTEXT), ctx)] if ctx else []
+            )
         return []
 
     def on_write(self, uuid: str, data: bytes) -> None:
-        if uuid != _u(0x2A52):
+        if uuid != _u(C.RACP):
             super().on_write(uuid, data)
         client = self._client
         if client is None:
             raise BleakError("not connected")
-        if _u(0x2A52) not in client._subscribed:
+        if _u(C.RACP) not in client._subscribed:
             # ATT error 0xFD: Client Characteristic Configuration Descriptor Improperly Configured
             raise BleakError("sim: RACP written without indications enabled (ATT error 0xFD)")
         self.racp_requests.append(bytes(data))
@@ -362,12 +379,12 @@ class GlucoseMeterSim(SimPeripheral):
             code = 0x06  # no records found
         for _seq, meas, ctx in selected:
             await asyncio.sleep(0)
-            if client._deliver(_u(0x2A18), meas):
-                self.sent.append(Sent(_u(0x2A18), meas, False))
-            if ctx is not None and client._deliver(_u(0x2A34), ctx):
-                self.sent.append(Sent(_u(0x2A34), ctx, False))
+            if client._deliver(_u(C.GLUCOSE_MEASUREMENT), meas):
+                self.sent.append(Sent(_u(C.GLUCOSE_MEASUREMENT), meas, False))
+            if ctx is not None and client._deliver(_u(C.GLUCOSE_CONTEXT), ctx):
+                self.sent.append(Sent(_u(C.GLUCOSE_CONTEXT), ctx, False))
         await asyncio.sleep(0)
-        client._deliver(_u(0x2A52), bytes([0x06, 0x00, op, code]))
+        client._deliver(_u(C.RACP), bytes([0x06, 0x00, op, code]))
 
 
 # -- the radio, as a bleak backend ------------------------------------------------------
@@ -492,11 +509,19 @@ class SimBleakClient(BaseBleakClient):
     def _build_services(self, p: SimPeripheral) -> BleakGATTServiceCollection:
         coll = BleakGATTServiceCollection()
         handle = 1
-        groups: dict[str, list[_Char]] = {_u(p.SERVICE): [], _u(0x180F): [], _u(0x180A): []}
+        groups: dict[str, list[_Char]] = {
+            _u(p.SERVICE): [],
+            _u(Service.BATTERY): [],
+            _u(Service.DEVICE_INFORMATION): [],
+        }
         for c in p.chars.values():
             short = int(c.uuid[:8], 16)
-            key = _u(0x180F) if short == 0x2A19 else _u(0x180A) if short in (
-                0x2A29, 0x2A24, 0x2A25, 0x2A26) else _u(p.SERVICE)  # fmt: skip
+            if short == C.BATTERY_LEVEL:
+                key = _u(Service.BATTERY)
+            elif short in _DEVICE_INFORMATION:
+                key = _u(Service.DEVICE_INFORMATION)
+            else:
+                key = _u(p.SERVICE)
             groups[key].append(c)
         for suuid, chars in groups.items():
             svc = BleakGATTService(None, handle, suuid)

@@ -27,7 +27,8 @@ from types import TracebackType
 from typing import IO, Any
 
 from vitalproof.errors import WireFormatError
-from vitalproof.schema import SampleBatch, reading_id
+from vitalproof.schema import SampleBatch
+from vitalproof_verify.leaves import reading_id
 
 
 def payload_digest(payload: bytes) -> str:

@@ -41,6 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from vitalproof.durable import fsync_dir, write_atomic
+from vitalproof.errors import VitalproofError
+
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<IIQ")  # payload length, crc32(index || payload), index
@@ -50,7 +53,7 @@ _CURSOR = "cursor.json"
 MAX_RECORD_BYTES = 16 << 20
 
 
-class DiskBufferError(Exception):
+class DiskBufferError(VitalproofError):
     """The buffer directory is unusable (not a corrupt tail: that is repaired silently)."""
 
 
@@ -78,14 +81,6 @@ class _Loc:
 
 def _crc(index: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(index.to_bytes(8, "little")))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DiskBuffer:
@@ -236,7 +231,7 @@ class DiskBuffer:
         if seg is None or (seg.last >= seg.first and seg.size + need > self.segment_bytes):
             path = self.directory / f"{_SEG_PREFIX}{self._tail:020d}{_SEG_SUFFIX}"
             path.touch()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             seg = _Seg(self._tail, path, self._tail - 1)
             self._segs.append(seg)
         return seg
@@ -324,13 +319,8 @@ class DiskBuffer:
     # -- housekeeping -----------------------------------------------------------------
 
     def _write_cursor(self) -> None:
-        tmp = self.directory / f"{_CURSOR}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"head": self._head, "evicted": self.evicted}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / _CURSOR)
-        _fsync_dir(self.directory)
+        cursor = {"head": self._head, "evicted": self.evicted}
+        write_atomic(self.directory / _CURSOR, json.dumps(cursor).encode())
 
     def _drop_dead_segments(self) -> None:
         """Delete segments entirely below the head, except the one we append to."""
@@ -341,6 +331,3 @@ class DiskBuffer:
             # Everything was acked: start the next append in a fresh segment.
             seg = self._segs.pop(0)
             seg.path.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """Nothing to flush (every append is fsync'd); present for symmetry and future use."""

@@ -16,13 +16,13 @@ def durable_producer(settings: Settings, **overrides: object) -> AIOKafkaProduce
     """acks=all and idempotence: a produce is acknowledged only once the broker has it,
     and retries cannot duplicate it (invariant 1)."""
     options: dict[str, object] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        "bootstrap_servers": settings.kafka.bootstrap,
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
         "max_batch_size": 1 << 20,
         "request_timeout_ms": 30_000,
-        "compression_type": settings.kafka_compression_type,
+        "compression_type": settings.kafka.compression_type,
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

@@ -4,7 +4,7 @@
 Messages carry many samples each and travel as raw bytes (``value_serializer='raw'``): Faust's
 per-event overhead is paid per message, never per sample. Both agents take records in bulk
 and ack them only once what they produced is durable; normalize sends one vitals.clean record
-per patient per take (a clean_codec bundle), and the sealer cuts batches out of a buffer by
+per patient per take (a clean bundle), and the sealer cuts batches out of a buffer by
 rows, records or age (streams.seal_buffer), sealing one while the next fills. Sealing itself
 runs in a child process (streams.seal_process) on the other core; this process produces the
 manifests and acks.
@@ -30,12 +30,13 @@ from streams.normalize import Rejection, normalize
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import SealOutcome, SealProcess, SealProcessDied, exit_like
 from streams.sequence import SequenceTracker
-from vitalproof import clean_codec, memory
+from vitalproof import memory
 from vitalproof.crashpoints import crashpoint
 from vitalproof.raw import H_DLQ_ORIGIN, H_DLQ_REASON, H_DLQ_STAGE, RawRecord
 from vitalproof.registry import Registry
 from vitalproof.schema import SampleBatch
 from vitalproof.settings import Settings
+from vitalproof.wire import clean
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,17 +69,17 @@ def dlq_headers(
 
 def create_app(settings: Settings) -> faust.App:
     prefix = settings.namespace
-    datadir = settings.home / "faust" / prefix
+    datadir = settings.paths.home / "faust" / prefix
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"vitalproof-{prefix}",
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker=f"kafka://{settings.kafka.bootstrap}",
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
         datadir=str(datadir),
         web_enabled=False,
-        topic_partitions=settings.partitions,
+        topic_partitions=settings.kafka.partitions,
         topic_replication_factor=1,
         broker_commit_interval=1.0,
         # A worker killed with -9 keeps its partitions until the group notices: 10 s, not
@@ -89,7 +90,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         # Every byte sent costs the worker a syscall's copy (and, to a local broker, the
         # receive path too): compressed batches (cramjam, in C) cost less than they save.
-        producer_compression_type=settings.kafka_compression_type,
+        producer_compression_type=settings.kafka.compression_type,
         stream_wait_empty=False,
         # Faust buffers up to this many *records* per stream; a vitals.clean bundle holds
         # thousands of samples, so its default (4096) could hold most of a gigabyte.
@@ -101,31 +102,37 @@ def create_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=FETCH_BYTES,
         broker_max_poll_records=POLL_RECORDS,
     )
-    raw_topic = app.topic(settings.topic_raw, value_serializer="raw", key_serializer="raw")
-    clean_topic = app.topic(settings.topic_clean, value_serializer="raw", key_serializer="raw")
-    dlq_topic = app.topic(settings.topic_dlq, value_serializer="raw", key_serializer="raw")
-    batches_topic = app.topic(settings.topic_batches, value_serializer="raw", key_serializer="raw")
-    events_topic = app.topic(settings.topic_events, value_serializer="raw", key_serializer="raw")
+    raw_topic = app.topic(settings.kafka.topic_raw, value_serializer="raw", key_serializer="raw")
+    clean_topic = app.topic(
+        settings.kafka.topic_clean, value_serializer="raw", key_serializer="raw"
+    )
+    dlq_topic = app.topic(settings.kafka.topic_dlq, value_serializer="raw", key_serializer="raw")
+    batches_topic = app.topic(
+        settings.kafka.topic_batches, value_serializer="raw", key_serializer="raw"
+    )
+    events_topic = app.topic(
+        settings.kafka.topic_events, value_serializer="raw", key_serializer="raw"
+    )
 
     dedupe_topic = app.topic(
-        settings.topic("vitals.dedupe"),
+        settings.kafka.topic("vitals.dedupe"),
         value_serializer="raw",
         key_serializer="raw",
         compacting=True,
-        partitions=settings.partitions,
+        partitions=settings.kafka.partitions,
     )
 
     @app.agent(raw_topic)
     async def normalize_agent(stream: faust.StreamT[Any]) -> None:
-        registry = Registry(settings.registry_path)
+        registry = Registry(settings.paths.registry_path)
         sequences = SequenceTracker()
         clocks = ClockEstimator()
         await dedupe_topic.declare()
         dedupe = DedupeWindows(
-            retain=settings.dedupe_retain_windows, max_ids=settings.dedupe_max_ids
+            retain=settings.dedupe.retain_windows, max_ids=settings.dedupe.max_ids
         )
         dedupe.load(
-            await changelog.read_all(settings.kafka_bootstrap, dedupe_topic.get_topic_name())
+            await changelog.read_all(settings.kafka.bootstrap, dedupe_topic.get_topic_name())
         )
         log.info(
             "dedupe: %d reading ids in windows %s from the changelog", len(dedupe), dedupe.windows
@@ -134,7 +141,7 @@ def create_app(settings: Settings) -> faust.App:
         clean_name, dedupe_name = clean_topic.get_topic_name(), dedupe_topic.get_topic_name()
         # A take never spans more raw records than a batch may: bundles stay within what
         # one batch would have covered message by message.
-        per_take = min(NORMALIZE_TAKE, settings.batch_max_messages)
+        per_take = min(NORMALIZE_TAKE, settings.batching.max_messages)
         async for events in take(per_take, within=NORMALIZE_WITHIN_S):
             # Produce everything without waiting, then wait for all of it at once: one
             # round trip per take, not per message. The clean batches go out bundled per
@@ -158,7 +165,7 @@ def create_app(settings: Settings) -> faust.App:
             for raw, batch, _origin in normalized:
                 sent.extend(await _observe(raw, batch, sequences, clocks, accepted))
             for patient_id, bundle in bundle_by_patient(accepted, CLEAN_BUNDLE_SAMPLES):
-                value = clean_codec.encode_bundle(bundle)
+                value = clean.encode_bundle(bundle)
                 sent.append(await _send(clean_name, patient_id.encode(), value))
             await asyncio.gather(*sent)
             # Only now, with the clean records durable, may the changelog say their ids were
@@ -221,7 +228,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
         # The child loads the ledger and recent ids while the outbox is produced here.
-        sealer = SealProcess(settings.lake_dir, settings.keys_dir)
+        sealer = SealProcess(settings.lake_dir, settings.paths.keys_dir)
         sealer.start()
         try:
             batches_dir = settings.lake_dir / BATCHES_DIR
@@ -234,9 +241,9 @@ def create_app(settings: Settings) -> faust.App:
 
     async def _consume_into_buffer(stream: faust.StreamT[Any], sealer: SealProcess) -> None:
         buffer: SealBuffer[Any] = SealBuffer(
-            max_rows=settings.batch_max_rows,
-            max_records=settings.batch_max_messages,
-            max_age_s=settings.batch_max_age_s,
+            max_rows=settings.batching.max_rows,
+            max_records=settings.batching.max_messages,
+            max_age_s=settings.batching.max_age_s,
             rows_of=_count_hint,
         )
         pipe = _SealPipe()
@@ -249,7 +256,7 @@ def create_app(settings: Settings) -> faust.App:
                 pipe.arrived.set()
                 # Back pressure: while a whole batch waits behind the ones in the seal
                 # process, stop consuming (memory stays at a few batches).
-                while buffer.rows >= settings.batch_max_rows and not cutting.done():
+                while buffer.rows >= settings.batching.max_rows and not cutting.done():
                     pipe.sealed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(pipe.sealed.wait(), 1.0)
@@ -363,8 +370,8 @@ def _count_hint(event: Any) -> int:
     # binary encoding) counting commas is a cheap upper bound. Either spares a full decode
     # here (the sealer decodes once).
     value: bytes = event.value or b""
-    if clean_codec.is_clean_binary(value):
-        return max(1, clean_codec.sample_count(value))
+    if clean.is_clean_binary(value):
+        return max(1, clean.sample_count(value))
     return max(1, value.count(b","))
 
 

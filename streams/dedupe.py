@@ -55,6 +55,7 @@ import numpy as np
 
 from streams.digest_run import ID_BYTES, Bools, DigestRun, split
 from streams.id_filter import MAX_LIVE, IdFilter
+from vitalproof.errors import VitalproofError
 from vitalproof.schema import SampleBatch
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ Record = tuple[bytes, bytes | None]
 """One changelog record: key, and the packed ids (``None``: a tombstone)."""
 
 
-class ChangelogError(ValueError):
+class ChangelogError(VitalproofError, ValueError):
     """A changelog record that this module did not write (wrong key or value shape)."""
 
 

@@ -2,7 +2,7 @@
 
 Every function here is pure: it takes an Arrow table with the lake's :data:`streams.lake.SCHEMA`
 (what :func:`streams.lake.read_patient` returns) and writes to a binary sink or returns
-documents. Reading and decrypting the lake is the caller's business (``vitalproof.lakecli``),
+documents. Reading and decrypting the lake is the caller's business (``vitalproof.cli.lake``),
 so these functions are testable without a keystore and usable from notebooks.
 
 **Every output of this module is plaintext health data.** The lake is encrypted per patient

@@ -46,7 +46,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import hashlib
 import hmac
 import json
 import os
@@ -63,7 +62,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from vitalproof import native
+from vitalproof import hashing
+from vitalproof.durable import fsync_dir, write_atomic, write_new
 from vitalproof.errors import VitalproofError
 
 __all__ = [
@@ -232,37 +232,6 @@ def _gcm_unwrap(kek: bytes, aad: bytes, wrapped: bytes) -> bytes:
     return AESGCM(kek).decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], aad)
 
 
-def salts_for(salt_key: bytes, reading_ids: Sequence[str]) -> list[bytes]:
-    """HMAC-SHA256(salt_key, reading_id) for each id: deterministic, per-patient, 32 bytes.
-
-    A keyed salt instead of stored random salts means nothing per reading has to be kept,
-    and destroying one 32-byte key makes every leaf of that patient unlinkable.
-    """
-    # HMAC (RFC 2104) with the inner and outer SHA-256 states keyed once: per id that is
-    # two state copies and two digests, without an hmac object per reading (the hot path
-    # of sealing). tests/test_keystore.py checks it equals hmac.new(...).digest(). The Rust
-    # extension, when installed, does the same for the whole list.
-    fast = native.ext()
-    if fast is not None:
-        try:
-            return fast.salts(salt_key, reading_ids)
-        except TypeError:
-            pass  # not bytes and str: left to the reference, which accepts what hashlib does
-    key = salt_key if len(salt_key) <= 64 else hashlib.sha256(salt_key).digest()
-    key = key.ljust(64, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-    out: list[bytes] = []
-    append = out.append
-    for rid in reading_ids:
-        i = inner.copy()
-        i.update(rid.encode())
-        o = outer.copy()
-        o.update(i.digest())
-        append(o.digest())
-    return out
-
-
 def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
@@ -313,17 +282,7 @@ class LocalKeystore:
     def _load_or_create_master(self) -> bytes:
         path = self.dir / MASTER_KEY_FILE
         with self._locked():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                try:
-                    os.write(fd, secrets.token_bytes(_KEY_BYTES))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                _fsync_dir(self.dir)
+            write_new(path, secrets.token_bytes(_KEY_BYTES), mode=0o600)
         st = os.stat(path)
         if st.st_mode & 0o077:
             raise InsecureKeyFile(path, st.st_mode)
@@ -384,15 +343,7 @@ class LocalKeystore:
         return doc
 
     def _write_json(self, path: Path, doc: dict[str, Any]) -> None:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, json.dumps(doc, sort_keys=True, indent=1).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        write_atomic(path, json.dumps(doc, sort_keys=True, indent=1).encode(), mode=0o600)
 
     def _shred(self, path: Path) -> None:
         """Overwrite with random bytes, fsync, unlink (best effort; see module docstring)."""
@@ -407,7 +358,7 @@ class LocalKeystore:
         finally:
             os.close(fd)
         os.unlink(path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -530,7 +481,7 @@ class LocalKeystore:
         return self._unwrap_master(doc.get("salt_key"), "salt key", self._key_path(h))
 
     def salts(self, patient_id: str, reading_ids: Sequence[str]) -> list[bytes]:
-        return salts_for(self.salt_key(patient_id), reading_ids)
+        return hashing.salts(self.salt_key(patient_id), reading_ids)
 
     def erase(self, patient_id: str) -> None:
         h = self._hash(patient_id)
@@ -553,11 +504,3 @@ class LocalKeystore:
         """True when the patient was erased and no new generation has been opened since."""
         h = self._hash(patient_id)
         return self._load(h) is None and self._erased_through(h)[0] > 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

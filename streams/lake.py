@@ -47,9 +47,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import itertools
-import os
 import re
-import secrets
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +60,10 @@ import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 
 from streams.keystore import KeystoreError, Kms
+from vitalproof.durable import publish_new
 from vitalproof.errors import VitalproofError
-from vitalproof.schema import SampleBatch, pack_reading_ids, reading_id_digests
+from vitalproof.hashing import reading_id_digests
+from vitalproof.schema import SampleBatch, pack_reading_ids
 
 __all__ = [
     "FILE_SCHEMA",
@@ -452,43 +452,6 @@ class WrittenFile:
 # -- writing (I/O) ---------------------------------------------------------------------------
 
 
-def _publish_local(path: str, data: bytes) -> bool:
-    """Temp file, fsync, then hard-link into place: atomic and never clobbers a sealed file.
-
-    ``link`` fails if the name exists, so two writers racing on the same batch both end up
-    with the first file; rename would let the second replace it.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, final)
-            created = True
-        except FileExistsError:
-            created = False
-        except OSError:  # filesystems without hard links
-            if final.exists():
-                created = False
-            else:
-                os.replace(tmp, final)
-                created = True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    dfd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return created
-
-
 def _existing(fs: pafs.FileSystem, path: str) -> bytes | None:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -577,7 +540,7 @@ def _write_one(
         key_id = kms.current_key_id(patient_id)
         data = encode_parquet(rows, kms=kms, key_id=key_id)
         if isinstance(fs, pafs.LocalFileSystem):
-            created = _publish_local(path, data)
+            created = publish_new(path, data, mode=0o640)
         else:
             # Object stores publish a PUT atomically on close; no temp-and-rename needed.
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -7,28 +7,12 @@ functions here spares the worker importing pyarrow (~60 MB of RSS) for them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from vitalproof.durable import write_atomic
 from vitalproof.manifest import BatchManifest
 
 BATCHES_DIR = "_batches"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """temp file, fsync, rename, fsync the folder: the file is either whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_manifests(batches_dir: Path) -> list[BatchManifest]:

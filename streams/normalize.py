@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vitalproof.codecs import decode_samples
-from vitalproof.errors import WireFormatError
+from vitalproof.errors import UnitError, WireFormatError
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Device, DeviceStatus
 from vitalproof.schema import Quality, SampleBatch, runs_of
-from vitalproof.units import CANONICAL_UNIT, PLAUSIBLE, Metric, UnitError, conversion_for
+from vitalproof.units import CANONICAL_UNIT, PLAUSIBLE, Metric, conversion_for
+from vitalproof.wire.codecs import decode_samples
 
 FUTURE_TOLERANCE_US = 5 * 60 * 1_000_000  # device clocks drift; five minutes is plausible
 PAST_LIMIT_US = 30 * 24 * 3600 * 1_000_000  # older than a month: a reset or wrong clock

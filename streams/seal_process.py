@@ -7,7 +7,7 @@ shared one core. The worker hands each batch's ``vitals.clean`` records over as 
 back the manifest the child sealed; the worker then produces it, marks it produced and acks,
 in the same order as before.
 
-The child owns the :class:`~streams.batcher.Sealer` (ledger, recently sealed ids, keystore).
+The child owns the :class:`~streams.sealer.Sealer` (ledger, recently sealed ids, keystore).
 It is a plain ``python -m streams.seal_process`` subprocess (not ``multiprocessing``, whose
 exit handler joins children) talking over one socket with ``multiprocessing.connection``'s
 framing. Its life is tied to the worker's: it ignores SIGINT/SIGTERM sent to the process
@@ -36,11 +36,13 @@ from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from vitalproof import clean_codec, memory
-from vitalproof.errors import WireFormatError
+from vitalproof import crashpoints, hashing, memory
+from vitalproof.errors import VitalproofError, WireFormatError
+from vitalproof.settings import RuntimeSettings
+from vitalproof.wire import clean
 
 if TYPE_CHECKING:  # the sealer (and pyarrow with it) is imported in the child only
-    from streams.batcher import Pending, Sealer
+    from streams.sealer import Pending, Sealer
 
 #: One consumed ``vitals.clean`` record: topic, partition, offset, value bytes.
 CleanRecord = tuple[str, int, int, bytes]
@@ -48,11 +50,11 @@ CleanRecord = tuple[str, int, int, bytes]
 _PR_SET_PDEATHSIG = 1
 
 
-class SealProcessError(RuntimeError):
+class SealProcessError(VitalproofError):
     """The child failed to seal (its traceback is the message); it has exited."""
 
 
-class SealProcessDied(RuntimeError):
+class SealProcessDied(VitalproofError):
     """The child is gone (``returncode`` as ``subprocess`` reports it: ``-9`` for SIGKILL)."""
 
     def __init__(self, returncode: int | None) -> None:
@@ -77,13 +79,13 @@ class SealOutcome:
 
 def decode_records(records: Sequence[CleanRecord]) -> tuple[list[Pending], list[tuple[int, str]]]:
     """The sealer's items for ``records``, and the undecodable ones (index, reason)."""
-    from streams.batcher import Pending
+    from streams.sealer import Pending
 
     items: list[Pending] = []
     rejected: list[tuple[int, str]] = []
     for i, (topic, partition, offset, value) in enumerate(records):
         try:
-            batches = clean_codec.decode_record(value)
+            batches = clean.decode_record(value)
         except WireFormatError as err:
             rejected.append((i, str(err)))
             continue
@@ -242,8 +244,8 @@ def _tie_to_parent(parent_pid: int) -> None:
 
 def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
     """Answer seal requests until EOF; an error is reported, then the child exits."""
-    from streams.batcher import Sealer
     from streams.keystore import LocalKeystore
+    from streams.sealer import Sealer
 
     try:
         sealer = Sealer(lake_dir, LocalKeystore(keys_dir))
@@ -276,6 +278,10 @@ def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
 def main(argv: Sequence[str]) -> int:
     fd, parent_pid, lake_dir, keys_dir = argv
     _tie_to_parent(int(parent_pid))
+    # The worker's environment is this child's: the same runtime switches, applied here once.
+    runtime = RuntimeSettings.from_env()
+    crashpoints.arm(runtime.crash_at)
+    hashing.configure(native=runtime.native)
     return serve(Connection(int(fd)), Path(lake_dir), Path(keys_dir))
 
 

@@ -1,9 +1,10 @@
 """Crash points: a hard, kill -9 style death at a named step boundary, for crash tests.
 
-``VITALPROOF_CRASH_AT=<name>`` makes the first call to ``crashpoint(<name>)`` kill the process
-with SIGKILL (nothing flushed, no ``finally``, no atexit: exactly what ``kill -9`` does);
-``<name>:<n>`` kills it at the n-th call instead. Without the variable every call is a no-op
-that costs one string comparison: the variable is read once, at import.
+``VITALPROOF_CRASH_AT=<name>`` (the setting ``runtime.crash_at``) makes the first call to
+``crashpoint(<name>)`` kill the process with SIGKILL (nothing flushed, no ``finally``, no
+atexit: exactly what ``kill -9`` does); ``<name>:<n>`` kills it at the n-th call instead. The
+process's entry point arms it once (:func:`arm`: the CLI's ``main`` and the seal process's);
+unarmed, every call is a no-op that costs one string comparison.
 
 Before dying the process writes ``vitalproof crashpoint <name> (<n>)`` to stderr (one
 unbuffered ``write``), so a test can tell a crash point it reached from any other death.
@@ -32,13 +33,20 @@ def parse_spec(spec: str) -> tuple[str, int]:
     return name, n
 
 
-_target, _nth = parse_spec(os.environ.get(ENV_VAR, ""))
+_target, _nth = "", 1
 _seen = 0
 _lock = threading.Lock()  # a process may hit crash points from more than one thread
 
 
+def arm(spec: str | None) -> None:
+    """Crash at the point ``spec`` names (``NAME`` or ``NAME:N``); ``None`` or "": never."""
+    global _target, _nth, _seen
+    _target, _nth = parse_spec(spec or "")
+    _seen = 0
+
+
 def crashpoint(name: str) -> None:
-    """Die like ``kill -9`` if ``VITALPROOF_CRASH_AT`` names this point (and occurrence)."""
+    """Die like ``kill -9`` if the armed spec names this point (and occurrence)."""
     if name != _target:
         return
     global _seen

@@ -1,18 +1,25 @@
-"""One root exception for everything vitalproof raises on purpose.
+"""The errors every part of the pipeline shares, under the one root.
 
-Modelled on sigstore-python: library code raises, only CLI entry points exit, and every
+The root, :class:`VitalproofError`, is defined in the proof kit (the lowest layer, so that
+the kit and the pipeline share it) and re-exported here, where the pipeline looks for it.
+Modelled on sigstore-python: library code raises, only the CLI prints and exits, and every
 error can explain itself to a person through :meth:`VitalproofError.diagnostics`.
 """
 
 from __future__ import annotations
 
+from vitalproof_verify.errors import VitalproofError
 
-class VitalproofError(Exception):
-    """Base of every error vitalproof raises deliberately."""
-
-    def diagnostics(self) -> str:
-        """A human explanation: what went wrong and, where known, what to do about it."""
-        return str(self)
+__all__ = [
+    "ConfigError",
+    "PrerequisiteMissing",
+    "RegistryError",
+    "StackError",
+    "UnitError",
+    "UsageError",
+    "VitalproofError",
+    "WireFormatError",
+]
 
 
 class ConfigError(VitalproofError):
@@ -48,3 +55,11 @@ class WireFormatError(VitalproofError):
 
 class RegistryError(VitalproofError):
     """A device is unknown, retired, or enrolled twice."""
+
+
+class UnitError(VitalproofError, ValueError):
+    """A unit that is neither canonical for the metric nor convertible to it."""
+
+
+class UsageError(VitalproofError):
+    """Malformed input on the command line (a time, a metric, a missing option): exit 2."""

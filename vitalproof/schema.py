@@ -4,7 +4,7 @@ A *reading* is one sample of one metric from one device. On the wire, readings t
 :class:`SampleBatch`: one device, many samples, stored column-wise so that a 50 Hz
 accelerometer sends one message per second instead of fifty. This JSON shape is the device
 payload on MQTT (device fields only) and can carry every field normalization fills in;
-``vitals.clean`` carries the same fields in binary (:mod:`vitalproof.clean_codec`, whose
+``vitals.clean`` carries the same fields in binary (:mod:`vitalproof.wire.clean`, whose
 header is :meth:`SampleBatch.wire_header`, so a new per-batch field is added in one place).
 
 Wire JSON, schema 1::
@@ -18,14 +18,13 @@ Wire JSON, schema 1::
 ``t`` and ``rx`` are microseconds since the Unix epoch, UTC; ``tz`` the device's UTC offset
 in minutes; ``clock_offset`` (optional, vitals.clean only) the estimated receive clock minus
 device clock in microseconds; ``q`` quality flags (:class:`Quality`); ``id`` reading ids
-(:func:`reading_id`).
+(:func:`vitalproof_verify.leaves.reading_id`).
 On a device payload ``patient_id``, ``gateway_id``, ``transport``, ``rx``, ``clock_offset``,
 ``q`` and ``id`` are absent: the collector and normalization supply them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -35,11 +34,10 @@ from dataclasses import dataclass, field
 from enum import IntFlag, StrEnum
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
-from vitalproof import native
+from vitalproof import hashing
 from vitalproof.errors import WireFormatError
 from vitalproof.units import Metric
+from vitalproof_verify.bundle import Reading
 
 WIRE_SCHEMA_VERSION = 1
 #: MQTT v5 content type / Kafka header naming the JSON encoding of a SampleBatch.
@@ -63,36 +61,6 @@ class Quality(IntFlag):
     NO_SENSOR_CONTACT = 32  # the device said its sensor had no skin contact
     ESTIMATED_TIME = 64  # the device sent no time; receive time was used
     BEFORE_ENROLLMENT = 128  # device time before the device was enrolled, beyond tolerance
-
-
-def reading_id(device_id: str, metric: str, seq: int, device_time_us: int) -> str:
-    """Deterministic id of a reading: the same sample always gets the same id.
-
-    It covers the device's own sequence number *and* time, so a sequence that restarts after
-    a reboot does not collide with the readings before it, while a retransmission (same seq,
-    same time) does, which is what deduplication needs.
-    """
-    material = f"{device_id}\x1f{metric}\x1f{seq}\x1f{device_time_us}".encode()
-    return hashlib.blake2b(material, digest_size=16).hexdigest()
-
-
-def reading_id_digests(
-    device_ids: Sequence[str],
-    metrics: Sequence[str],
-    seqs: Sequence[int],
-    device_times_us: Sequence[int],
-) -> bytes:
-    """The raw 16-byte digests of :func:`reading_id` for whole columns, concatenated.
-
-    For readers that rebuild ids the lake does not store: one buffer, no hex string per row.
-    """
-    blake2b = hashlib.blake2b
-    return b"".join(
-        [
-            blake2b(f"{d}\x1f{m}\x1f{s}\x1f{t}".encode(), digest_size=16).digest()
-            for d, m, s, t in zip(device_ids, metrics, seqs, device_times_us, strict=True)
-        ]
-    )
 
 
 def pack_reading_ids(ids: Sequence[str]) -> bytes:
@@ -124,72 +92,6 @@ def runs_of(keys: Iterable[K], offset: int = 0) -> list[tuple[K, int, int]]:
         out.append((key, start, stop))
         start = stop
     return out
-
-
-class Reading(BaseModel):
-    """One sample, as researchers, proofs and exports see it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    reading_id: str
-    device_id: str
-    patient_id: str
-    metric: Metric
-    value: float | None  # None when the device sent a special value (Quality.INVALID)
-    unit: str
-    device_time_us: int
-    receive_time_us: int
-    seq: int
-    transport: Transport
-    gateway_id: str
-    quality: int = 0
-    tz_offset_min: int | None = None
-
-    def canonical_bytes(self) -> bytes:
-        """The bytes a Merkle leaf commits to (see :func:`canonical_reading_bytes`)."""
-        return canonical_reading_bytes(
-            reading_id=self.reading_id,
-            device_id=self.device_id,
-            patient_id=self.patient_id,
-            metric=self.metric.value,
-            value=self.value,
-            unit=self.unit,
-            device_time_us=self.device_time_us,
-            seq=self.seq,
-            quality=self.quality,
-        )
-
-
-def canonical_reading_bytes(
-    *,
-    reading_id: str,
-    device_id: str,
-    patient_id: str,
-    metric: str,
-    value: float | None,
-    unit: str,
-    device_time_us: int,
-    seq: int,
-    quality: int,
-) -> bytes:
-    """Canonical JSON of what a reading *is*: sorted keys, no spaces, shortest float form.
-
-    Transport metadata (gateway, receive time) is left out on purpose: a retransmission via
-    another gateway is the same reading and must hash the same.
-    """
-    v: float | None = None if value is None or math.isnan(value) else float(value)
-    doc = {
-        "device_id": device_id,
-        "device_time_us": int(device_time_us),
-        "metric": metric,
-        "patient_id": patient_id,
-        "quality": int(quality),
-        "reading_id": reading_id,
-        "seq": int(seq),
-        "unit": unit,
-        "value": v,
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclass(slots=True)
@@ -242,32 +144,11 @@ class SampleBatch:
     def fill_reading_ids(self) -> None:
         """Every sample's :func:`reading_id`, the same bytes hashed, built per series.
 
-        The per-sample work is one f-string and one BLAKE2b call; the device and metric part
-        of the material is formatted once per run of equal metrics, not once per sample.
-        The Rust extension, when installed, does the same over the whole columns.
+        Column-wise, by the Rust extension when installed (:mod:`vitalproof.hashing`).
         """
-        fast = native.ext()
-        if fast is not None:
-            try:
-                self.reading_id = fast.reading_ids(
-                    self.device_id, self.metric, self.seq, self.device_time_us
-                )
-                return
-            except (TypeError, OverflowError):
-                pass  # not an exact int in 64 bits (a bool, a huge int): only Python formats it
-        blake2b = hashlib.blake2b
-        out: list[str] = []
-        for metric, start, stop in self.runs():
-            prefix = f"{self.device_id}\x1f{metric}\x1f"
-            out.extend(
-                [
-                    blake2b(f"{prefix}{s}\x1f{t}".encode(), digest_size=16).hexdigest()
-                    for s, t in zip(
-                        self.seq[start:stop], self.device_time_us[start:stop], strict=True
-                    )
-                ]
-            )
-        self.reading_id = out
+        self.reading_id = hashing.reading_ids(
+            self.device_id, self.metric, self.seq, self.device_time_us
+        )
 
     def runs(self) -> list[tuple[str, int, int]]:
         """``(metric, start, stop)`` of each run of consecutive samples of one metric.
@@ -298,7 +179,8 @@ class SampleBatch:
         return dumps(self.device_id), dumps(self.patient_id), runs
 
     def canonical_bytes_per_sample(self) -> list[bytes]:
-        """:func:`canonical_reading_bytes` of every sample, byte-identical, built per run.
+        """``canonical_reading_bytes`` (:mod:`vitalproof_verify.leaves`) of every sample,
+        byte-identical, built per run.
 
         ``json.dumps`` per reading costs more than everything else the sealer does per
         sample; the document's fixed parts (:meth:`canonical_parts`) are formatted once per
@@ -336,8 +218,9 @@ class SampleBatch:
         return out
 
     def readings(self) -> Iterator[Reading]:
-        """One :class:`Reading` per sample; only for a normalized batch (ids, patient set)."""
-        if self.patient_id is None or self.transport is None or self.receive_time_us is None:
+        """One :class:`~vitalproof_verify.bundle.Reading` per sample (what its leaf commits
+        to); only for a normalized batch (ids, patient set)."""
+        if self.patient_id is None or len(self.reading_id) != len(self):
             raise ValueError("readings() needs a normalized batch")
         for i in range(len(self)):
             v = self.value[i]
@@ -345,16 +228,12 @@ class SampleBatch:
                 reading_id=self.reading_id[i],
                 device_id=self.device_id,
                 patient_id=self.patient_id,
-                metric=Metric(self.metric[i]),
-                value=None if math.isnan(v) else v,
+                metric=self.metric[i],
+                value=None if math.isnan(v) else float(v),
                 unit=self.unit[i],
                 device_time_us=self.device_time_us[i],
-                receive_time_us=self.receive_time_us,
                 seq=self.seq[i],
-                transport=self.transport,
-                gateway_id=self.gateway_id or "",
                 quality=self.quality[i],
-                tz_offset_min=self.tz_offset_min,
             )
 
     # -- codec --------------------------------------------------------------------------
@@ -390,7 +269,7 @@ class SampleBatch:
     def wire_header(self) -> dict[str, Any]:
         """The per-batch fields under their wire names, ``None`` ones left out.
 
-        Both encodings (this JSON and vitalproof.clean_codec's header) use it: a new
+        Both encodings (this JSON and vitalproof.wire.clean's header) use it: a new
         per-batch field is added here once.
         """
         doc: dict[str, Any] = {"device_id": self.device_id}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from vitalproof.errors import UnitError
+
 
 class Metric(StrEnum):
     """Canonical metric names (snake_case, stable: they appear in files and proofs)."""
@@ -80,10 +82,6 @@ CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
     ("kcal", "kJ"): (4.184, 0.0),
     ("{beats}/min", "/min"): (1.0, 0.0),
 }
-
-
-class UnitError(ValueError):
-    """A unit that is neither canonical for the metric nor convertible to it."""
 
 
 def conversion_for(metric: Metric, unit: str) -> tuple[float, float] | None:

@@ -1,12 +1,11 @@
 """Bluetooth GATT health characteristics: IEEE 11073 floats, parsers, encoders, dispatch.
 
 ``decode(uuid, data)`` turns a notified value into a typed result with canonical readings;
-``GattError`` is the only exception it raises. ``ingest.gatt.encode`` holds the mirror-image
+``GattError`` is the only exception it raises. ``device_sims.gatt_encode`` holds the mirror-image
 encoders used by simulated peripherals.
 """
 
 from ingest.gatt.decode import SUPPORTED, ble_decode_cli, decode, normalize_uuid, to_json
-from ingest.gatt.ieee11073 import MderFloat, Special
 from ingest.gatt.parsers import (
     BloodPressureMeasurement,
     GattError,
@@ -20,6 +19,7 @@ from ingest.gatt.parsers import (
     TemperatureMeasurement,
     WeightMeasurement,
 )
+from vitalproof.wire.ieee11073 import MderFloat, Special
 
 __all__ = [
     "SUPPORTED",

@@ -15,17 +15,10 @@ from datetime import datetime
 from enum import Enum, IntFlag
 from typing import Any
 
-from ingest.gatt.ieee11073 import MderFloat
-from ingest.gatt.parsers import (
-    BLUETOOTH_BASE_SUFFIX,
-    PARSERS,
-    GattError,
-    GattResult,
-    GattSample,
-    full_uuid,
-    short_uuid,
-)
+from ingest.gatt.parsers import PARSERS, GattError, GattResult, GattSample
 from vitalproof.schema import Quality
+from vitalproof.wire.gatt_numbers import BLUETOOTH_BASE_SUFFIX, full_uuid, short_uuid
+from vitalproof.wire.ieee11073 import MderFloat
 
 __all__ = ["SUPPORTED", "ble_decode_cli", "decode", "normalize_uuid", "parse_hex", "to_json"]
 

@@ -27,25 +27,11 @@ from datetime import datetime, timedelta
 from enum import IntEnum, IntFlag
 from typing import ClassVar, TypeVar
 
-from ingest.gatt.ieee11073 import MderFloat, Special, decode_float, decode_sfloat
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import Quality
 from vitalproof.units import Metric
-
-BLUETOOTH_BASE_SUFFIX = "-0000-1000-8000-00805f9b34fb"
-
-
-def full_uuid(short: int) -> str:
-    """The 128-bit form of a 16-bit SIG-assigned UUID (Core Spec Vol 3 Part B 2.5.1)."""
-    return f"{short:08x}{BLUETOOTH_BASE_SUFFIX}"
-
-
-def short_uuid(uuid: str) -> str:
-    """'2a37' for a SIG base UUID, otherwise the UUID unchanged (for messages)."""
-    u = uuid.lower()
-    if len(u) == 36 and u.endswith(BLUETOOTH_BASE_SUFFIX) and u.startswith("0000"):
-        return u[4:8]
-    return uuid
+from vitalproof.wire.gatt_numbers import Characteristic, full_uuid, short_uuid
+from vitalproof.wire.ieee11073 import MderFloat, Special, decode_float, decode_sfloat
 
 
 class GattError(WireFormatError):
@@ -241,7 +227,7 @@ class SensorContact(IntEnum):
 class HeartRateMeasurement(GattResult):
     """Heart Rate Measurement; ``rr_intervals`` are raw, in 1/1024 s (samples carry ms)."""
 
-    UUID16: ClassVar[int] = 0x2A37
+    UUID16: ClassVar[int] = Characteristic.HEART_RATE_MEASUREMENT
     NAME: ClassVar[str] = "Heart Rate Measurement"
 
     heart_rate: int
@@ -262,7 +248,7 @@ def parse_heart_rate(data: bytes) -> HeartRateMeasurement:
     HRS says the value may then be meaningless, and we flag rather than drop. Energy
     Expended is a counter since the last reset, not a measurement, so it is not flagged.
     """
-    r = _Reader(0x2A37, data)
+    r = _Reader(Characteristic.HEART_RATE_MEASUREMENT, data)
     flags = r.u8("Flags")
     hr = (
         r.u16("Heart Rate Measurement Value (uint16)")
@@ -344,7 +330,7 @@ class SpO2PR:
 
 @dataclass(frozen=True, slots=True)
 class PlxSpotCheckMeasurement(GattResult):
-    UUID16: ClassVar[int] = 0x2A5E
+    UUID16: ClassVar[int] = Characteristic.PLX_SPOT_CHECK
     NAME: ClassVar[str] = "PLX Spot-Check Measurement"
 
     timestamp: datetime | None
@@ -363,7 +349,7 @@ def parse_plx_spot_check(data: bytes) -> PlxSpotCheckMeasurement:
     The timestamp is kept on the samples even with "clock not set" (normalization's clock
     checks judge it); ``device_clock_not_set`` tells the caller.
     """
-    r = _Reader(0x2A5E, data)
+    r = _Reader(Characteristic.PLX_SPOT_CHECK, data)
     flags = r.u8("Flags")
     spo2 = r.sfloat("SpO2")
     pr = r.sfloat("PR")
@@ -390,7 +376,7 @@ class PlxContinuousMeasurement(GattResult):
     ``samples`` keeps one spo2 and one pulse_rate reading per notification.
     """
 
-    UUID16: ClassVar[int] = 0x2A5F
+    UUID16: ClassVar[int] = Characteristic.PLX_CONTINUOUS
     NAME: ClassVar[str] = "PLX Continuous Measurement"
 
     fast: SpO2PR | None
@@ -408,7 +394,7 @@ def parse_plx_continuous(data: bytes) -> PlxContinuousMeasurement:
     SpO2PR-Slow, Measurement Status (uint16), Device and Sensor Status (uint24), PAI (SFLOAT).
     No timestamp: the values are current.
     """
-    r = _Reader(0x2A5F, data)
+    r = _Reader(Characteristic.PLX_CONTINUOUS, data)
     flags = r.u8("Flags")
     spo2 = r.sfloat("SpO2PR-Normal SpO2")
     pr = r.sfloat("SpO2PR-Normal PR")
@@ -457,7 +443,7 @@ class TemperatureType(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class TemperatureMeasurement(GattResult):
-    UUID16: ClassVar[int] = 0x2A1C
+    UUID16: ClassVar[int] = Characteristic.TEMPERATURE_MEASUREMENT
     NAME: ClassVar[str] = "Temperature Measurement"
 
     fahrenheit: bool
@@ -473,7 +459,7 @@ def parse_temperature(data: bytes) -> TemperatureMeasurement:
     (Date Time), Temperature Type (uint8). Reported as body_temperature in 'Cel' or
     '[degF]' whatever the site: every GSS site is a body site.
     """
-    r = _Reader(0x2A1C, data)
+    r = _Reader(Characteristic.TEMPERATURE_MEASUREMENT, data)
     flags = r.u8("Flags")
     unit = "[degF]" if flags & 0x01 else "Cel"
     value = r.float32("Temperature Measurement Value")
@@ -522,7 +508,7 @@ class BloodPressureStatus:
 
 @dataclass(frozen=True, slots=True)
 class BloodPressureMeasurement(GattResult):
-    UUID16: ClassVar[int] = 0x2A35
+    UUID16: ClassVar[int] = Characteristic.BLOOD_PRESSURE_MEASUREMENT
     NAME: ClassVar[str] = "Blood Pressure Measurement"
 
     kpa: bool
@@ -540,7 +526,7 @@ def parse_blood_pressure(data: bytes) -> BloodPressureMeasurement:
     Stamp (Date Time), Pulse Rate (SFLOAT bpm), User ID (uint8, 0xFF = unknown user),
     Measurement Status (uint16). A cuff that fails sends NaN: flagged INVALID, kept.
     """
-    r = _Reader(0x2A35, data)
+    r = _Reader(Characteristic.BLOOD_PRESSURE_MEASUREMENT, data)
     flags = r.u8("Flags")
     unit = "kPa" if flags & 0x01 else "mm[Hg]"
     sys_ = r.sfloat("Systolic")
@@ -571,7 +557,7 @@ WEIGHT_UNSUCCESSFUL = 0xFFFF
 class WeightMeasurement(GattResult):
     """Weight Measurement; ``weight_raw`` etc. are the wire integers, samples the values."""
 
-    UUID16: ClassVar[int] = 0x2A9D
+    UUID16: ClassVar[int] = Characteristic.WEIGHT_MEASUREMENT
     NAME: ClassVar[str] = "Weight Measurement"
 
     imperial: bool
@@ -591,7 +577,7 @@ def parse_weight(data: bytes) -> WeightMeasurement:
     Time), User ID uint8 (0xFF unknown), BMI uint16 (0.1 kg/m2), Height uint16 (SI 0.001 m,
     imperial 0.1 in). Units: 'kg'/'[lb_av]', 'm'/'[in_i]', 'kg/m2'.
     """
-    r = _Reader(0x2A9D, data)
+    r = _Reader(Characteristic.WEIGHT_MEASUREMENT, data)
     flags = r.u8("Flags")
     imperial = bool(flags & 0x01)
     weight = r.u16("Weight")
@@ -667,7 +653,7 @@ class GlucoseSensorStatus(IntFlag):
 
 @dataclass(frozen=True, slots=True)
 class GlucoseMeasurement(GattResult):
-    UUID16: ClassVar[int] = 0x2A18
+    UUID16: ClassVar[int] = Characteristic.GLUCOSE_MEASUREMENT
     NAME: ClassVar[str] = "Glucose Measurement"
 
     sequence_number: int
@@ -692,7 +678,7 @@ def parse_glucose(data: bytes) -> GlucoseMeasurement:
     Device time = Base Time + Time Offset. Concentration is converted exactly (decimal
     exponent shift): kg/L x 100000 -> 'mg/dL', mol/L x 1000 -> 'mmol/L'.
     """
-    r = _Reader(0x2A18, data)
+    r = _Reader(Characteristic.GLUCOSE_MEASUREMENT, data)
     flags = r.u8("Flags")
     seq = r.u16("Sequence Number")
     base_at = r.pos
@@ -774,7 +760,7 @@ class GlucoseMeasurementContext(GattResult):
     medication in kg or L (``medication_unit``), HbA1c in %.
     """
 
-    UUID16: ClassVar[int] = 0x2A34
+    UUID16: ClassVar[int] = Characteristic.GLUCOSE_CONTEXT
     NAME: ClassVar[str] = "Glucose Measurement Context"
 
     sequence_number: int
@@ -803,7 +789,7 @@ def parse_glucose_context(data: bytes) -> GlucoseMeasurementContext:
     Health (high nibble) uint8, Exercise Duration uint16 s, Exercise Intensity uint8 %, Medication
     ID uint8, Medication SFLOAT, HbA1c SFLOAT %.
     """
-    r = _Reader(0x2A34, data)
+    r = _Reader(Characteristic.GLUCOSE_CONTEXT, data)
     flags = r.u8("Flags")
     seq = r.u16("Sequence Number")
     ext = r.u8("Extended Flags") if flags & 0x80 else None

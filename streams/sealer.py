@@ -11,7 +11,6 @@ sealed but never produced (crash in between) is produced again at start (an outb
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -20,21 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from anchor.errors import MerkleError
-from anchor.merkle import LEAF_PREFIX, SALT_SIZE
-from anchor.merkle import root as merkle_root
 from streams import lake
 from streams.digest_run import DigestRun, split
 from streams.keystore import Kms
-from streams.ledger import (  # re-exported: where the batch folder was always found
-    BATCHES_DIR,
-    mark_produced,
-    read_manifests,
-    unproduced,
-    write_atomic,
-)
-from vitalproof import native
+from streams.ledger import BATCHES_DIR, mark_produced, read_manifests, unproduced
+from vitalproof import hashing
 from vitalproof.crashpoints import crashpoint
+from vitalproof.durable import write_atomic
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch, pack_reading_ids
 
@@ -131,14 +122,14 @@ class Sealer:
         for patient_id, batches in by_patient.items():
             ids = [rid for b in batches for rid in b.reading_id]
             sealed_ids.extend(ids)
-            # A patient erased earlier gets fresh keys for new data (invariant 5 only
-            # promises that the *old* data becomes unreadable).
+            # A patient erased earlier gets fresh keys for new data ("Patient keys" in
+            # docs/invariants.md only promises that the *old* data becomes unreadable).
             self.kms.current_key_id(patient_id)
             salts = self.kms.salts(patient_id, ids)
             first_leaf = len(leaves)
             start = 0
             for b in batches:
-                leaves.extend(batch_leaves(b, salts[start : start + len(b)]))
+                leaves.extend(hashing.canonical_leaves(salts[start : start + len(b)], b))
                 start += len(b)
             for b in batches:
                 if b.device_time_us:
@@ -161,8 +152,7 @@ class Sealer:
         crashpoint("after_files")
         if not leaves:  # every reading was a replay of an earlier batch
             return None
-        fast = native.ext()  # the same RFC 9162 root; every leaf here is a 32-byte hash
-        root = fast.merkle_root(leaves) if fast is not None else merkle_root(leaves)
+        root = hashing.merkle_root(leaves)
         leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
         write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
         crashpoint("after_leaves")
@@ -291,66 +281,3 @@ def group_by_patient(
         if len(b):
             grouped.setdefault(b.patient_id, []).append(b)
     return dict(sorted(grouped.items()))
-
-
-def batch_leaves(batch: SampleBatch, salts: Sequence[bytes]) -> list[bytes]:
-    """The salted leaf hash of every reading of ``batch``, in order: ``leaf_hash_salted(salt,
-    canonical_reading_bytes(reading))``.
-
-    With the extension, the canonical documents are built and hashed in one native call
-    and never become Python objects (they were a quarter of the sealer's CPU and ~50 MB per
-    200,000-reading batch); tests/test_native.py holds it equal to the reference.
-    """
-    _check_salts(salts, len(batch))
-    fast = native.ext()
-    if fast is not None:
-        device, patient, runs = batch.canonical_parts()
-        try:
-            return fast.canonical_leaves(
-                salts,
-                device,
-                patient,
-                runs,
-                batch.device_time_us,
-                batch.quality,
-                batch.reading_id,
-                batch.seq,
-                batch.value,
-            )
-        except TypeError:
-            pass  # ids needing JSON escapes, ints beyond 64 bits: left to the reference
-    return leaf_hashes_salted(salts, batch.canonical_bytes_per_sample())
-
-
-def _check_salts(salts: Sequence[bytes], readings: int) -> None:
-    """One salt per reading, each of SALT_SIZE bytes (one C-level pass over the lengths)."""
-    if len(salts) != readings:
-        raise ValueError(f"{len(salts)} salts for {readings} readings")
-    if salts and set(map(len, salts)) != {SALT_SIZE}:
-        raise MerkleError(f"salts must be {SALT_SIZE} bytes")
-
-
-def leaf_hashes_salted(salts: Sequence[bytes], canonical: Sequence[bytes]) -> list[bytes]:
-    """``leaf_hash_salted(salt, bytes)`` of each pair, equal to it, at half the cost.
-
-    The salt length check is done once for the whole list (one C-level pass) instead of per
-    call, and the prefixed SHA-256 context is copied inline: at hundreds of thousands of
-    leaves per second the function call per leaf is what costs. tests/test_fast_paths.py
-    checks equality with :func:`anchor.merkle.leaf_hash_salted`.
-    """
-    _check_salts(salts, len(canonical))
-    fast = native.ext()
-    if fast is not None:
-        try:
-            return fast.salted_leaves(salts, canonical)
-        except TypeError:
-            pass  # bytes-likes other than bytes: left to the reference, which takes any buffer
-    ctx = hashlib.sha256(LEAF_PREFIX)
-    out: list[bytes] = []
-    append = out.append
-    for salt, data in zip(salts, canonical, strict=True):
-        h = ctx.copy()
-        h.update(salt)
-        h.update(data)
-        append(h.digest())
-    return out

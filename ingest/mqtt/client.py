@@ -16,18 +16,25 @@ replaces that path and nothing else:
   ``_packet_queue`` (paho's ``ack()`` costs a queued packet and a ``send()`` each).
 
 CONNECT, SUBSCRIBE, PUBACK, keepalive, QoS 0/2, TLS and reconnects stay paho's. The hooks are
-private, so they are checked at import (:data:`SUPPORTED`) and the client falls back to plain
-paho when they are missing; tests/test_mqtt_collector_fast.py pins their behaviour.
+private, and paho changes them between releases (2.2.0 renamed ``_last_msg_in`` to
+``_last_bytes_received`` and moved the packet decoders), so this is the one module that may
+read paho's internals, and only for the releases they were checked against
+(:data:`VERIFIED_PAHO`): on any other paho the client is plain paho (:data:`FAST_PATH` false:
+correct, and several times slower). tests/test_mqtt_collector_fast.py pins the fast path's
+behaviour and fails when the installed paho is outside the verified range.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Callable
 
+import paho.mqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
+
+from vitalproof.errors import WireFormatError
 
 MQTTv5 = MQTTProtocolVersion.MQTTv5
 
@@ -36,15 +43,35 @@ READ_CHUNK = 1 << 16
 # (packet id, topic, payload, content type)
 PublishSink = Callable[[int, str, bytes, str], None]
 
-SUPPORTED = all(
-    callable(getattr(mqtt.Client, name, None))
-    for name in ("_sock_recv", "_packet_handle", "_packet_queue", "_loop_rc_handle", "_easy_log")
-) and all(hasattr(mqtt, name) for name in ("time_func", "MQTT_ERR_CONN_LOST", "MQTT_ERR_PROTOCOL"))
+#: The first and last paho-mqtt releases whose internals the fast path was checked against:
+#: ``_sock_recv``, ``_packet_handle`` with the ``_in_packet`` reader state it reads,
+#: ``_packet_queue``, ``_loop_rc_handle``, ``_easy_log``, ``_msgtime_mutex`` and
+#: ``_last_bytes_received``, ``_manual_ack``, ``_protocol``, ``_sock``, and the
+#: ``MalformedPacket`` its handlers raise. Move the last only after reading those in the new
+#: release and running tests/test_mqtt_collector_fast.py on it (a patch release may move
+#: them too: 2.2.0 renamed one and moved the packet decoders).
+VERIFIED_PAHO = ((2, 2, 0), (2, 2, 0))
+
+
+def release(version: str) -> tuple[int, int, int]:
+    """``"2.2.0"`` (or ``"2.2.0rc1"``, ``"2.2"``) -> (2, 2, 0); (0, 0, 0) if unreadable."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if m is None:
+        return (0, 0, 0)
+    return (int(m[1]), int(m[2]), int(m[3] or 0))
+
+
+PAHO_VERSION = release(paho.mqtt.__version__)
+#: The installed paho is one whose internals were verified: :class:`FastClient` may use them.
+FAST_PATH = VERIFIED_PAHO[0] <= PAHO_VERSION <= VERIFIED_PAHO[1]
+if FAST_PATH:
+    from paho.mqtt.exception import MalformedPacket
+
 _PUBACK = 0x40
 _PUBACK_HEAD = bytes([_PUBACK, 2])  # remaining length 2: packet id only, reason Success
 
 
-class UnhandledPublish(ValueError):
+class UnhandledPublish(WireFormatError):
     """A PUBLISH the lean decoder does not take (malformed, or an unexpected property)."""
 
 
@@ -114,7 +141,15 @@ def decode_publish_v5(body: bytes | bytearray) -> tuple[int, str, bytes, str]:
 
 
 class FastClient(mqtt.Client):
-    """A paho ``Client`` with the buffered reads and lean PUBLISH decoding described above."""
+    """A paho ``Client`` with the buffered reads and lean PUBLISH decoding described above.
+
+    Off the verified paho releases (``fast_path`` false) every method here is paho's own,
+    through its public API: one packet per ``loop_read``, everything to ``on_message``, one
+    ``ack()`` per message."""
+
+    fast_path: bool = FAST_PATH
+    """Whether this client reads and acks through paho's internals (tests turn it off to
+    check the fallback on a verified paho)."""
 
     on_publish_fast: PublishSink | None = None
     """Receives each QoS 1 PUBLISH instead of ``on_message`` (which still gets the others)."""
@@ -128,7 +163,7 @@ class FastClient(mqtt.Client):
 
         Without a reason code or properties, as paho writes them: in MQTT 5 that means
         Success (3.4.2.1)."""
-        if not SUPPORTED or not self._manual_ack:
+        if not self.fast_path or not self._manual_ack:
             for mid in mids:
                 self.ack(mid, 1)
             return
@@ -140,13 +175,15 @@ class FastClient(mqtt.Client):
     def read_more(self) -> bool:
         """The last read filled its buffer, or TLS holds decrypted bytes select() cannot see:
         read again before waiting for the socket."""
-        sock = self._sock
+        sock = self.socket()
         return self._read_more or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         """One ``recv()`` of up to 64 KiB, and every complete packet in it handled."""
+        if not self.fast_path:
+            return super().loop_read(max_packets)
         sock = self._sock
-        if not SUPPORTED or sock is None:
+        if sock is None:
             return super().loop_read(max_packets)
         self._read_more = False
         try:

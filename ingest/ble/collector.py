@@ -59,7 +59,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import struct
 import threading
@@ -85,8 +84,8 @@ from bleak_retry_connector import (
 
 from ingest.buffer import DiskBuffer
 from ingest.gatt import GattError, GlucoseMeasurement, decode
-from ingest.gatt.parsers import full_uuid
 from ingest.kafka_sink import durable_producer
+from vitalproof.durable import write_atomic
 from vitalproof.raw import (
     H_DEVICE,
     H_DLQ_REASON,
@@ -100,19 +99,20 @@ from vitalproof.raw import (
 from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch, Transport
 from vitalproof.settings import Settings
 from vitalproof.units import Metric
+from vitalproof.wire.gatt_numbers import Characteristic, Service, full_uuid
 
 log = logging.getLogger(__name__)
 
 # -- assigned numbers -------------------------------------------------------------------
 
-HEART_RATE_SERVICE = full_uuid(0x180D)
-PULSE_OXIMETER_SERVICE = full_uuid(0x1822)
-HEALTH_THERMOMETER_SERVICE = full_uuid(0x1809)
-BLOOD_PRESSURE_SERVICE = full_uuid(0x1810)
-WEIGHT_SCALE_SERVICE = full_uuid(0x181D)
-GLUCOSE_SERVICE = full_uuid(0x1808)
-BATTERY_SERVICE = full_uuid(0x180F)
-DEVICE_INFORMATION_SERVICE = full_uuid(0x180A)
+HEART_RATE_SERVICE = full_uuid(Service.HEART_RATE)
+PULSE_OXIMETER_SERVICE = full_uuid(Service.PULSE_OXIMETER)
+HEALTH_THERMOMETER_SERVICE = full_uuid(Service.HEALTH_THERMOMETER)
+BLOOD_PRESSURE_SERVICE = full_uuid(Service.BLOOD_PRESSURE)
+WEIGHT_SCALE_SERVICE = full_uuid(Service.WEIGHT_SCALE)
+GLUCOSE_SERVICE = full_uuid(Service.GLUCOSE)
+BATTERY_SERVICE = full_uuid(Service.BATTERY)
+DEVICE_INFORMATION_SERVICE = full_uuid(Service.DEVICE_INFORMATION)
 
 #: What we scan for: a device advertising any of these is a candidate.
 HEALTH_SERVICES: tuple[str, ...] = (
@@ -124,20 +124,20 @@ HEALTH_SERVICES: tuple[str, ...] = (
     GLUCOSE_SERVICE,
 )
 
-HEART_RATE_MEASUREMENT = full_uuid(0x2A37)
-PLX_SPOT_CHECK = full_uuid(0x2A5E)
-PLX_CONTINUOUS = full_uuid(0x2A5F)
-TEMPERATURE_MEASUREMENT = full_uuid(0x2A1C)
-BLOOD_PRESSURE_MEASUREMENT = full_uuid(0x2A35)
-WEIGHT_MEASUREMENT = full_uuid(0x2A9D)
-GLUCOSE_MEASUREMENT = full_uuid(0x2A18)
-GLUCOSE_CONTEXT = full_uuid(0x2A34)
-RACP = full_uuid(0x2A52)
-BATTERY_LEVEL = full_uuid(0x2A19)
-MANUFACTURER_NAME = full_uuid(0x2A29)
-MODEL_NUMBER = full_uuid(0x2A24)
-SERIAL_NUMBER = full_uuid(0x2A25)
-FIRMWARE_REVISION = full_uuid(0x2A26)
+HEART_RATE_MEASUREMENT = full_uuid(Characteristic.HEART_RATE_MEASUREMENT)
+PLX_SPOT_CHECK = full_uuid(Characteristic.PLX_SPOT_CHECK)
+PLX_CONTINUOUS = full_uuid(Characteristic.PLX_CONTINUOUS)
+TEMPERATURE_MEASUREMENT = full_uuid(Characteristic.TEMPERATURE_MEASUREMENT)
+BLOOD_PRESSURE_MEASUREMENT = full_uuid(Characteristic.BLOOD_PRESSURE_MEASUREMENT)
+WEIGHT_MEASUREMENT = full_uuid(Characteristic.WEIGHT_MEASUREMENT)
+GLUCOSE_MEASUREMENT = full_uuid(Characteristic.GLUCOSE_MEASUREMENT)
+GLUCOSE_CONTEXT = full_uuid(Characteristic.GLUCOSE_CONTEXT)
+RACP = full_uuid(Characteristic.RACP)
+BATTERY_LEVEL = full_uuid(Characteristic.BATTERY_LEVEL)
+MANUFACTURER_NAME = full_uuid(Characteristic.MANUFACTURER_NAME)
+MODEL_NUMBER = full_uuid(Characteristic.MODEL_NUMBER)
+SERIAL_NUMBER = full_uuid(Characteristic.SERIAL_NUMBER)
+FIRMWARE_REVISION = full_uuid(Characteristic.FIRMWARE_REVISION)
 
 #: Measurement characteristics we subscribe to, in subscription order (RACP last).
 MEASUREMENTS: tuple[str, ...] = (
@@ -323,12 +323,7 @@ class _DeviceState:
             self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self._doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self._doc).encode())
 
 
 # -- the collector ----------------------------------------------------------------------
@@ -363,7 +358,7 @@ class BleCollector:
         self.allow_list = (
             None if allow_list is None else {a.upper(): d for a, d in allow_list.items()}
         )
-        self.buffer_dir = buffer_dir or settings.home / "ble-buffer" / settings.gateway_id
+        self.buffer_dir = buffer_dir or settings.paths.home / "ble-buffer" / settings.gateway.id
         self.buffer = DiskBuffer(
             self.buffer_dir, max_bytes=buffer_max_bytes, max_records=buffer_max_records
         )
@@ -645,7 +640,7 @@ class BleCollector:
         self, device_id: str, uuid: str, data: bytes, received_us: int
     ) -> tuple[Envelope | None, int | None]:
         """(record for Kafka or None when the value holds no reading, glucose seq)."""
-        gw = self.settings.gateway_id
+        gw = self.settings.gateway.id
         gseq: int | None = None
         if uuid == BATTERY_LEVEL:
             if len(data) != 1 or data[0] > 100:
@@ -687,7 +682,10 @@ class BleCollector:
             source=uuid,
         )
         env = Envelope(
-            self.settings.topic_raw, device_id.encode(), record.payload, tuple(record.headers())
+            self.settings.kafka.topic_raw,
+            device_id.encode(),
+            record.payload,
+            tuple(record.headers()),
         )
         return env, gseq
 
@@ -698,12 +696,12 @@ class BleCollector:
             (H_DEVICE, device_id.encode()),
             (H_SOURCE, uuid.encode()),
             (H_TRANSPORT, Transport.BLE.value.encode()),
-            (H_GATEWAY, self.settings.gateway_id.encode()),
+            (H_GATEWAY, self.settings.gateway.id.encode()),
             (H_RECEIVED, str(received_us).encode()),
             (H_DLQ_REASON, reason.encode()),
             (H_DLQ_STAGE, DLQ_STAGE.encode()),
         )
-        return Envelope(self.settings.topic_dlq, device_id.encode(), bytes(data), headers)
+        return Envelope(self.settings.kafka.topic_dlq, device_id.encode(), bytes(data), headers)
 
     def _device_time_us(self, ts: datetime) -> int:
         aware = ts.replace(tzinfo=self.device_tz) if self.device_tz else ts.astimezone()
@@ -781,7 +779,7 @@ class BleCollector:
                 self.stats.produce_errors += 1
                 break
             acked_upto = rec.index
-            if env.topic == self.settings.topic_dlq:
+            if env.topic == self.settings.kafka.topic_dlq:
                 self.stats.produced_dlq += 1
             else:
                 self.stats.produced += 1

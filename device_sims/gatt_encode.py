@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from ingest.gatt.ieee11073 import (
+from vitalproof.wire.ieee11073 import (
     MderFloat,
     Special,
     encode_float,

@@ -6,8 +6,9 @@ as MQTT requires. The session is persistent (fixed client id, clean_start=False,
 expiry), so whatever was in flight when the collector died is redelivered when it returns.
 Several collectors share the load through a shared subscription ($share/<group>/...).
 
-Everything runs on the asyncio loop, paho included: its socket is driven with
-``add_reader``/``add_writer`` (no network thread, no thread hand-off per message). A burst of
+Everything runs on the asyncio loop, paho included: its socket is driven by
+:class:`vitalproof.mqtt_loop.MqttLoop` (no network thread, no thread hand-off per message),
+and each time its socket is readable, every complete packet in it is read at once. A burst of
 messages read from the socket is handed to Kafka as one record batch per partition
 (:class:`ingest.kafka_sink.BurstSender`) and acknowledged, in order, when its batches are.
 """
@@ -22,7 +23,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
@@ -32,8 +32,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.kafka_sink import BurstSender, durable_producer
-from ingest.mqtt_client import FastClient
+from ingest.mqtt.client import FastClient
 from vitalproof.errors import VitalproofError
+from vitalproof.mqtt_loop import MqttLoop
 from vitalproof.raw import H_RECEIVED, RawRecord
 from vitalproof.schema import CONTENT_TYPE_JSON, Transport
 from vitalproof.settings import Settings
@@ -126,10 +127,9 @@ class MqttCollector:
     ) -> None:
         self.settings = settings
         self.credentials = credentials
-        self.client_id = client_id or f"vitalproof-collector-{settings.gateway_id}"
+        self.client_id = client_id or f"vitalproof-collector-{settings.gateway.id}"
         self.stats = CollectorStats()
         self._producer = producer
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: list[Arrival] = []
         self._received_us = 0  # when the socket read under way started
         self._wake = asyncio.Event()
@@ -166,28 +166,7 @@ class MqttCollector:
         c.on_publish_fast = self._on_publish
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
-        c.on_socket_open = self._on_socket_open
-        c.on_socket_close = self._on_socket_close
-        c.on_socket_register_write = self._on_socket_register_write
-        c.on_socket_unregister_write = self._on_socket_unregister_write
         return c
-
-    def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.add_reader(sock, self._on_readable)
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.remove_reader(sock)
-        self._loop.remove_writer(sock)
-
-    def _on_socket_register_write(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.add_writer(sock, client.loop_write)
-
-    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.remove_writer(sock)
 
     def _on_readable(self) -> None:
         """Read what the socket holds (every complete packet of it): one burst, one wake-up
@@ -226,7 +205,7 @@ class MqttCollector:
             self._connect_error = f"MQTT broker refused the collector: {reason}"
             self._connected.set()
             return
-        topic = f"$share/{self.settings.mqtt_share_group}/{DEVICE_TOPIC_FILTER}"
+        topic = f"$share/{self.settings.mqtt.share_group}/{DEVICE_TOPIC_FILTER}"
         client.subscribe(topic, qos=1)
         log.info("collector connected (session present: %s)", flags.session_present)
         self._reconnect_delay = RECONNECT_MIN_S
@@ -267,66 +246,76 @@ class MqttCollector:
         duration_s: float | None = None,
     ) -> CollectorStats:
         """Collect until ``stop`` is set, ``max_messages`` were acked or ``duration_s`` passed."""
-        self._loop = asyncio.get_running_loop()
         own_producer = self._producer is None
         producer = self._producer or durable_producer(self.settings)
         if own_producer:
             await producer.start()
-        sender = BurstSender(producer, self.settings.topic_raw)
+        try:
+            # Leaving the block sends the queued PUBACKs, then DISCONNECT (2 s at most).
+            async with MqttLoop(close_timeout_s=2.0) as mqtt_loop:
+                mqtt_loop.attach(self._client, self._on_readable)
+                try:
+                    await self._collect(
+                        BurstSender(producer, self.settings.kafka.topic_raw),
+                        stop=stop,
+                        max_messages=max_messages,
+                        duration_s=duration_s,
+                    )
+                finally:
+                    self._closing = True
+        finally:
+            if own_producer:
+                await producer.stop()
+        return self.stats
+
+    async def _collect(
+        self,
+        sender: BurstSender,
+        *,
+        stop: asyncio.Event | None,
+        max_messages: int | None,
+        duration_s: float | None,
+    ) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         props.ReceiveMaximum = RECEIVE_MAXIMUM
         try:
             self._client.connect(
-                self.settings.mqtt_host,
-                self.settings.mqtt_port,
+                self.settings.mqtt.host,
+                self.settings.mqtt.port,
                 keepalive=30,
                 clean_start=False,
                 properties=props,
             )
         except OSError as e:
-            if own_producer:
-                await producer.stop()
             raise CollectorError(
-                f"cannot reach MQTT broker {self.settings.mqtt_host}:{self.settings.mqtt_port}: {e}"
+                f"cannot reach MQTT broker {self.settings.mqtt.host}:{self.settings.mqtt.port}: {e}"
             ) from e
         deadline = None if duration_s is None else time.monotonic() + duration_s
-        next_misc = time.monotonic() + 1.0
-        try:
-            await asyncio.wait_for(self._connected.wait(), 30)
-            if self._connect_error:
-                raise CollectorError(self._connect_error)
-            while True:
-                if self._failure is not None:
-                    raise self._failure
-                if stop is not None and stop.is_set():
-                    break
-                if max_messages is not None and self.stats.acked >= max_messages:
-                    break
-                now = time.monotonic()
-                remaining = None if deadline is None else deadline - now
-                if remaining is not None and remaining <= 0:
-                    break
-                if now >= next_misc:  # keepalive pings, and noticing a silent broker
-                    next_misc = now + 1.0
-                    if self._client.socket() is not None:
-                        self._client.loop_misc()
-                if self._client.socket() is None and now >= self._reconnect_at:
-                    self._reconnect(now)
-                if not self._inbox:
-                    wait = 0.2 if remaining is None else min(0.2, remaining)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
-                self._wake.clear()
-                if self._inbox:
-                    await self._forward(sender)
-            await self._drain()
-        finally:
-            self._closing = True
-            await self._disconnect()
-            if own_producer:
-                await producer.stop()
-        return self.stats
+        await asyncio.wait_for(self._connected.wait(), 30)
+        if self._connect_error:
+            raise CollectorError(self._connect_error)
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if stop is not None and stop.is_set():
+                break
+            if max_messages is not None and self.stats.acked >= max_messages:
+                break
+            now = time.monotonic()
+            remaining = None if deadline is None else deadline - now
+            if remaining is not None and remaining <= 0:
+                break
+            if self._client.socket() is None and now >= self._reconnect_at:
+                self._reconnect(now)
+            if not self._inbox:
+                wait = 0.2 if remaining is None else min(0.2, remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            if self._inbox:
+                await self._forward(sender)
+        await self._drain()
 
     def _reconnect(self, now: float) -> None:
         """One reconnect attempt (the session brings back whatever was unacked); the next,
@@ -342,7 +331,7 @@ class MqttCollector:
     async def _forward(self, sender: BurstSender) -> None:
         """Send everything received so far to Kafka as one burst."""
         burst, self._inbox = self._inbox, []
-        templates, gateway = self._templates, self.settings.gateway_id
+        templates, gateway = self._templates, self.settings.gateway.id
         records = []
         for _, topic, payload, content_type, received_us in burst:
             template = templates.get((topic, content_type))
@@ -384,20 +373,6 @@ class MqttCollector:
         self._ack_ready()
         if self._failure is not None:
             raise self._failure
-
-    async def _disconnect(self) -> None:
-        """Send the queued PUBACKs, then DISCONNECT, before the socket closes."""
-        client = self._client
-        if client.socket() is None:
-            return
-        client.disconnect()
-        for _ in range(100):  # the writer callback sends; 2 s at most
-            if client.socket() is None:
-                return
-            await asyncio.sleep(0.02)
-        client.loop_write()  # no longer waiting
-        if client.socket() is not None:
-            client._sock_close()  # broker gone quiet: close our side
 
 
 def _headers_template(

@@ -1,0 +1,363 @@
+"""`vitalproof demo` and `vitalproof sim`: the whole path, on the local stack, end to end.
+
+simulated fleet -> Mosquitto -> MQTT collector -> Kafka -> Faust worker (normalize, seal)
+-> encrypted Parquet + manifests -> anchor job -> chain -> proof bundles -> verify.
+
+Each demo run gets its own namespace (topic prefix, lake and anchor log), so its counts are
+its own; the stack is started if needed and stopped at the end only if the demo started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vitalproof.cli import processes
+from vitalproof.registry import Registry
+from vitalproof.settings import Settings
+
+
+@dataclass
+class DemoSummary:
+    chain: str
+    devices: int
+    duration_s: float
+    messages_sent: int = 0
+    messages_acked: int = 0
+    readings_sent: int = 0
+    faults: str = ""
+    malformed_sent: int = 0
+    duplicates_sent: int = 0
+    readings_in_kafka: int = 0
+    readings_sealed: int = 0
+    missing: int = 0
+    dlq: int = 0
+    batches: int = 0
+    anchors: int = 0
+    anchor_txs: list[str] = field(default_factory=list)
+    proofs_verified: int = 0
+    proofs_failed: int = 0
+    elapsed_s: float = 0.0
+    namespace: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.readings_sent > 0
+            and self.missing == 0
+            and self.readings_sealed >= self.readings_sent
+            and self.proofs_verified >= 1
+            and self.proofs_failed == 0
+            and self.dlq == self.malformed_sent
+            and not self.errors
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok}
+
+
+def _enroll(settings: Settings, device_ids: list[str]) -> list[tuple[str, str]]:
+    from vitalproof.devstack import set_device_credentials
+
+    registry = Registry(settings.paths.registry_path)
+    creds: list[tuple[str, str]] = []
+    for device_id in device_ids:
+        patient_id = "pt-" + device_id.removeprefix("dv-")
+        creds.append((device_id, registry.enroll(device_id, patient_id).mqtt_password))
+    set_device_credentials(settings, dict(creds))
+    return creds
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    devices: int = 50,
+    duration_s: float = 60.0,
+    chain: str = "embedded",
+    json_mode: bool = False,
+    faults: str = "",
+) -> DemoSummary:
+    from vitalproof.devstack import StackManager, ensure_topics
+
+    console = Console(stderr=json_mode)
+    t0 = time.monotonic()
+    base = settings.evolve(chain={"kind": chain})
+    manager = StackManager(base)
+    started_stack = not manager.status().healthy or (chain == "anvil" and not _anvil_up(manager))
+    if started_stack:
+        console.print(f"[bold]starting the local stack[/] (Kafka, Mosquitto, chain: {chain})")
+        manager.up(chain=chain)  # type: ignore[arg-type]
+    run_id = uuid.uuid4().hex[:8]
+    rs = base.evolve(
+        kafka={"topic_prefix": f"demo-{run_id}."},
+        batching={"max_age_s": max(min(base.batching.max_age_s, 3.0), devices / 50)},
+        chain={
+            "anchor_period_s": min(base.chain.anchor_period_s, max(5.0, duration_s / 4)),
+            "rpc_url": manager.rpc_url if chain == "anvil" else base.chain.rpc_url,
+        },
+    )
+    summary = DemoSummary(chain=chain, devices=devices, duration_s=duration_s, faults=faults)
+    summary.namespace = rs.namespace
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        ensure_topics(rs, rs.kafka.pipeline_topics, rs.kafka.partitions)
+        creds = _enroll(rs, [f"dv-{run_id}-{i:04d}" for i in range(devices)])
+        worker = processes.start(
+            rs, "worker", log=rs.paths.home / "logs" / f"worker-{rs.namespace}.log"
+        )
+        asyncio.run(_run(rs, creds, duration_s, summary, console, worker))
+    finally:
+        if worker is not None:
+            processes.stop(worker)
+        if started_stack:
+            manager.down()
+    summary.elapsed_s = round(time.monotonic() - t0, 1)
+    _print_summary(console, summary)
+    return summary
+
+
+def _anvil_up(manager: Any) -> bool:
+    status = manager.status()
+    return bool(status.anvil and status.anvil.healthy)
+
+
+async def _run(
+    rs: Settings,
+    creds: list[tuple[str, str]],
+    duration_s: float,
+    summary: DemoSummary,
+    console: Console,
+    worker: subprocess.Popen[bytes],
+) -> None:
+    from anchor.chain import Chain
+    from anchor.job import AnchorJob
+    from clinic.proofs import LakeView
+    from device_sims.fleet import Fleet, FleetProgress
+    from ingest.mqtt.collector import MqttCollector, MqttCredentials
+    from vitalproof.devstack import collector_credentials
+
+    chain = Chain.from_settings(rs)
+    job = AnchorJob(rs, chain)
+    user, password = collector_credentials(rs)
+    collector = MqttCollector(rs, MqttCredentials(user, password, rs.mqtt.tls_ca))
+    stop_collector, stop_anchor = asyncio.Event(), asyncio.Event()
+    collector_task = asyncio.create_task(collector.run(stop=stop_collector))
+    await asyncio.wait_for(collector.subscribed.wait(), 30)
+    anchor_task = asyncio.create_task(job.run(period_s=rs.chain.anchor_period_s, stop=stop_anchor))
+    record = rs.paths.home / "runs" / f"{rs.namespace}.truth.jsonl"
+    view = LakeView(rs)
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        fleet_task = progress.add_task("fleet", total=duration_s, detail="connecting")
+        seal_task = progress.add_task("sealed", total=None, detail="")
+
+        def on_progress(p: FleetProgress) -> None:
+            progress.update(
+                fleet_task,
+                completed=min(duration_s, p.elapsed_s) if p.phase == "running" else None,
+                detail=f"{p.phase}: {p.connected}/{p.devices} connected, "
+                f"{p.acked}/{p.sent} msgs acked, collector {collector.stats.acked}",
+            )
+
+        fleet = Fleet(
+            creds,
+            rs.mqtt.host,
+            rs.mqtt.port,
+            rate_hz=1.0,
+            duration_s=duration_s,
+            record_path=record,
+            on_progress=on_progress,
+            seed=random.randrange(2**31),
+            faults=summary.faults or None,
+        )
+        report = await fleet.run()
+        progress.update(
+            fleet_task, completed=duration_s, detail=f"done: {report.messages_acked} acked"
+        )
+        summary.messages_sent = report.messages_sent
+        summary.messages_acked = report.messages_acked
+        summary.malformed_sent = report.malformed_sent
+        summary.duplicates_sent = report.duplicates_sent
+        summary.errors.extend(report.errors[:5])
+        sent_ids = _ids_from_record(record)
+        summary.readings_sent = len(sent_ids)
+
+        # Wait while sealing makes progress: give up only after a minute without any (a
+        # large fleet leaves a backlog that the worker seals after the fleet has stopped).
+        stall_s = 60 + 3 * rs.batching.max_age_s
+        stalled_at = time.monotonic() + stall_s
+        sealed_rows = last_rows = 0
+        progress.update(seal_task, total=len(sent_ids))
+        while time.monotonic() < stalled_at:
+            sealed_rows = view.sealed_rows()
+            progress.update(seal_task, completed=sealed_rows, detail=f"{sealed_rows} rows")
+            if sealed_rows >= len(sent_ids):
+                break
+            if sealed_rows > last_rows:
+                last_rows, stalled_at = sealed_rows, time.monotonic() + stall_s
+            if worker.poll() is not None:
+                summary.errors.append(f"worker exited with {worker.returncode}")
+                break
+            await asyncio.sleep(0.5)
+        else:
+            summary.errors.append(f"sealing made no progress for {stall_s:g} s")
+        stop_collector.set()
+        stop_anchor.set()
+        await collector_task
+        try:
+            receipts = await anchor_task
+        finally:
+            job.close()
+
+    summary.readings_in_kafka = await _count_clean_readings(rs)
+    summary.dlq = await _count_records(rs, rs.kafka.topic_dlq)
+    dlq_deadline = time.monotonic() + 30
+    while summary.dlq < summary.malformed_sent and time.monotonic() < dlq_deadline:
+        await asyncio.sleep(1.0)  # rejections at the tail of a partition may still be coming
+        summary.dlq = await _count_records(rs, rs.kafka.topic_dlq)
+    sealed_ids = view.sealed_reading_ids()
+    summary.readings_sealed = len(sealed_ids & sent_ids)
+    summary.missing = len(sent_ids - sealed_ids)
+    summary.batches = len(view.manifests())
+    summary.anchors = len(receipts)
+    summary.anchor_txs = [r.tx_hash for r in receipts]
+    sample = random.sample(sorted(sealed_ids & sent_ids), min(5, len(sealed_ids & sent_ids)))
+    verified, failures = view.export_and_verify(sample, chain.w3)
+    summary.proofs_verified = verified
+    summary.proofs_failed = len(failures)
+    summary.errors.extend(failures[:5])
+
+
+def _ids_from_record(path: Path) -> set[str]:
+    from device_sims.record import sent_reading_ids
+
+    return sent_reading_ids(path)
+
+
+async def _count_records(rs: Settings, topic: str) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=rs.kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        n = 0
+        while batches := await consumer.getmany(timeout_ms=1500):
+            n += sum(len(r) for r in batches.values())
+        return n
+    finally:
+        await consumer.stop()
+
+
+async def _count_clean_readings(rs: Settings) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    from vitalproof.wire.clean import decode_record
+
+    consumer = AIOKafkaConsumer(
+        rs.kafka.topic_clean,
+        bootstrap_servers=rs.kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    ids: set[str] = set()
+    try:
+        while batches := await consumer.getmany(timeout_ms=1500):
+            for records in batches.values():
+                for r in records:
+                    for batch in decode_record(r.value or b""):
+                        ids.update(batch.reading_id)
+        return len(ids)
+    finally:
+        await consumer.stop()
+
+
+def _print_summary(console: Console, s: DemoSummary) -> None:
+    table = Table(
+        title=f"vitalproof demo ({s.chain} chain, {s.devices} devices, {s.duration_s:g} s)"
+    )
+    table.add_column("stage")
+    table.add_column("count", justify="right")
+    for label, value in (
+        ("MQTT messages sent / acked", f"{s.messages_sent} / {s.messages_acked}"),
+        ("readings sent (distinct ids)", s.readings_sent),
+        ("readings in Kafka (vitals.clean)", s.readings_in_kafka),
+        ("readings sealed (distinct ids)", s.readings_sealed),
+        ("missing", s.missing),
+        ("malformed sent / DLQ records", f"{s.malformed_sent} / {s.dlq}"),
+        ("batches", s.batches),
+        ("anchors", s.anchors),
+        ("proofs verified / failed", f"{s.proofs_verified} / {s.proofs_failed}"),
+    ):
+        table.add_row(label, str(value))
+    console.print(table)
+    for tx in s.anchor_txs:
+        console.print(f"  anchor tx {tx}")
+    for err in s.errors:
+        console.print(f"[red]error:[/] {err}")
+    console.print("[bold green]OK[/]" if s.ok else "[bold red]FAILED[/]", f"in {s.elapsed_s} s")
+
+
+async def run_sim(
+    settings: Settings,
+    *,
+    devices: int,
+    rate_hz: float,
+    duration_s: float,
+    faults: str,
+    record: Path | None,
+    accel_hz: int,
+    encoding: str = "json",
+) -> dict[str, Any]:
+    """`vitalproof sim`: enroll N devices (if new) and run them against the broker."""
+    from device_sims.fleet import Fleet
+
+    ids = [f"sim-{i:05d}" for i in range(devices)]
+    registry = Registry(settings.paths.registry_path)
+    fresh = [d for d in ids if registry.get(d) is None]
+    creds = dict(_enroll(settings, fresh)) if fresh else {}
+    if len(creds) != len(ids):
+        # Passwords are shown once; devices enrolled earlier get a fresh credential now.
+        from vitalproof.devstack import set_device_credentials
+
+        rotated = {d: uuid.uuid4().hex for d in ids if d not in creds}
+        set_device_credentials(settings, rotated)
+        creds |= rotated
+    fleet = Fleet(
+        [(d, creds[d]) for d in ids],
+        settings.mqtt.host,
+        settings.mqtt.port,
+        rate_hz=rate_hz,
+        duration_s=duration_s,
+        faults=faults or None,
+        record_path=record,
+        accel_hz=accel_hz,
+        encoding=encoding,
+    )
+    report = await fleet.run()
+    return {k: v for k, v in asdict(report).items() if k != "errors"} | {"errors": report.errors}

@@ -1,0 +1,204 @@
+"""`vitalproof lake read` and `vitalproof lake stats`: the lake for people and scripts.
+
+``read`` decrypts one patient's files with the local keystore and exports them through
+:mod:`streams.export`; ``stats`` counts the whole lake. Both are read-only: they never create
+a keystore (opening :class:`LocalKeystore` on a missing folder would mint a new master key
+that decrypts nothing and then sits next to the lake as if it belonged to it).
+
+Exit codes follow :mod:`vitalproof.cli`: 0 done, 1 failed (unknown patient, missing keys,
+undecryptable file), 2 malformed input (bad time, unknown metric, parquet without ``-o``).
+Errors are one ``error: ...`` line on stderr. Progress and skip counts go to stderr so
+stdout carries only the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from streams import export, lake
+from streams.keystore import MASTER_KEY_FILE, LocalKeystore
+from vitalproof.settings import Settings
+from vitalproof.units import Metric
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+FORMATS = ("csv", "parquet", "json", "fhir", "omh")
+STATS_KEYS = (
+    "readings",
+    "distinct_reading_ids",
+    "duplicates",
+    "batches",
+    "patients",
+    "bytes_on_disk",
+    "files",
+    "unreadable_files",
+)
+
+
+class _BadInput(Exception):
+    """Malformed command-line input: exit 2."""
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def parse_time(text: str, option: str) -> dt.datetime:
+    """ISO 8601 -> aware UTC datetime; a time without offset is UTC (what the lake stores)."""
+    try:
+        t = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise _BadInput(
+            f"{option} {text!r} is not an ISO 8601 time (e.g. 2024-11-21T14:40:00Z)"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.astimezone(dt.UTC)
+
+
+def parse_metrics(names: Sequence[str] | None) -> list[str] | None:
+    """Validated metric names (``--metric`` may repeat or hold a comma list)."""
+    if not names:
+        return None
+    known = {m.value for m in Metric}
+    out: list[str] = []
+    for item in names:
+        for name in (n.strip() for n in item.split(",")):
+            if name not in known:
+                raise _BadInput(f"unknown metric {name!r} (known: {', '.join(sorted(known))})")
+            out.append(name)
+    return out
+
+
+def _keystore(settings: Settings) -> LocalKeystore | None:
+    """The existing keystore, or None: reading must never create keys."""
+    if not (settings.paths.keys_dir / MASTER_KEY_FILE).exists():
+        return None
+    return LocalKeystore(settings.paths.keys_dir)
+
+
+@contextlib.contextmanager
+def _sink(output: str | None) -> Iterator[BinaryIO]:
+    """stdout, or a file published atomically (temp + rename) so a failure leaves nothing."""
+    if output is None or output == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    final = Path(output)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            yield f
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def lake_read(
+    settings: Settings,
+    *,
+    patient: str,
+    start: str | None = None,
+    end: str | None = None,
+    metrics: Sequence[str] | None = None,
+    fmt: str = "csv",
+    output: str | None = None,
+) -> int:
+    """Decrypt one patient's readings in [start, end) and export them in ``fmt``.
+
+    Formats: csv, json (JSON lines), parquet (plaintext file, needs ``-o``), fhir (one FHIR
+    R4 Bundle of type collection), omh (Open mHealth data points, one per line).
+    """
+    try:
+        lo = None if start is None else parse_time(start, "--from")
+        hi = None if end is None else parse_time(end, "--to")
+        if lo is not None and hi is not None and lo >= hi:
+            raise _BadInput(f"--from {lo.isoformat()} is not before --to {hi.isoformat()}")
+        wanted = parse_metrics(metrics)
+        if fmt not in FORMATS:
+            raise _BadInput(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+        if fmt == "parquet" and (output is None or output == "-"):
+            raise _BadInput("--format parquet writes a file: give -o PATH")
+        try:
+            sealed = lake.sealed_batch_ids(settings.lake_dir)
+            files = lake.list_patient_files(settings.lake_dir, patient, batches=sealed)
+        except lake.LakeError as e:
+            raise _BadInput(str(e)) from None
+    except _BadInput as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+
+    if not files:
+        _error(f"unknown patient {patient!r}: no files in {settings.lake_dir}")
+        return EXIT_FAILED
+    kms = _keystore(settings)
+    if kms is None:
+        _error(f"no keystore at {settings.paths.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
+        return EXIT_FAILED
+
+    table = lake.read_patient(settings.lake_dir, patient, kms, lo, hi, wanted, batches=sealed)
+    skipped = export.Skipped()
+    with _sink(output) as sink:
+        if fmt == "csv":
+            n = export.write_csv(table, sink)
+        elif fmt == "json":
+            n = export.write_jsonl(table, sink)
+        elif fmt == "parquet":
+            n = export.write_parquet(table, sink)
+        elif fmt == "fhir":
+            bundle, skipped = export.fhir_bundle(table)
+            sink.write(json.dumps(bundle, separators=(",", ":")).encode() + b"\n")
+            n = len(bundle["entry"])
+        else:
+            points, skipped = export.omh_data_points(table)
+            for p in points:
+                sink.write(json.dumps(p, separators=(",", ":")).encode() + b"\n")
+            n = len(points)
+    what = {"fhir": "observations", "omh": "data points"}.get(fmt, "rows")
+    where = f" to {output}" if output not in (None, "-") else ""
+    source = f" from {table.num_rows} rows" if fmt in ("fhir", "omh") else ""
+    print(f"{n} {what}{source} of patient {patient} ({fmt}){where}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {skipped.describe()}", file=sys.stderr)
+    if fmt == "parquet":
+        print("warning: the parquet file is NOT encrypted: plaintext health data", file=sys.stderr)
+    return 0
+
+
+def lake_stats(settings: Settings, *, as_json: bool = False) -> int:
+    """Counts over the whole lake (this namespace): one JSON object with ``--json``."""
+    root = settings.lake_dir
+    has_files = any(root.rglob("*.parquet")) if root.is_dir() else False
+    kms = _keystore(settings)
+    if has_files and kms is None:
+        _error(f"no keystore at {settings.paths.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
+        return EXIT_FAILED
+    # no files and no keystore: an empty lake, counted without creating keys
+    stats = (
+        dict.fromkeys(STATS_KEYS, 0)
+        if kms is None
+        else lake.lake_stats(root, kms, batches=lake.sealed_batch_ids(root))
+    )
+    out = {k: stats[k] for k in STATS_KEYS}
+    if as_json:
+        print(json.dumps({**out, "lake": str(root)}, separators=(",", ":")))
+    else:
+        print(f"lake {root}")
+        for k, v in out.items():
+            print(f"  {k.replace('_', ' '):<22} {v:>14,}")
+    if stats.get("unreadable_files"):
+        print(
+            f"warning: {stats['unreadable_files']} files cannot be decrypted (erased or "
+            f"unknown keys); their readings are not counted",
+            file=sys.stderr,
+        )
+    return 0

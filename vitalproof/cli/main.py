@@ -1,0 +1,408 @@
+"""The `vitalproof` command. The only place that prints for people and exits.
+
+Every subcommand imports its stage lazily, so `vitalproof verify` stays fast and needs nothing
+from streams or ingest, and a missing optional part only matters to the command that uses it.
+Errors: one line on stderr saying what and where, exit 1 (2 for malformed input or usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vitalproof import crashpoints, hashing
+from vitalproof.errors import ConfigError, VitalproofError
+from vitalproof.settings import Settings
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, separators=(",", ":"), default=str))
+
+
+# -- stack --------------------------------------------------------------------------------
+
+
+def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
+    from vitalproof.devstack import StackManager, kafka
+
+    if args.action == "fetch":
+        libs = kafka.resolve_libs(settings)
+        print(f"kafka jars: {libs}")
+        return 0
+    manager = StackManager(settings)
+    if args.action == "up":
+        status = manager.up(chain=args.chain or settings.chain.kind)
+    elif args.action == "down":
+        manager.down()
+        status = manager.status()
+    else:
+        status = manager.status()
+    if args.json:
+        print(status.to_json(indent=None))
+    else:
+        for part in status.parts.values():
+            state = "healthy" if part.healthy else ("running" if part.running else "stopped")
+            print(f"{part.name:<10} {state:<8} {part.address:<24} pid {part.pid or '-'}")
+        if not status.parts:
+            print("stack: nothing running")
+    return 0 if args.action == "down" or status.healthy else EXIT_FAILED
+
+
+# -- devices ------------------------------------------------------------------------------
+
+
+def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
+    from vitalproof.devstack import mosquitto
+    from vitalproof.registry import Registry
+
+    registry = Registry(settings.paths.registry_path)
+    if args.action == "enroll":
+        enrollment = registry.enroll(args.device_id, args.patient_id)
+        mosquitto.set_device_credentials(settings, {args.device_id: enrollment.mqtt_password})
+        out = {
+            "device_id": args.device_id,
+            "patient_id": args.patient_id,
+            "mqtt_username": args.device_id,
+            "mqtt_password": enrollment.mqtt_password,
+            "mqtt_topic": f"devices/{args.device_id}/vitals",
+        }
+        if args.json:
+            _print_json(out)
+        else:
+            for k, v in out.items():
+                print(f"{k}: {v}")
+            print("(the password is shown once; the broker keeps only its hash)")
+        return 0
+    if args.action == "retire":
+        device = registry.retire(args.device_id)
+        mosquitto.remove_device(settings, args.device_id)
+        print(f"retired {device.device_id}")
+        return 0
+    devices = registry.list()
+    if args.json:
+        _print_json([d.__dict__ | {"status": d.status.value} for d in devices])
+    else:
+        for d in devices:
+            print(f"{d.device_id}\t{d.patient_id}\t{d.status.value}")
+    return 0
+
+
+# -- pipeline processes -------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import faust
+
+    from streams.app import create_app
+
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=args.loglevel)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
+    if args.transport == "ble":
+        return _collect_ble(args, settings)
+    from ingest.mqtt.collector import MqttCollector, MqttCredentials
+
+    secret = settings.mqtt.collector_password
+    if secret is None:
+        raise ConfigError(
+            "no MQTT password for the collector: set VITALPROOF_MQTT_COLLECTOR_PASSWORD or "
+            f"put it in {settings.secrets_dir / 'VITALPROOF_MQTT_COLLECTOR_PASSWORD'} "
+            "(`vitalproof stack up` writes one for the local broker)"
+        )
+    credentials = MqttCredentials(
+        settings.mqtt.collector_user, secret.get_secret_value(), settings.mqtt.tls_ca
+    )
+    collector = MqttCollector(settings, credentials)
+    stats = asyncio.run(collector.run(duration_s=args.duration, max_messages=args.max_messages))
+    print(
+        f"received {stats.received}, forwarded {stats.forwarded}, acked {stats.acked}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _collect_ble(args: argparse.Namespace, settings: Settings) -> int:
+    from bleak.exc import BleakError
+
+    from ingest.ble.collector import BleCollector
+
+    allow: dict[str, str] | None = None
+    if args.allow:
+        allow = {}
+        for item in args.allow:
+            address, _, device_id = item.partition("=")
+            if not device_id:
+                print(f"error: --allow {item!r}: expected ADDRESS=DEVICE_ID", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            allow[address] = device_id
+    collector = BleCollector(settings, allow_list=allow)
+    try:
+        stats = asyncio.run(collector.run(duration_s=args.duration))
+    except (BleakError, OSError) as e:
+        print(f"error: BLE adapter unavailable: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"notifications {stats.notifications}, readings {stats.readings}, "
+        f"produced {stats.produced}, dlq {stats.produced_dlq}, evicted {stats.evicted}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
+    from anchor.job import AnchorJob
+
+    job = AnchorJob.from_settings(settings)
+    try:
+        if args.once:
+            job.poll_manifests()
+            receipt = job.anchor_once()
+            _print_json(receipt.to_json_dict() if receipt else None)
+            return 0
+        period = args.period or settings.chain.anchor_period_s
+        asyncio.run(job.run(period_s=period, duration_s=args.duration))
+        return 0
+    finally:
+        job.close()
+
+
+def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
+    from vitalproof.cli.demo import run_sim
+
+    report = asyncio.run(
+        run_sim(
+            settings,
+            devices=args.devices,
+            rate_hz=args.rate,
+            duration_s=args.duration,
+            faults=args.faults,
+            record=args.record,
+            accel_hz=args.accel_hz,
+            encoding=args.encoding,
+        )
+    )
+    _print_json(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from vitalproof.cli.demo import run_demo
+
+    summary = run_demo(
+        settings,
+        devices=args.devices,
+        duration_s=args.duration,
+        chain=args.chain,
+        json_mode=args.json,
+        faults=args.faults,
+    )
+    if args.json:
+        _print_json(summary.to_json_dict())
+    return 0 if summary.ok else EXIT_FAILED
+
+
+# -- proofs -------------------------------------------------------------------------------
+
+
+def cmd_proof(args: argparse.Namespace, settings: Settings) -> int:
+    from clinic.proofs import export_bundle
+
+    bundle = export_bundle(settings, args.reading)
+    text = bundle.model_dump_json(indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """The proof kit's check (``vitalproof-verify`` says the same), with the local chain as
+    the default endpoint when the settings name one."""
+    from vitalproof_verify.cli import UnusableInput, check_file
+
+    rpc = args.rpc or settings.chain.rpc_url
+    if rpc is None and settings.chain.kind == "anvil":
+        from vitalproof.devstack import anvil
+
+        rpc = anvil.rpc_url(settings)
+    try:
+        verdict = check_file(args.bundle, rpc)
+    except UnusableInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(verdict.line(), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if verdict.ok else EXIT_FAILED
+
+
+# -- lake ---------------------------------------------------------------------------------
+
+
+def cmd_lake(args: argparse.Namespace, settings: Settings) -> int:
+    from vitalproof.cli.lake import lake_read, lake_stats
+
+    if args.action == "stats":
+        return lake_stats(settings, as_json=args.json)
+    return lake_read(
+        settings,
+        patient=args.patient,
+        start=args.start,
+        end=args.end,
+        metrics=args.metric,
+        fmt=args.format,
+        output=args.output,
+    )
+
+
+# -- ble ----------------------------------------------------------------------------------
+
+
+def cmd_ble(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.gatt.decode import ble_decode_cli
+
+    code, text = ble_decode_cli(args.uuid, args.hex)
+    print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitalproof",
+        description="Wearable vital signs, sealed and anchored so anyone can check them.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stack", help="the local Kafka, Mosquitto and chain")
+    s.add_argument("action", choices=["up", "down", "status", "fetch"])
+    s.add_argument("--chain", choices=["embedded", "anvil"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(handler=cmd_stack)
+
+    d = sub.add_parser("devices", help="enroll, list and retire devices")
+    dsub = d.add_subparsers(dest="action", required=True)
+    e = dsub.add_parser("enroll")
+    e.add_argument("device_id")
+    e.add_argument("patient_id")
+    e.add_argument("--json", action="store_true")
+    r = dsub.add_parser("retire")
+    r.add_argument("device_id")
+    ls = dsub.add_parser("list")
+    ls.add_argument("--json", action="store_true")
+    d.set_defaults(handler=cmd_devices)
+
+    w = sub.add_parser("worker", help="run the Faust worker (normalize, seal)")
+    w.add_argument("--loglevel", default="warning")
+    w.set_defaults(handler=cmd_worker)
+
+    c = sub.add_parser("collect", help="run a collector (MQTT by default, or a BLE gateway)")
+    c.add_argument("transport", nargs="?", choices=["mqtt", "ble"], default="mqtt")
+    c.add_argument(
+        "--allow", action="append", metavar="ADDRESS=DEVICE_ID", help="BLE allow-list entry"
+    )
+    c.add_argument("--duration", type=float, help="stop after this many seconds")
+    c.add_argument("--max-messages", type=int, help="stop after this many acked messages")
+    c.set_defaults(handler=cmd_collect)
+
+    a = sub.add_parser("anchor", help="anchor the batch log on chain")
+    asub = a.add_subparsers(dest="action", required=True)
+    ar = asub.add_parser("run")
+    ar.add_argument("--period", type=float, help="seconds between anchors")
+    ar.add_argument("--duration", type=float, help="stop after this many seconds")
+    ar.add_argument("--once", action="store_true", help="anchor what is new, then exit")
+    a.set_defaults(handler=cmd_anchor)
+
+    sm = sub.add_parser("sim", help="run a simulated device fleet over MQTT")
+    sm.add_argument("--devices", type=int, default=10)
+    sm.add_argument("--rate", type=float, default=1.0, help="messages per device per second")
+    sm.add_argument("--duration", type=float, default=10.0)
+    sm.add_argument("--faults", default="", help="e.g. dup=0.01,reorder=0.01,malformed=0.001")
+    sm.add_argument("--record", type=Path, help="write the ground truth as JSON lines")
+    sm.add_argument("--accel-hz", type=int, default=0, help="accelerometer sample rate")
+    sm.add_argument(
+        "--encoding", choices=["json", "binary"], default="json", help="payload encoding"
+    )
+    sm.set_defaults(handler=cmd_sim)
+
+    dm = sub.add_parser("demo", help="fleet -> collectors -> Kafka -> Faust -> lake -> chain")
+    dm.add_argument("--devices", type=int, default=50)
+    dm.add_argument("--duration", type=float, default=60.0)
+    dm.add_argument("--chain", choices=["embedded", "anvil"], default="embedded")
+    dm.add_argument("--json", action="store_true", help="last line of stdout: the summary")
+    dm.add_argument(
+        "--faults", default="", help="fleet faults, e.g. dup=0.01,reorder=0.01,malformed=0.001"
+    )
+    dm.set_defaults(handler=cmd_demo)
+
+    pr = sub.add_parser("proof", help="proof bundles")
+    prsub = pr.add_subparsers(dest="action", required=True)
+    pe = prsub.add_parser("export")
+    pe.add_argument("--reading", required=True, help="reading id")
+    pe.add_argument("-o", "--output", help="file to write (default: stdout)")
+    pr.set_defaults(handler=cmd_proof)
+
+    v = sub.add_parser("verify", help="verify a proof bundle")
+    v.add_argument("bundle")
+    v.add_argument("--rpc", help="any Ethereum JSON-RPC endpoint")
+    v.set_defaults(handler=cmd_verify)
+
+    lk = sub.add_parser("lake", help="read and count the sealed, encrypted lake")
+    lksub = lk.add_subparsers(dest="action", required=True)
+    lr = lksub.add_parser("read", help="decrypt and export one patient's readings")
+    lr.add_argument("--patient", required=True)
+    lr.add_argument("--from", dest="start", help="ISO 8601 time (UTC if no offset)")
+    lr.add_argument("--to", dest="end", help="ISO 8601 time, exclusive")
+    lr.add_argument("--metric", action="append", help="repeat for several metrics")
+    lr.add_argument("--format", choices=["csv", "parquet", "json", "fhir", "omh"], default="csv")
+    lr.add_argument("-o", "--output", help="file to write (default: stdout; parquet needs -o)")
+    lst = lksub.add_parser("stats", help="readings, duplicates, batches, patients, bytes")
+    lst.add_argument("--json", action="store_true")
+    lk.set_defaults(handler=cmd_lake)
+
+    b = sub.add_parser("ble", help="BLE tools")
+    bsub = b.add_subparsers(dest="action", required=True)
+    bd = bsub.add_parser("decode", help="decode one captured GATT characteristic value")
+    bd.add_argument("uuid", help="2a37, 0x2A37 or the 128-bit form")
+    bd.add_argument("hex", help="the value's bytes in hex")
+    b.set_defaults(handler=cmd_ble)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings()
+        crashpoints.arm(settings.runtime.crash_at)
+        hashing.configure(native=settings.runtime.native)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except VitalproofError as e:
+        # The first line says what failed; any further lines (why, what to do) follow it.
+        print(f"error: {e.diagnostics()}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
