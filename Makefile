@@ -10,9 +10,10 @@ install: system $(VENV)/.installed $(VENV)/.native node_modules/.installed kafka
 system:
 	@bash scripts/install-system.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml verifier/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ./verifier
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
@@ -45,6 +46,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict verifier/vitalproof_verify
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) bench/merkle_bench.py

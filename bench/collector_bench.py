@@ -7,12 +7,12 @@ What it does (bounded, about two minutes):
    usual ``VITALPROOF_*`` variables name it).
 2. Enrolls ``--devices`` devices and pre-generates their payloads with the simulator
    (:class:`device_sims.physiology.SimDevice`, 50 Hz triaxial accelerometer, one message per
-   ``--tick-s`` of device time), encoded with :mod:`vitalproof.binary`.
+   ``--tick-s`` of device time), encoded with :mod:`vitalproof.wire.binary`.
 3. Phase "mosquitto_sub": ``--publishers`` publisher processes publish while
    ``mosquitto_sub -q 1 -t 'devices/#'`` (the collector account; it prints 2 bytes per
    message to a pipe that is only counted) reads the same stream: the broker's ceiling on
    this machine with this publisher.
-4. Phase "collector": the same publishers, and ONE :class:`ingest.mqtt.MqttCollector`
+4. Phase "collector": the same publishers, and ONE :class:`ingest.mqtt.collector.MqttCollector`
    (this process) forwarding to Kafka ``vitals.raw``; its acked count (PUBACK only after
    Kafka acked) over a fixed window gives messages/s; samples/s = messages/s x the mean
    samples per message, which is checked by decoding records read back from ``vitals.raw``.
@@ -64,8 +64,14 @@ sys.path.insert(0, str(ROOT))
 from pydantic import SecretStr  # noqa: E402
 
 from device_sims.physiology import SimDevice  # noqa: E402
-from vitalproof import binary  # noqa: E402
-from vitalproof.settings import Settings  # noqa: E402
+from vitalproof.settings import (  # noqa: E402
+    DevStackSettings,
+    KafkaSettings,
+    MqttSettings,
+    PathSettings,
+    Settings,
+)
+from vitalproof.wire import binary  # noqa: E402
 
 T0 = 1_732_200_000_000_000
 # How often the measuring process rewrites the publishers' credit (closed loop): a file
@@ -303,8 +309,8 @@ class Publishers:
             mine = devices[k::n]
             status = workdir / f"pub{run}-{k}.json"
             cfg = {
-                "host": settings.mqtt_host,
-                "port": settings.mqtt_port,
+                "host": settings.mqtt.host,
+                "port": settings.mqtt.port,
                 "window": window,
                 "rate": rate / n,
                 "credit": str(self.credit) if self.credit else None,
@@ -358,7 +364,7 @@ def measure_mosquitto_sub(
     settings: Settings, pubs_factory: Callable[[], Publishers], warmup: float, window: float
 ) -> tuple[float, float]:
     """(messages/s mosquitto_sub read, messages/s the publishers got acked) over the window."""
-    from vitalproof.stack import collector_credentials
+    from vitalproof.devstack import collector_credentials
 
     user, password = collector_credentials(settings)
     exe = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
@@ -376,9 +382,9 @@ def measure_mosquitto_sub(
             "-P",
             password,
             "-h",
-            settings.mqtt_host,
+            settings.mqtt.host,
             "-p",
-            str(settings.mqtt_port),
+            str(settings.mqtt.port),
             "-F",
             "x",
         ],
@@ -432,8 +438,8 @@ async def measure_collector(
     profile: Path | None = None,
 ) -> tuple[float, float, dict[str, float]]:
     """(collector acked messages/s, publisher acked messages/s, collector stats)."""
-    from ingest.mqtt import MqttCollector, MqttCredentials
-    from vitalproof.stack import collector_credentials
+    from ingest.mqtt.collector import MqttCollector, MqttCredentials
+    from vitalproof.devstack import collector_credentials
 
     user, password = collector_credentials(settings)
     collector = MqttCollector(settings, MqttCredentials(user, password))
@@ -485,12 +491,12 @@ async def check_raw(settings: Settings, n: int) -> tuple[int, float]:
     """Decode ``n`` records of vitals.raw: (records decoded, mean samples per record)."""
     from aiokafka import AIOKafkaConsumer
 
-    from vitalproof.codecs import decode_samples
     from vitalproof.raw import RawRecord
+    from vitalproof.wire.codecs import decode_samples
 
     consumer = AIOKafkaConsumer(
-        settings.topic_raw,
-        bootstrap_servers=settings.kafka_bootstrap,
+        settings.kafka.topic_raw,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         group_id=None,
     )
@@ -550,9 +556,9 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from vitalproof.devstack import StackManager, ensure_topics, mosquitto, set_device_credentials
+    from vitalproof.devstack.procs import free_ports
     from vitalproof.registry import Registry
-    from vitalproof.stack import StackManager, ensure_topics, mosquitto, set_device_credentials
-    from vitalproof.stack.procs import free_ports
 
     console = Console(stderr=True)
     started = time.monotonic()
@@ -564,22 +570,21 @@ def main() -> int:
     else:
         kafka_port, controller_port, mqtt_port = free_ports(3)
         base = Settings(
-            home=tmp / "home",
-            kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-            kafka_controller_port=controller_port,
-            mqtt_host="127.0.0.1",
-            mqtt_port=mqtt_port,
-            mqtt_collector_password=SecretStr(secrets.token_urlsafe(18)),
-            topic_prefix="",
+            paths=PathSettings(home=tmp / "home"),
+            kafka=KafkaSettings(bootstrap=f"127.0.0.1:{kafka_port}", topic_prefix=""),
+            devstack=DevStackSettings(kafka_controller_port=controller_port),
+            mqtt=MqttSettings(
+                host="127.0.0.1",
+                port=mqtt_port,
+                collector_password=SecretStr(secrets.token_urlsafe(18)),
+            ),
         )
         manager = StackManager(base)
     tag = uuid.uuid4().hex[:8]
-    settings = base.model_copy(
-        update={
-            "topic_prefix": f"bench{tag}.",
-            "gateway_id": f"gw-bench-{tag}",
-            "mqtt_share_group": f"bench-{tag}",
-        }
+    settings = base.evolve(
+        kafka={"topic_prefix": f"bench{tag}."},
+        gateway={"id": f"gw-bench-{tag}"},
+        mqtt={"share_group": f"bench-{tag}"},
     )
     try:
         if manager is not None:
@@ -592,8 +597,8 @@ def main() -> int:
                 # the SIGHUP that enrolling the devices sends below.
                 with mosquitto.config_path(base).open("a") as f:
                     f.write(f"max_inflight_messages {args.broker_inflight}\n")
-        ensure_topics(settings, [settings.topic_raw], settings.partitions)
-        registry = Registry(settings.registry_path)
+        ensure_topics(settings, [settings.kafka.topic_raw], settings.kafka.partitions)
+        registry = Registry(settings.paths.registry_path)
         devices = [
             (f"bench-{tag}-{i}", registry.enroll(f"bench-{tag}-{i}", f"pat-{i}").mqtt_password)
             for i in range(args.devices)

@@ -34,12 +34,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from anchor import merkle
+from anchor.bundles import build_bundle
 from anchor.log import MerkleLog
-from anchor.proof import ProofBundle, build_bundle, verify_offline
-from vitalproof import native
-from vitalproof.schema import Reading, Transport, reading_id
+from vitalproof import hashing
 from vitalproof.units import Metric
+from vitalproof_verify import merkle
+from vitalproof_verify.bundle import ProofBundle, Reading, verify_offline
+from vitalproof_verify.leaves import leaf_hash_salted, reading_id
 
 T = TypeVar("T")
 T0 = 1_732_147_200_000_000  # 2024-11-21T00:00:00Z, microseconds
@@ -70,14 +71,12 @@ def _readings(n: int) -> list[Reading]:
             reading_id=reading_id("dev-0001", "heart_rate", i, T0 + i * 1_000_000),
             device_id="dev-0001",
             patient_id="pt-0001",
-            metric=Metric.HEART_RATE,
+            metric=Metric.HEART_RATE.value,
             value=float(60 + i % 40),
             unit="/min",
             device_time_us=T0 + i * 1_000_000,
-            receive_time_us=T0 + i * 1_000_000 + 40_000,
             seq=i,
-            transport=Transport.MQTT,
-            gateway_id="gw-1",
+            quality=0,
         )
         for i in range(n)
     ]
@@ -107,9 +106,7 @@ def _salted_inputs(n: int) -> tuple[list[bytes], list[bytes]]:
 
 def bench_salted(n: int) -> float:
     salts, canon = _salted_inputs(n)
-    dt, _ = _timed(
-        lambda: [merkle.leaf_hash_salted(s, c) for s, c in zip(salts, canon, strict=True)]
-    )
+    dt, _ = _timed(lambda: [leaf_hash_salted(s, c) for s, c in zip(salts, canon, strict=True)])
     return n / dt
 
 
@@ -133,7 +130,7 @@ def bench_tree(n: int) -> tuple[float, float]:
 
 def bench_verify(bundles: int) -> tuple[float, float, int, int]:
     batch = _readings(4096)
-    leaves = [merkle.leaf_hash_salted(_salt(r.reading_id), r.canonical_bytes()) for r in batch]
+    leaves = [leaf_hash_salted(_salt(r.reading_id), r.canonical_bytes()) for r in batch]
     tree = merkle.MerkleTree(leaves)
     with tempfile.TemporaryDirectory() as d, MerkleLog(d) as log:
         with _progress() as p:
@@ -199,10 +196,10 @@ def main() -> None:
     salted = bench_salted(min(args.leaves, 200_000))
     build_s, proofs = bench_tree(args.leaves)
     per_model, per_json, depth, size = bench_verify(args.bundles)
-    ext = native.ext()
+    ext = hashing.extension()
     fast = bench_native(ext, args.leaves, args.repeat) if ext is not None else None
 
-    table = Table(title="anchor.merkle / anchor.proof, one core")
+    table = Table(title="vitalproof_verify.merkle / vitalproof_verify.bundle, one core")
     table.add_column("measure")
     table.add_column("result", justify="right")
     table.add_row(f"root() over {args.leaves:,} leaf hashes, best", f"{best:,.0f} leaves/s")

@@ -51,11 +51,18 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vitalproof import binary  # noqa: E402
 from vitalproof.raw import RawRecord  # noqa: E402
 from vitalproof.schema import CONTENT_TYPE_JSON, SampleBatch, Transport  # noqa: E402
-from vitalproof.settings import Settings  # noqa: E402
+from vitalproof.settings import (  # noqa: E402
+    ChainSettings,
+    DevStackSettings,
+    KafkaSettings,
+    MqttSettings,
+    PathSettings,
+    Settings,
+)
 from vitalproof.units import PLAUSIBLE, Metric  # noqa: E402
+from vitalproof.wire import binary  # noqa: E402
 
 US = 1_000_000
 METRICS = [  # metric, unit, mean, random-walk step, resolution (as devices quantize)
@@ -118,7 +125,7 @@ def generate(
             doc = {"schema": 1, "device_id": f"dev-{d:05d}", "series": series}
             payload = json.dumps(doc, separators=(",", ":")).encode()
             ctype = CONTENT_TYPE_JSON
-            if encoding == "binary":  # the same samples in vitalproof.binary
+            if encoding == "binary":  # the same samples in vitalproof.wire.binary
                 payload = binary.encode(SampleBatch.from_json(payload), with_device=False)
                 ctype = binary.CONTENT_TYPE_BINARY
             rx = ts[-1] + 200_000
@@ -154,19 +161,15 @@ def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
 
 def run_inprocess(args: argparse.Namespace) -> None:
     """The worker's per-message work without Kafka: where the CPU goes, per stage."""
-    from streams.app import (
-        CLEAN_BUNDLE_SAMPLES,
-        NORMALIZE_TAKE,
-        bundle_by_patient,
-    )
-    from streams.batcher import Sealer
+    from streams.app import CLEAN_BUNDLE_SAMPLES, NORMALIZE_TAKE, bundle_by_patient
     from streams.dedupe import DedupeWindows
     from streams.keystore import LocalKeystore
     from streams.normalize import Rejection, normalize
     from streams.seal_buffer import SealBuffer
     from streams.seal_process import CleanRecord, seal_records
-    from vitalproof import clean_codec
+    from streams.sealer import Sealer
     from vitalproof.registry import Device, DeviceStatus
+    from vitalproof.wire import clean
 
     msgs = generate(args.samples, args.devices, args.per_message, encoding=args.raw_encoding)
     total = sum(m.samples for m in msgs)
@@ -194,7 +197,7 @@ def run_inprocess(args: argparse.Namespace) -> None:
             recent.drop_seen_many(accepted)
             batches = [b for b, _origin in accepted]
             for _patient, bundle in bundle_by_patient(batches, CLEAN_BUNDLE_SAMPLES):
-                clean.append(clean_codec.encode_bundle(bundle))
+                clean.append(clean.encode_bundle(bundle))
             recent.drain()
         t1 = _clock()
         # Cut into batches as the worker's seal buffer does (whole records, by rows), and
@@ -203,7 +206,7 @@ def run_inprocess(args: argparse.Namespace) -> None:
             max_rows=args.batch_rows,
             max_records=len(clean) + 1,
             max_age_s=float("inf"),
-            rows_of=lambda r: clean_codec.sample_count(r[3]),
+            rows_of=lambda r: clean.sample_count(r[3]),
         )
         buffer.add([("clean", 0, i, v) for i, v in enumerate(clean)], 0.0)
         t2 = _clock()
@@ -328,26 +331,27 @@ def read_manifests(batches_dir: Path, seen: dict[str, dict[str, Any]]) -> None:
 def local_stack(home: Path) -> Iterator[Settings]:
     """Settings on a running Kafka: the one VITALPROOF_* names, or a fresh stack of ours."""
     if os.environ.get("VITALPROOF_KAFKA_BOOTSTRAP"):
-        yield Settings().model_copy(update={"home": home})
+        yield Settings().evolve(paths={"home": home})
         return
     from pydantic import SecretStr
 
-    from vitalproof.stack import StackManager
-    from vitalproof.stack.procs import free_ports
+    from vitalproof.devstack import StackManager
+    from vitalproof.devstack.procs import free_ports
 
     kafka_port, controller_port, mqtt_port, anvil_port = free_ports(4)
     settings = Settings(
-        home=home,
-        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-        kafka_controller_port=controller_port,
-        mqtt_host="127.0.0.1",
-        mqtt_port=mqtt_port,
-        mqtt_collector_password=SecretStr("bench-collector-password"),
-        anvil_port=anvil_port,
-        chain="embedded",
+        paths=PathSettings(home=home),
+        kafka=KafkaSettings(bootstrap=f"127.0.0.1:{kafka_port}"),
+        devstack=DevStackSettings(kafka_controller_port=controller_port, anvil_port=anvil_port),
+        mqtt=MqttSettings(
+            host="127.0.0.1",
+            port=mqtt_port,
+            collector_password=SecretStr("bench-collector-password"),
+        ),
+        chain=ChainSettings(kind="embedded"),
     )
     manager = StackManager(settings)
-    console.print(f"starting Kafka on {settings.kafka_bootstrap} (home {home})")
+    console.print(f"starting Kafka on {settings.kafka.bootstrap} (home {home})")
     try:
         status = manager.up(chain="embedded")
         deadline = time.monotonic() + 30
@@ -367,21 +371,21 @@ async def prefill(settings: Settings, msgs: list[Message]) -> float:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         acks="all",
         linger_ms=20,
         max_batch_size=1 << 20,
         max_request_size=8 << 20,
-        compression_type=settings.kafka_compression_type,  # as the collectors send it
+        compression_type=settings.kafka.compression_type,  # as the collectors send it
     )
     await producer.start()
     t0 = _clock()
     try:
         pending: list[asyncio.Future[object]] = []
         for m in msgs:
-            headers = raw_record(m, settings.gateway_id).headers()
+            headers = raw_record(m, settings.gateway.id).headers()
             fut = await producer.send(
-                settings.topic_raw, m.payload, key=m.device_id.encode(), headers=headers
+                settings.kafka.topic_raw, m.payload, key=m.device_id.encode(), headers=headers
             )
             pending.append(fut)
             if len(pending) >= 2000:
@@ -394,33 +398,33 @@ async def prefill(settings: Settings, msgs: list[Message]) -> float:
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    from vitalproof import processes
+    from vitalproof.cli import processes
 
     return processes.start(settings, "worker", log=log)
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    from vitalproof import processes
+    from vitalproof.cli import processes
 
     processes.stop(proc)
 
 
 def run_e2e(args: argparse.Namespace) -> None:
+    from vitalproof.devstack import ensure_topics
     from vitalproof.registry import Registry
-    from vitalproof.stack import ensure_topics
 
     home = Path(tempfile.mkdtemp(prefix="streams-bench-home-"))
     try:
         with local_stack(home) as base:
-            settings = base.model_copy(
-                update={
-                    "topic_prefix": f"bench{os.getpid()}.",
-                    "batch_max_rows": args.batch_rows,
-                    "batch_max_messages": max(1000, args.batch_rows // args.per_message + 1),
-                    "batch_max_age_s": args.batch_age,
-                }
+            settings = base.evolve(
+                kafka={"topic_prefix": f"bench{os.getpid()}."},
+                batching={
+                    "max_rows": args.batch_rows,
+                    "max_messages": max(1000, args.batch_rows // args.per_message + 1),
+                    "max_age_s": args.batch_age,
+                },
             )
-            measure(args, settings, Registry(settings.registry_path), ensure_topics)
+            measure(args, settings, Registry(settings.paths.registry_path), ensure_topics)
     finally:
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -443,16 +447,16 @@ def measure(args: argparse.Namespace, settings: Settings, registry: object, ensu
     enrolled = enrolled_us(msgs)
     for d in sorted({m.device_id for m in msgs}):
         registry.enroll(d, f"pt-{d[4:]}", enrolled_us=enrolled)
-    topics = settings.pipeline_topics
-    ensure(settings, topics, settings.partitions)
+    topics = settings.kafka.pipeline_topics
+    ensure(settings, topics, settings.kafka.partitions)
     took = asyncio.run(prefill(settings, msgs))
     console.print(
-        f"pre-filled {settings.topic_raw} in {took:.1f} s ({total / took:,.0f} samples/s)"
+        f"pre-filled {settings.kafka.topic_raw} in {took:.1f} s ({total / took:,.0f} samples/s)"
     )
     del msgs
 
     batches_dir = settings.lake_dir / "_batches"
-    log = settings.home / "worker.log"
+    log = settings.paths.home / "worker.log"
     trace = Trace()
     seen: dict[str, dict[str, Any]] = {}
     hwm = (0.0, 0.0)  # peak VmHWM of the worker, of the seal process
@@ -605,7 +609,7 @@ def main() -> None:
         "--raw-encoding",
         choices=("json", "binary"),
         default="json",
-        help="device payloads on vitals.raw: SampleBatch JSON or vitalproof.binary",
+        help="device payloads on vitals.raw: SampleBatch JSON or vitalproof.wire.binary",
     )
     ap.add_argument(
         "--batch-rows",

@@ -28,10 +28,17 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from vitalproof.devstack import PartStatus, StackManager, StackStatus, ensure_topics
+from vitalproof.devstack.procs import free_ports
 from vitalproof.errors import VitalproofError
-from vitalproof.settings import Settings
-from vitalproof.stack import PartStatus, StackManager, StackStatus, ensure_topics
-from vitalproof.stack.procs import free_ports
+from vitalproof.settings import (
+    ChainSettings,
+    DevStackSettings,
+    KafkaSettings,
+    MqttSettings,
+    PathSettings,
+    Settings,
+)
 
 # Startup durations measured by the fixtures, printed in the terminal summary.
 _TIMINGS: dict[str, float] = {}
@@ -43,15 +50,15 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     home = tmp_path_factory.mktemp("vitalproof-home")
     kafka_port, controller_port, mqtt_port, anvil_port = free_ports(4)
     return Settings(
-        home=home,
-        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-        kafka_controller_port=controller_port,
-        mqtt_host="127.0.0.1",
-        mqtt_port=mqtt_port,
-        mqtt_collector_password=SecretStr(secrets.token_urlsafe(18)),
-        anvil_port=anvil_port,
-        chain="embedded",
-        topic_prefix="",
+        paths=PathSettings(home=home),
+        kafka=KafkaSettings(bootstrap=f"127.0.0.1:{kafka_port}", topic_prefix=""),
+        devstack=DevStackSettings(kafka_controller_port=controller_port, anvil_port=anvil_port),
+        mqtt=MqttSettings(
+            host="127.0.0.1",
+            port=mqtt_port,
+            collector_password=SecretStr(secrets.token_urlsafe(18)),
+        ),
+        chain=ChainSettings(kind="embedded"),
     )
 
 
@@ -110,30 +117,28 @@ def settings(stack: StackManager, tmp_path: Path) -> Settings:
     """
     home = tmp_path / "home"
     home.mkdir()
-    (home / "stack").symlink_to(stack.settings.stack_dir, target_is_directory=True)
+    (home / "stack").symlink_to(stack.settings.paths.stack_dir, target_is_directory=True)
     tag = uuid.uuid4().hex[:12]
     # Own topics, own collector client id (derived from the gateway id) and own shared
     # subscription group: no test inherits another's persistent MQTT session.
-    return stack.settings.model_copy(
-        update={
-            "home": home,
-            "topic_prefix": f"t{tag}.",
-            "gateway_id": f"gw-{tag}",
-            "mqtt_share_group": f"collectors-{tag}",
-        }
+    return stack.settings.evolve(
+        paths={"home": home},
+        kafka={"topic_prefix": f"t{tag}."},
+        gateway={"id": f"gw-{tag}"},
+        mqtt={"share_group": f"collectors-{tag}"},
     )
 
 
 @pytest.fixture
 def anvil_settings(settings: Settings, anvil_rpc_url: str) -> Settings:
     """``settings`` pointed at the session's Anvil."""
-    return settings.model_copy(update={"chain": "anvil", "rpc_url": anvil_rpc_url})
+    return settings.evolve(chain={"kind": "anvil", "rpc_url": anvil_rpc_url})
 
 
 @pytest.fixture
 def kafka_topics(settings: Settings) -> Settings:
     """``settings`` whose raw/clean/dlq/batches topics exist with leaders elected."""
-    ensure_topics(settings, settings.pipeline_topics, settings.partitions)
+    ensure_topics(settings, settings.kafka.pipeline_topics, settings.kafka.partitions)
     return settings
 
 

@@ -16,8 +16,8 @@ from web3 import Web3
 from anchor.chain import load_artifact
 from tests.test_anchoring import _sealed_batches
 from vitalproof.crashpoints import CRASH_EXIT_CODE, MARKER
+from vitalproof.devstack import ensure_topics
 from vitalproof.settings import Settings
-from vitalproof.stack import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def anchor_once(
     settings: Settings, crash_at: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = os.environ | settings.to_env()
+    env = os.environ | settings.child_env(settings.paths.home / "secrets")
     env.pop("VITALPROOF_CRASH_AT", None)
     if crash_at:
         env["VITALPROOF_CRASH_AT"] = crash_at
@@ -40,15 +40,15 @@ def anchor_once(
 
 def test_kill_between_sign_and_send_sends_the_nonce_once(anvil_settings: Settings) -> None:
     settings = anvil_settings
-    ensure_topics(settings, settings.pipeline_topics, settings.partitions)
+    ensure_topics(settings, settings.kafka.pipeline_topics, settings.kafka.partitions)
     manifests = _sealed_batches(settings, 3, 2)
 
     async def produce() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
         await producer.start()
         try:
             for m in manifests:
-                await producer.send_and_wait(settings.topic_batches, m.to_json_bytes())
+                await producer.send_and_wait(settings.kafka.topic_batches, m.to_json_bytes())
         finally:
             await producer.stop()
 
@@ -63,7 +63,7 @@ def test_kill_between_sign_and_send_sends_the_nonce_once(anvil_settings: Setting
             "SELECT nonce, tx_hash, state FROM anchors"
         ).fetchall()
     assert state == "PENDING"
-    w3 = Web3(Web3.HTTPProvider(settings.rpc_url))
+    w3 = Web3(Web3.HTTPProvider(settings.chain.rpc_url))
     contract = json.loads(next(settings.anchor_dir.glob("contract-*.json")).read_text())["address"]
     abi = load_artifact()["abi"]
     events = w3.eth.contract(address=contract, abi=abi).events.Anchored

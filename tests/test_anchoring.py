@@ -17,15 +17,15 @@ from pydantic import SecretStr
 
 from anchor.chain import Chain, submitter_key
 from anchor.job import AnchorJob
-from anchor.merkle import leaf_hash_salted
-from anchor.verify import verify_bundle
-from streams.batcher import Pending, Sealer
+from clinic.proofs import LakeView
 from streams.keystore import LocalKeystore
+from streams.sealer import Pending, Sealer
 from vitalproof.errors import ConfigError
 from vitalproof.manifest import BatchManifest
-from vitalproof.proofs import LakeView
-from vitalproof.schema import SampleBatch, Transport, canonical_reading_bytes, reading_id
+from vitalproof.schema import SampleBatch, Transport
 from vitalproof.settings import Settings
+from vitalproof_verify.leaves import canonical_reading_bytes, leaf_hash_salted, reading_id
+from vitalproof_verify.verify import verify_bundle
 
 DAY_US = 86_400 * 1_000_000
 T0 = 1_800_000_000 // 86_400 * 86_400 * 1_000_000  # a UTC midnight, in microseconds
@@ -84,7 +84,7 @@ def test_dictionary_attack_over_a_day_of_heart_rates_recovers_nothing(tmp_path: 
 
 def _sealed_batches(settings: Settings, n_batches: int, per_batch: int) -> list[BatchManifest]:
     """Seal ``n_batches`` real batches (encrypted files, leaves, manifests) without Kafka."""
-    kms = LocalKeystore(settings.keys_dir)
+    kms = LocalKeystore(settings.paths.keys_dir)
     sealer = Sealer(settings.lake_dir, kms)
     rng = random.Random(5)
     manifests = []
@@ -121,11 +121,11 @@ def test_one_transaction_per_period_whatever_arrived(kafka_topics: Settings) -> 
     manifests = _sealed_batches(settings, 12, 3)
 
     async def produce(ms: list[BatchManifest]) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
         await producer.start()
         try:
             for m in ms:
-                await producer.send_and_wait(settings.topic_batches, m.to_json_bytes())
+                await producer.send_and_wait(settings.kafka.topic_batches, m.to_json_bytes())
         finally:
             await producer.stop()
 
@@ -179,8 +179,8 @@ def test_submitter_key_from_an_encrypted_keystore(anvil_settings: Settings, tmp_
     account = Account.create()
     keyfile = tmp_path / "submitter.json"
     keyfile.write_text(json.dumps(Account.encrypt(account.key, "correct horse")))
-    settings = anvil_settings.model_copy(
-        update={
+    settings = anvil_settings.evolve(
+        chain={
             "submitter_keystore": keyfile,
             "submitter_keystore_password": SecretStr("correct horse"),
         }
@@ -194,9 +194,9 @@ def test_submitter_key_from_an_encrypted_keystore(anvil_settings: Settings, tmp_
     receipt = chain.submit_anchor(b"\x11" * 32, 1)
     assert receipt.tree_size == 1
 
-    wrong = settings.model_copy(update={"submitter_keystore_password": SecretStr("wrong")})
+    wrong = settings.evolve(chain={"submitter_keystore_password": SecretStr("wrong")})
     with pytest.raises(ConfigError, match="cannot decrypt keystore"):
         submitter_key(wrong)
-    both = settings.model_copy(update={"submitter_key": SecretStr("0x" + "11" * 32)})
+    both = settings.evolve(chain={"submitter_key": SecretStr("0x" + "11" * 32)})
     with pytest.raises(ConfigError, match="not both"):
         submitter_key(both)

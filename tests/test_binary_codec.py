@@ -1,4 +1,4 @@
-"""The binary encoding (vitalproof.binary): round trips, equivalence with JSON, hostile
+"""The binary encoding (vitalproof.wire.binary): round trips, equivalence with JSON, hostile
 bytes, sizes, and a binary fleet through the real Mosquitto -> collector -> Kafka -> normalize.
 """
 
@@ -15,17 +15,17 @@ from hypothesis import strategies as st
 
 from device_sims.fleet import Fleet
 from device_sims.physiology import SimDevice
-from ingest.mqtt import MqttCollector, MqttCredentials
+from ingest.mqtt.collector import MqttCollector, MqttCredentials
 from streams.normalize import normalize
-from vitalproof import binary
-from vitalproof.codecs import decode_samples
+from vitalproof.devstack import collector_credentials, set_device_credentials
 from vitalproof.errors import WireFormatError
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Registry
 from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch
 from vitalproof.settings import Settings
-from vitalproof.stack import collector_credentials, set_device_credentials
 from vitalproof.units import CANONICAL_UNIT, Metric
+from vitalproof.wire import binary
+from vitalproof.wire.codecs import decode_samples
 
 T0 = 1_732_200_000_000_000
 I64 = st.integers(-(2**62), 2**62)
@@ -238,7 +238,7 @@ def test_sizes_50hz_accel_one_second() -> None:
 
 
 def enroll(settings: Settings, n: int) -> list[tuple[str, str]]:
-    registry = Registry(settings.registry_path)
+    registry = Registry(settings.paths.registry_path)
     creds = [(f"bin-{i}", registry.enroll(f"bin-{i}", f"pat-{i}").mqtt_password) for i in range(n)]
     set_device_credentials(settings, dict(creds))
     return creds
@@ -249,7 +249,7 @@ def test_binary_fleet_through_collector_normalizes(kafka_topics: Settings) -> No
     """Binary payloads with 50 Hz accel: Mosquitto -> collector -> vitals.raw -> normalize."""
     settings = kafka_topics
     creds = enroll(settings, 4)
-    registry = Registry(settings.registry_path)
+    registry = Registry(settings.paths.registry_path)
 
     async def go() -> tuple[int, list[RawRecord]]:
         user, password = collector_credentials(settings)
@@ -259,8 +259,8 @@ def test_binary_fleet_through_collector_normalizes(kafka_topics: Settings) -> No
         await asyncio.wait_for(collector.subscribed.wait(), 30)
         fleet = Fleet(
             creds,
-            settings.mqtt_host,
-            settings.mqtt_port,
+            settings.mqtt.host,
+            settings.mqtt.port,
             rate_hz=2,
             duration_s=3,
             accel_hz=50,
@@ -275,8 +275,8 @@ def test_binary_fleet_through_collector_normalizes(kafka_topics: Settings) -> No
         stop.set()
         await task
         consumer = AIOKafkaConsumer(
-            settings.topic_raw,
-            bootstrap_servers=settings.kafka_bootstrap,
+            settings.kafka.topic_raw,
+            bootstrap_servers=settings.kafka.bootstrap,
             auto_offset_reset="earliest",
             group_id=None,
         )

@@ -21,7 +21,7 @@ from device_sims.ble import (
     ThermometerSim,
     WeightScaleSim,
 )
-from ingest.ble import (
+from ingest.ble.collector import (
     BATTERY_LEVEL,
     RACP,
     BleBackend,
@@ -45,7 +45,7 @@ async def consume(
 ) -> list[Record]:
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
@@ -116,14 +116,14 @@ def test_all_profiles_flow_into_vitals_raw(kafka_topics: Settings, tmp_path: Pat
     # Everything the peripherals notified (+ one battery reading each) reached vitals.raw.
     with_readings = [x for p in sims[:-1] for x in p.sent if decode(x.uuid, x.data).samples]
     expected = len(with_readings) + 6
-    records = asyncio.run(consume(s, s.topic_raw, expected))
+    records = asyncio.run(consume(s, s.kafka.topic_raw, expected))
     assert len(records) == expected == stats.produced
 
     by_source: dict[str, list[SampleBatch]] = {}
     for value, headers in records:
         raw = RawRecord.from_kafka(value, headers)
         assert raw.transport is Transport.BLE and raw.content_type == CONTENT_TYPE_JSON
-        assert raw.gateway_id == s.gateway_id and raw.device_id.startswith("dev-")
+        assert raw.gateway_id == s.gateway.id and raw.device_id.startswith("dev-")
         batch = SampleBatch.from_json(raw.payload, device_id=raw.device_id)
         by_source.setdefault(raw.source[4:8], []).append(batch)
 
@@ -174,19 +174,19 @@ def test_malformed_bytes_go_to_the_dlq_and_collection_continues(
     stats = asyncio.run(c.run(until=lambda st: st.decode_errors >= 3 and st.readings >= 20))
     bad = [x for x in hr.sent if x.malformed]
     assert stats.decode_errors == len(bad) >= 3
-    dlq = asyncio.run(consume(s, s.topic_dlq, len(bad)))
+    dlq = asyncio.run(consume(s, s.kafka.topic_dlq, len(bad)))
     assert len(dlq) == len(bad) == stats.produced_dlq
     assert [v for v, _ in dlq] == [x.data for x in bad]  # original bytes, in order
     _, h = dlq[0]
     assert h["dlq-stage"] == b"ble" and h["transport"] == b"ble"
     assert h["device-id"] == device_id_for(hr.address).encode()
     assert h["source"] == b"00002a37-0000-1000-8000-00805f9b34fb"
-    assert b"truncated" in h["dlq-reason"] and h["gateway-id"] == s.gateway_id.encode()
+    assert b"truncated" in h["dlq-reason"] and h["gateway-id"] == s.gateway.id.encode()
     assert int(h["received-us"]) > 0
     # Collection went on after the bad values: good notifications after the first bad one.
     first_bad = hr.sent.index(bad[0])
     assert any(not x.malformed for x in hr.sent[first_bad + 1 :])
-    raw = asyncio.run(consume(s, s.topic_raw, sent_good([hr]) + 1))
+    raw = asyncio.run(consume(s, s.kafka.topic_raw, sent_good([hr]) + 1))
     assert len(raw) == sent_good([hr]) + 1
 
 
@@ -212,7 +212,7 @@ def test_link_drop_reconnects_and_glucose_fetches_only_new_records(
     c2 = collector(s, [bp, gl], tmp_path)
     asyncio.run(c2.run(until=lambda st: st.racp_responses >= 1, duration_s=30))
     assert gl.racp_requests == [racp_report_all(), racp_report_from(3)]
-    records = asyncio.run(consume(s, s.topic_raw, c.stats.produced + c2.stats.produced))
+    records = asyncio.run(consume(s, s.kafka.topic_raw, c.stats.produced + c2.stats.produced))
     assert len(records) == c.stats.produced + c2.stats.produced
     glucose = [
         sq for v, h in records if h["source"][4:8] == b"2a18" for sq in SampleBatch.from_json(v).seq
@@ -225,7 +225,7 @@ def test_kafka_unreachable_buffers_on_disk_then_drains_in_order(
     kafka_topics: Settings, tmp_path: Path
 ) -> None:
     s = kafka_topics
-    dead = s.model_copy(update={"kafka_bootstrap": "127.0.0.1:9"})
+    dead = s.evolve(kafka={"bootstrap": "127.0.0.1:9"})
     hr = HeartRateSim("C3:00:00:00:00:01", malformed_every=5)
     c = collector(dead, [hr], tmp_path)
     stats = asyncio.run(c.run(until=lambda st: st.buffered >= 30, duration_s=30))
@@ -239,10 +239,12 @@ def test_kafka_unreachable_buffers_on_disk_then_drains_in_order(
     assert len(c2.buffer) == held
     stats2 = asyncio.run(c2.run(until=lambda st: len(c2.buffer) == 0, duration_s=30))
     assert len(c2.buffer) == 0 and stats2.produced + stats2.produced_dlq == held
-    raw = asyncio.run(consume(s, s.topic_raw, stats2.produced))
-    dlq = asyncio.run(consume(s, s.topic_dlq, stats2.produced_dlq))
+    raw = asyncio.run(consume(s, s.kafka.topic_raw, stats2.produced))
+    dlq = asyncio.run(consume(s, s.kafka.topic_dlq, stats2.produced_dlq))
     assert len(raw) + len(dlq) == held
-    sent_raw = [Envelope.decode(p).value for p in order if Envelope.decode(p).topic == s.topic_raw]
+    sent_raw = [
+        Envelope.decode(p).value for p in order if Envelope.decode(p).topic == s.kafka.topic_raw
+    ]
     assert [v for v, _ in raw] == sent_raw  # one device = one partition: FIFO preserved
     assert [v for v, _ in dlq] == [x.data for x in hr.sent if x.malformed]
     battery = [v for v, h in raw if h["source"] == BATTERY_LEVEL.encode()]
@@ -253,7 +255,7 @@ def test_bound_evicts_oldest_and_counts(
     kafka_topics: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = kafka_topics
-    dead = s.model_copy(update={"kafka_bootstrap": "127.0.0.1:9"})
+    dead = s.evolve(kafka={"bootstrap": "127.0.0.1:9"})
     hr = HeartRateSim("C4:00:00:00:00:01")
     c = collector(dead, [hr], tmp_path, buffer_max_records=10, buffer_max_bytes=None)
     with caplog.at_level(logging.WARNING, logger="ingest.buffer"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,19 +14,13 @@ from typing import Any
 
 import pytest
 
-from anchor.chain import (
-    ANVIL_CHAIN_ID,
-    AnchorReceipt,
-    Chain,
-    FeePolicy,
-    Fees,
-    check_anchor_on_chain,
-    compute_fees,
-    rpc_web3,
-)
-from anchor.errors import AnchorError, ProofError, ProofFailure
+from anchor.chain import ANVIL_CHAIN_ID, AnchorReceipt, Chain, FeePolicy, Fees, compute_fees
+from anchor.errors import AnchorError
+from vitalproof.devstack.procs import free_ports
 from vitalproof.errors import ConfigError
-from vitalproof.settings import Settings
+from vitalproof.settings import ChainSettings, Settings
+from vitalproof_verify.errors import ProofError, ProofFailure
+from vitalproof_verify.onchain import check_anchor_on_chain, rpc_web3
 
 REPO = Path(__file__).resolve().parent.parent
 ANVIL = REPO / "node_modules" / ".bin" / "anvil"
@@ -40,17 +33,11 @@ def _root(i: int) -> bytes:
 # -- Anvil (own fixture until a shared one replaces it) -----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_anvil(*extra: str) -> tuple[subprocess.Popen[bytes], str, Any]:
     """Start Anvil on a free port; fail (never skip) if it does not answer eth_chainId."""
     if not ANVIL.exists():
         pytest.fail(f"{ANVIL} missing: run `npm ci` in {REPO}")
-    port = _free_port()
+    (port,) = free_ports(1)
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop_anvil()
     cmd = [str(ANVIL), "--port", str(port), "--host", "127.0.0.1", "--silent", *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -203,11 +190,11 @@ def test_fee_policy_caps_and_refuses_a_cap_below_base_fee(chain: Chain) -> None:
 
 
 def test_from_settings() -> None:
-    assert Chain.from_settings(Settings(chain="embedded")).tester is not None
+    assert Chain.from_settings(Settings(chain=ChainSettings(kind="embedded"))).tester is not None
     with pytest.raises(ConfigError, match="RPC_URL"):
-        Chain.from_settings(Settings(chain="rpc"))
+        Chain.from_settings(Settings(chain=ChainSettings(kind="rpc")))
     with pytest.raises(ConfigError, match="SUBMITTER_KEY"):
-        Chain.from_settings(Settings(chain="rpc", rpc_url="http://127.0.0.1:1"))
+        Chain.from_settings(Settings(chain=ChainSettings(kind="rpc", rpc_url="http://127.0.0.1:1")))
 
 
 # -- Anvil ----------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import struct
 import pytest
 
 from streams.app import bundle_by_patient
-from vitalproof import clean_codec
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import Quality, SampleBatch, Transport
+from vitalproof.wire import clean
 
 
 def normalized() -> SampleBatch:
@@ -44,13 +44,13 @@ def same(a: SampleBatch, b: SampleBatch) -> None:
 
 def test_every_field_round_trips_and_equals_the_json_codec():
     b = normalized()
-    data = clean_codec.encode(b)
-    assert clean_codec.is_clean_binary(data) and clean_codec.sample_count(data) == len(b)
-    back = clean_codec.decode(data)
+    data = clean.encode(b)
+    assert clean.is_clean_binary(data) and clean.sample_count(data) == len(b)
+    back = clean.decode(data)
     same(back, b)
     assert back.metric[-1] == "heart_rate"  # sample order kept (the JSON codec regroups)
     # records written as JSON by an older worker still decode
-    (old,) = clean_codec.decode_record(b.to_json())
+    (old,) = clean.decode_record(b.to_json())
     same(old, SampleBatch.from_json(b.to_json()))
     assert len(data) < len(b.to_json())
 
@@ -58,7 +58,7 @@ def test_every_field_round_trips_and_equals_the_json_codec():
 def test_optional_fields_stay_absent_and_ids_are_optional():
     b = SampleBatch(device_id="dev-1")
     b.add("heart_rate", "/min", 1, 2, 3.0)
-    back = clean_codec.decode(clean_codec.encode(b))
+    back = clean.decode(clean.encode(b))
     same(back, b)
     assert back.patient_id is None and back.transport is None and back.reading_id == []
 
@@ -78,16 +78,16 @@ def test_optional_fields_stay_absent_and_ids_are_optional():
 )
 def test_a_damaged_record_says_what_is_wrong(mangle, message):
     with pytest.raises(WireFormatError, match=message):
-        clean_codec.decode(mangle(clean_codec.encode(normalized())))
+        clean.decode(mangle(clean.encode(normalized())))
 
 
 def test_a_bundle_carries_many_batches_in_order():
     a, b = normalized(), normalized()
     b.patient_id, b.device_id = "pat-2", "dev-2"
     b.fill_reading_ids()  # another device: other ids
-    data = clean_codec.encode_bundle([a, b, a])
-    assert clean_codec.sample_count(data) == 3 * len(a)
-    back = clean_codec.decode_record(data)
+    data = clean.encode_bundle([a, b, a])
+    assert clean.sample_count(data) == 3 * len(a)
+    back = clean.decode_record(data)
     assert len(back) == 3
     for x, y in zip(back, [a, b, a], strict=True):
         same(x, y)
@@ -103,9 +103,9 @@ def test_a_bundle_carries_many_batches_in_order():
     ],
 )
 def test_a_damaged_bundle_says_what_is_wrong(mangle, message):
-    data = clean_codec.encode_bundle([normalized(), normalized()])
+    data = clean.encode_bundle([normalized(), normalized()])
     with pytest.raises(WireFormatError, match=message):
-        clean_codec.decode_any(mangle(data))
+        clean.decode_any(mangle(data))
 
 
 def test_bundles_per_patient_keep_order_and_stay_under_the_size_cap():
@@ -129,10 +129,10 @@ def test_bundles_per_patient_keep_order_and_stay_under_the_size_cap():
 
 def test_reading_ids_are_derived_not_stored_and_stored_ones_still_decode():
     b = normalized()
-    derived, stored = clean_codec.encode(b), clean_codec.encode(b, store_ids=True)
+    derived, stored = clean.encode(b), clean.encode(b, store_ids=True)
     assert len(stored) - len(derived) == 16 * len(b) - len(b'"derive"') + len(b"true")
     assert b'"ids":"derive"' in derived
-    same(clean_codec.decode(derived), b)
-    same(clean_codec.decode(stored), b)  # records of workers that stored them
-    (one,) = clean_codec.decode_any(clean_codec.encode_bundle([b]))
+    same(clean.decode(derived), b)
+    same(clean.decode(stored), b)  # records of workers that stored them
+    (one,) = clean.decode_any(clean.encode_bundle([b]))
     assert one.reading_id == b.reading_id

@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from vitalproof.settings import Settings
+from vitalproof.settings import (
+    SECRETS_DIR_VAR,
+    ChainSettings,
+    MqttSettings,
+    PathSettings,
+    Settings,
+    settings_table,
+)
 
 
 def vp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -26,11 +34,43 @@ def vp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPro
 def test_relative_home_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Daemons run in their own folders: a relative state path must not reach them."""
     monkeypatch.chdir(tmp_path)
-    s = Settings(home=Path(".vitalproof"))
-    assert s.home == tmp_path / ".vitalproof"
-    assert s.home.is_absolute() and s.stack_dir.is_absolute()
-    again = Settings(**{k.removeprefix("VITALPROOF_").lower(): v for k, v in s.to_env().items()})
-    assert again == s
+    s = Settings(paths=PathSettings(home=Path(".vitalproof")))
+    assert s.paths.home == tmp_path / ".vitalproof"
+    assert s.paths.home.is_absolute() and s.paths.stack_dir.is_absolute()
+    env = s.child_env(tmp_path / "secrets")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir("/")
+    assert Settings() == s
+
+
+def test_child_processes_get_secrets_in_files_not_in_their_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A started process's environment is readable in /proc and printed by ps e; its
+    secrets go to 0600 files in a 0700 folder, read back by the child's Settings()."""
+    s = Settings(
+        mqtt=MqttSettings(collector_password=SecretStr("collector-secret")),
+        chain=ChainSettings(submitter_key=SecretStr("0x" + "ab" * 32)),
+    )
+    folder = tmp_path / "secrets"
+    env = s.child_env(folder)
+    assert not any("collector-secret" in v or "ab" * 32 in v for v in env.values())
+    assert "VITALPROOF_MQTT_COLLECTOR_PASSWORD" not in env
+    assert env[SECRETS_DIR_VAR] == str(folder)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    files = {f.name: f for f in folder.iterdir()}
+    assert set(files) == {"VITALPROOF_MQTT_COLLECTOR_PASSWORD", "VITALPROOF_SUBMITTER_KEY"}
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files.values())
+    for name in ("VITALPROOF_MQTT_COLLECTOR_PASSWORD", "VITALPROOF_SUBMITTER_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    child = Settings()
+    assert child.mqtt.collector_password is not None
+    assert child.mqtt.collector_password.get_secret_value() == "collector-secret"
+    assert child.chain.submitter_key is not None
+    assert child.chain.submitter_key.get_secret_value() == "0x" + "ab" * 32
 
 
 def test_ble_decode_prints_readings() -> None:
@@ -69,3 +109,8 @@ def test_missing_prerequisite_is_reported_in_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1, out.stderr
     assert "not found" in out.stderr and "install" in out.stderr
+
+
+def test_docs_list_every_setting_as_the_code_defines_it() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
+    assert doc.endswith(settings_table()), "regenerate docs/settings.md's table"

@@ -349,7 +349,7 @@ def _clock_shifts(device: str, messages: int) -> list[int]:
 
 async def _events(settings: Settings) -> list[dict[str, Any]]:
     """Every record on vitals.events so far (read for a few seconds)."""
-    records = await consume(settings, settings.topic_events, expect=10**9, timeout_s=5)
+    records = await consume(settings, settings.kafka.topic_events, expect=10**9, timeout_s=5)
     return [json.loads(value) for value, _ in records]
 
 
@@ -357,14 +357,14 @@ async def _events(settings: Settings) -> list[dict[str, Any]]:
 def test_skewed_device_reaches_the_lake_with_its_offset_and_flags(
     kafka_topics: Settings, tmp_path: Path
 ) -> None:
-    settings = kafka_topics.model_copy(update={"batch_max_age_s": 1.5})
+    settings = kafka_topics.evolve(batching={"max_age_s": 1.5})
     shifts = _clock_shifts("clk-0", 40)
     jump_at = next(i for i, s in enumerate(shifts) if s)
     assert shifts[jump_at] < -23 * HOUR and set(shifts[jump_at:]) == {shifts[jump_at]}
     assert not any(_clock_shifts("clk-1", 40)), "the seed no longer gives a clean device"
     true_offset = -shifts[jump_at]  # receive clock minus device clock after the jump
     creds = enroll(settings, 2, prefix="clk")
-    registry = Registry(settings.registry_path)
+    registry = Registry(settings.paths.registry_path)
     enrolled = {d.device_id: d.enrolled_us for d in registry.list()}
     record = tmp_path / "truth.jsonl"
     worker = start_worker(settings, tmp_path / "worker.log")
@@ -374,8 +374,8 @@ def test_skewed_device_reaches_the_lake_with_its_offset_and_flags(
             async with collector_running(settings):
                 fleet = Fleet(
                     creds,
-                    settings.mqtt_host,
-                    settings.mqtt_port,
+                    settings.mqtt.host,
+                    settings.mqtt.port,
                     rate_hz=1.0,
                     duration_s=20.0,
                     faults=FAULTS,
@@ -392,7 +392,7 @@ def test_skewed_device_reaches_the_lake_with_its_offset_and_flags(
         stop(worker)
     assert sent_reading_ids(record) <= set(ids), "a reading went missing"
 
-    kms = LocalKeystore(settings.keys_dir)
+    kms = LocalKeystore(settings.paths.keys_dir)
     sealed = lake.sealed_batch_ids(settings.lake_dir)
     skewed = lake.read_patient(settings.lake_dir, "pat-0", kms, batches=sealed)
     clean = lake.read_patient(settings.lake_dir, "pat-1", kms, batches=sealed)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from vitalproof.settings import Settings
-from vitalproof.stack import kafka, mosquitto
+from vitalproof.devstack import kafka, mosquitto
+from vitalproof.settings import SECRETS_DIR_VAR, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +28,11 @@ def host_port(service: dict[str, Any]) -> int:
 def test_ports_match_local_defaults():
     s = Settings()
     services = load()["services"]
-    assert host_port(services["kafka"]) == s.kafka_port
-    assert host_port(services["mosquitto"]) == s.mqtt_port
-    assert host_port(services["anvil"]) == s.anvil_port
-    conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text()
-    assert f"listener {s.mqtt_port} " in conf
+    assert host_port(services["kafka"]) == s.kafka.port
+    assert host_port(services["mosquitto"]) == s.mqtt.port
+    assert host_port(services["anvil"]) == s.devstack.anvil_port
+    conf = (ROOT / "vitalproof/devstack/data/mosquitto/mosquitto.conf").read_text()
+    assert f"listener {s.mqtt.port} " in conf
     assert "allow_anonymous false" in conf and "persistence true" in conf
     assert f"max_packet_size {mosquitto.MAX_PACKET_BYTES}" in conf.splitlines()
 
@@ -43,7 +44,7 @@ def test_kafka_settings_match_the_local_broker():
         line.split("=", 1) for line in kafka._server_properties(s).splitlines() if "=" in line
     )
     assert env["KAFKA_PROCESS_ROLES"] == local["process.roles"]
-    assert env["KAFKA_NUM_PARTITIONS"] == local["num.partitions"] == str(s.partitions)
+    assert env["KAFKA_NUM_PARTITIONS"] == local["num.partitions"] == str(s.kafka.partitions)
     for key in (
         "default.replication.factor",
         "offsets.topic.replication.factor",
@@ -51,7 +52,7 @@ def test_kafka_settings_match_the_local_broker():
         "auto.create.topics.enable",
     ):
         assert env["KAFKA_" + key.upper().replace(".", "_")] == local[key], key
-    pom = (ROOT / "stack/kafka/pom.xml").read_text()
+    pom = kafka.pom_text()
     version = load()["services"]["kafka"]["image"].split(":")[1]
     assert f"<kafka.version>{version}</kafka.version>" in pom
 
@@ -60,21 +61,25 @@ def test_acl_is_the_one_the_local_stack_generates():
     def rules(text: str) -> list[str]:
         return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
-    assert rules((ROOT / "deploy/mosquitto/acl").read_text()) == rules(
+    assert rules((ROOT / "vitalproof/devstack/data/mosquitto/acl").read_text()) == rules(
         mosquitto._acl_text(Settings())
     )
 
 
 def test_services_use_real_settings_fields_and_topics():
     doc = load()
-    fields = {f"VITALPROOF_{name.upper()}" for name in Settings.model_fields}
+    fields = {g.env_name(f) for g in Settings.groups() for f in g.model_fields}
+    fields.add(SECRETS_DIR_VAR)
     for name in ("collector", "worker", "anchor"):
         env = doc["services"][name]["environment"]
         unknown = set(env) - fields
         assert not unknown, f"{name}: {unknown} are not settings"
-        s = Settings(**{k.removeprefix("VITALPROOF_").lower(): v for k, v in env.items()})
-        assert s.kafka_bootstrap.endswith(f":{Settings().kafka_port}")
-        assert s.topic_raw == "vitals.raw" and s.topic_batches == "vitals.batches"
+        with pytest.MonkeyPatch.context() as mp:
+            for var, value in env.items():
+                mp.setenv(var, str(value))
+            s = Settings()
+        assert s.kafka.bootstrap.endswith(f":{Settings().kafka.port}")
+        assert s.kafka.topic_raw == "vitals.raw" and s.kafka.topic_batches == "vitals.batches"
     assert doc["services"]["collector"]["command"] == ["collect"]
     assert doc["services"]["worker"]["command"] == ["worker"]
     assert doc["services"]["anchor"]["command"][:2] == ["anchor", "run"]

@@ -11,13 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from anchor.chain import (
-    ARTIFACT_PATH,
-    EVENT_ONLY_CONTRACT,
-    AnchorRejected,
-    Chain,
-    load_artifact,
-)
+from anchor.chain import ARTIFACT_PATH, EVENT_ONLY_CONTRACT, AnchorRejected, Chain, load_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 COMPILE = REPO / "anchor" / "contracts" / "compile.mjs"

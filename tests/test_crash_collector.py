@@ -36,7 +36,7 @@ def start_collector(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     # Client id vitalproof-collector-<gateway_id> and share group come from the settings.
     return subprocess.Popen(
         [sys.executable, "-m", "vitalproof", "collect"],
-        env=os.environ | settings.to_env(),
+        env=os.environ | settings.child_env(settings.paths.home / "secrets"),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -56,13 +56,16 @@ class RawTap:
         self.records: list[tuple[str, bytes]] = []  # (device id header, payload)
         self.ids: set[str] = set()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False
+            bootstrap_servers=settings.kafka.bootstrap, group_id=None, enable_auto_commit=False
         )
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._consumer.start()
-        tps = [TopicPartition(self.settings.topic_raw, p) for p in range(self.settings.partitions)]
+        tps = [
+            TopicPartition(self.settings.kafka.topic_raw, p)
+            for p in range(self.settings.kafka.partitions)
+        ]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         self._task = asyncio.create_task(self._run())
@@ -99,8 +102,8 @@ async def wait_collector_ready(
             f"devices/{PROBE}-0/vitals",
             b"probe",
             qos=1,
-            hostname=settings.mqtt_host,
-            port=settings.mqtt_port,
+            hostname=settings.mqtt.host,
+            port=settings.mqtt.port,
             client_id=f"{PROBE}-0",
             auth={"username": f"{PROBE}-0", "password": probe_password},
             protocol=MQTTv5,
@@ -130,8 +133,8 @@ def test_collector_sigkilled_mid_run_loses_no_reading(
             await wait_collector_ready(settings, tap, probe_password, procs[0], log)
             fleet = Fleet(
                 creds,
-                settings.mqtt_host,
-                settings.mqtt_port,
+                settings.mqtt.host,
+                settings.mqtt.port,
                 rate_hz=2.0,
                 duration_s=6.0,
                 record_path=record,

@@ -25,16 +25,16 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from anchor.merkle import root as merkle_root
 from device_sims.fleet import Fleet, FleetReport
 from device_sims.record import payload_digest, read_records, sent_reading_ids
 from streams import lake
 from streams.keystore import LocalKeystore
 from tests.test_pipeline import collector_running, enroll, stop
-from vitalproof import processes
+from vitalproof.cli import processes
 from vitalproof.crashpoints import ENV_VAR, MARKER
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
+from vitalproof_verify.merkle import root as merkle_root
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ FAULTS = "dup=0.05,malformed=0.05"
 
 def crash_settings(settings: Settings) -> Settings:
     # Small takes, so the short run makes several batches and the crash hits a later one.
-    return settings.model_copy(update={"batch_max_messages": 8, "batch_max_age_s": 1.0})
+    return settings.evolve(batching={"max_messages": 8, "max_age_s": 1.0})
 
 
 def start_worker(
@@ -97,8 +97,8 @@ async def feed(
     async with collector_running(settings) as collector:
         fleet = Fleet(
             creds,
-            settings.mqtt_host,
-            settings.mqtt_port,
+            settings.mqtt.host,
+            settings.mqtt.port,
             rate_hz=devices_rate_hz,
             duration_s=duration_s,
             faults=FAULTS,
@@ -126,12 +126,12 @@ async def _consume_all(
 ) -> list[tuple[bytes, bytes, dict[str, bytes]]]:
     """Every record of ``topic`` from the start to its current end (key, value, headers)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=settings.kafka.bootstrap, group_id=None, enable_auto_commit=False
     )
     await consumer.start()
     out: list[tuple[bytes, bytes, dict[str, bytes]]] = []
     try:
-        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -149,15 +149,15 @@ async def _consume_all(
 async def worker_caught_up(settings: Settings) -> tuple[bool, str]:
     """True once the worker committed ``vitals.raw`` and ``vitals.clean`` to their ends."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        bootstrap_servers=settings.kafka.bootstrap,
         group_id=f"vitalproof-{settings.namespace}",
         enable_auto_commit=False,
     )
     await consumer.start()
     try:
         lag: list[str] = []
-        for topic in (settings.topic_raw, settings.topic_clean):
-            tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        for topic in (settings.kafka.topic_raw, settings.kafka.topic_clean):
+            tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
             ends = await consumer.end_offsets(tps)
             for tp in tps:
                 committed = await consumer.committed(tp) or 0
@@ -176,7 +176,7 @@ def manifests(settings: Settings) -> list[BatchManifest]:
 
 
 def lake_batches() -> str:
-    from streams.batcher import BATCHES_DIR
+    from streams.sealer import BATCHES_DIR
 
     return BATCHES_DIR
 
@@ -190,7 +190,7 @@ class LakeView:
 
 
 def read_lake(settings: Settings) -> LakeView:
-    kms = LocalKeystore(settings.keys_dir)
+    kms = LocalKeystore(settings.paths.keys_dir)
     ms = manifests(settings)
     named = {f.path for m in ms for f in m.files}
     sealed: Counter[str] = Counter()
@@ -283,7 +283,7 @@ def check_invariant(
             assert first > last, f"{key}: batches {a} and {b} cover overlapping offsets"
 
     # Every manifest reached vitals.batches (a re-produce after a crash may repeat one).
-    produced = asyncio.run(_consume_all(settings, settings.topic_batches))
+    produced = asyncio.run(_consume_all(settings, settings.kafka.topic_batches))
     produced_ids = {BatchManifest.model_validate_json(v).batch_id for _, v, _ in produced}
     assert produced_ids == {m.batch_id for m in view.manifests}
     for raw_key, value, _ in produced:
@@ -296,7 +296,7 @@ def check_invariant(
     # Every rejected message is in the DLQ (a replay after the crash may repeat one).
     malformed = {r["digest"] for r in read_records(record) if r["kind"] == "msg" and r["malformed"]}
     assert malformed, "the fault spec should have produced malformed payloads"
-    dlq = asyncio.run(_consume_all(settings, settings.topic_dlq))
+    dlq = asyncio.run(_consume_all(settings, settings.kafka.topic_dlq))
     dlq_digests = {payload_digest(v) for _, v, _ in dlq}
     lost = malformed - dlq_digests
     assert not lost, f"{len(lost)} of {len(malformed)} rejected messages are not in the DLQ"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from streams.dedupe import DedupeWindows
 from streams.digest_run import BLOCK, DigestRun, split
 from vitalproof.schema import SampleBatch
-from vitalproof.settings import Settings
+from vitalproof.settings import DedupeSettings, Settings
 
 MIN = 60 * 1_000_000
 T0 = 1_800_000_000_000_000 // MIN * MIN
@@ -216,9 +217,10 @@ def test_budget_and_retention_are_settings_the_worker_inherits(
 ) -> None:
     monkeypatch.setenv("VITALPROOF_DEDUPE_MAX_IDS", "1234")
     s = Settings()
-    assert (s.dedupe_max_ids, s.dedupe_retain_windows) == (1234, 5)
-    assert s.to_env()["VITALPROOF_DEDUPE_MAX_IDS"] == "1234"  # what `worker` is started with
+    assert (s.dedupe.max_ids, s.dedupe.retain_windows) == (1234, 5)
+    # what `worker` is started with
+    assert s.child_env(Path("unused"))["VITALPROOF_DEDUPE_MAX_IDS"] == "1234"
     with pytest.raises(ValidationError):
-        Settings(dedupe_max_ids=0)
+        DedupeSettings(max_ids=0)
     with pytest.raises(ValueError, match="at most 254 windows"):
         DedupeWindows(retain=300)

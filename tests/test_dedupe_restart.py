@@ -15,11 +15,12 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams import changelog
 from streams.dedupe import RETAIN_WINDOWS, WINDOW_US
-from vitalproof import clean_codec, processes
+from vitalproof.cli import processes
 from vitalproof.raw import RawRecord
 from vitalproof.registry import Registry
 from vitalproof.schema import CONTENT_TYPE_JSON, Transport
 from vitalproof.settings import Settings
+from vitalproof.wire import clean
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +52,12 @@ def raw(seqs: list[int], t0_us: int, received_us: int, gateway: str) -> RawRecor
 
 
 async def produce(settings: Settings, *records: RawRecord) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
     await producer.start()
     try:
         for r in records:
             await producer.send_and_wait(
-                settings.topic_raw, r.payload, key=DEVICE.encode(), headers=r.headers()
+                settings.kafka.topic_raw, r.payload, key=DEVICE.encode(), headers=r.headers()
             )
     finally:
         await producer.stop()
@@ -64,20 +65,19 @@ async def produce(settings: Settings, *records: RawRecord) -> None:
 
 def clean_ids(settings: Settings) -> list[list[str]]:
     """The reading ids of every record on vitals.clean, record by record."""
-    records = asyncio.run(changelog.read_all(settings.kafka_bootstrap, settings.topic_clean))
+    records = asyncio.run(changelog.read_all(settings.kafka.bootstrap, settings.kafka.topic_clean))
     return [
-        [rid for b in clean_codec.decode_record(v or b"") for rid in b.reading_id]
-        for _k, v in records
+        [rid for b in clean.decode_record(v or b"") for rid in b.reading_id] for _k, v in records
     ]
 
 
 def dedupe_log(settings: Settings) -> dict[bytes, bytes | None]:
-    topic = settings.topic("vitals.dedupe")
-    return dict(asyncio.run(changelog.read_all(settings.kafka_bootstrap, topic)))
+    topic = settings.kafka.topic("vitals.dedupe")
+    return dict(asyncio.run(changelog.read_all(settings.kafka.bootstrap, topic)))
 
 
 async def cleanup_policy(settings: Settings, topic: str) -> str:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
     await admin.start()
     try:
         (response,) = await admin.describe_configs(
@@ -101,11 +101,11 @@ def wait_for(what: str, check: object, log: Path, within_s: float = 60.0) -> Non
 
 def test_a_duplicate_after_a_restart_is_dropped_by_normalize(kafka_topics: Settings) -> None:
     settings = kafka_topics
-    Registry(settings.registry_path).enroll(DEVICE, PATIENT)
+    Registry(settings.paths.registry_path).enroll(DEVICE, PATIENT)
     now = time.time_ns() // 1000
     t0 = now - 60_000_000
     original = raw(list(range(10)), t0, now, "gw-a")
-    log = settings.home / "worker.log"
+    log = settings.paths.home / "worker.log"
 
     asyncio.run(produce(settings, original))
     worker = processes.start(settings, "worker", log=log)
@@ -149,5 +149,5 @@ def test_a_duplicate_after_a_restart_is_dropped_by_normalize(kafka_topics: Setti
     assert sorted(v is None for v in changelog_now.values()) == [False, True, True]
     assert [v for v in changelog_now.values() if v] == [bytes.fromhex(clean[2][0])]
     # ... and Kafka compacts it: the topic keeps the live keys, not the history.
-    policy = asyncio.run(cleanup_policy(settings, settings.topic("vitals.dedupe")))
+    policy = asyncio.run(cleanup_policy(settings, settings.kafka.topic("vitals.dedupe")))
     assert policy == "compact"

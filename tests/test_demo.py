@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from vitalproof.devstack import PartStatus
 from vitalproof.settings import Settings
-from vitalproof.stack import PartStatus
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def run_demo(settings: Settings, *args: str) -> tuple[int, dict[str, object], str]:
     proc = subprocess.run(
         [sys.executable, "-m", "vitalproof", "demo", "--json", *args],
-        env=os.environ | settings.to_env(),
+        env=os.environ | settings.child_env(settings.paths.home / "secrets"),
         capture_output=True,
         timeout=400,
     )
@@ -48,11 +48,11 @@ def test_demo_seals_every_reading_and_verifies_proofs(
 
 def test_verify_cli_reports_the_failing_check(settings: Settings, tmp_path) -> None:
     """A bundle with a changed value fails `vitalproof verify` with 'wrong leaf', exit 1."""
+    from anchor.bundles import build_bundle
     from anchor.chain import Chain
     from anchor.log import MerkleLog
-    from anchor.merkle import MerkleTree, leaf_hash_salted
-    from anchor.proof import build_bundle
-    from vitalproof.schema import canonical_reading_bytes
+    from vitalproof_verify.leaves import canonical_reading_bytes, leaf_hash_salted
+    from vitalproof_verify.merkle import MerkleTree
 
     reading = {
         "reading_id": "r1",

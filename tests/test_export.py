@@ -127,7 +127,7 @@ def _expected() -> dict[str, dict[str, Any]]:
         for r in b.readings():
             out[r.reading_id] = {
                 "device_id": r.device_id,
-                "metric": r.metric.value,
+                "metric": r.metric,
                 "value": r.value,
                 "unit": r.unit,
                 "device_time_us": r.device_time_us,

@@ -13,11 +13,11 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor.merkle import leaf_hash_salted
-from streams.batcher import leaf_hashes_salted
 from streams.normalize import FUTURE_TOLERANCE_US, PAST_LIMIT_US, _canonicalize
-from vitalproof.schema import Quality, SampleBatch, canonical_reading_bytes
+from vitalproof.hashing import salted_leaves
+from vitalproof.schema import Quality, SampleBatch
 from vitalproof.units import CANONICAL_UNIT, PLAUSIBLE, Metric, conversion_for
+from vitalproof_verify.leaves import canonical_reading_bytes, leaf_hash_salted
 
 text = st.text(min_size=1, max_size=12)
 metrics = st.sampled_from([m.value for m in Metric])
@@ -70,7 +70,7 @@ def test_canonical_bytes_per_sample_equal_canonical_reading_bytes(b: SampleBatch
 @given(st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.binary()), max_size=20))
 def test_leaf_hashes_salted_equal_leaf_hash_salted(pairs: list[tuple[bytes, bytes]]) -> None:
     salts, data = [s for s, _ in pairs], [d for _, d in pairs]
-    assert leaf_hashes_salted(salts, data) == [leaf_hash_salted(s, d) for s, d in pairs]
+    assert salted_leaves(salts, data) == [leaf_hash_salted(s, d) for s, d in pairs]
 
 
 def _reference_canonicalize(b: SampleBatch, received_us: int) -> None:

@@ -21,10 +21,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sims.fleet import Fleet, FleetProgress
 from device_sims.record import payload_digest, read_records, reading_ids_of, summarize
+from vitalproof.devstack import collector_credentials, set_device_credentials
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import CONTENT_TYPE_JSON, SampleBatch
 from vitalproof.settings import Settings
-from vitalproof.stack import collector_credentials, set_device_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def subscriber(settings: Settings) -> Iterator[Received]:
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
-    client.connect(settings.mqtt_host, settings.mqtt_port)
+    client.connect(settings.mqtt.host, settings.mqtt.port)
     client.loop_start()
     try:
         assert subscribed.wait(10), "subscriber did not get SUBACK"
@@ -135,8 +135,8 @@ def test_twenty_devices_every_message_acked_and_matches_ground_truth(
     progress: list[FleetProgress] = []
     fleet = Fleet(
         devices,
-        settings.mqtt_host,
-        settings.mqtt_port,
+        settings.mqtt.host,
+        settings.mqtt.port,
         rate_hz=2.0,
         duration_s=3.0,
         record_path=record,
@@ -172,8 +172,8 @@ def test_faults_and_reconnect_storms_keep_ground_truth_consistent(
     record = tmp_path / "truth.jsonl"
     fleet = Fleet(
         devices,
-        settings.mqtt_host,
-        settings.mqtt_port,
+        settings.mqtt.host,
+        settings.mqtt.port,
         rate_hz=4.0,
         duration_s=3.0,
         faults="dup=0.05,reorder=0.05,drop=0.03,malformed=0.05,skew=0.05,jump=0.02,"
@@ -204,7 +204,7 @@ def test_wrong_password_is_reported_not_retried(settings: Settings, tmp_path: Pa
     bad = [devices[0], (devices[1][0], "not-the-password")]
     report = asyncio.run(
         Fleet(
-            bad, settings.mqtt_host, settings.mqtt_port, rate_hz=2.0, duration_s=1.0, accel_hz=10
+            bad, settings.mqtt.host, settings.mqtt.port, rate_hz=2.0, duration_s=1.0, accel_hz=10
         ).run()
     )
     assert report.connected == 1

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device_sims import gatt_encode as enc
 from ingest.gatt import GattError, ble_decode_cli, decode, normalize_uuid, to_json
-from ingest.gatt import encode as enc
 from ingest.gatt.decode import SUPPORTED, parse_hex
-from ingest.gatt.ieee11073 import Special
 from ingest.gatt.parsers import HeartRateMeasurement
+from vitalproof.wire.ieee11073 import Special
 
 HR = "00002a37-0000-1000-8000-00805f9b34fb"
 

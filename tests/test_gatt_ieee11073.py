@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.gatt.ieee11073 import (
+from vitalproof.wire.ieee11073 import (
     FLOAT_SPECIAL,
     SFLOAT_SPECIAL,
     MderFloat,

@@ -1,7 +1,7 @@
 """Spec vectors for every characteristic and every combination of its flag bits.
 
 The bytes are built by hand here, with struct, from the GSS field tables (not with
-``ingest.gatt.encode``), so a layout mistake shared by the parser and the encoder still
+``device_sims.gatt_encode``), so a layout mistake shared by the parser and the encoder still
 shows. 11073 float fields are written as raw hex worked out by hand in the comments.
 """
 
@@ -13,7 +13,6 @@ from datetime import datetime
 
 import pytest
 
-from ingest.gatt.ieee11073 import Special
 from ingest.gatt.parsers import (
     BloodPressureMeasurement,
     GattError,
@@ -44,6 +43,7 @@ from ingest.gatt.parsers import (
 )
 from vitalproof.schema import Quality
 from vitalproof.units import Metric
+from vitalproof.wire.ieee11073 import Special
 
 TS = datetime(2024, 3, 15, 8, 30, 45)
 TS_BYTES = struct.pack("<HBBBBB", 2024, 3, 15, 8, 30, 45)

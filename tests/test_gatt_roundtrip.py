@@ -8,8 +8,7 @@ from datetime import datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.gatt import encode as enc
-from ingest.gatt.ieee11073 import MderFloat, Special
+from device_sims import gatt_encode as enc
 from ingest.gatt.parsers import (
     GattSample,
     SensorContact,
@@ -24,6 +23,7 @@ from ingest.gatt.parsers import (
 )
 from vitalproof.schema import Quality
 from vitalproof.units import Metric
+from vitalproof.wire.ieee11073 import MderFloat, Special
 
 specials = st.sampled_from(list(Special)).map(MderFloat.of)
 sfloats = st.one_of(

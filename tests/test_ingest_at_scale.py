@@ -33,8 +33,8 @@ from tests.test_crash_collector import (
     wait_collector_ready,
 )
 from tests.test_pipeline import dlq_records, enroll, start_worker, stop
-from vitalproof import clean_codec
 from vitalproof.settings import Settings
+from vitalproof.wire import clean
 
 pytestmark = pytest.mark.integration
 
@@ -46,18 +46,20 @@ SEED = 31  # fixed: the kill moment is what varies between runs
 
 async def clean_reading_ids(settings: Settings) -> Counter[str]:
     """Every reading id on ``vitals.clean``, with how often it appears."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None)
     await consumer.start()
     counts: Counter[str] = Counter()
     try:
-        tps = [TopicPartition(settings.topic_clean, p) for p in range(settings.partitions)]
+        tps = [
+            TopicPartition(settings.kafka.topic_clean, p) for p in range(settings.kafka.partitions)
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
         while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 for r in records:
-                    for batch in clean_codec.decode_record(r.value or b""):
+                    for batch in clean.decode_record(r.value or b""):
                         counts.update(batch.reading_id)
     finally:
         await consumer.stop()
@@ -82,8 +84,8 @@ def test_fleet_of_1000_with_a_collector_kill_loses_nothing(
             await wait_collector_ready(settings, tap, probe_password, collectors[0], collector_log)
             fleet = Fleet(
                 creds,
-                settings.mqtt_host,
-                settings.mqtt_port,
+                settings.mqtt.host,
+                settings.mqtt.port,
                 rate_hz=1.0,
                 duration_s=SECONDS,
                 faults=FAULTS,

@@ -18,28 +18,31 @@ from pydantic import ValidationError
 
 from ingest.kafka_sink import BurstSender, durable_producer
 from streams.app import create_app
-from vitalproof.settings import Settings
-from vitalproof.stack.kafka import kafka_dir
+from vitalproof.devstack.kafka import kafka_dir
+from vitalproof.errors import ConfigError
+from vitalproof.settings import KafkaSettings, Settings
 
 
 def test_setting_reaches_the_worker_and_the_collectors(settings: Settings) -> None:
-    assert settings.kafka_compression == "zstd"
+    assert settings.kafka.compression == "zstd"
     assert create_app(settings).conf.producer_compression_type == "zstd"
-    plain = settings.model_copy(update={"kafka_compression": "none"})
-    assert plain.kafka_compression_type is None
+    plain = settings.evolve(kafka={"compression": "none"})
+    assert plain.kafka.compression_type is None
     assert create_app(plain).conf.producer_compression_type is None
 
 
 def test_unknown_codec_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITALPROOF_KAFKA_COMPRESSION", "brotli")
-    with pytest.raises(ValidationError, match="kafka_compression"):
+    with pytest.raises(ConfigError, match=r"^setting VITALPROOF_KAFKA_COMPRESSION: .*'brotli'"):
         Settings()
+    with pytest.raises(ValidationError, match="compression"):
+        KafkaSettings(compression="brotli")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
 def test_compressed_bursts_round_trip_through_kafka(kafka_topics: Settings, codec: str) -> None:
-    settings = kafka_topics.model_copy(update={"kafka_compression": codec})
-    topic = settings.topic_raw
+    settings = kafka_topics.evolve(kafka={"compression": codec})
+    topic = settings.kafka.topic_raw
     values = [uuid.uuid4().bytes * 40 for _ in range(200)]  # repetitive: it must shrink
 
     async def run() -> list[bytes]:
@@ -53,11 +56,11 @@ def test_compressed_bursts_round_trip_through_kafka(kafka_topics: Settings, code
         finally:
             await producer.stop()
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest"
+            bootstrap_servers=settings.kafka.bootstrap, auto_offset_reset="earliest"
         )
         await consumer.start()
         try:
-            parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
+            parts = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
             consumer.assign(parts)
             await consumer.seek_to_beginning()
             got: list[bytes] = []

@@ -202,7 +202,7 @@ def test_salts_equal_the_standard_hmac(key: bytes, ids: list[str]) -> None:
     import hashlib
     import hmac
 
-    from streams.keystore import salts_for
+    from vitalproof.hashing import salts
 
     want = [hmac.new(key, rid.encode(), hashlib.sha256).digest() for rid in ids]
-    assert salts_for(key, ids) == want
+    assert salts(key, ids) == want

@@ -57,15 +57,15 @@ def _expected(batches: list[SampleBatch], patient: str) -> dict[str, tuple[objec
     return {
         r.reading_id: (
             r.device_id,
-            r.metric.value,
+            r.metric,
             r.value,
             r.unit,
             r.device_time_us,
             r.seq,
             r.quality,
-            r.transport.value,
-            r.gateway_id,
-            r.tz_offset_min,
+            b.transport.value if b.transport else None,
+            b.gateway_id,
+            b.tz_offset_min,
         )
         for b in batches
         if b.patient_id == patient

@@ -1,4 +1,5 @@
-"""anchor.merkle against the shared RFC 9162 vectors and an independent recursive reference.
+"""vitalproof_verify.merkle against the shared RFC 9162 vectors and an independent recursive
+reference.
 
 The vectors live outside the repo (``$VITALPROOF_SHARED/vectors/rfc9162``, default
 ``<repo>/../shared``). If they are missing the suite fails: a verifier that was never checked
@@ -19,8 +20,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from anchor import merkle
-from anchor.errors import MerkleError
+from vitalproof_verify import leaves, merkle
+from vitalproof_verify.errors import MerkleError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VITALPROOF_SHARED", REPO.parent / "shared"))
@@ -405,11 +406,11 @@ def test_tampered_prefix_is_not_consistent() -> None:
 
 def test_salted_leaf_is_prefix_salt_canonical() -> None:
     salt = bytes(range(32))
-    assert merkle.leaf_hash_salted(salt, b"{}") == hashlib.sha256(b"\x00" + salt + b"{}").digest()
-    assert merkle.leaf_hash_salted(salt, b"{}") == merkle.leaf_hash(salt + b"{}")
+    assert leaves.leaf_hash_salted(salt, b"{}") == hashlib.sha256(b"\x00" + salt + b"{}").digest()
+    assert leaves.leaf_hash_salted(salt, b"{}") == merkle.leaf_hash(salt + b"{}")
     for bad in (b"", bytes(16), bytes(33)):
         with pytest.raises(MerkleError):
-            merkle.leaf_hash_salted(bad, b"{}")
+            leaves.leaf_hash_salted(bad, b"{}")
 
 
 def test_node_and_leaf_hashes_are_domain_separated() -> None:

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor import merkle
 from anchor.errors import AnchorError
-from anchor.log import ANCHORS_FILE, ENTRIES_FILE, LogHead, MerkleLog, log_leaf_data, log_leaf_hash
+from anchor.log import ANCHORS_FILE, ENTRIES_FILE, LogHead, MerkleLog
+from vitalproof_verify import merkle
+from vitalproof_verify.leaves import log_leaf_data, log_leaf_hash
 
 ANCHOR_INFO = {"chain_id": 31337, "tx_hash": "0x" + "ab" * 32, "block_number": 7}
 

@@ -23,9 +23,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from vitalproof.devstack import collector_credentials, remove_device, set_device_credentials
+from vitalproof.devstack.mosquitto import hash_password, verify_password
 from vitalproof.settings import Settings
-from vitalproof.stack import collector_credentials, remove_device, set_device_credentials
-from vitalproof.stack.mosquitto import hash_password, verify_password
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +77,8 @@ class Client:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry
         self.client.connect(
-            self.settings.mqtt_host,
-            self.settings.mqtt_port,
+            self.settings.mqtt.host,
+            self.settings.mqtt.port,
             keepalive=30,
             clean_start=self.clean_start,
             properties=props,
@@ -185,7 +185,7 @@ def test_collector_shared_subscription_receives(
     device_id, device_password = next(iter(devices.items()))
     device = _connected(settings, device_id, device_password)
     try:
-        codes = collector.subscribe(f"$share/{settings.mqtt_share_group}/devices/#")
+        codes = collector.subscribe(f"$share/{settings.mqtt.share_group}/devices/#")
         assert not any(c.is_failure for c in codes), codes
         payload = f"shared {uuid.uuid4()}".encode()
         assert device.publish(f"devices/{device_id}/vitals", payload).value == 0
@@ -309,7 +309,7 @@ def test_oversized_publish_is_refused_at_the_broker(
     next normal reading flows."""
     import time
 
-    from vitalproof.stack.mosquitto import MAX_PACKET_BYTES
+    from vitalproof.devstack.mosquitto import MAX_PACKET_BYTES
 
     device_id, password = next(iter(devices.items()))
     device = _connected(settings, device_id, password)

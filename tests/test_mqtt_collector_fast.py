@@ -13,29 +13,36 @@ import socket
 import threading
 import time
 
+import paho.mqtt
 import paho.mqtt.client as mqtt
 import pytest
 from aiokafka import AIOKafkaConsumer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from ingest.mqtt import AckLedger, CollectorError, MqttCollector, MqttCredentials
-from ingest.mqtt_client import (
+from ingest.mqtt.client import (
+    FAST_PATH,
     READ_CHUNK,
-    SUPPORTED,
+    VERIFIED_PAHO,
     FastClient,
     UnhandledPublish,
     decode_publish_v5,
+    release,
 )
-from vitalproof import binary
+from ingest.mqtt.collector import (
+    AckLedger,
+    CollectorError,
+    MqttCollector,
+    MqttCredentials,
+)
+from vitalproof.devstack import collector_credentials, set_device_credentials
 from vitalproof.raw import RawRecord
 from vitalproof.schema import CONTENT_TYPE_JSON
 from vitalproof.settings import Settings as VpSettings
-from vitalproof.stack import collector_credentials, set_device_credentials
+from vitalproof.wire import binary
 
 text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=40)
 
@@ -72,6 +79,9 @@ def publish_body(topic: str, mid: int, props: Properties, payload: bytes) -> byt
 def test_lean_decoder_agrees_with_paho(
     topic: str, mid: int, props: Properties, payload: bytes
 ) -> None:
+    from paho.mqtt import _packet  # paho's own decoder (2.2+); here, not at the top, so the
+    # version check below still reports a paho outside the verified range
+
     body = publish_body(topic, mid, props, payload)
     ref = _packet.decode_publish(0x32, bytearray(body), MQTTProtocolVersion.MQTTv5)
     assert ref.properties is not None
@@ -99,8 +109,23 @@ def test_lean_decoder_leaves_unknown_properties_and_truncation_to_paho() -> None
         decode_publish_v5(body[:19])
 
 
-def test_paho_still_has_the_hooks_the_fast_client_overrides() -> None:
-    assert SUPPORTED, "paho changed its internals: ingest/mqtt_client.py falls back to plain paho"
+def test_installed_paho_is_one_whose_internals_the_fast_path_was_verified_on() -> None:
+    first, last = (".".join(map(str, v)) for v in VERIFIED_PAHO)
+    assert FAST_PATH and FastClient.fast_path, (
+        f"paho-mqtt {paho.mqtt.__version__} is outside {first}..{last}, the releases whose "
+        "internals ingest/mqtt/client.py was verified against: the collector runs on plain "
+        "paho, several times slower. Check those internals in this release, run this file on "
+        "it, then widen VERIFIED_PAHO (and the pin in pyproject.toml if needed)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("2.2.0", (2, 2, 0)), ("2.2", (2, 2, 0)), ("2.3.0rc1", (2, 3, 0)), ("10.0.1", (10, 0, 1))],
+)
+def test_release_reads_paho_versions(text: str, want: tuple[int, int, int]) -> None:
+    assert release(text) == want
+    assert release("unknown") == (0, 0, 0)
 
 
 def _done(loop: asyncio.AbstractEventLoop, exc: Exception | None = None) -> asyncio.Future[object]:
@@ -141,7 +166,7 @@ def _publish_all(settings: VpSettings, device: str, password: str, msgs: list) -
     """QoS 1 publishes from ``device`` in order; returns once the broker acked them all."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
     client.username_pw_set(device, password)
-    client.connect(settings.mqtt_host, settings.mqtt_port)
+    client.connect(settings.mqtt.host, settings.mqtt.port)
     client.loop_start()
     try:
         infos = [
@@ -157,8 +182,8 @@ def _publish_all(settings: VpSettings, device: str, password: str, msgs: list) -
 
 async def _read_raw(settings: VpSettings, n: int) -> list[RawRecord]:
     consumer = AIOKafkaConsumer(
-        settings.topic_raw,
-        bootstrap_servers=settings.kafka_bootstrap,
+        settings.kafka.topic_raw,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         group_id=None,
         max_partition_fetch_bytes=1 << 22,
@@ -175,9 +200,13 @@ async def _read_raw(settings: VpSettings, n: int) -> list[RawRecord]:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("plain_paho", [False, True], ids=["as-installed", "plain-paho"])
 def test_every_property_mix_and_big_payloads_reach_kafka_in_order(
-    kafka_topics: VpSettings,
+    kafka_topics: VpSettings, plain_paho: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also on plain paho: what the collector is on a paho outside the verified range."""
+    if plain_paho:
+        monkeypatch.setattr(FastClient, "fast_path", False)
     settings = kafka_topics
     device, password = "fast-1", "pw-fast-1-secret-0123"
     set_device_credentials(settings, {device: password})
@@ -216,7 +245,7 @@ def test_every_property_mix_and_big_payloads_reach_kafka_in_order(
         want = getattr(props, "ContentType", "") if props is not None else ""
         assert r.content_type == (want or CONTENT_TYPE_JSON)
         assert (r.device_id, r.source) == (device, f"devices/{device}/vitals")
-        assert r.gateway_id == settings.gateway_id and r.received_us > 0
+        assert r.gateway_id == settings.gateway.id and r.received_us > 0
 
 
 @pytest.mark.integration
@@ -300,13 +329,16 @@ def test_publishes_read_ahead_behind_another_packet_are_not_left_waiting() -> No
     ]
 
 
-def test_ack_many_writes_what_paho_ack_writes_one_by_one() -> None:
+@pytest.mark.parametrize("plain_paho", [False, True], ids=["as-installed", "plain-paho"])
+def test_ack_many_writes_what_paho_ack_writes_one_by_one(plain_paho: bool) -> None:
     mids = [1, 2, 255, 256, 65535]
     written = []
     for batched in (False, True):
         client = FastClient(
             CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True
         )
+        if plain_paho:
+            client.fast_path = False
         ours, broker = socket.socketpair()
         try:
             client._sock = ours  # what connect() would have opened
@@ -366,3 +398,44 @@ def test_framing_holds_whatever_the_reads_cut(piece: int) -> None:
         broker.close()
     assert got == want
     assert others == [b"qos0"]
+
+
+def test_plain_paho_fallback_hands_every_publish_to_on_message() -> None:
+    """Off the verified paho releases the client is paho's own: the same stream, read one
+    packet per ``loop_read``, reaches ``on_message`` whole and in order."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = binary.CONTENT_TYPE_BINARY
+    stream = b"\xd0\x00"  # PINGRESP
+    want = []
+    for mid, size in enumerate([0, 1, 127, 128, 16384, 70_000], start=1):
+        payload = bytes([mid]) * size
+        body = publish_body(f"devices/d-{mid}/vitals", mid, props, payload)
+        stream += b"\x32" + VariableByteIntegers.encode(len(body)) + body
+        want.append((mid, f"devices/d-{mid}/vitals", payload, binary.CONTENT_TYPE_BINARY))
+
+    client = FastClient(
+        CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True
+    )
+    client.fast_path = False
+    fast: list[object] = []
+    got: list[tuple[int, str, bytes, str]] = []
+    client.on_publish_fast = lambda *m: fast.append(m)
+    client.on_message = lambda c, u, msg: got.append(
+        (msg.mid, msg.topic, bytes(msg.payload), msg.properties.ContentType)
+    )
+    ours, broker = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        client._sock = ours  # what connect() would have opened
+        broker.sendall(stream)
+        for _ in range(1000):
+            if len(got) == len(want):
+                break
+            assert client.loop_read() == mqtt.MQTT_ERR_SUCCESS
+            assert not client.read_more(), "plain paho reads exactly one packet"
+    finally:
+        client._sock = None
+        ours.close()
+        broker.close()
+    assert got == want
+    assert fast == [], "the lean path is off"

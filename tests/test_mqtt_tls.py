@@ -25,8 +25,8 @@ from paho.mqtt.client import MQTTv5
 
 from tests.test_crash_collector import RawTap
 from tests.test_pipeline import collector_running
+from vitalproof.devstack import mosquitto, procs, set_device_credentials
 from vitalproof.settings import Settings
-from vitalproof.stack import mosquitto, procs, set_device_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -107,21 +107,21 @@ def test_device_and_collector_over_tls(kafka_topics: Settings, tmp_path: Path) -
     other_ca, _, _ = make_ca(pki, "someone-else")
     certfile, keyfile = make_server_cert(pki, ca_key, ca_cert)
     plain_port, tls_port = procs.free_ports(2)
-    broker = kafka_topics.model_copy(
-        update={
-            "home": tmp_path / "tls-home",  # own stack folder: a second, separate Mosquitto
-            "mqtt_port": plain_port,
+    broker = kafka_topics.evolve(
+        paths={"home": tmp_path / "tls-home"},
+        mqtt={"port": plain_port},
+        devstack={
             "mqtt_tls_listener_port": tls_port,
             "mqtt_tls_certfile": certfile,
             "mqtt_tls_keyfile": keyfile,
-        }
+        },
     )
     device, password = f"dev-tls-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     set_device_credentials(broker, {device: password})
     state = mosquitto.start(broker)
     try:
         assert f"listener {tls_port} " in mosquitto.config_path(broker).read_text()
-        collector_side = broker.model_copy(update={"mqtt_port": tls_port, "mqtt_tls_ca": ca})
+        collector_side = broker.evolve(mqtt={"port": tls_port, "tls_ca": ca})
 
         def publish(payload: bytes, ca_certs: Path) -> None:
             mqtt_publish.single(

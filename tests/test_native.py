@@ -3,7 +3,8 @@
 Proofs, dedupe and the anchored roots all depend on these hashes, and verifiers recompute
 them with anchor/ in pure Python, so every native function is checked against the
 per-sample Python definitions and against the Python fast paths it replaces (selected the
-way an operator would, with ``VITALPROOF_NATIVE=0``), over generated inputs, the RFC 9162
+way an operator would, ``VITALPROOF_NATIVE=0`` or :func:`vitalproof.hashing.configure`),
+over generated inputs, the RFC 9162
 vectors and one real sealed batch. The extension must be installed here: CI builds it, and
 a broken build has to fail this file rather than quietly slow the worker down.
 """
@@ -29,14 +30,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor import merkle
-from anchor.errors import MerkleError
-from streams.batcher import Pending, Sealer, batch_leaves, leaf_hashes_salted
-from streams.keystore import LocalKeystore, salts_for
+from streams.keystore import LocalKeystore
+from streams.sealer import Pending, Sealer
 from tests import test_fast_paths as fast_paths
 from tests.test_merkle import VECTORS
-from vitalproof import native
-from vitalproof.schema import SampleBatch, Transport, reading_id
+from vitalproof import hashing
+from vitalproof.hashing import canonical_leaves, salted_leaves, salts
+from vitalproof.schema import SampleBatch, Transport
+from vitalproof_verify import merkle
+from vitalproof_verify.errors import MerkleError
+from vitalproof_verify.leaves import leaf_hash_salted, reading_id
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_732_147_200_000_000
@@ -46,33 +49,27 @@ hashes = st.binary(min_size=32, max_size=32)
 
 @pytest.fixture(scope="module")
 def ext() -> ModuleType:
-    mod = native.ext()
+    mod = hashing.extension()
     assert mod is not None, "vitalproof_native is not installed: make install builds it"
     return mod
 
 
 @contextlib.contextmanager
 def reference_only() -> Iterator[None]:
-    """Run the block on the pure-Python path, switched off as documented in vitalproof.native."""
-    before = os.environ.get("VITALPROOF_NATIVE")
-    os.environ["VITALPROOF_NATIVE"] = "0"
-    native.ext.cache_clear()
+    """Run the block on the pure-Python path, switched as the CLI switches it from settings."""
+    hashing.configure(native=False)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["VITALPROOF_NATIVE"]
-        else:
-            os.environ["VITALPROOF_NATIVE"] = before
-        native.ext.cache_clear()
+        hashing.configure(native=True)
 
 
 def test_extension_is_installed_and_used(ext: ModuleType) -> None:
     assert ext.__name__ == "vitalproof_native"
-    assert native.ext() is ext
+    assert hashing.backend().name == "native"
     with reference_only():
-        assert native.ext() is None
-    assert native.ext() is ext
+        assert hashing.backend().name == "reference"
+    assert hashing.backend().name == "native"
 
 
 @st.composite
@@ -125,16 +122,16 @@ def test_salts_equal_hmac(ext: ModuleType, key: bytes, ids: list[str]) -> None:
     """Keys longer than the SHA-256 block (64 bytes) are hashed first, as RFC 2104 says."""
     want = [hmac.new(key, rid.encode(), hashlib.sha256).digest() for rid in ids]
     assert ext.salts(key, ids) == want
-    assert salts_for(key, ids) == want
+    assert salts(key, ids) == want
     with reference_only():
-        assert salts_for(key, ids) == want
+        assert salts(key, ids) == want
 
 
 def test_salts_of_unencodable_id_fail_like_python(ext: ModuleType) -> None:
     with pytest.raises(UnicodeEncodeError):
-        salts_for(b"k" * 32, ["ok", "\udcff"])
+        salts(b"k" * 32, ["ok", "\udcff"])
     with reference_only(), pytest.raises(UnicodeEncodeError):
-        salts_for(b"k" * 32, ["ok", "\udcff"])
+        salts(b"k" * 32, ["ok", "\udcff"])
 
 
 @settings(max_examples=200, deadline=None)
@@ -143,12 +140,12 @@ def test_salted_leaves_equal_leaf_hash_salted(
     ext: ModuleType, pairs: list[tuple[bytes, bytes]]
 ) -> None:
     salts, data = [s for s, _ in pairs], [d for _, d in pairs]
-    want = [merkle.leaf_hash_salted(s, d) for s, d in pairs]
+    want = [leaf_hash_salted(s, d) for s, d in pairs]
     assert ext.salted_leaves(salts, data) == want
-    assert leaf_hashes_salted(salts, data) == want
-    assert leaf_hashes_salted(salts, [bytearray(d) for d in data]) == want  # Python path
+    assert salted_leaves(salts, data) == want
+    assert salted_leaves(salts, [bytearray(d) for d in data]) == want  # Python path
     with reference_only():
-        assert leaf_hashes_salted(salts, data) == want
+        assert salted_leaves(salts, data) == want
 
 
 def test_salted_leaves_reject_unequal_columns(ext: ModuleType) -> None:
@@ -252,16 +249,17 @@ def test_missing_extension_falls_back_with_one_warning() -> None:
 import logging, sys
 sys.modules["vitalproof_native"] = None  # what an uninstalled or broken build looks like
 logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-from streams.keystore import salts_for
-from vitalproof.schema import SampleBatch, reading_id
+from vitalproof.hashing import salts
+from vitalproof.schema import SampleBatch
+from vitalproof_verify.leaves import reading_id
 b = SampleBatch(device_id="dev-1")
 b.add("heart_rate", "/min", 1732147200000000, 17, 72.0)
 b.fill_reading_ids()
 b.fill_reading_ids()
 assert b.reading_id == [reading_id("dev-1", "heart_rate", 17, 1732147200000000)]
-print(salts_for(b"k" * 32, b.reading_id)[0].hex())
+print(salts(b"k" * 32, b.reading_id)[0].hex())
 """
-    env = {k: v for k, v in os.environ.items() if k != "VITALPROOF_NATIVE"}
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO
@@ -271,14 +269,14 @@ print(salts_for(b"k" * 32, b.reading_id)[0].hex())
     assert out.stdout.strip() == hmac.new(b"k" * 32, rid.encode(), hashlib.sha256).hexdigest()
     warnings = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(warnings) == 1, out.stderr
-    assert warnings[0].startswith("WARNING vitalproof.native: vitalproof_native is not importable")
+    assert warnings[0].startswith("WARNING vitalproof.hashing: vitalproof_native is not importable")
     assert "pure-Python reference" in warnings[0]
 
 
 def _reference_leaves(b: SampleBatch, salts: list[bytes]) -> list[bytes]:
     """The definition: leaf_hash_salted(salt, canonical_reading_bytes(reading)) per reading."""
     canonical = fast_paths.reference_canonical(b)
-    return [merkle.leaf_hash_salted(s, c) for s, c in zip(salts, canonical, strict=True)]
+    return [leaf_hash_salted(s, c) for s, c in zip(salts, canonical, strict=True)]
 
 
 def _salts(n: int) -> list[bytes]:
@@ -292,16 +290,16 @@ def test_canonical_leaves_equal_reference(ext: ModuleType, b: SampleBatch) -> No
     64-bit numbers, NaN as null: the native leaves are the definition's, byte for byte."""
     salts = _salts(len(b))
     want = _reference_leaves(b, salts)
-    assert batch_leaves(b, salts) == want
+    assert canonical_leaves(salts, b) == want
     with reference_only():
-        assert batch_leaves(b, salts) == want
+        assert canonical_leaves(salts, b) == want
 
 
 @settings(max_examples=2000, deadline=None)
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=8))
 def test_canonical_leaves_spell_floats_as_python_repr(ext: ModuleType, vals: list[float]) -> None:
     b = _one_series(vals)
-    assert batch_leaves(b, _salts(len(b))) == _reference_leaves(b, _salts(len(b)))
+    assert canonical_leaves(_salts(len(b)), b) == _reference_leaves(b, _salts(len(b)))
 
 
 def test_canonical_leaves_spell_random_doubles_as_python_repr(ext: ModuleType) -> None:
@@ -320,9 +318,9 @@ def test_canonical_leaves_spell_random_doubles_as_python_repr(ext: ModuleType) -
     vals += [0.1 * k for k in range(-2000, 2000)] + [k / 100 for k in range(3000, 4500)]
     b = _one_series(vals)
     salts = _salts(len(b))
-    got = batch_leaves(b, salts)
+    got = canonical_leaves(salts, b)
     with reference_only():
-        want = batch_leaves(b, salts)
+        want = canonical_leaves(salts, b)
     bad = [v for v, g, w in zip(vals, got, want, strict=True) if g != w]
     assert not bad, f"{len(bad)} values spelled unlike repr(), e.g. {bad[:5]}"
 
@@ -330,9 +328,9 @@ def test_canonical_leaves_spell_random_doubles_as_python_repr(ext: ModuleType) -
 def test_canonical_leaves_refuse_infinity_like_json(ext: ModuleType) -> None:
     b = _one_series([1.0, math.inf])
     with pytest.raises(ValueError, match="not JSON compliant"):
-        batch_leaves(b, _salts(2))
+        canonical_leaves(_salts(2), b)
     with reference_only(), pytest.raises(ValueError, match="not JSON compliant"):
-        batch_leaves(b, _salts(2))
+        canonical_leaves(_salts(2), b)
 
 
 def test_canonical_leaves_check_their_inputs(ext: ModuleType) -> None:
@@ -346,7 +344,7 @@ def test_canonical_leaves_check_their_inputs(ext: ModuleType) -> None:
     with pytest.raises(ValueError, match="cover 1 of 2"):
         ext.canonical_leaves(_salts(2), device, patient, [(*runs[0][:2], 0, 1)], *cols)
     with pytest.raises(MerkleError, match="32 bytes"):
-        batch_leaves(b, [b"short", b"salt"])
+        canonical_leaves([b"short", b"salt"], b)
 
 
 def _one_series(vals: list[float]) -> SampleBatch:

@@ -18,20 +18,20 @@ from aiokafka import AIOKafkaConsumer
 
 from device_sims.fleet import Fleet
 from device_sims.record import read_records, sent_reading_ids
-from ingest.mqtt import CollectorError, MqttCollector, MqttCredentials
+from ingest.mqtt.collector import CollectorError, MqttCollector, MqttCredentials
 from streams import lake
 from streams.keystore import LocalKeystore
-from vitalproof import processes
+from vitalproof.cli import processes
+from vitalproof.devstack import collector_credentials, set_device_credentials
 from vitalproof.manifest import BatchManifest
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings
-from vitalproof.stack import collector_credentials, set_device_credentials
 
 pytestmark = pytest.mark.integration
 
 
 def enroll(settings: Settings, n: int, prefix: str = "dev") -> list[tuple[str, str]]:
-    registry = Registry(settings.registry_path)
+    registry = Registry(settings.paths.registry_path)
     creds = [
         (f"{prefix}-{i}", registry.enroll(f"{prefix}-{i}", f"pat-{i}").mqtt_password)
         for i in range(n)
@@ -51,7 +51,7 @@ stop = processes.stop
 async def collector_running(settings: Settings) -> AsyncIterator[MqttCollector]:
     """An in-process MQTT collector, subscribed before the body runs; stopped after it."""
     user, password = collector_credentials(settings)
-    collector = MqttCollector(settings, MqttCredentials(user, password, settings.mqtt_tls_ca))
+    collector = MqttCollector(settings, MqttCredentials(user, password, settings.mqtt.tls_ca))
     stop_event = asyncio.Event()
     task = asyncio.create_task(collector.run(stop=stop_event))
     await asyncio.wait_for(collector.subscribed.wait(), 30)
@@ -63,7 +63,7 @@ async def collector_running(settings: Settings) -> AsyncIterator[MqttCollector]:
 
 
 def sealed_ids(settings: Settings) -> list[str]:
-    kms = LocalKeystore(settings.keys_dir)
+    kms = LocalKeystore(settings.paths.keys_dir)
     manifests = [
         BatchManifest.model_validate_json(p.read_bytes())
         for p in (settings.lake_dir / "_batches").glob("*.json")
@@ -90,8 +90,8 @@ async def wait_sealed(settings: Settings, want: set[str], within_s: float) -> li
 
 async def dlq_records(settings: Settings) -> list[tuple[dict[str, bytes], bytes]]:
     consumer = AIOKafkaConsumer(
-        settings.topic_dlq,
-        bootstrap_servers=settings.kafka_bootstrap,
+        settings.kafka.topic_dlq,
+        bootstrap_servers=settings.kafka.bootstrap,
         auto_offset_reset="earliest",
         group_id=None,
     )
@@ -109,7 +109,7 @@ async def dlq_records(settings: Settings) -> list[tuple[dict[str, bytes], bytes]
 def test_fleet_to_sealed_lake_loses_nothing_and_dlqs_malformed(
     kafka_topics: Settings, tmp_path: Path
 ) -> None:
-    settings = kafka_topics.model_copy(update={"batch_max_age_s": 1.5})
+    settings = kafka_topics.evolve(batching={"max_age_s": 1.5})
     creds = enroll(settings, 8)
     record = tmp_path / "truth.jsonl"
     worker = start_worker(settings, tmp_path / "worker.log")
@@ -119,8 +119,8 @@ def test_fleet_to_sealed_lake_loses_nothing_and_dlqs_malformed(
             async with collector_running(settings) as collector:
                 fleet = Fleet(
                     creds,
-                    settings.mqtt_host,
-                    settings.mqtt_port,
+                    settings.mqtt.host,
+                    settings.mqtt.port,
                     rate_hz=2.0,
                     duration_s=4.0,
                     faults="dup=0.1,reorder=0.1,malformed=0.1",
@@ -152,7 +152,7 @@ def test_fleet_to_sealed_lake_loses_nothing_and_dlqs_malformed(
 
 def test_unknown_device_goes_to_dlq_with_reason(kafka_topics: Settings, tmp_path: Path) -> None:
     """A device with broker credentials but no registry entry: rejected, never dropped."""
-    settings = kafka_topics.model_copy(update={"batch_max_age_s": 1.0})
+    settings = kafka_topics.evolve(batching={"max_age_s": 1.0})
     set_device_credentials(settings, {"ghost-1": "pw-ghost-1-secret"})
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
@@ -160,14 +160,14 @@ def test_unknown_device_goes_to_dlq_with_reason(kafka_topics: Settings, tmp_path
         async def go() -> list[tuple[dict[str, bytes], bytes]]:
             user, password = collector_credentials(settings)
             collector = MqttCollector(
-                settings, MqttCredentials(user, password, settings.mqtt_tls_ca)
+                settings, MqttCredentials(user, password, settings.mqtt.tls_ca)
             )
             task = asyncio.create_task(collector.run(max_messages=2, duration_s=60))
             await asyncio.wait_for(collector.subscribed.wait(), 30)
             fleet = Fleet(
                 [("ghost-1", "pw-ghost-1-secret")],
-                settings.mqtt_host,
-                settings.mqtt_port,
+                settings.mqtt.host,
+                settings.mqtt.port,
                 rate_hz=1.0,
                 duration_s=2.0,
             )
@@ -189,10 +189,10 @@ def test_unknown_device_goes_to_dlq_with_reason(kafka_topics: Settings, tmp_path
 
 
 def test_collector_fails_loudly_without_a_broker(settings: Settings) -> None:
-    from vitalproof.stack.procs import free_ports
+    from vitalproof.devstack.procs import free_ports
 
     (port,) = free_ports(1)
-    dead = settings.model_copy(update={"mqtt_port": port})
+    dead = settings.evolve(mqtt={"port": port})
     collector = MqttCollector(dead, MqttCredentials("collector", "x"))
     with pytest.raises(CollectorError, match=f"cannot reach MQTT broker 127.0.0.1:{port}"):
         asyncio.run(collector.run(duration_s=5))
@@ -200,7 +200,7 @@ def test_collector_fails_loudly_without_a_broker(settings: Settings) -> None:
 
 def test_dropped_messages_become_gap_events(kafka_topics: Settings, tmp_path: Path) -> None:
     """Messages the device numbered but never delivered show up on vitals.events as gaps."""
-    settings = kafka_topics.model_copy(update={"batch_max_age_s": 1.0})
+    settings = kafka_topics.evolve(batching={"max_age_s": 1.0})
     creds = enroll(settings, 4, prefix="gapdev")
     record = tmp_path / "truth.jsonl"
     worker = start_worker(settings, tmp_path / "worker.log")
@@ -210,8 +210,8 @@ def test_dropped_messages_become_gap_events(kafka_topics: Settings, tmp_path: Pa
             async with collector_running(settings):
                 fleet = Fleet(
                     creds,
-                    settings.mqtt_host,
-                    settings.mqtt_port,
+                    settings.mqtt.host,
+                    settings.mqtt.port,
                     rate_hz=2.0,
                     duration_s=4.0,
                     faults="drop=0.3",
@@ -221,8 +221,8 @@ def test_dropped_messages_become_gap_events(kafka_topics: Settings, tmp_path: Pa
                 await fleet.run()
                 await wait_sealed(settings, sent_reading_ids(record), within_s=90)
             consumer = AIOKafkaConsumer(
-                settings.topic_events,
-                bootstrap_servers=settings.kafka_bootstrap,
+                settings.kafka.topic_events,
+                bootstrap_servers=settings.kafka.bootstrap,
                 auto_offset_reset="earliest",
                 group_id=None,
             )

@@ -1,4 +1,4 @@
-"""anchor.proof: bundles from a real batch tree and log, and every way of breaking them.
+"""vitalproof_verify.bundle: bundles from a real batch tree and log, and every way of breaking them.
 
 The on-chain half (``anchor.chain.check_anchor_on_chain``) is tested elsewhere; here the
 anchor section only has to agree with the log.
@@ -21,22 +21,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anchor import merkle
-from anchor.errors import AnchorError, ProofError, ProofFailure
+from anchor.bundles import anchor_ref, build_bundle
+from anchor.errors import AnchorError
 from anchor.log import MerkleLog
-from anchor.proof import (
-    AnchorRef,
+from vitalproof.units import Metric
+from vitalproof_verify import merkle
+from vitalproof_verify.bundle import (
     ProofBundle,
-    ReadingFields,
-    build_bundle,
+    Reading,
+    bundle_schema,
     load_bundle,
     verify_offline,
 )
-from vitalproof.schema import Reading, Transport, reading_id
-from vitalproof.units import Metric
+from vitalproof_verify.errors import ProofError, ProofFailure
+from vitalproof_verify.leaves import leaf_hash_salted, reading_id
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((REPO / "anchor" / "schemas" / "proof-bundle-v1.json").read_text())
+SCHEMA = bundle_schema()
 SALT_KEY = hashlib.sha256(b"test patient salt key").digest()
 
 Doc = dict[str, Any]
@@ -63,14 +64,11 @@ def _readings() -> list[Reading]:
                 reading_id=reading_id("dev-1", metric.value, i, t),
                 device_id="dev-1",
                 patient_id="patient-alpha",
-                metric=metric,
+                metric=metric.value,
                 value=value,
                 unit=unit,
                 device_time_us=t,
-                receive_time_us=t + 5_000,
                 seq=i,
-                transport=Transport.MQTT,
-                gateway_id="gw-1",
                 quality=4 if i == 3 else 0,
             )
         )
@@ -101,7 +99,7 @@ def _receipt(root: bytes, size: int) -> Doc:
 def world(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MerkleLog, merkle.MerkleTree]]:
-    leaves = [merkle.leaf_hash_salted(_salt(r.reading_id), r.canonical_bytes()) for r in READINGS]
+    leaves = [leaf_hash_salted(_salt(r.reading_id), r.canonical_bytes()) for r in READINGS]
     tree = merkle.MerkleTree(leaves)
     with MerkleLog(tmp_path_factory.mktemp("log")) as log:
         for i in range(2):
@@ -174,7 +172,7 @@ def test_bundle_contents_are_what_the_verifier_recomputes(doc: Doc) -> None:
 
 def test_single_leaf_batch_and_single_entry_log(tmp_path: Path) -> None:
     r = READINGS[0]
-    leaf = merkle.leaf_hash_salted(_salt(r.reading_id), r.canonical_bytes())
+    leaf = leaf_hash_salted(_salt(r.reading_id), r.canonical_bytes())
     with MerkleLog(tmp_path / "log") as log:
         log.append("solo", leaf, 1)
         log.record_anchor(1, log.root(), _receipt(log.root(), 1))
@@ -193,12 +191,10 @@ def test_reading_may_be_given_as_model_fields_or_mapping(
     r = READINGS[3]
     common: Doc = {"salt": _salt(r.reading_id), "batch_id": BATCH_ID, "batch": tree,
                    "leaf_index": 3, "log": log}  # fmt: skip
-    fields = ReadingFields.of(r)
     a = build_bundle(reading=r, **common)
-    assert build_bundle(reading=fields, **common) == a
-    assert build_bundle(reading=fields.model_dump(), **common) == a
+    assert build_bundle(reading=r.model_dump(), **common) == a
     with pytest.raises(ValueError):
-        build_bundle(reading={**fields.model_dump(), "gateway_id": "gw"}, **common)
+        build_bundle(reading={**r.model_dump(), "gateway_id": "gw"}, **common)
 
 
 def test_model_export_validates_against_the_json_schema(doc: Doc) -> None:
@@ -544,17 +540,22 @@ def test_build_bundle_refuses_bad_inputs(
         fresh.append(BATCH_ID, tree.root(), tree.size)
         with pytest.raises(AnchorError, match="not anchored"):
             build_bundle(**{**args, "log": fresh})
-    stale = AnchorRef.from_receipt(_receipt(log.root(2), 2))
+    stale = anchor_ref(_receipt(log.root(2), 2))
     with pytest.raises(AnchorError, match="does not cover"):
         build_bundle(**{**args, "anchor": stale})
     with pytest.raises(AnchorError, match="lacks"):
-        AnchorRef.from_receipt({"chain_id": 1})
+        anchor_ref({"chain_id": 1})
 
 
-def test_proof_module_needs_nothing_from_the_pipeline() -> None:
+def test_the_verify_kit_loads_nothing_of_the_pipeline() -> None:
+    """Importing the whole kit (its command line and on-chain check included) loads no room of
+    the pipeline and none of its heavy dependencies (make lint checks the imports as written;
+    this checks what really loads)."""
+    pipeline = ("vitalproof", "streams", "ingest", "anchor", "clinic", "device_sims")
+    heavy = ("pyarrow", "faust", "aiokafka", "pydantic_settings", "eth_tester", "eth", "numpy")
     code = (
-        "import sys, anchor.proof\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('streams', 'ingest'))\n"
+        "import sys, vitalproof_verify, vitalproof_verify.cli, vitalproof_verify.onchain\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {pipeline + heavy!r})\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from streams.batcher import RecentlySealed, group_by_patient
+from streams.sealer import RecentlySealed, group_by_patient
 from vitalproof.schema import SampleBatch
 
 

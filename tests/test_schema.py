@@ -11,14 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vitalproof.errors import WireFormatError
-from vitalproof.schema import (
-    Quality,
-    SampleBatch,
-    Transport,
-    canonical_reading_bytes,
-    reading_id,
-)
+from vitalproof.schema import Quality, SampleBatch, Transport
 from vitalproof.units import CANONICAL_UNIT, Metric
+from vitalproof_verify.leaves import canonical_reading_bytes, reading_id
 
 metrics = st.sampled_from(list(Metric))
 samples = st.lists(

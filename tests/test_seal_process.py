@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from streams.batcher import BATCHES_DIR, Pending, Sealer, unproduced
 from streams.keystore import LocalKeystore
 from streams.seal_process import (
     CleanRecord,
@@ -25,9 +24,10 @@ from streams.seal_process import (
     decode_records,
     seal_records,
 )
-from vitalproof import clean_codec
+from streams.sealer import BATCHES_DIR, Pending, Sealer, unproduced
 from vitalproof.manifest import BatchManifest
 from vitalproof.schema import SampleBatch, Transport
+from vitalproof.wire import clean
 
 
 def batch(device: str, patient: str, n: int, seq0: int = 0) -> SampleBatch:
@@ -44,9 +44,9 @@ def batch(device: str, patient: str, n: int, seq0: int = 0) -> SampleBatch:
 
 def records() -> list[CleanRecord]:
     return [
-        ("vitals.clean", 0, 10, clean_codec.encode_bundle([batch("dev-1", "pat-1", 50)])),
+        ("vitals.clean", 0, 10, clean.encode_bundle([batch("dev-1", "pat-1", 50)])),
         ("vitals.clean", 0, 11, b"\x00not a clean record"),
-        ("vitals.clean", 1, 3, clean_codec.encode_bundle([batch("dev-2", "pat-2", 30)])),
+        ("vitals.clean", 1, 3, clean.encode_bundle([batch("dev-2", "pat-2", 30)])),
     ]
 
 

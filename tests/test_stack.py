@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from vitalproof.devstack import StackManager, anvil, kafka, mosquitto
+from vitalproof.devstack.procs import ProcState, free_ports
 from vitalproof.errors import PrerequisiteMissing
-from vitalproof.settings import Settings
-from vitalproof.stack import StackManager, anvil, kafka, mosquitto
-from vitalproof.stack.procs import ProcState, free_ports
+from vitalproof.settings import (
+    DevStackSettings,
+    KafkaSettings,
+    MqttSettings,
+    PathSettings,
+    Settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +28,12 @@ pytestmark = pytest.mark.integration
 def _own_settings(home: Path) -> Settings:
     kafka_port, controller_port, mqtt_port, anvil_port = free_ports(4)
     return Settings(
-        home=home,
-        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-        kafka_controller_port=controller_port,
-        kafka_heap="384m",  # a second broker next to the session one
-        mqtt_port=mqtt_port,
-        anvil_port=anvil_port,
-        mqtt_collector_password=SecretStr("collector-test-password"),
+        paths=PathSettings(home=home),
+        kafka=KafkaSettings(bootstrap=f"127.0.0.1:{kafka_port}"),
+        devstack=DevStackSettings(
+            kafka_controller_port=controller_port, kafka_heap="384m", anvil_port=anvil_port
+        ),
+        mqtt=MqttSettings(port=mqtt_port, collector_password=SecretStr("collector-test-password")),
     )
 
 
@@ -73,8 +78,8 @@ def test_up_status_noop_down(tmp_path: Path) -> None:
         assert set(parts) == {"kafka", "mosquitto", "anvil"}
         pids = {name: p.pid for name, p in parts.items()}
         assert all(pid and pid != os.getpid() for pid in pids.values()), pids
-        assert parts["kafka"].address == settings.kafka_bootstrap
-        assert parts["mosquitto"].address == f"127.0.0.1:{settings.mqtt_port}"
+        assert parts["kafka"].address == settings.kafka.bootstrap
+        assert parts["mosquitto"].address == f"127.0.0.1:{settings.mqtt.port}"
         assert anvil.chain_id(manager.rpc_url) == 31337
         decoded = json.loads(status.to_json())
         assert decoded["parts"]["kafka"]["pid"] == pids["kafka"]
@@ -92,7 +97,9 @@ def test_up_status_noop_down(tmp_path: Path) -> None:
 
     for name, pid in pids.items():
         assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) still exists after down"
-    leftovers = _processes_mentioning(str(settings.stack_dir), f"--port {settings.anvil_port}")
+    leftovers = _processes_mentioning(
+        str(settings.paths.stack_dir), f"--port {settings.devstack.anvil_port}"
+    )
     assert leftovers == []
     after = manager.status()
     assert not any(p.running for p in after.parts.values())
@@ -122,7 +129,7 @@ def test_missing_prerequisite_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     for check, program in (
         (mosquitto.check_prerequisites, "mosquitto"),
         (kafka.java_program, "java"),
-        (kafka.check_prerequisites, "java"),
+        (lambda: kafka.check_prerequisites(Settings()), "java"),
     ):
         with pytest.raises(PrerequisiteMissing) as info:
             check()

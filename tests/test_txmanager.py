@@ -3,7 +3,6 @@ survives a reorg that drops its block, and gets a fee bump when stuck (py-evm an
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -17,9 +16,11 @@ from eth_account import Account
 from eth_utils import keccak
 from hexbytes import HexBytes
 
-from anchor.chain import ANCHORED_TOPIC, Chain, FeePolicy, check_anchor_on_chain, rpc_web3
+from anchor.chain import Chain, FeePolicy
 from anchor.errors import AnchorError
 from anchor.txmanager import OUTBOX_FILE, OutboxError, TxManager, TxState
+from vitalproof.devstack.procs import free_ports
+from vitalproof_verify.onchain import ANCHORED_TOPIC, check_anchor_on_chain, rpc_web3
 
 REPO = Path(__file__).resolve().parent.parent
 ANVIL = REPO / "node_modules" / ".bin" / "anvil"
@@ -65,18 +66,12 @@ def _rpc(chain: Chain, method: str, *params: Any) -> Any:
 # -- Anvil (own fixture until a shared one replaces it) -----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def anvil_url() -> Iterator[str]:
     """Anvil on a free port for this module; fails loudly (never skips) if it cannot start."""
     if not ANVIL.exists():
         pytest.fail(f"{ANVIL} missing: run `npm ci` in {REPO}")
-    port = _free_port()
+    (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         cmd = [str(ANVIL), "--port", str(port), "--host", "127.0.0.1", "--silent"]
