@@ -161,7 +161,7 @@ def raw_record(m: Message, gateway: str = "gw-bench") -> RawRecord:
 
 def run_inprocess(args: argparse.Namespace) -> None:
     """The worker's per-message work without Kafka: where the CPU goes, per stage."""
-    from streams.app import CLEAN_BUNDLE_SAMPLES, NORMALIZE_TAKE, bundle_by_patient
+    from streams.agents.normalize import CLEAN_BUNDLE_SAMPLES, NORMALIZE_TAKE, bundle_by_patient
     from streams.dedupe import DedupeWindows
     from streams.keystore import LocalKeystore
     from streams.normalize import Rejection, normalize

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from streams.app import bundle_by_patient
+from streams.agents import bundle_by_patient
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import Quality, SampleBatch, Transport
 from vitalproof.wire import clean
