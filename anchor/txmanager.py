@@ -21,7 +21,7 @@ has meanwhile reached the same or a larger tree size (a later anchor landed firs
 entry becomes SUPERSEDED: the later root covers this tree (RFC 9162 consistency), and the
 contract would refuse a smaller size anyway.
 
-The outbox is SQLite (WAL, ``synchronous=FULL``: each commit is fsync'd). One manager per
+The outbox is SQLite (:mod:`anchor.outbox`: each commit is fsync'd). One manager per
 outbox at a time: the anchor job (``anchor.job``, its own process) holds the log's writer
 lock while it runs.
 """
@@ -29,12 +29,8 @@ lock while it runs.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,94 +39,21 @@ from web3.exceptions import TransactionNotFound, Web3Exception
 
 from anchor.chain import AnchorReceipt, AnchorRejected, Chain, Fees, compute_fees
 from anchor.errors import AnchorError
+from anchor.outbox import (
+    OPEN_STATES,
+    OUTBOX_FILE,
+    Attempt,
+    Outbox,
+    OutboxEntry,
+    OutboxError,
+    TxState,
+    hex0x,
+)
 from vitalproof.crashpoints import crashpoint
-from vitalproof.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
-OUTBOX_FILE = "outbox.sqlite3"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS anchors (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    root         TEXT NOT NULL,
-    tree_size    INTEGER NOT NULL,
-    state        TEXT NOT NULL,
-    nonce        INTEGER NOT NULL,
-    tx_hash      TEXT NOT NULL,   -- the attempt to (re)broadcast, or the included one
-    block_number INTEGER,
-    block_hash   TEXT,
-    created_at   REAL NOT NULL,
-    updated_at   REAL NOT NULL,
-    last_error   TEXT,
-    UNIQUE (root, tree_size)
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    tx_hash      TEXT PRIMARY KEY,
-    anchor_id    INTEGER NOT NULL REFERENCES anchors (id),
-    nonce        INTEGER NOT NULL,
-    raw          TEXT NOT NULL,
-    gas          INTEGER NOT NULL,
-    max_fee      INTEGER NOT NULL,
-    priority_fee INTEGER NOT NULL,
-    signed_at    REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS attempts_by_anchor ON attempts (anchor_id);
-"""
-
 _BENIGN_SEND_ERRORS = ("already known", "known transaction", "already imported", "nonce too low")
-
-
-class TxState(StrEnum):
-    """Lifecycle of one anchor in the outbox."""
-
-    PENDING = "PENDING"
-    INCLUDED = "INCLUDED"
-    FINAL = "FINAL"
-    SUPERSEDED = "SUPERSEDED"
-    """A later, larger tree size is anchored: nothing left to do for this one."""
-    FAILED = "FAILED"
-    """Mined but reverted, or refused by the contract for another reason: needs a person."""
-
-
-OPEN_STATES = (TxState.PENDING, TxState.INCLUDED)
-
-
-class OutboxError(AnchorError):
-    """The outbox belongs to another chain, contract or account, or is unreadable."""
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    """One anchor request and where its transaction stands."""
-
-    id: int
-    root: bytes
-    tree_size: int
-    state: TxState
-    nonce: int
-    tx_hash: str
-    block_number: int | None
-    block_hash: str | None
-    created_at: float
-    updated_at: float
-    last_error: str | None
-    attempts: int
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    tx_hash: str
-    anchor_id: int
-    nonce: int
-    raw: bytes
-    gas: int
-    fees: Fees
-    signed_at: float
 
 
 class TxManager:
@@ -156,59 +79,25 @@ class TxManager:
         self.confirmations = confirmations
         self.bump_after_s = bump_after_s
         self.clock = clock
-        self.outbox_dir = Path(outbox_dir)
-        self.outbox_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.outbox_dir / OUTBOX_FILE
-        created = not self.path.exists()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        if created:
-            fsync_dir(self.outbox_dir)  # make the new file's directory entry durable too
-        self._bind_identity()
+        self.outbox = Outbox(
+            outbox_dir,
+            chain_id=chain.chain_id,
+            contract=chain.contract_address,
+            account=chain.address,
+            clock=lambda: self.clock(),
+        )
+        self.path = self.outbox.path
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:
-        self._db.close()
+        self.outbox.close()
 
     def __enter__(self) -> TxManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _bind_identity(self) -> None:
-        """Refuse an outbox written for another chain, contract or account: its nonces and
-        signed bytes would be meaningless (or harmful) elsewhere."""
-        want = {
-            "chain_id": str(self.chain.chain_id),
-            "contract": self.chain.contract_address,
-            "account": self.chain.address,
-        }
-        with self._tx():
-            have = {r["key"]: r["value"] for r in self._db.execute("SELECT key, value FROM meta")}
-            for key, value in want.items():
-                if key not in have:
-                    self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
-                elif have[key] != value:
-                    raise OutboxError(
-                        f"outbox {self.path} is for {key} {have[key]}, not {value}:"
-                        " use a separate outbox directory per chain, contract and account"
-                    )
-
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
-        """One SQLite transaction; COMMIT is fsync'd (WAL + synchronous=FULL)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     # -- public API ---------------------------------------------------------------------
 
@@ -218,24 +107,22 @@ class TxManager:
         Idempotent: the same (root, tree_size) returns the existing entry, so an anchor job
         that restarts and asks again does not sign a second transaction.
         """
-        existing = self._find(root, tree_size)
+        existing = self.outbox.find(root, tree_size)
         if existing is not None:
             return existing
         data = self.chain.anchor_calldata(root, tree_size)
         gas = self.chain.estimate_gas(data, self.chain.contract_address)
         fees = compute_fees(self.chain.w3, self.chain.fee_policy)
         nonce = self._next_nonce()
-        raw, tx_hash = self._sign(data, nonce, gas, fees)
-        now = self.clock()
-        with self._tx():
-            cur = self._db.execute(
-                "INSERT INTO anchors (root, tree_size, state, nonce, tx_hash, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (_hex(root), tree_size, TxState.PENDING.value, nonce, tx_hash, now, now),
-            )
-            anchor_id = cast(int, cur.lastrowid)
-            self._insert_attempt(anchor_id, tx_hash, nonce, raw, gas, fees, now)
-        log.info("anchor %d: size %d signed as %s (nonce %d)", anchor_id, tree_size, tx_hash, nonce)
+        attempt = self._sign(0, data, nonce, gas, fees)
+        anchor_id = self.outbox.add_anchor(root, tree_size, attempt)
+        log.info(
+            "anchor %d: size %d signed as %s (nonce %d)",
+            anchor_id,
+            tree_size,
+            attempt.tx_hash,
+            nonce,
+        )
         return self.get(anchor_id)
 
     def submit(self, root: bytes, tree_size: int) -> OutboxEntry:
@@ -295,34 +182,15 @@ class TxManager:
         return self.chain.anchor_receipt(entry.tx_hash)
 
     def get(self, entry_id: int) -> OutboxEntry:
-        row = self._db.execute(
-            "SELECT a.*, (SELECT COUNT(*) FROM attempts t WHERE t.anchor_id = a.id) AS n"
-            " FROM anchors a WHERE a.id = ?",
-            (entry_id,),
-        ).fetchone()
-        if row is None:
-            raise OutboxError(f"no anchor {entry_id} in {self.path}")
-        return _entry(row)
+        return self.outbox.get(entry_id)
 
     def entries(self, *states: TxState) -> list[OutboxEntry]:
         """Entries in the given states (all when none given), oldest first."""
-        sql = (
-            "SELECT a.*, (SELECT COUNT(*) FROM attempts t WHERE t.anchor_id = a.id) AS n"
-            " FROM anchors a"
-        )
-        args: tuple[Any, ...] = ()
-        if states:
-            sql += f" WHERE a.state IN ({','.join('?' * len(states))})"
-            args = tuple(s.value for s in states)
-        return [_entry(r) for r in self._db.execute(sql + " ORDER BY a.id", args)]
+        return self.outbox.entries(*states)
 
     def attempt_hashes(self, entry_id: int) -> list[str]:
         """Every transaction hash ever signed for this anchor, oldest first."""
-        rows = self._db.execute(
-            "SELECT tx_hash FROM attempts WHERE anchor_id = ? ORDER BY signed_at, rowid",
-            (entry_id,),
-        )
-        return [r["tx_hash"] for r in rows]
+        return self.outbox.attempt_hashes(entry_id)
 
     # -- state machine ------------------------------------------------------------------
 
@@ -333,7 +201,7 @@ class TxManager:
             receipt = found
             if receipt["status"] != 1:
                 self._settle_refused(
-                    entry, f"transaction {_hex(receipt['transactionHash'])} reverted on chain"
+                    entry, f"transaction {hex0x(receipt['transactionHash'])} reverted on chain"
                 )
                 return
             number = int(receipt["blockNumber"])
@@ -342,11 +210,11 @@ class TxManager:
             self._set(
                 entry.id,
                 state=state,
-                tx_hash=_hex(receipt["transactionHash"]),
+                tx_hash=hex0x(receipt["transactionHash"]),
                 block_number=number,
-                block_hash=_hex(receipt["blockHash"]),
+                block_hash=hex0x(receipt["blockHash"]),
             )
-            if entry.block_hash not in (None, _hex(receipt["blockHash"])):
+            if entry.block_hash not in (None, hex0x(receipt["blockHash"])):
                 log.warning("anchor %d: moved to block %d after a reorg", entry.id, number)
             return
 
@@ -408,16 +276,14 @@ class TxManager:
             return
         fees = compute_fees(self.chain.w3, self.chain.fee_policy)
         nonce = self._next_nonce()
-        raw, tx_hash = self._sign(data, nonce, gas, fees)
-        now = self.clock()
-        with self._tx():
-            self._insert_attempt(entry.id, tx_hash, nonce, raw, gas, fees, now)
-            self._set(
-                entry.id,
-                nonce=nonce,
-                tx_hash=tx_hash,
-                last_error=f"nonce {entry.nonce} taken by another transaction; re-anchored",
-            )
+        attempt = self._sign(entry.id, data, nonce, gas, fees)
+        tx_hash = attempt.tx_hash
+        self.outbox.add_attempt(
+            attempt,
+            nonce=nonce,
+            tx_hash=tx_hash,
+            last_error=f"nonce {entry.nonce} taken by another transaction; re-anchored",
+        )
         log.warning(
             "anchor %d: nonce %d taken, re-anchored as %s (nonce %d)",
             entry.id,
@@ -427,7 +293,7 @@ class TxManager:
         )
         self._broadcast(entry.id, self._attempt(tx_hash))
 
-    def _bump(self, entry: OutboxEntry, attempt: _Attempt) -> None:
+    def _bump(self, entry: OutboxEntry, attempt: Attempt) -> None:
         """Replace a stuck transaction: same nonce and data, fees >= 12.5% higher."""
         policy = self.chain.fee_policy
         bumped = attempt.fees.bumped()
@@ -452,11 +318,9 @@ class TxManager:
                 self._broadcast(entry.id, attempt)
             return
         data = self.chain.anchor_calldata(entry.root, entry.tree_size)
-        raw, tx_hash = self._sign(data, attempt.nonce, attempt.gas, fees)
-        now = self.clock()
-        with self._tx():
-            self._insert_attempt(entry.id, tx_hash, attempt.nonce, raw, attempt.gas, fees, now)
-            self._set(entry.id, tx_hash=tx_hash)
+        replacement = self._sign(entry.id, data, attempt.nonce, attempt.gas, fees)
+        tx_hash = replacement.tx_hash
+        self.outbox.add_attempt(replacement, tx_hash=tx_hash)
         log.info(
             "anchor %d: fee bump %s -> %s (nonce %d)",
             entry.id,
@@ -487,57 +351,29 @@ class TxManager:
         chain_next = int(
             self.chain.w3.eth.get_transaction_count(self.chain.account.address, "pending")
         )
-        row = self._db.execute("SELECT MAX(nonce) AS m FROM attempts").fetchone()
-        used = -1 if row["m"] is None else int(row["m"])
-        return max(chain_next, used + 1)
+        used = self.outbox.max_nonce()
+        return max(chain_next, -1 if used is None else used + 1)
 
-    def _sign(self, data: bytes, nonce: int, gas: int, fees: Fees) -> tuple[bytes, str]:
+    def _sign(self, anchor_id: int, data: bytes, nonce: int, gas: int, fees: Fees) -> Attempt:
+        """A signed transaction, not yet stored (``anchor_id`` 0: a new anchor's first)."""
         tx = self.chain.build_tx(
             data, to=self.chain.contract_address, nonce=nonce, gas=gas, fees=fees
         )
         signed = self.chain.account.sign_transaction(cast(dict[str, Any], tx))
-        return bytes(signed.raw_transaction), _hex(bytes(signed.hash))
-
-    def _insert_attempt(
-        self,
-        anchor_id: int,
-        tx_hash: str,
-        nonce: int,
-        raw: bytes,
-        gas: int,
-        fees: Fees,
-        now: float,
-    ) -> None:
-        self._db.execute(
-            "INSERT INTO attempts (tx_hash, anchor_id, nonce, raw, gas, max_fee, priority_fee,"
-            " signed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                tx_hash,
-                anchor_id,
-                nonce,
-                _hex(raw),
-                gas,
-                str(fees.max_fee_per_gas),
-                str(fees.max_priority_fee_per_gas),
-                now,
-            ),
+        return Attempt(
+            tx_hash=hex0x(bytes(signed.hash)),
+            anchor_id=anchor_id,
+            nonce=nonce,
+            raw=bytes(signed.raw_transaction),
+            gas=gas,
+            fees=fees,
+            signed_at=self.clock(),
         )
 
-    def _attempt(self, tx_hash: str) -> _Attempt:
-        r = self._db.execute("SELECT * FROM attempts WHERE tx_hash = ?", (tx_hash,)).fetchone()
-        if r is None:
-            raise OutboxError(f"outbox {self.path} lost attempt {tx_hash}")
-        return _Attempt(
-            tx_hash=r["tx_hash"],
-            anchor_id=int(r["anchor_id"]),
-            nonce=int(r["nonce"]),
-            raw=bytes(HexBytes(r["raw"])),
-            gas=int(r["gas"]),
-            fees=Fees(int(r["max_fee"]), int(r["priority_fee"])),
-            signed_at=float(r["signed_at"]),
-        )
+    def _attempt(self, tx_hash: str) -> Attempt:
+        return self.outbox.attempt(tx_hash)
 
-    def _broadcast(self, anchor_id: int, attempt: _Attempt) -> None:
+    def _broadcast(self, anchor_id: int, attempt: Attempt) -> None:
         """Send signed bytes; errors meaning "the node has it / the nonce is used" are fine,
         anything else is recorded on the entry and retried by the next poll."""
         try:
@@ -557,45 +393,11 @@ class TxManager:
             return False
         return True
 
-    def _find(self, root: bytes, tree_size: int) -> OutboxEntry | None:
-        row = self._db.execute(
-            "SELECT id FROM anchors WHERE root = ? AND tree_size = ?", (_hex(root), tree_size)
-        ).fetchone()
-        return None if row is None else self.get(int(row["id"]))
-
     def _set(self, anchor_id: int, **fields: Any) -> None:
-        fields["updated_at"] = self.clock()
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        values = [v.value if isinstance(v, TxState) else v for v in fields.values()]
-        if self._db.in_transaction:
-            self._db.execute(f"UPDATE anchors SET {cols} WHERE id = ?", (*values, anchor_id))
-        else:
-            with self._tx():
-                self._db.execute(f"UPDATE anchors SET {cols} WHERE id = ?", (*values, anchor_id))
+        self.outbox.set(anchor_id, **fields)
 
     def _note(self, anchor_id: int, message: str) -> None:
-        self._set(anchor_id, last_error=message)
-
-
-def _entry(row: sqlite3.Row) -> OutboxEntry:
-    return OutboxEntry(
-        id=int(row["id"]),
-        root=bytes(HexBytes(row["root"])),
-        tree_size=int(row["tree_size"]),
-        state=TxState(row["state"]),
-        nonce=int(row["nonce"]),
-        tx_hash=row["tx_hash"],
-        block_number=row["block_number"],
-        block_hash=row["block_hash"],
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-        last_error=row["last_error"],
-        attempts=int(row["n"]),
-    )
-
-
-def _hex(value: bytes) -> str:
-    return "0x" + bytes(value).hex()
+        self.outbox.note(anchor_id, message)
 
 
 __all__ = [

@@ -313,7 +313,7 @@ def test_anvil_fee_bump_replaces_a_stuck_tx(anvil_url: str, tmp_path: Path) -> N
         assert bumped.attempts == 2 and bumped.nonce == entry.nonce
         assert bumped.tx_hash != entry.tx_hash
         new_tx = c.w3.eth.get_transaction(HexBytes(bumped.tx_hash))
-        first = mgr._attempt(entry.tx_hash).fees
+        first = mgr.outbox.attempt(entry.tx_hash).fees
         assert new_tx["maxPriorityFeePerGas"] * 8 >= first.max_priority_fee_per_gas * 9
         assert new_tx["maxFeePerGas"] * 8 >= first.max_fee_per_gas * 9
 
