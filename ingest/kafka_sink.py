@@ -14,7 +14,7 @@ from vitalproof.settings import Settings
 
 def durable_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     """acks=all and idempotence: a produce is acknowledged only once the broker has it,
-    and retries cannot duplicate it (invariant 1)."""
+    and retries cannot duplicate it ("Nothing is lost", docs/invariants.md)."""
     options: dict[str, object] = {
         "bootstrap_servers": settings.kafka.bootstrap,
         "acks": "all",

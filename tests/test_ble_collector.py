@@ -21,17 +21,9 @@ from device_sims.ble import (
     ThermometerSim,
     WeightScaleSim,
 )
-from ingest.ble.collector import (
-    BATTERY_LEVEL,
-    RACP,
-    BleBackend,
-    BleCollector,
-    BleStats,
-    Envelope,
-    device_id_for,
-    racp_report_all,
-    racp_report_from,
-)
+from ingest.ble import BleBackend, BleCollector, BleStats, device_id_for
+from ingest.ble.session import BATTERY_LEVEL, RACP, racp_report_all, racp_report_from
+from ingest.buffered_sink import Envelope
 from ingest.gatt import decode
 from vitalproof.raw import RawRecord
 from vitalproof.schema import CONTENT_TYPE_JSON, Quality, SampleBatch, Transport

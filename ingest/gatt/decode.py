@@ -141,7 +141,7 @@ def to_json(result: GattResult) -> dict[str, Any]:
 
 
 def ble_decode_cli(uuid: str, hex_str: str) -> tuple[int, str]:
-    """(exit code, text) for ``vitalproof ble-decode``: 0 and JSON, or 2 and one error line."""
+    """(exit code, text) for ``vitalproof ble decode``: 0 and JSON, or 2 and one error line."""
     try:
         full = normalize_uuid(uuid)
         result = decode(full, parse_hex(full, hex_str))

@@ -139,7 +139,7 @@ def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
 def _collect_ble(args: argparse.Namespace, settings: Settings) -> int:
     from bleak.exc import BleakError
 
-    from ingest.ble.collector import BleCollector
+    from ingest.ble import BleCollector
 
     allow: dict[str, str] | None = None
     if args.allow:
