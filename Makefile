@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VP := $(VENV)/bin/vitalproof
 
-.PHONY: install system demo test lint bench clean stack-up stack-down
+.PHONY: install system demo test test-unit lint bench clean stack-up stack-down
 
 install: system $(VENV)/.installed $(VENV)/.native node_modules/.installed kafka
 
@@ -41,6 +41,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# No brokers, no chain node, no slow attack tests: what to run after every edit (< 90 s).
+test-unit: $(VENV)/.installed $(VENV)/.native
+	$(PY) -m pytest -m "not integration and not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

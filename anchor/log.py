@@ -128,9 +128,9 @@ def _read_lines(path: Path, *, repair: bool) -> list[bytes]:
 class MerkleLog:
     """An append-only, persistent RFC 9162 log of batch roots. One writer per directory.
 
-    Appends are idempotent by ``batch_id`` (invariant 2: a replayed batch rewrites nothing),
-    and :meth:`check_extends` refuses a log that does not extend what was already anchored,
-    so a corrupted or edited log is never anchored over the honest history.
+    Appends are idempotent by ``batch_id`` ("Effectively once": a replayed batch rewrites
+    nothing), and :meth:`check_extends` refuses a log that does not extend what was already
+    anchored, so a corrupted or edited log is never anchored over the honest history.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, readonly: bool = False) -> None:

@@ -168,3 +168,25 @@ def _stop_anvil_quietly(manager: StackManager) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for what, seconds in _TIMINGS.items():
         terminalreporter.write_line(f"vitalproof: {what} took {seconds:.1f} s")
+
+
+#: Fixtures that start a real service: a test using any of them (directly or through another
+#: fixture) is an integration test, whether or not it says so; ``make test-unit`` leaves it out.
+_SERVICE_FIXTURES = {
+    "stack",
+    "settings",
+    "kafka_topics",
+    "anvil",
+    "anvil_rpc_url",
+    "anvil_settings",
+}
+_ANVIL_FIXTURES = {"anvil", "anvil_rpc_url", "anvil_settings"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & _SERVICE_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if used & _ANVIL_FIXTURES:
+            item.add_marker(pytest.mark.anvil)

@@ -31,6 +31,7 @@ DAY_US = 86_400 * 1_000_000
 T0 = 1_800_000_000 // 86_400 * 86_400 * 1_000_000  # a UTC midnight, in microseconds
 
 
+@pytest.mark.slow
 def test_dictionary_attack_over_a_day_of_heart_rates_recovers_nothing(tmp_path: Path) -> None:
     """An attacker who knows everything about a reading but its value and second of the day
     enumerates all 281 plausible heart rates (20-300 /min) at all 86,400 seconds. Against an

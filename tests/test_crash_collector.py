@@ -34,13 +34,14 @@ PROBE = "probe"
 
 def start_collector(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     # Client id vitalproof-collector-<gateway_id> and share group come from the settings.
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitalproof", "collect"],
-        env=os.environ | settings.child_env(settings.paths.home / "secrets"),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with log.open("ab") as out:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "vitalproof", "collect"],
+            env=os.environ | settings.child_env(settings.paths.home / "secrets"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def log_tail(log: Path, lines: int = 30) -> str:

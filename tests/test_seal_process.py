@@ -133,6 +133,8 @@ def test_the_child_dies_with_the_worker(tmp_path: Path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
 
 
 @pytest.mark.parametrize(("returncode", "expected"), [(-signal.SIGKILL, -signal.SIGKILL), (3, 3)])
