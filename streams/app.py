@@ -25,7 +25,8 @@ import faust
 from streams import changelog
 from streams.clock import ClockEstimator
 from streams.dedupe import DedupeWindows
-from streams.ledger import BATCHES_DIR, mark_produced, unproduced
+from streams.lake.layout import BATCHES_DIR
+from streams.ledger import mark_produced, unproduced
 from streams.normalize import Rejection, normalize
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import SealOutcome, SealProcess, SealProcessDied, exit_like
