@@ -29,7 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streams import lake
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
+from streams.lake.table import sort_for_file, split_by_patient
+from streams.lake.write import _DICT_COLUMNS, COLUMN_ENCODING, ZSTD_LEVEL
+from vitalproof.durable import publish_new
 from vitalproof.schema import SampleBatch, Transport
 
 T0 = 1_732_147_200_000_000  # 2024-11-21T00:00:00Z
@@ -87,7 +90,7 @@ def _encode_all(
     for n, group in enumerate(batches):
         batch_id = f"b{n:06d}"
         table = lake.build_table(group, batch_id)
-        for patient, rows in lake.split_by_patient(table).items():
+        for patient, rows in split_by_patient(table).items():
             key = kms.current_key_id(patient) if kms else None
             out.append((f"{patient}/{batch_id}", lake.encode_parquet(rows, kms=kms, key_id=key)))
     return time.perf_counter() - t, out
@@ -114,7 +117,7 @@ def bench_window(slots: list[list[SampleBatch]], window_s: int, work: Path) -> d
 
     def write_plain() -> None:
         for name, data in plain_files:
-            lake._publish_local(str(work / "plain" / f"{name}.parquet"), data)
+            publish_new(work / "plain" / f"{name}.parquet", data, mode=0o640)
 
     def write_enc() -> None:
         for n_, group in enumerate(batches):
@@ -143,7 +146,7 @@ def bench_window(slots: list[list[SampleBatch]], window_s: int, work: Path) -> d
 
 def _size(table: pa.Table, **opts: object) -> int:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", compression_level=lake.ZSTD_LEVEL, **opts)
+    pq.write_table(table, sink, compression="zstd", compression_level=ZSTD_LEVEL, **opts)
     return int(sink.getvalue().size)
 
 
@@ -152,9 +155,9 @@ def layout_variants(slots: list[list[SampleBatch]], window_s: int) -> list[tuple
     tables = []
     for n, group in enumerate(windows_of(slots, window_s)):
         table = lake.build_table(group, f"b{n:06d}")
-        tables += [lake.sort_for_file(t) for t in lake.split_by_patient(table).values()]
+        tables += [sort_for_file(t) for t in split_by_patient(table).values()]
     n = sum(t.num_rows for t in tables)
-    ours = {"use_dictionary": lake._DICT_COLUMNS, "column_encoding": lake.COLUMN_ENCODING}
+    ours = {"use_dictionary": _DICT_COLUMNS, "column_encoding": COLUMN_ENCODING}
 
     def with_string_ids(t: pa.Table) -> pa.Table:
         i = t.schema.get_field_index("reading_id")
@@ -164,8 +167,8 @@ def layout_variants(slots: list[list[SampleBatch]], window_s: int) -> list[tuple
         return t.drop_columns(["reading_id"])
 
     stored_ids = {
-        "use_dictionary": lake._DICT_COLUMNS,
-        "column_encoding": {**lake.COLUMN_ENCODING, "reading_id": "PLAIN"},
+        "use_dictionary": _DICT_COLUMNS,
+        "column_encoding": {**COLUMN_ENCODING, "reading_id": "PLAIN"},
     }
     variants: list[tuple[str, Callable[[pa.Table], int]]] = [
         ("pyarrow defaults (dictionary everywhere), binary ids stored", lambda t: _size(t)),
@@ -183,8 +186,8 @@ def layout_variants(slots: list[list[SampleBatch]], window_s: int) -> list[tuple
             lambda t: _size(
                 without_ids(t),
                 store_schema=False,
-                use_dictionary=[c for c in lake._DICT_COLUMNS if c != "value"],
-                column_encoding={**lake.COLUMN_ENCODING, "value": "BYTE_STREAM_SPLIT"},
+                use_dictionary=[c for c in _DICT_COLUMNS if c != "value"],
+                column_encoding={**COLUMN_ENCODING, "value": "BYTE_STREAM_SPLIT"},
             ),
         ),
     ]

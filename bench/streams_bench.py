@@ -163,7 +163,7 @@ def run_inprocess(args: argparse.Namespace) -> None:
     """The worker's per-message work without Kafka: where the CPU goes, per stage."""
     from streams.agents.normalize import CLEAN_BUNDLE_SAMPLES, NORMALIZE_TAKE, bundle_by_patient
     from streams.dedupe import DedupeWindows
-    from streams.keystore import LocalKeystore
+    from streams.lake.keystore import LocalKeystore
     from streams.normalize import Rejection, normalize
     from streams.seal_buffer import SealBuffer
     from streams.seal_process import CleanRecord, seal_records

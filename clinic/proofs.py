@@ -17,8 +17,8 @@ from anchor.bundles import build_bundle
 from anchor.errors import AnchorError
 from anchor.log import MerkleLog
 from streams import lake
-from streams.keystore import LocalKeystore
-from streams.sealer import BATCHES_DIR
+from streams.lake.keystore import LocalKeystore
+from streams.lake.layout import BATCHES_DIR
 from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings

@@ -17,7 +17,7 @@ from streams import changelog
 from streams.agents import NormalizeAgent, SealAgent
 from streams.agents.ports import Sent, TakeStream
 from streams.dedupe import DedupeWindows
-from streams.ledger import BATCHES_DIR
+from streams.lake.layout import BATCHES_DIR
 from streams.seal_process import SealProcess
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings

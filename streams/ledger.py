@@ -12,8 +12,6 @@ from pathlib import Path
 from vitalproof.durable import write_atomic
 from vitalproof.manifest import BatchManifest
 
-BATCHES_DIR = "_batches"
-
 
 def read_manifests(batches_dir: Path) -> list[BatchManifest]:
     return [

@@ -244,7 +244,7 @@ def _tie_to_parent(parent_pid: int) -> None:
 
 def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
     """Answer seal requests until EOF; an error is reported, then the child exits."""
-    from streams.keystore import LocalKeystore
+    from streams.lake.keystore import LocalKeystore
     from streams.sealer import Sealer
 
     try:

@@ -21,8 +21,9 @@ import numpy as np
 
 from streams import lake
 from streams.digest_run import DigestRun, split
-from streams.keystore import Kms
-from streams.ledger import BATCHES_DIR, mark_produced, read_manifests, unproduced
+from streams.lake.keystore import Kms
+from streams.lake.layout import BATCHES_DIR
+from streams.ledger import mark_produced, read_manifests, unproduced
 from vitalproof import hashing
 from vitalproof.crashpoints import crashpoint
 from vitalproof.durable import write_atomic

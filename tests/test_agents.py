@@ -17,7 +17,8 @@ import pytest
 
 from streams.agents import NormalizeAgent, SealAgent
 from streams.dedupe import DedupeWindows
-from streams.ledger import BATCHES_DIR, unproduced
+from streams.lake.layout import BATCHES_DIR
+from streams.ledger import unproduced
 from streams.seal_process import SealProcess
 from vitalproof.manifest import BatchManifest
 from vitalproof.raw import H_DLQ_ORIGIN, H_DLQ_REASON, H_DLQ_STAGE, RawRecord

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from anchor.chain import Chain, submitter_key
 from anchor.job import AnchorJob
 from clinic.proofs import LakeView
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
 from streams.sealer import Pending, Sealer
 from vitalproof.errors import ConfigError
 from vitalproof.manifest import BatchManifest

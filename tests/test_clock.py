@@ -24,9 +24,11 @@ from test_pipeline import collector_running, enroll, start_worker, stop, wait_se
 from device_sims.faults import FaultInjector
 from device_sims.fleet import Fleet
 from device_sims.record import sent_reading_ids
-from streams import export, lake
+from streams import lake
 from streams.clock import CONFIRM, THRESHOLD_US, WINDOW, ClockEstimator
-from streams.keystore import LocalKeystore
+from streams.lake import export
+from streams.lake.keystore import LocalKeystore
+from streams.lake.table import _upgrade
 from streams.normalize import ENROLLMENT_TOLERANCE_US, PAST_LIMIT_US, normalize
 from vitalproof.errors import WireFormatError
 from vitalproof.raw import RawRecord
@@ -323,7 +325,7 @@ def test_lake_table_and_exports_carry_the_offset() -> None:
 def test_lake_files_written_before_the_column_read_with_nulls() -> None:
     table = lake.build_table([clean_batch("dev-1", 7_000_000)], "b-1")
     old = table.drop_columns(["clock_offset_us"])
-    up = lake._upgrade(old, lake.SCHEMA)
+    up = _upgrade(old, lake.SCHEMA)
     assert up.schema.names == lake.SCHEMA.names
     assert up["clock_offset_us"].null_count == old.num_rows
 

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from device_sims.fleet import Fleet, FleetReport
 from device_sims.record import payload_digest, read_records, sent_reading_ids
 from streams import lake
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
 from tests.test_pipeline import collector_running, enroll, stop
 from vitalproof.cli import processes
 from vitalproof.crashpoints import ENV_VAR, MARKER
@@ -176,7 +176,7 @@ def manifests(settings: Settings) -> list[BatchManifest]:
 
 
 def lake_batches() -> str:
-    from streams.sealer import BATCHES_DIR
+    from streams.lake.layout import BATCHES_DIR
 
     return BATCHES_DIR
 

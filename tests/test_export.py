@@ -1,4 +1,4 @@
-"""streams.export: every format from a real encrypted lake, standards checked by validators.
+"""streams.lake.export: every format from a real encrypted lake, standards checked by validators.
 
 FHIR: ``fhir.resources`` (R4B models; R4B's Observation and Bundle are R4's) parses the
 Bundle and every Observation, and our own asserts pin LOINC codes, UCUM units and category,
@@ -29,8 +29,10 @@ import referencing.jsonschema
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.observation import Observation
 
-from streams import export, lake
-from streams.keystore import LocalKeystore
+from streams import lake
+from streams.lake import export
+from streams.lake.export.fhir import QUALITY_EXTENSION
+from streams.lake.keystore import LocalKeystore
 from vitalproof.schema import Quality, SampleBatch, Transport
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,7 +301,7 @@ def test_fhir_bundle(lake_table: pa.Table) -> None:
             assert o["valueQuantity"]["value"] == pytest.approx(first["value"] * scale)
         if first["quality"]:
             ext = o["extension"][0]
-            assert ext["url"] == export.QUALITY_EXTENSION
+            assert ext["url"] == QUALITY_EXTENSION
             assert ext["extension"][0] == {"url": "mask", "valueInteger": first["quality"]}
             assert "quality flags" in o["note"][0]["text"]
 
@@ -350,6 +352,15 @@ def test_fhir_observation_count_matches_skips(lake_table: pa.Table) -> None:
 # -- Open mHealth ----------------------------------------------------------------------------
 
 
+def _pointer_target(pointer: Path, target: str) -> str:
+    """The name of the file in the pointer's own folder that its relative ``target`` names."""
+    folder = Path(os.path.normpath(pointer.parent))
+    resolved = Path(os.path.normpath(folder / target))
+    if resolved.parent != folder:
+        pytest.fail(f"{pointer} points outside {folder}: {target!r}")
+    return resolved.name
+
+
 def _omh_registry() -> referencing.Registry:
     """Every omh schema under its w3id URI; ``N.x`` pointers resolved to local files.
 
@@ -357,17 +368,25 @@ def _omh_registry() -> referencing.Registry:
     (not shipped here) the newest ``N.M`` without such references stands in (e.g.
     systolic-blood-pressure-1.x -> 1.0, as the shared README says). A few pointer files
     hold a schema instead of a name; they are used as they are.
+
+    Pointers are symbolic links in a git checkout of the omh schemas, and small plain files
+    holding the link's relative path where links were not kept (``core.symlinks=false``,
+    archives, copies). Both are read as pointers: following a link as if it were the schema
+    would bypass the IEEE fallback above and leave ``$ref``s to IEEE schemas unresolvable.
     """
     if not OMH_DIR.is_dir():
         pytest.fail(f"Open mHealth schemas not found at {OMH_DIR} (set VITALPROOF_SHARED)")
     docs: dict[str, Any] = {}
     pointers: dict[str, str] = {}
     for path in sorted(OMH_DIR.glob("*.json")):
+        if path.is_symlink():
+            pointers[path.name] = _pointer_target(path, os.readlink(path))
+            continue
         text = path.read_text()
         try:
             docs[path.name] = json.loads(text)
         except json.JSONDecodeError:
-            pointers[path.name] = text.strip()
+            pointers[path.name] = _pointer_target(path, text.strip())
 
     def local(name: str) -> bool:
         return "ieee-1752" not in json.dumps(docs[name])

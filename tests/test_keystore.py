@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.keystore import (
+from streams.lake.keystore import (
     InsecureKeyFile,
     KeyErased,
     KeyUnwrapFailed,

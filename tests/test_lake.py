@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -15,7 +18,10 @@ import pyarrow.parquet.encryption as pe
 import pytest
 
 from streams import lake
-from streams.keystore import LocalKeystore
+from streams.lake.crypto import _KMS_CONFIG, _crypto
+from streams.lake.keystore import LocalKeystore
+from streams.lake.layout import file_path
+from streams.lake.table import ID_SOURCE_COLUMNS, ids_to_binary, sort_for_file
 from vitalproof.schema import Quality, SampleBatch, Transport
 
 T0 = 1_732_200_000_000_000  # 2024-11-21T14:40:00Z
@@ -294,7 +300,7 @@ def test_bad_reading_ids_rejected() -> None:
 
 def test_hex_ids_round_trip(batches: list[SampleBatch]) -> None:
     ids = [rid for b in batches for rid in b.reading_id]
-    arr = lake.ids_to_binary(ids)
+    arr = ids_to_binary(ids)
     assert lake.hex_ids(arr).to_pylist() == ids
     assert lake.hex_ids(arr.slice(3, 5)).to_pylist() == ids[3:8]
     assert lake.hex_ids(pa.chunked_array([arr[:2], arr[2:]])).to_pylist() == ids
@@ -308,8 +314,8 @@ def test_uri_root(tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
 
 
 def _decrypted_file_schema(path: Path, kms: LocalKeystore) -> pa.Schema:
-    factory, _ = lake._crypto(kms)
-    props = factory.file_decryption_properties(lake._KMS_CONFIG, pe.DecryptionConfiguration())
+    factory, _ = _crypto(kms)
+    props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
     return pq.ParquetFile(path, decryption_properties=props).schema_arrow
 
 
@@ -321,7 +327,7 @@ def test_reading_ids_are_derived_not_stored(
     for w in written:
         stored = _decrypted_file_schema(root / w.path, kms).names
         assert "reading_id" not in stored
-        assert set(lake.ID_SOURCE_COLUMNS) <= set(stored)
+        assert set(ID_SOURCE_COLUMNS) <= set(stored)
     alpha = next(w for w in written if "patient-alpha" in w.path)
     want = [r for b in batches if b.patient_id == "patient-alpha" for r in b.reading_id]
     got = lake.read_reading_ids(root, alpha.path, kms, "patient-alpha")
@@ -335,17 +341,17 @@ def test_format_1_files_with_stored_ids_still_read(
 ) -> None:
     """A file written before ids were derived keeps its stored ids (even ones that no longer
     match the derivation: stored bytes win, nothing is silently rewritten)."""
-    table = lake.sort_for_file(lake.build_table(batches[:1], "b-old"))
+    table = sort_for_file(lake.build_table(batches[:1], "b-old"))
     bogus = pa.array([bytes([i]) * 16 for i in range(table.num_rows)], pa.binary(16))
     table = table.set_column(0, lake.SCHEMA.field("reading_id"), bogus)
     table = table.drop_columns(["clock_offset_us"])  # format 1 predates it
     key_id = kms.current_key_id("patient-alpha")
-    factory, _ = lake._crypto(kms)
+    factory, _ = _crypto(kms)
     config = pe.EncryptionConfiguration(
         footer_key=kms.key_ref(key_id), uniform_encryption=True, double_wrapping=False
     )
-    props = factory.file_encryption_properties(lake._KMS_CONFIG, config)
-    path = tmp_path / "lake" / lake.file_path("patient-alpha", "2024-11-21", "b-old")
+    props = factory.file_encryption_properties(_KMS_CONFIG, config)
+    path = tmp_path / "lake" / file_path("patient-alpha", "2024-11-21", "b-old")
     path.parent.mkdir(parents=True)
     pq.write_table(table, path, encryption_properties=props)
     got = lake.read_patient(tmp_path / "lake", "patient-alpha", kms)
@@ -353,3 +359,22 @@ def test_format_1_files_with_stored_ids_still_read(
     assert got["reading_id"].to_pylist() == bogus.to_pylist()
     assert got["value"].to_pylist() == table["value"].to_pylist()
     assert got["clock_offset_us"].null_count == table.num_rows
+
+
+def test_the_front_names_every_public_lake_name_once() -> None:
+    """``streams.lake``'s lazy front and its ``__all__`` agree, and every name resolves."""
+    assert sorted(lake._FRONT) == sorted(lake.__all__)
+    for name in lake.__all__:
+        module = importlib.import_module(f"streams.lake.{lake._FRONT[name]}")
+        assert getattr(lake, name) is getattr(module, name), name
+    with pytest.raises(AttributeError):
+        _ = lake.no_such_name  # type: ignore[attr-defined]
+
+
+def test_the_worker_does_not_load_pyarrow_for_the_batches_folder() -> None:
+    """streams.app needs BATCHES_DIR from streams.lake.layout, not pyarrow's ~60 MB."""
+    code = (
+        "import sys, streams.app, streams.lake.layout\n"
+        "assert 'pyarrow' not in sys.modules, sorted(m for m in sys.modules if 'arrow' in m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from streams import lake
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
 from vitalproof.schema import Quality, SampleBatch, Transport
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
 from streams.sealer import Pending, Sealer
 from tests import test_fast_paths as fast_paths
 from tests.test_merkle import VECTORS

@@ -20,7 +20,7 @@ from device_sims.fleet import Fleet
 from device_sims.record import read_records, sent_reading_ids
 from ingest.mqtt.collector import CollectorError, MqttCollector, MqttCredentials
 from streams import lake
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
 from vitalproof.cli import processes
 from vitalproof.devstack import collector_credentials, set_device_credentials
 from vitalproof.manifest import BatchManifest

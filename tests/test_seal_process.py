@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
+from streams.lake.layout import BATCHES_DIR
 from streams.seal_process import (
     CleanRecord,
     SealOutcome,
@@ -24,7 +25,7 @@ from streams.seal_process import (
     decode_records,
     seal_records,
 )
-from streams.sealer import BATCHES_DIR, Pending, Sealer, unproduced
+from streams.sealer import Pending, Sealer, unproduced
 from vitalproof.manifest import BatchManifest
 from vitalproof.schema import SampleBatch, Transport
 from vitalproof.wire import clean

@@ -20,7 +20,7 @@ import pytest
 
 from anchor.job import AnchorJob
 from clinic.proofs import LakeView
-from streams.keystore import LocalKeystore
+from streams.lake.keystore import LocalKeystore
 from streams.sealer import Pending, Sealer
 from vitalproof.schema import SampleBatch, Transport
 from vitalproof.settings import Settings

@@ -1,7 +1,7 @@
 """`vitalproof lake read` and `vitalproof lake stats`: the lake for people and scripts.
 
 ``read`` decrypts one patient's files with the local keystore and exports them through
-:mod:`streams.export`; ``stats`` counts the whole lake. Both are read-only: they never create
+:mod:`streams.lake.export`; ``stats`` counts the whole lake. Both are read-only: they never create
 a keystore (opening :class:`LocalKeystore` on a missing folder would mint a new master key
 that decrypts nothing and then sits next to the lake as if it belonged to it).
 
@@ -22,8 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from streams import export, lake
-from streams.keystore import MASTER_KEY_FILE, LocalKeystore
+from streams import lake
+from streams.lake import export
+from streams.lake.keystore import MASTER_KEY_FILE, LocalKeystore
 from vitalproof.settings import Settings
 from vitalproof.units import Metric
 

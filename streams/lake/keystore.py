@@ -1,9 +1,10 @@
 """Per-patient keys: the KMS interface the lake encrypts through, and a local default.
 
-Invariant 5 (patient keys): every Parquet file is encrypted under data keys wrapped by a key
-that belongs to exactly one patient, and every Merkle leaf is salted by a key that belongs to
-exactly one patient. Erasing a patient destroys both, which makes that patient's files
-unreadable and their leaves unlinkable (crypto-shredding), while nobody else's data changes.
+"Patient keys" (docs/invariants.md): every Parquet file is encrypted under data keys wrapped
+by a key that belongs to exactly one patient, and every Merkle leaf is salted by a key that
+belongs to exactly one patient. Erasing a patient destroys both, which makes that patient's
+files unreadable and their leaves unlinkable (crypto-shredding), while nobody else's data
+changes.
 
 Key hierarchy of :class:`LocalKeystore`::
 

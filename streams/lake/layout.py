@@ -1,0 +1,49 @@
+"""Where the lake puts things: folder and file names, the batches folder.
+
+Layout (Hive style)::
+
+    <root>/patient_id=<patient>/date=<YYYY-MM-DD>/<batch_id>.parquet
+    <root>/_batches/<batch_id>.json        (manifests: the sealer's commit point)
+
+Why patient first, then date: erasure, consent and access are all per patient ("Patient
+keys" and "Consent before every disclosure" in docs/invariants.md), and every read is "this
+patient, this time range". With the patient at the top, a reader lists one folder and prunes
+by date folder before decrypting anything; erasing a patient is one key deletion (and, if
+wanted, one folder deletion) that touches nobody else's files. The date is the UTC date of
+``device_time``, the time a clinician asks about.
+
+Pure and free of pyarrow: the worker (``streams.app``) needs :data:`BATCHES_DIR` for its
+outbox and must not pay pyarrow's ~60 MB of RSS for a folder name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from streams.lake.errors import LakeError
+
+__all__ = ["BATCHES_DIR", "file_path", "patient_dir"]
+
+#: The folder of batch manifests (and their ``.leaves`` and ``.produced`` files) under the
+#: lake root.
+BATCHES_DIR = "_batches"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
+def _check_name(name: str, what: str) -> None:
+    """Names become path segments: no separators, no dot-dot, nothing to escape."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise LakeError(f"{what} {name!r} is not a safe path segment ([A-Za-z0-9._@+-], <=128)")
+
+
+def patient_dir(patient_id: str) -> str:
+    """``patient_id=<p>``, relative to the lake root."""
+    _check_name(patient_id, "patient id")
+    return f"patient_id={patient_id}"
+
+
+def file_path(patient_id: str, date: str, batch_id: str) -> str:
+    """``patient_id=<p>/date=<d>/<batch>.parquet``, relative to the lake root."""
+    _check_name(batch_id, "batch id")
+    return f"{patient_dir(patient_id)}/date={date}/{batch_id}.parquet"

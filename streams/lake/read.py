@@ -1,0 +1,244 @@
+"""Reading the lake back: listing, decrypting, filtering by time and metric, counting.
+
+A batch is sealed once its manifest exists: readers that must not see the files of a batch
+whose sealer died before its manifest pass ``batches=sealed_batch_ids(root)``. A file whose
+patient key is erased, unknown or does not unwrap raises
+:class:`~streams.lake.errors.LakeKeyUnavailable` naming the file: that is how an erased
+patient's data looks from here ("Patient keys" in docs/invariants.md).
+
+DuckDB cannot read these files directly: its Parquet encryption takes a raw footer key, not a
+KMS, so it cannot unwrap data keys through our keystore. Decrypt with :func:`read_patient`
+(pyarrow) and query the Arrow table with DuckDB.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Collection, Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
+
+from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
+from streams.lake.errors import LakeError, LakeKeyUnavailable
+from streams.lake.keystore import KeystoreError, Kms
+from streams.lake.layout import BATCHES_DIR, patient_dir
+from streams.lake.storage import _files, resolve_fs
+from streams.lake.table import ID_SOURCE_COLUMNS, SCHEMA, _upgrade, derive_reading_ids, hex_ids
+
+__all__ = [
+    "lake_stats",
+    "list_patient_files",
+    "read_patient",
+    "read_reading_ids",
+    "sealed_batch_ids",
+]
+
+_US_PER_DAY = 86_400_000_000
+
+
+def _date_of_us(us: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=us // _US_PER_DAY)).isoformat()
+
+
+def _to_us(t: dt.datetime | int | None) -> int | None:
+    if t is None or isinstance(t, int):
+        return t
+    if t.tzinfo is None:
+        raise LakeError("start/end must be timezone-aware datetimes or microseconds since epoch")
+    return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+
+
+def sealed_batch_ids(root: str | Path, *, fs: pafs.FileSystem | None = None) -> set[str]:
+    """Batches whose manifest exists: the sealer's commit point.
+
+    A worker killed after writing a batch's files but before its manifest leaves files that
+    belong to no sealed batch; after restart the same records are sealed again under another
+    batch id. Readers pass these ids as ``batches=`` so that such orphans stay invisible.
+    """
+    fs, base = resolve_fs(root, fs)
+    sel = pafs.FileSelector(f"{base}/{BATCHES_DIR}", allow_not_found=True)
+    return {
+        i.base_name.removesuffix(".json")
+        for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+    }
+
+
+def _in_batches(path: str, batches: Collection[str] | None) -> bool:
+    return batches is None or path.rsplit("/", 1)[-1].removesuffix(".parquet") in batches
+
+
+def list_patient_files(
+    root: str | Path,
+    patient_id: str,
+    *,
+    fs: pafs.FileSystem | None = None,
+    start: dt.datetime | int | None = None,
+    end: dt.datetime | int | None = None,
+    batches: Collection[str] | None = None,
+) -> list[str]:
+    """Files of one patient whose date folder overlaps [start, end), without decrypting.
+
+    ``batches``: only files of these batch ids (see :func:`sealed_batch_ids`); None: all.
+    """
+    fs, base = resolve_fs(root, fs)
+    lo, hi = _to_us(start), _to_us(end)
+    first = None if lo is None else _date_of_us(lo)
+    last = None if hi is None else _date_of_us(hi - 1)
+    out = []
+    for info in _files(fs, f"{base}/{patient_dir(patient_id)}"):
+        if not _in_batches(info.path, batches):
+            continue
+        m = re.search(r"/date=(\d{4}-\d{2}-\d{2})/", info.path)
+        date = m.group(1) if m else None
+        if date is not None and (
+            (first is not None and date < first) or (last is not None and date > last)
+        ):
+            continue
+        out.append(info.path)
+    return out
+
+
+def _read_file(
+    fs: pafs.FileSystem,
+    path: str,
+    kms: Kms,
+    patient_id: str,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Decrypt one file; rows come back with :data:`SCHEMA`'s types (or ``columns`` of it),
+    ``reading_id`` recomputed when the file does not store it (lake format 2)."""
+    factory, bridge = _crypto(kms)
+    props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
+    try:
+        with fs.open_input_file(path) as f:
+            # use_threads=False, and the factory's caches (which hold our Python KMS client)
+            # emptied at once: a KMS client left for C++ to release at interpreter exit
+            # occasionally aborted the process ("terminate called without an active
+            # exception") after all work was done.
+            pf = pq.ParquetFile(f, decryption_properties=props)
+            stored = pf.schema_arrow.names
+            wanted = SCHEMA.names if columns is None else columns
+            derive = "reading_id" in wanted and "reading_id" not in stored
+            read = [c for c in wanted if c in stored]
+            if derive:
+                read += [c for c in ID_SOURCE_COLUMNS if c not in read]
+            table = pf.read(columns=read, use_threads=False)
+    except KeystoreError as e:
+        key = _key_id_from_ref(bridge.keys_used[-1], patient_id) if bridge.keys_used else None
+        raise LakeKeyUnavailable(path, key, e) from None
+    except (OSError, pa.ArrowException) as e:
+        raise LakeError(f"cannot read {path}: {e}") from None
+    finally:
+        factory.remove_cache_entries_for_all_tokens()
+    if derive:
+        table = table.append_column(
+            pa.field("reading_id", pa.binary(16), nullable=False), derive_reading_ids(table)
+        )
+    schema = pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata)
+    return _upgrade(table, schema)
+
+
+def read_reading_ids(
+    root: str | Path,
+    path: str,
+    kms: Kms,
+    patient_id: str,
+    *,
+    fs: pafs.FileSystem | None = None,
+) -> list[str]:
+    """The reading ids (hex) of one file, decrypting only that column."""
+    fs, base = resolve_fs(root, fs)
+    table = _read_file(fs, f"{base}/{path}", kms, patient_id, columns=["reading_id"])
+    return hex_ids(table["reading_id"]).to_pylist()
+
+
+def read_patient(
+    root: str | Path,
+    patient_id: str,
+    kms: Kms,
+    start: dt.datetime | int | None = None,
+    end: dt.datetime | int | None = None,
+    metrics: Iterable[str] | None = None,
+    *,
+    fs: pafs.FileSystem | None = None,
+    batches: Collection[str] | None = None,
+) -> pa.Table:
+    """One patient's readings with device_time in [start, end), optionally some metrics.
+
+    Decrypts every file in the date folders the range touches; a file whose key is erased or
+    unknown raises :class:`LakeKeyUnavailable` naming that file. Returns rows in file order
+    (date, batch, metric, time) with the lake's :data:`SCHEMA`.
+    """
+    fs, base = resolve_fs(root, fs)
+    lo, hi = _to_us(start), _to_us(end)
+    wanted = None if metrics is None else pa.array(sorted(set(metrics)), pa.string())
+    parts = []
+    for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi, batches=batches):
+        t = _read_file(fs, path, kms, patient_id)
+        mask = None
+        if lo is not None or hi is not None:
+            ts = pc.cast(t["device_time"], pa.int64())
+            if lo is not None:
+                mask = pc.greater_equal(ts, lo)
+            if hi is not None:
+                upper = pc.less(ts, hi)
+                mask = upper if mask is None else pc.and_(mask, upper)
+        if wanted is not None:
+            m = pc.is_in(pc.cast(t["metric"], pa.string()), value_set=wanted)
+            mask = m if mask is None else pc.and_(mask, m)
+        if mask is not None:
+            t = t.filter(mask)
+        parts.append(t)
+    if not parts:
+        return SCHEMA.empty_table()
+    return pa.concat_tables(parts)
+
+
+def lake_stats(
+    root: str | Path,
+    kms: Kms,
+    *,
+    fs: pafs.FileSystem | None = None,
+    batches: Collection[str] | None = None,
+) -> dict[str, int]:
+    """Counts for operators and tests: readings, distinct ids, duplicates, batches, bytes.
+
+    Files that cannot be decrypted (erased patients) are counted in ``unreadable_files`` and
+    ``bytes_on_disk`` but not in the reading counts.
+    """
+    fs, base = resolve_fs(root, fs)
+    infos = [i for i in _files(fs, base) if _in_batches(i.path, batches)]
+    readings = unreadable = 0
+    ids: list[pa.Array] = []
+    batch_ids: set[str] = set()
+    patients: set[str] = set()
+    for info in infos:
+        m = re.search(r"/patient_id=([^/]+)/", info.path)
+        patient = m.group(1) if m else "?"
+        patients.add(patient)
+        batch_ids.add(info.base_name.removesuffix(".parquet"))
+        try:
+            t = _read_file(fs, info.path, kms, patient, columns=["reading_id"])
+        except LakeKeyUnavailable:
+            unreadable += 1
+            continue
+        readings += t.num_rows
+        ids.extend(t["reading_id"].chunks)
+    distinct = len(pc.unique(pa.concat_arrays(ids))) if ids else 0
+    return {
+        "readings": readings,
+        "distinct_reading_ids": distinct,
+        "duplicates": readings - distinct,
+        "batches": len(batch_ids),
+        "patients": len(patients),
+        "files": len(infos),
+        "unreadable_files": unreadable,
+        "bytes_on_disk": sum(i.size or 0 for i in infos),
+    }
