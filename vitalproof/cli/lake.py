@@ -25,6 +25,7 @@ from typing import BinaryIO
 from streams import lake
 from streams.lake import export
 from streams.lake.keystore import MASTER_KEY_FILE, LocalKeystore
+from vitalproof.errors import UsageError
 from vitalproof.settings import Settings
 from vitalproof.units import Metric
 
@@ -44,10 +45,6 @@ STATS_KEYS = (
 )
 
 
-class _BadInput(Exception):
-    """Malformed command-line input: exit 2."""
-
-
 def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
@@ -57,7 +54,7 @@ def parse_time(text: str, option: str) -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise _BadInput(
+        raise UsageError(
             f"{option} {text!r} is not an ISO 8601 time (e.g. 2024-11-21T14:40:00Z)"
         ) from None
     if t.tzinfo is None:
@@ -74,7 +71,7 @@ def parse_metrics(names: Sequence[str] | None) -> list[str] | None:
     for item in names:
         for name in (n.strip() for n in item.split(",")):
             if name not in known:
-                raise _BadInput(f"unknown metric {name!r} (known: {', '.join(sorted(known))})")
+                raise UsageError(f"unknown metric {name!r} (known: {', '.join(sorted(known))})")
             out.append(name)
     return out
 
@@ -123,18 +120,18 @@ def lake_read(
         lo = None if start is None else parse_time(start, "--from")
         hi = None if end is None else parse_time(end, "--to")
         if lo is not None and hi is not None and lo >= hi:
-            raise _BadInput(f"--from {lo.isoformat()} is not before --to {hi.isoformat()}")
+            raise UsageError(f"--from {lo.isoformat()} is not before --to {hi.isoformat()}")
         wanted = parse_metrics(metrics)
         if fmt not in FORMATS:
-            raise _BadInput(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+            raise UsageError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
         if fmt == "parquet" and (output is None or output == "-"):
-            raise _BadInput("--format parquet writes a file: give -o PATH")
+            raise UsageError("--format parquet writes a file: give -o PATH")
         try:
             sealed = lake.sealed_batch_ids(settings.lake_dir)
             files = lake.list_patient_files(settings.lake_dir, patient, batches=sealed)
         except lake.LakeError as e:
-            raise _BadInput(str(e)) from None
-    except _BadInput as e:
+            raise UsageError(str(e)) from None
+    except UsageError as e:
         _error(str(e))
         return EXIT_BAD_INPUT
 
