@@ -559,3 +559,20 @@ def test_the_verify_kit_loads_nothing_of_the_pipeline() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+#: A bundle the code before the layout change (75a88b5) exported from its demo (synthetic
+#: patient and device ids): bundles already handed out must keep verifying.
+OLD_BUNDLE = Path(__file__).parent / "data" / "bundle-v1-75a88b5.json"
+
+
+def test_a_version_1_bundle_from_before_the_layout_change_still_verifies() -> None:
+    data = OLD_BUNDLE.read_bytes()
+    bundle = load_bundle(data)
+    assert bundle.version == 1
+    verify_offline(bundle)
+    doc = json.loads(data)
+    doc["reading"]["value"] = doc["reading"]["value"] + 1
+    with pytest.raises(ProofError) as err:
+        verify_offline(json.dumps(doc))
+    assert err.value.failure is ProofFailure.WRONG_LEAF
