@@ -50,10 +50,19 @@ class Enrollment:
     mqtt_password: str  # shown once; the broker keeps only a PBKDF2 hash
 
 
+#: What :func:`is_valid_id` accepts, in words for error messages.
+ID_RULE = "1-64 letters, digits, '-', '_', '.'"
+
+
+def is_valid_id(value: str) -> bool:
+    """A device, patient (or consent grant) id: it ends up in MQTT topics and ACL patterns,
+    so no wildcards, separators or spaces."""
+    return 0 < len(value) <= 64 and all(c.isalnum() or c in "-_." for c in value)
+
+
 def _valid_id(kind: str, value: str) -> str:
-    # Ids end up in MQTT topics and ACL patterns: no wildcards, separators or spaces.
-    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
-        raise RegistryError(f"invalid {kind} {value!r}: use 1-64 letters, digits, '-', '_', '.'")
+    if not is_valid_id(value):
+        raise RegistryError(f"invalid {kind} {value!r}: use {ID_RULE}")
     return value
 
 

@@ -130,6 +130,11 @@ class PathSettings(_Group):
     def registry_path(self) -> Path:
         return self.home / "registry.sqlite3"
 
+    @property
+    def consent_path(self) -> Path:
+        """The consent registry (:mod:`clinic.consent_store`)."""
+        return self.home / "clinic" / "consent.sqlite3"
+
 
 class KafkaSettings(_Group):
     """The cluster, the record compression, and the namespace's topics."""
