@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,6 +42,7 @@ __all__ = [
     "UnknownGrant",
     "decide",
     "iso_from_us",
+    "new_grant_id",
     "parse_grantee",
 ]
 
@@ -117,6 +119,11 @@ def iso_from_us(us: int) -> str:
     return t.isoformat(timespec="microseconds" if t.microsecond else "seconds").replace(
         "+00:00", "Z"
     )
+
+
+def new_grant_id() -> str:
+    """``g-`` and 16 hex digits: valid as a registry id and as a FHIR id."""
+    return f"g-{secrets.token_hex(8)}"
 
 
 def parse_grantee(text: str, *, field: str = "grantee") -> str:

@@ -22,7 +22,6 @@ into its :class:`~clinic.consent.ConsentIndex`. Either way nothing is updated in
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import threading
 import time
@@ -43,12 +42,11 @@ from clinic.consent import (
     UnknownGrant,
     decide,
     iso_from_us,
+    new_grant_id,
 )
 from vitalproof.durable import fsync_dir
 
-__all__ = ["CONSENT_FILE", "ConsentStore", "new_grant_id"]
-
-CONSENT_FILE = "consent.sqlite3"
+__all__ = ["ConsentStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS grant_versions (
@@ -82,11 +80,6 @@ _LATEST = (
     f"SELECT seq, {_COLUMNS} FROM grant_versions v WHERE version ="
     " (SELECT MAX(version) FROM grant_versions WHERE grant_id = v.grant_id)"
 )
-
-
-def new_grant_id() -> str:
-    """``g-`` and 16 hex digits: valid as a registry id and as a FHIR id."""
-    return f"g-{secrets.token_hex(8)}"
 
 
 def _row_grant(row: sqlite3.Row) -> Grant:
