@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitalproof import crashpoints, hashing
+from vitalproof.cli import consent
 from vitalproof.errors import ConfigError, VitalproofError
 from vitalproof.settings import Settings
 
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = lksub.add_parser("stats", help="readings, duplicates, batches, patients, bytes")
     lst.add_argument("--json", action="store_true")
     lk.set_defaults(handler=cmd_lake)
+
+    consent.add_parser(sub)
 
     b = sub.add_parser("ble", help="BLE tools")
     bsub = b.add_subparsers(dest="action", required=True)
