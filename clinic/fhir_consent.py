@@ -57,7 +57,6 @@ ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-CONSENT_ACTION = "http://terminology.hl7.org/CodeSystem/consentaction"
 METRIC_SYSTEM = "urn:vitalproof:metric"
 CONSENT_ID_SYSTEM = "urn:vitalproof:consent-id"
 RECORDED_BY_EXTENSION = "urn:vitalproof:fhir:extension:recorded-by"
@@ -159,6 +158,8 @@ def _say(error: Mapping[str, Any]) -> str:
         return "required"
     if kind == "extra_forbidden":
         return "unknown field"
+    if msg.startswith("Input should be a valid datetime"):
+        return f"not a dateTime ({msg.partition(', ')[2] or msg})"
     for name in ("DateTime", "Instant", "Date"):
         if msg.startswith(f"{name} value") and "regex" in msg:
             return f"not a {name[0].lower()}{name[1:]}"
@@ -230,8 +231,10 @@ def _grantee(actors: Any, field: str) -> str:
         _bad(field, "required: the practitioner or organisation granted access")
     if len(actors) != 1:
         _bad(field, f"{len(actors)} actors: one grantee per Consent is supported")
-    ref = actors[0].get("reference", actors[0])  # R5 Consent.grantee: references directly
-    text = ref.get("reference") if isinstance(ref, dict) else None
+    ref = actors[0].get("reference")
+    if not isinstance(ref, dict):  # R5 Consent.grantee holds the references themselves
+        ref = actors[0]
+    text = ref.get("reference")
     if not isinstance(text, str):
         _bad(f"{field}[0].reference", "required: Practitioner/<id> or Organization/<id>")
     return parse_grantee(text, field=f"{field}[0].reference")
@@ -286,9 +289,9 @@ def _check_narrowing(provision: dict[str, Any], field: str) -> None:
             _bad(f"{field}.action[{i}]", "only access, use and disclose actions are supported")
 
 
-#: What the two shapes say, and where: (provision, its path, patient, actors, their path,
-#: period, its path, recorded time, its path).
-_Parts = tuple[dict[str, Any], str, str, Any, str, dict[str, Any], str, Any, str]
+#: What the two shapes say: (provision, patient, actors, period, recorded time, and the paths
+#: of the provision, the actors, the period and the time for error messages).
+_Parts = tuple[dict[str, Any], str, Any, dict[str, Any], Any, tuple[str, str, str, str]]
 
 
 def _r4_parts(body: dict[str, Any]) -> _Parts:
@@ -296,9 +299,8 @@ def _r4_parts(body: dict[str, Any]) -> _Parts:
     if prov.get("type", "permit") == "deny":
         _bad("provision.type", "deny provisions are not supported")
     patient = _patient(body.get("patient"), "patient")
-    actors, period = prov.get("actor"), prov.get("period") or {}
-    return (prov, "provision", patient, actors, "provision.actor", period, "provision.period",
-            body.get("dateTime"), "dateTime")  # fmt: skip
+    paths = ("provision", "provision.actor", "provision.period", "dateTime")
+    return prov, patient, prov.get("actor"), prov.get("period") or {}, body.get("dateTime"), paths
 
 
 def _r5_parts(body: dict[str, Any]) -> _Parts:
@@ -315,7 +317,7 @@ def _r5_parts(body: dict[str, Any]) -> _Parts:
     period, tfield = prov.get("period"), "provision[0].period"
     if not period:
         period, tfield = body.get("period") or {}, "period"
-    return prov, "provision[0]", patient, actors, afield, period, tfield, body.get("date"), "date"
+    return prov, patient, actors, period, body.get("date"), ("provision[0]", afield, tfield, "date")
 
 
 def grant_from_fhir(
@@ -344,7 +346,7 @@ def grant_from_fhir(
     if status not in (ConsentStatus.ACTIVE.value, ConsentStatus.INACTIVE.value):
         _bad("status", f"{status!r} is not supported (active or inactive)")
 
-    prov, pfield, patient, actors, afield, period, tfield, recorded_text, rfield = (
+    prov, patient, actors, period, recorded_text, (pfield, afield, tfield, rfield) = (
         _r5_parts(body) if r5 else _r4_parts(body)
     )
     _check_narrowing(prov, pfield)
