@@ -110,9 +110,7 @@ def parse_metric_list(text: str) -> list[str]:
     """``heart_rate,spo2`` or ``all`` (checked by the grant itself)."""
     from clinic.consent import ALL_VITALS
 
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if names in (["all"], [ALL_VITALS]):
-        return [ALL_VITALS]
+    names = [ALL_VITALS if n == "all" else n for n in (n.strip() for n in text.split(",")) if n]
     if not names:
         raise UsageError("--metrics: name at least one metric, or 'all'")
     return names
