@@ -6,6 +6,11 @@ after the log append is on disk. Every period, if the log grew, it checks that t
 extends the last anchored head (RFC 9162 consistency) and sends one transaction through the
 transaction manager's outbox: exactly one per period whatever the volume, none when nothing
 is new.
+
+Other append-only logs ride along: ``checkpoints`` (a callable handed in by the layer above,
+the audit log's :class:`clinic.audit.CheckpointSource`) returns entries shaped like batches,
+``(id, root, size)``, which are appended to the same Merkle log just before each anchor, so
+one transaction commits to both. This package stays independent of clinic: it sees tuples.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
@@ -22,10 +28,14 @@ from anchor.chain import AnchorReceipt, Chain
 from anchor.errors import AnchorError
 from anchor.log import MerkleLog
 from anchor.txmanager import TxManager
+from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Extra log entries to anchor with the batches, as ``(entry id, root, size)``.
+CheckpointSource = Callable[[], Iterable[tuple[str, bytes, int]]]
 
 
 def ensure_contract(chain: Chain, state_dir: Path) -> str:
@@ -44,9 +54,17 @@ def ensure_contract(chain: Chain, state_dir: Path) -> str:
 
 
 class AnchorJob:
-    def __init__(self, settings: Settings, chain: Chain, *, confirmations: int = 1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        chain: Chain,
+        *,
+        confirmations: int = 1,
+        checkpoints: CheckpointSource | None = None,
+    ) -> None:
         self.settings = settings
         self.chain = chain
+        self.checkpoints = checkpoints
         self.log = MerkleLog(settings.anchor_dir / "log")
         self.contract = ensure_contract(chain, settings.anchor_dir)
         outbox = settings.anchor_dir / "outbox" / f"{chain.chain_id}-{self.contract.lower()}"
@@ -55,8 +73,10 @@ class AnchorJob:
         self.receipts: list[AnchorReceipt] = []
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AnchorJob:
-        return cls(settings, Chain.from_settings(settings))
+    def from_settings(
+        cls, settings: Settings, *, checkpoints: CheckpointSource | None = None
+    ) -> AnchorJob:
+        return cls(settings, Chain.from_settings(settings), checkpoints=checkpoints)
 
     def close(self) -> None:
         """Release the log's writer lock and the outbox."""
@@ -133,10 +153,30 @@ class AnchorJob:
 
         return asyncio.run(go())
 
+    def add_checkpoints(self) -> int:
+        """Append what ``checkpoints`` returns now; the number of entries that were new.
+
+        A failing source (its log unreadable, or broken: it refuses to checkpoint a chain
+        that does not verify) is logged as an error and skipped for this period: the
+        batches are anchored all the same, and the audit checkpoint follows once it is
+        repaired. It is never anchored over.
+        """
+        if self.checkpoints is None:
+            return 0
+        before = self.log.size
+        try:
+            for entry_id, root, size in self.checkpoints():
+                self.log.append(entry_id, root, size)
+        except VitalproofError:
+            log.exception("checkpoint source failed; anchoring the batches without it")
+        return self.log.size - before
+
     # -- anchoring ----------------------------------------------------------------------
 
     def anchor_once(self) -> AnchorReceipt | None:
-        """Anchor the log's current head if it grew since the last anchor; else None."""
+        """Anchor the log's current head (with fresh checkpoints) if it grew since the last
+        anchor; else None."""
+        self.add_checkpoints()
         size = self.log.size
         last = self.log.last_anchored()
         if last is not None:

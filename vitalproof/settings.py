@@ -135,6 +135,11 @@ class PathSettings(_Group):
         """The consent registry (:mod:`clinic.consent_store`)."""
         return self.home / "clinic" / "consent.sqlite3"
 
+    @property
+    def audit_path(self) -> Path:
+        """The clinician service's audit log (clinic.audit), one for the whole home."""
+        return self.home / "clinic" / "audit.sqlite3"
+
 
 class KafkaSettings(_Group):
     """The cluster, the record compression, and the namespace's topics."""

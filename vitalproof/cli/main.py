@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitalproof import crashpoints, hashing
-from vitalproof.cli import consent
+from vitalproof.cli import audit, consent
 from vitalproof.errors import ConfigError, VitalproofError
 from vitalproof.settings import Settings
 
@@ -167,8 +167,11 @@ def _collect_ble(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
     from anchor.job import AnchorJob
+    from clinic.audit import CheckpointSource
 
-    job = AnchorJob.from_settings(settings)
+    # the audit log's roots are anchored with the batches (nothing while there is none)
+    checkpoints = CheckpointSource(settings.paths.audit_path)
+    job = AnchorJob.from_settings(settings, checkpoints=checkpoints)
     try:
         if args.once:
             job.poll_manifests()
@@ -180,6 +183,7 @@ def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         job.close()
+        checkpoints.close()
 
 
 def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
@@ -380,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.set_defaults(handler=cmd_lake)
 
     consent.add_parser(sub)
+    audit.add_parser(sub)
 
     b = sub.add_parser("ble", help="BLE tools")
     bsub = b.add_subparsers(dest="action", required=True)
