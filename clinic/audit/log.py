@@ -200,17 +200,21 @@ class AuditLog:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One write transaction; its COMMIT is fsync'd (WAL + synchronous=FULL)."""
+        """One write transaction; its COMMIT is fsync'd (WAL + synchronous=FULL). A database
+        error (disk full, lock timeout, a constraint) rolls it all back as an AuditError."""
         if self.readonly:
             raise AuditError(f"audit log {self.path} is open read-only")
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise AuditError(f"cannot write the audit log {self.path}: {e}") from None
                 raise
-            self._db.execute("COMMIT")
 
     # -- writing --------------------------------------------------------------------------
 
