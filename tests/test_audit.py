@@ -40,6 +40,7 @@ from clinic.audit import (
     verify_chain,
     verify_disclosure_proof,
 )
+from clinic.audit.log import prefix_roots
 from vitalproof.settings import ChainSettings, PathSettings, Settings
 from vitalproof_verify import merkle
 from vitalproof_verify.leaves import log_leaf_hash
@@ -518,6 +519,16 @@ def test_heads_are_consistent_as_the_log_grows(audit: AuditLog) -> None:
     assert audit.head(5) == old
     assert audit.head(0).root == merkle.EMPTY_ROOT
     assert audit.checkpoint() is not None
+
+
+def test_prefix_roots_are_the_rfc_roots() -> None:
+    leaves = [merkle.leaf_hash(bytes([i])) for i in range(70)]
+    sizes = list(range(71))
+    assert prefix_roots(leaves, reversed(sizes)) == {n: merkle.root(leaves[:n]) for n in sizes}
+    assert prefix_roots(leaves, [64, 3]) == {
+        3: merkle.root(leaves[:3]),
+        64: merkle.root(leaves[:64]),
+    }
 
 
 def test_an_empty_log_has_no_checkpoint(audit: AuditLog) -> None:

@@ -82,7 +82,9 @@ def check_against_log(audit: AuditLog, log: MerkleLog) -> list[AnchoredCheckpoin
     matches the audit log (same root over the first ``size`` record hashes)."""
     found = []
     size = audit.size
-    for index, cp in _audit_entries(log):
+    entries = _audit_entries(log)
+    roots = audit.roots(cp.batch_size for _, cp in entries if cp.batch_size <= size)
+    for index, cp in entries:
         if cp.batch_id != f"{CHECKPOINT_PREFIX}{cp.batch_size}":
             raise AuditError(f"log entry {index} ({cp.batch_id}) has size {cp.batch_size}")
         if cp.batch_size > size:
@@ -91,7 +93,7 @@ def check_against_log(audit: AuditLog, log: MerkleLog) -> list[AnchoredCheckpoin
                 f"{size} records: records were removed",
                 seq=size + 1,
             )
-        if audit.head(cp.batch_size).root != cp.batch_root:
+        if roots[cp.batch_size] != cp.batch_root:
             raise AuditError(
                 f"the audit log no longer gives the root of checkpoint {cp.batch_id} "
                 f"(log entry {index}): a record at or below {cp.batch_size} was changed"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -169,9 +169,7 @@ class AuditRecord:
 
     def canonical_doc(self) -> dict[str, Any]:
         """The fields the hash covers (all but ``hash``, plus the version ``v``)."""
-        fields = asdict(self)
-        del fields["hash"]
-        return _canonical_doc(**fields)
+        return _canonical_doc(**{f: getattr(self, f) for f in _CHAINED_FIELDS})
 
     def canonical_bytes(self) -> bytes:
         return _encode(self.canonical_doc())
@@ -223,6 +221,10 @@ class AuditRecord:
     def leaf(self) -> bytes:
         """The record's hash as bytes: the data of its leaf in the audit Merkle tree."""
         return bytes.fromhex(self.hash)
+
+
+#: The fields the hash covers, in declaration order (everything but ``hash``).
+_CHAINED_FIELDS = tuple(f for f in AuditRecord.__dataclass_fields__ if f != "hash")
 
 
 def _seq_of(doc: object) -> int | None:
