@@ -8,7 +8,7 @@ transaction manager's outbox: exactly one per period whatever the volume, none w
 is new.
 
 Other append-only logs ride along: ``checkpoints`` (a callable handed in by the layer above,
-the audit log's :class:`clinic.audit.CheckpointSource`) returns entries shaped like batches,
+the audit log's ``clinic.audit.CheckpointSource``) returns entries shaped like batches,
 ``(id, root, size)``, which are appended to the same Merkle log just before each anchor, so
 one transaction commits to both. This package stays independent of clinic: it sees tuples.
 """
@@ -35,7 +35,7 @@ from vitalproof.settings import Settings
 log = logging.getLogger(__name__)
 
 #: Extra log entries to anchor with the batches, as ``(entry id, root, size)``.
-CheckpointSource = Callable[[], Iterable[tuple[str, bytes, int]]]
+CheckpointProvider = Callable[[], Iterable[tuple[str, bytes, int]]]
 
 
 def ensure_contract(chain: Chain, state_dir: Path) -> str:
@@ -60,7 +60,7 @@ class AnchorJob:
         chain: Chain,
         *,
         confirmations: int = 1,
-        checkpoints: CheckpointSource | None = None,
+        checkpoints: CheckpointProvider | None = None,
     ) -> None:
         self.settings = settings
         self.chain = chain
@@ -74,7 +74,7 @@ class AnchorJob:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, checkpoints: CheckpointSource | None = None
+        cls, settings: Settings, *, checkpoints: CheckpointProvider | None = None
     ) -> AnchorJob:
         return cls(settings, Chain.from_settings(settings), checkpoints=checkpoints)
 

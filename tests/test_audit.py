@@ -703,3 +703,8 @@ def test_a_broken_audit_log_does_not_stop_the_batches(tmp_path: Path) -> None:
     finally:
         job.close()
         source.close()
+
+
+def test_fhir_recorded_time_is_exact_to_the_microsecond() -> None:
+    rec = AuditRecord.seal(entry(0), seq=1, time_us=1_800_000_000_999_999, prev_hash=GENESIS_HASH)
+    assert to_fhir_audit_event(rec)["recorded"] == "2027-01-15T08:00:00.999999Z"

@@ -71,8 +71,8 @@ _TYPES: dict[AuditAction, tuple[dict[str, str], str | None, str]] = {
 
 
 def _instant(time_us: int) -> str:
-    t = dt.datetime.fromtimestamp(time_us / 1_000_000, tz=dt.UTC)
-    t = t.replace(microsecond=time_us % 1_000_000)  # exact, not via a float
+    t = dt.datetime.fromtimestamp(time_us // 1_000_000, tz=dt.UTC)
+    t = t.replace(microsecond=time_us % 1_000_000)  # exact, not through a float
     return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
