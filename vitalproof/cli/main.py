@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("uuid", help="2a37, 0x2A37 or the 128-bit form")
     bd.add_argument("hex", help="the value's bytes in hex")
     b.set_defaults(handler=cmd_ble)
+
+    from vitalproof.cli import serve
+
+    serve.register(sub)
     return p
 
 

@@ -1,0 +1,310 @@
+"""Live subscriptions: who watches which patients' vitals, consent per reading, numbered events.
+
+Each subscription numbers its notifications 1, 2, 3, ... (FHIR R5's ``eventNumber``) and holds
+the last :data:`HOLD` of them, so a client that lost its connection asks for what it missed
+(``Last-Event-ID`` on SSE, ``$events?eventsSinceNumber=`` on the FHIR base) and gets exactly
+those, then the live ones: no gap, no duplicate. The held events are the only buffer: a
+connection is a cursor over them, so a subscriber that does not read costs at most
+:data:`HOLD` events; once its cursor falls behind what is held, it is told which events it
+lost and closed, and no other subscriber is slowed.
+
+Consent is checked per reading, at delivery: a cached decision per (grantee, patient, metric)
+that :meth:`Hub.consent_changed` drops whenever the consent store changes (and every
+:data:`RECHECK_S` so expiry takes effect), and subscriptions left with nothing to see are
+closed with the reason. Deliveries are audited per subscription and patient, once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clinic.audit import AuditAction, AuditLog, Outcome
+from clinic.auth import Principal, Role
+from clinic.consent_store import ConsentStore
+from vitalproof.errors import VitalproofError
+from vitalproof.schema import Quality, SampleBatch
+from vitalproof.units import Metric
+
+#: Events a subscription holds for replay (and a slow reader may fall behind by).
+HOLD = 10_000
+#: Seconds between consent re-checks when nothing changed (expiry of a grant).
+RECHECK_S = 0.5
+#: How long a subscription nobody is connected to stays resumable.
+IDLE_EXPIRY_S = 300.0
+
+
+class SubscriptionError(VitalproofError):
+    """A subscription request that cannot be served (the message says why)."""
+
+
+@dataclass
+class Event:
+    """One notification: a reading, its number in its subscription, and its compact form."""
+
+    number: int
+    patient_id: str
+    metric: str
+    body: dict[str, Any]
+
+
+@dataclass
+class Subscription:
+    id: str
+    principal: Principal
+    patients: frozenset[str] | None  # None: every patient who consented to the principal
+    metrics: frozenset[str] | None  # None: every vital sign
+    created: float
+    held: deque[Event] = field(default_factory=lambda: deque(maxlen=HOLD))
+    number: int = 0
+    closed: str | None = None  # why it ended, once it has
+    connections: int = 0
+    idle_since: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wants(self, patient_id: str, metric: str) -> bool:
+        return (self.patients is None or patient_id in self.patients) and (
+            self.metrics is None or metric in self.metrics
+        )
+
+    def since(self, number: int) -> list[Event]:
+        """Held events after ``number``; raises if some after it are no longer held."""
+        if self.held and number < self.held[0].number - 1:
+            first = self.held[0].number
+            raise SubscriptionError(
+                f"events {number + 1}..{first - 1} of subscription {self.id} are no longer"
+                " held; search Observation history for that time"
+            )
+        return [e for e in self.held if e.number > number]
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+        self.wake.set()
+
+
+class Hub:
+    """Every live subscription of the service, and the fan-out of readings to them."""
+
+    def __init__(
+        self, consent: ConsentStore, audit: AuditLog, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.consent = consent
+        self.audit = audit
+        self.clock = clock
+        self.subscriptions: dict[str, Subscription] = {}
+        self._decisions: dict[tuple[str, str, str], bool] = {}
+        self._consent_seen = consent.changes()
+        self._unaudited: dict[tuple[str, str], int] = {}  # (subscription, patient) -> readings
+        self.delivered = 0
+        self.refused = 0
+        self.fanout_ready = False  # the Kafka reader has its partitions (clinic.fanout)
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        principal: Principal,
+        patients: Iterable[str] | None,
+        metrics: Iterable[str] | None,
+    ) -> Subscription:
+        if principal.role is Role.OPERATOR:
+            raise SubscriptionError("the operator role sees pipeline health, not live vitals")
+        if not principal.may("Observation", "s"):
+            raise SubscriptionError("the token's scopes do not allow reading Observation")
+        wanted = None if patients is None else frozenset(patients)
+        if principal.role is Role.PATIENT:
+            own = frozenset({principal.patient_id or ""})
+            if wanted is not None and wanted != own:
+                raise SubscriptionError(
+                    f"a patient token for {principal.patient_id} may watch only that patient"
+                )
+            wanted = own
+        if wanted is not None and not wanted:
+            raise SubscriptionError("patients: name at least one, or leave it out for all")
+        chosen = None if metrics is None else frozenset(metrics)
+        if chosen is not None:
+            known = {m.value for m in Metric}
+            unknown = sorted(chosen - known)
+            if unknown:
+                raise SubscriptionError(f"metrics: unknown {', '.join(unknown)}")
+        sub = Subscription(
+            id=secrets.token_hex(8),
+            principal=principal,
+            patients=wanted,
+            metrics=chosen,
+            created=self.clock(),
+            idle_since=self.clock(),
+        )
+        self.subscriptions[sub.id] = sub
+        self.audit.append(
+            actor=principal.subject,
+            role=principal.role.value,
+            patient_id=next(iter(wanted)) if wanted and len(wanted) == 1 else None,
+            action=AuditAction.SUBSCRIBE,
+            what=f"subscription {sub.id}: patients {_names(wanted)}, metrics {_names(chosen)}",
+            purpose=None,
+            outcome=Outcome.ALLOWED,
+            reason="subscribed; each reading is checked against consent on delivery",
+        )
+        return sub
+
+    def get(self, sub_id: str, principal: Principal) -> Subscription:
+        sub = self.subscriptions.get(sub_id)
+        if sub is None or sub.principal.subject != principal.subject:
+            raise SubscriptionError(f"no subscription {sub_id} of {principal.subject}")
+        return sub
+
+    def drop(self, sub: Subscription, reason: str) -> None:
+        sub.close(reason)
+        self.subscriptions.pop(sub.id, None)
+
+    # -- consent --------------------------------------------------------------------------
+
+    def allowed(self, principal: Principal, patient_id: str, metric: str, now_us: int) -> bool:
+        if principal.role is Role.PATIENT:
+            return principal.patient_id == patient_id
+        key = (principal.subject, patient_id, metric)
+        hit = self._decisions.get(key)
+        if hit is None:
+            hit = self.consent.decide(
+                grantee=principal.subject, patient_id=patient_id, metric=metric, at_us=now_us
+            ).allowed
+            self._decisions[key] = hit
+        return hit
+
+    def consent_changed(self) -> bool:
+        """Forget cached decisions; close subscriptions that named patients none of whom
+        allows any of its metrics any more. True if the store had changed."""
+        changed = self.consent.changes() != self._consent_seen
+        self._consent_seen = self.consent.changes()
+        self._decisions.clear()
+        now_us = int(self.clock() * 1e6)
+        for sub in list(self.subscriptions.values()):
+            if sub.patients is None or sub.principal.role is Role.PATIENT:
+                continue
+            metrics = sub.metrics or frozenset(m.value for m in Metric)
+            if not any(
+                self.allowed(sub.principal, p, m, now_us) for p in sub.patients for m in metrics
+            ):
+                decision = self.consent.decide(
+                    grantee=sub.principal.subject,
+                    patient_id=next(iter(sub.patients)),
+                    metric=next(iter(metrics)),
+                    at_us=now_us,
+                )
+                self._audit_refusal(sub, decision.reason)
+                self.drop(sub, f"consent ended: {decision.reason}")
+        return changed
+
+    async def watch_consent(self, stop: asyncio.Event) -> None:
+        """Re-check consent on every change of the store, and every RECHECK_S anyway."""
+        while not stop.is_set():
+            self.consent_changed()
+            self.flush_audit()
+            self._expire_idle()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RECHECK_S)
+        self.flush_audit()
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def deliver(self, batches: Sequence[SampleBatch]) -> int:
+        """Fan readings out to every subscription that wants them and may see them."""
+        if not self.subscriptions:
+            return 0
+        now_us = int(self.clock() * 1e6)
+        subs = list(self.subscriptions.values())
+        n = 0
+        for batch in batches:
+            patient = batch.patient_id or ""
+            interested = [s for s in subs if s.patients is None or patient in s.patients]
+            if not interested:
+                continue
+            if not batch.reading_id:
+                batch.fill_reading_ids()
+            for i, metric in enumerate(batch.metric):
+                for sub in interested:
+                    if not sub.wants(patient, metric):
+                        continue
+                    if not self.allowed(sub.principal, patient, metric, now_us):
+                        self.refused += 1
+                        continue
+                    sub.number += 1
+                    sub.held.append(
+                        Event(sub.number, patient, metric, compact(batch, i, sub.number))
+                    )
+                    key = (sub.id, patient)
+                    self._unaudited[key] = self._unaudited.get(key, 0) + 1
+                    sub.wake.set()
+                    n += 1
+        self.delivered += n
+        return n
+
+    def flush_audit(self) -> None:
+        """One audit record per subscription and patient for what was delivered since."""
+        if not self._unaudited:
+            return
+        pending, self._unaudited = self._unaudited, {}
+        for (sub_id, patient), count in pending.items():
+            sub = self.subscriptions.get(sub_id)
+            who = sub.principal if sub else None
+            self.audit.append(
+                actor=who.subject if who else "unknown",
+                role=who.role.value if who else "unknown",
+                patient_id=patient,
+                action=AuditAction.STREAM,
+                what=f"subscription {sub_id}: live readings",
+                purpose=None,
+                outcome=Outcome.ALLOWED,
+                reason="consented" if who and who.role is Role.CLINICIAN else "own data",
+                count=count,
+            )
+
+    def _audit_refusal(self, sub: Subscription, reason: str) -> None:
+        self.audit.append(
+            actor=sub.principal.subject,
+            role=sub.principal.role.value,
+            patient_id=next(iter(sub.patients)) if sub.patients else None,
+            action=AuditAction.STREAM,
+            what=f"subscription {sub.id}",
+            purpose=None,
+            outcome=Outcome.REFUSED,
+            reason=reason,
+        )
+
+    def _expire_idle(self) -> None:
+        now = self.clock()
+        for sub in list(self.subscriptions.values()):
+            if sub.connections == 0 and now - sub.idle_since > IDLE_EXPIRY_S:
+                self.drop(sub, "no connection for 5 minutes")
+
+
+def compact(batch: SampleBatch, i: int, number: int) -> dict[str, Any]:
+    """The chart-friendly form of one reading (what the dashboard draws)."""
+    value = batch.value[i]
+    quality = batch.quality[i]
+    return {
+        "n": number,
+        "patient": batch.patient_id,
+        "device": batch.device_id,
+        "metric": batch.metric[i],
+        "unit": batch.unit[i],
+        "t_us": batch.device_time_us[i],
+        "seq": batch.seq[i],
+        "value": None if math.isnan(value) else value,
+        "quality": quality,
+        "flags": [str(q.name) for q in Quality if q and quality & q],
+        "reading_id": batch.reading_id[i],
+    }
+
+
+def _names(values: frozenset[str] | None) -> str:
+    return "all" if values is None else ",".join(sorted(values))

@@ -1,0 +1,167 @@
+"""The FHIR REST base (``/fhir``): CapabilityStatement, Observation search over the lake,
+AuditEvent search over the audit log."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from clinic.audit import AuditAction, to_fhir_audit_event
+from clinic.auth import Role
+from clinic.service import disclosure
+from clinic.service.deps import FHIR_JSON, Ctx, Who
+from clinic.service.search import BadSearch, date_range, metrics_for_codes
+from streams.lake.export.fhir import fhir_observations
+
+router = APIRouter()
+FHIR_VERSION = "4.0.1"
+
+
+def fhir(body: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+
+
+@router.get("/metadata")
+async def metadata(request: Request) -> JSONResponse:
+    """The CapabilityStatement: answered without a token, as FHIR requires."""
+    base = str(request.base_url).rstrip("/") + "/fhir"
+    return fhir(capability_statement(base))
+
+
+def capability_statement(base: str) -> dict[str, Any]:
+    def search(name: str, kind: str, doc: str) -> dict[str, str]:
+        return {"name": name, "type": kind, "documentation": doc}
+
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": dt.date.today().isoformat(),
+        "kind": "instance",
+        "software": {"name": "vitalproof"},
+        "implementation": {"description": "vitalproof clinician service", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "Bearer JWT (ES256); SMART v2 scopes; consent per reading",
+                },
+                "resource": [
+                    {
+                        "type": "Observation",
+                        "profile": "http://hl7.org/fhir/StructureDefinition/vitalsigns",
+                        "interaction": [{"code": "search-type"}],
+                        "searchParam": [
+                            search("patient", "reference", "required: one patient"),
+                            search("date", "date", "ge/gt/le/lt/eq; repeat to narrow"),
+                            search("code", "token", "LOINC codes, comma for OR"),
+                        ],
+                    },
+                    {
+                        "type": "AuditEvent",
+                        "interaction": [{"code": "search-type"}],
+                        "searchParam": [search("patient", "reference", "whose disclosures")],
+                    },
+                ],
+            }
+        ],
+    }
+
+
+def _patient_param(value: str | None) -> str:
+    if not value:
+        raise BadSearch("patient: required (Observation search covers one patient at a time)")
+    return value.removeprefix("Patient/")
+
+
+@router.get("/Observation")
+async def search_observations(request: Request, ctx: Ctx, who: Who) -> JSONResponse:
+    q = request.query_params
+    patient_id = _patient_param(q.get("patient") or q.get("subject"))
+    what = f"Observation?{request.url.query}"
+    if not who.may("Observation", "s", dict(q)):
+        disclosure.refuse(
+            ctx,
+            who,
+            patient_id,
+            AuditAction.READ,
+            what,
+            "the token's scopes do not allow searching Observation",
+        )
+    start_us, end_us = date_range(q.getlist("date"))
+    metrics = metrics_for_codes(q.getlist("code"))
+    table = disclosure.history(
+        ctx,
+        who,
+        patient_id=patient_id,
+        start_us=start_us,
+        end_us=end_us,
+        metrics=metrics,
+        what=what,
+    )
+    observations, _skipped = fhir_observations(table)
+    return fhir(searchset(str(request.url), observations))
+
+
+def searchset(url: str, resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "link": [{"relation": "self", "url": url}],
+        "entry": [
+            {
+                "fullUrl": f"Observation/{r['id']}" if "id" in r else None,
+                "resource": r,
+                "search": {"mode": "match"},
+            }
+            for r in resources
+        ],
+    }
+
+
+@router.get("/AuditEvent")
+async def search_audit(request: Request, ctx: Ctx, who: Who) -> JSONResponse:
+    """A patient reads their own disclosures; an operator any; a clinician their own acts."""
+    q = request.query_params
+    patient = q.get("patient")
+    patient_id = patient.removeprefix("Patient/") if patient else None
+    what = f"AuditEvent?{request.url.query}"
+    if who.role is Role.PATIENT:
+        if patient_id not in (None, who.patient_id):
+            disclosure.refuse(
+                ctx,
+                who,
+                patient_id,
+                AuditAction.READ,
+                what,
+                f"a patient token for {who.patient_id} may not read another patient's audit",
+            )
+        records = ctx.audit.records(patient_id=who.patient_id)
+    elif who.role is Role.OPERATOR:
+        records = ctx.audit.records(patient_id=patient_id)
+    else:
+        records = [r for r in ctx.audit.records(patient_id=patient_id) if r.actor == who.subject]
+    events = [to_fhir_audit_event(r) for r in records]
+    return fhir(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(events),
+            "entry": [{"resource": e, "search": {"mode": "match"}} for e in events],
+        }
+    )

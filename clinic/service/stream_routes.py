@@ -1,0 +1,220 @@
+"""Live vitals: subscriptions (``/fhir/Subscription``), their missed events (``$events``),
+and delivery over Server-Sent Events and WebSocket.
+
+A subscription is created once and outlives its connections (five idle minutes), so a client
+that reconnects resumes where it was: SSE clients send ``Last-Event-ID`` (EventSource does it
+by itself), WebSocket clients ``?since=N``. Every event is re-checked against consent when it
+is sent, not only when it was fanned out; a subscription whose consent ended is closed with
+the reason (SSE: a ``closed`` event; WebSocket: close code 4403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from clinic.auth import AuthError, Principal
+from clinic.live import Event, Hub, Subscription, SubscriptionError
+from clinic.service.deps import FHIR_JSON, Ctx, Who
+from clinic.service.refusal import outcome
+
+router = APIRouter()
+HEARTBEAT_S = 10.0
+
+
+def hub_of(request: Request | WebSocket) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+def _notification(sub: Subscription, kind: str, events: list[Event]) -> dict[str, Any]:
+    """A FHIR R5 subscription-notification Bundle (SubscriptionStatus + the readings)."""
+    status: dict[str, Any] = {
+        "resourceType": "SubscriptionStatus",
+        "status": "active" if sub.closed is None else "off",
+        "type": kind,
+        "eventsSinceSubscriptionStart": str(sub.number),
+        "subscription": {"reference": f"Subscription/{sub.id}"},
+    }
+    if events:
+        status["notificationEvent"] = [
+            {
+                "eventNumber": str(e.number),
+                "focus": {"reference": f"Observation/{e.body['reading_id']}"},
+            }
+            for e in events
+        ]
+    return {
+        "resourceType": "Bundle",
+        "type": "subscription-notification",
+        "entry": [{"resource": status}] + [{"resource": e.body} for e in events],
+    }
+
+
+@router.post("/fhir/Subscription")
+async def create_subscription(request: Request, ctx: Ctx, who: Who) -> JSONResponse:
+    """Body: ``{"patients": ["P", ...] | null, "metrics": ["heart_rate", ...] | null}``."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return _unprocessable("body: not JSON")
+    if not isinstance(body, dict):
+        return _unprocessable("body: a JSON object with patients and metrics")
+    patients, metrics = body.get("patients"), body.get("metrics")
+    for name, value in (("patients", patients), ("metrics", metrics)):
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            return _unprocessable(f"{name}: a list of strings, or null for all")
+    try:
+        sub = hub_of(request).subscribe(who, patients, metrics)
+    except SubscriptionError as e:
+        return JSONResponse(outcome("forbidden", str(e)), status_code=403, media_type=FHIR_JSON)
+    return JSONResponse(
+        {
+            "resourceType": "Subscription",
+            "id": sub.id,
+            "status": "active",
+            "patients": None if sub.patients is None else sorted(sub.patients),
+            "metrics": None if sub.metrics is None else sorted(sub.metrics),
+            "sse": f"/stream/sse/{sub.id}",
+            "websocket": f"/stream/ws/{sub.id}",
+        },
+        status_code=201,
+        media_type=FHIR_JSON,
+    )
+
+
+def _unprocessable(reason: str) -> JSONResponse:
+    return JSONResponse(outcome("invalid", reason), status_code=422, media_type=FHIR_JSON)
+
+
+@router.get("/fhir/Subscription/{sub_id}/$events")
+async def events(request: Request, sub_id: str, who: Who) -> JSONResponse:
+    hub = hub_of(request)
+    try:
+        sub = hub.get(sub_id, who)
+        since = int(request.query_params.get("eventsSinceNumber", "0"))
+        until = int(request.query_params.get("eventsUntilNumber", str(sub.number)))
+        held = [e for e in sub.since(since) if e.number <= until]
+    except ValueError:
+        return _unprocessable("eventsSinceNumber/eventsUntilNumber: integers")
+    except SubscriptionError as e:
+        return JSONResponse(outcome("not-found", str(e)), status_code=404, media_type=FHIR_JSON)
+    allowed = _still_allowed(hub, sub, held)
+    return JSONResponse(_notification(sub, "query-event", allowed), media_type=FHIR_JSON)
+
+
+def _still_allowed(hub: Hub, sub: Subscription, events: list[Event]) -> list[Event]:
+    now_us = int(hub.clock() * 1e6)
+    return [e for e in events if hub.allowed(sub.principal, e.patient_id, e.metric, now_us)]
+
+
+async def _follow(
+    hub: Hub, sub: Subscription, since: int, heartbeat_s: float
+) -> AsyncIterator[tuple[str, list[Event]]]:
+    """(kind, events) from event ``since`` on: held ones first, then live; a heartbeat when
+    idle; ends once the subscription is closed."""
+    cursor = since
+    while True:
+        sub.wake.clear()
+        batch = sub.since(cursor)  # raises if the reader fell behind what is held
+        if batch:
+            cursor = batch[-1].number
+            allowed = _still_allowed(hub, sub, batch)
+            if allowed:
+                yield "event-notification", allowed
+            continue
+        if sub.closed is not None:
+            return
+        try:
+            await asyncio.wait_for(sub.wake.wait(), heartbeat_s)
+        except TimeoutError:
+            yield "heartbeat", []
+
+
+@router.get("/stream/sse/{sub_id}")
+async def sse(request: Request, sub_id: str, who: Who) -> Any:
+    hub = hub_of(request)
+    try:
+        sub = hub.get(sub_id, who)
+        since = int(request.headers.get("last-event-id") or request.query_params.get("since", "0"))
+    except (SubscriptionError, ValueError) as e:
+        return JSONResponse(outcome("not-found", str(e)), status_code=404, media_type=FHIR_JSON)
+    heartbeat = float(request.query_params.get("heartbeat", HEARTBEAT_S))
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        sub.connections += 1
+        try:
+            async for kind, batch in _follow(hub, sub, since, heartbeat):
+                yield ServerSentEvent(
+                    data=json.dumps(_notification(sub, kind, batch)),
+                    event=kind,
+                    id=str(batch[-1].number) if batch else None,
+                )
+            yield ServerSentEvent(data=json.dumps({"reason": sub.closed}), event="closed")
+        except SubscriptionError as e:
+            yield ServerSentEvent(data=json.dumps({"reason": str(e)}), event="closed")
+        finally:
+            sub.connections -= 1
+            sub.idle_since = hub.clock()
+
+    return EventSourceResponse(stream(), ping=None)
+
+
+@router.websocket("/stream/ws/{sub_id}")
+async def websocket(ws: WebSocket, sub_id: str) -> None:
+    ctx = ws.app.state.context
+    hub = hub_of(ws)
+    try:
+        who: Principal = ctx.validator.validate(_ws_token(ws))
+        sub = hub.get(sub_id, who)
+        since = int(ws.query_params.get("since", "0"))
+    except AuthError as e:
+        await ws.close(code=4401, reason=str(e)[:120])
+        return
+    except (SubscriptionError, ValueError) as e:
+        await ws.close(code=4404, reason=str(e)[:120])
+        return
+    heartbeat = float(ws.query_params.get("heartbeat", HEARTBEAT_S))
+    await ws.accept()
+    sub.connections += 1
+    try:
+        async for kind, batch in _follow(hub, sub, since, heartbeat):
+            await ws.send_text(json.dumps(_notification(sub, kind, batch)))
+        await ws.close(code=4403, reason=(sub.closed or "closed")[:120])
+    except SubscriptionError as e:
+        await ws.close(code=4408, reason=str(e)[:120])
+    except WebSocketDisconnect:
+        pass
+    finally:
+        sub.connections -= 1
+        sub.idle_since = hub.clock()
+
+
+def _ws_token(ws: WebSocket) -> str | None:
+    header = ws.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    return ws.query_params.get("access_token")
+
+
+@router.get("/status")
+async def status(request: Request, ctx: Ctx) -> JSONResponse:
+    """Service health without health data: the fan-out's state and counts."""
+    hub = hub_of(request)
+    return JSONResponse(
+        {
+            "fanout": "ready" if hub.fanout_ready else "waiting",
+            "subscriptions": len(hub.subscriptions),
+            "readings_delivered": hub.delivered,
+            "deliveries_refused": hub.refused,
+        }
+    )

@@ -1,0 +1,223 @@
+"""Live vitals through the clinician service on the real Kafka: `vitalproof serve` reads
+vitals.clean with its own consumer group and fans each reading out to the subscribers whose
+consent covers it.
+
+Two clinicians with different grants subscribe (one over SSE, one over WebSocket); each gets
+exactly the readings their consent covers, checked reading id by reading id against what was
+produced; the SSE one disconnects, more readings arrive, and it resumes with Last-Event-ID and
+gets exactly the missed events (contiguous numbers, no duplicate); `$events` returns the held
+ones; a revocation closes the WebSocket with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from aiokafka import AIOKafkaProducer
+
+from clinic.auth import DevIssuer
+from clinic.consent import ALL_VITALS
+from clinic.consent_store import ConsentStore
+from clinic.service.context import clinic_dir
+from tests.test_clinic_service import serving
+from vitalproof.schema import SampleBatch, Transport
+from vitalproof.settings import Settings
+from vitalproof.wire import clean
+
+pytestmark = pytest.mark.integration
+
+DR_A, DR_B = "Practitioner/dr-a", "Practitioner/dr-b"
+SCOPES = ["user/Observation.rs"]
+
+
+@dataclass
+class Live:
+    url: str
+    settings: Settings
+    issuer: DevIssuer
+
+    def headers(self, sub: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.issuer.issue(sub, 'clinician', SCOPES)}"}
+
+    def subscribe(self, sub: str, body: dict[str, Any]) -> str:
+        r = httpx.post(self.url + "/fhir/Subscription", json=body, headers=self.headers(sub))
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+
+@pytest.fixture
+def live(kafka_topics: Settings, tmp_path: Path) -> Iterator[Live]:
+    settings = kafka_topics
+    issuer = DevIssuer(clinic_dir(settings))
+    env = os.environ | settings.child_env(tmp_path / "secrets")
+    # Up, and the fan-out has its partitions (it starts at the topic's end).
+    with serving(env, tmp_path / "serve.log", _fanout_ready) as url:
+        yield Live(url, settings, issuer)
+
+
+def _fanout_ready(url: str) -> bool:
+    return bool(httpx.get(url + "/status", timeout=2).json()["fanout"] == "ready")
+
+
+def bundle(patient: str, device: str, seq0: int, n: int, t0: int) -> SampleBatch:
+    b = SampleBatch(
+        device_id=device,
+        patient_id=patient,
+        gateway_id="gw",
+        transport=Transport.MQTT,
+        receive_time_us=t0,
+    )
+    for i in range(n):
+        b.add("heart_rate", "/min", t0 + i * 1_000_000, seq0 + 2 * i, float(60 + i % 7))
+        b.add("spo2", "%", t0 + i * 1_000_000, seq0 + 2 * i + 1, float(96 + i % 3))
+    b.fill_reading_ids()
+    return b
+
+
+async def produce(settings: Settings, batches: list[SampleBatch]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for b in batches:
+            await producer.send_and_wait(
+                settings.kafka.topic_clean,
+                clean.encode_bundle([b]),
+                key=(b.patient_id or "").encode(),
+            )
+    finally:
+        await producer.stop()
+
+
+def expected(batches: list[SampleBatch], patients: set[str], metrics: set[str]) -> set[str]:
+    return {
+        rid
+        for b in batches
+        if b.patient_id in patients
+        for rid, m in zip(b.reading_id, b.metric, strict=True)
+        if m in metrics
+    }
+
+
+async def sse_events(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str]
+) -> AsyncIterator[tuple[str, str | None, dict[str, Any]]]:
+    """(event, id, data) of an SSE stream."""
+    async with client.stream("GET", url, headers=headers, timeout=30) as r:
+        assert r.status_code == 200, await r.aread()
+        event, ident, data = "message", None, ""
+        async for line in r.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("id:"):
+                ident = line[3:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif not line and data:
+                yield event, ident, json.loads(data)
+                event, ident, data = "message", None, ""
+
+
+def readings_of(notification: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["resource"] for e in notification["entry"][1:]]
+
+
+def test_two_clinicians_get_exactly_their_consented_readings_and_resume_without_gaps(
+    live: Live,
+) -> None:
+    t0 = int(time.time() * 1e6)
+    with ConsentStore(live.settings.paths.consent_path) as store:
+        store.grant(
+            patient_id="pt-1", grantee=DR_A, metrics=frozenset({"heart_rate"}),
+            purpose="TREAT", actor="Patient/pt-1",
+        )  # fmt: skip
+        for p in ("pt-1", "pt-2"):
+            store.grant(
+                patient_id=p, grantee=DR_B, metrics=frozenset({ALL_VITALS}),
+                purpose="TREAT", actor=f"Patient/{p}",
+            )  # fmt: skip
+    # dr-a asks for every patient who consented to them; dr-b names both patients.
+    sub_a = live.subscribe(DR_A, {"patients": None, "metrics": None})
+    sub_b = live.subscribe(DR_B, {"patients": ["pt-1", "pt-2"], "metrics": None})
+    first = [bundle(p, f"dev-{p}", 0, 20, t0) for p in ("pt-1", "pt-2", "pt-3")]
+    second = [bundle(p, f"dev-{p}", 1000, 10, t0 + 60_000_000) for p in ("pt-1", "pt-2", "pt-3")]
+
+    async def go() -> dict[str, Any]:
+        got: dict[str, Any] = {"a": [], "b": [], "a_numbers": [], "b_close": None}
+        want_a1 = expected(first, {"pt-1"}, {"heart_rate"})
+        want_b = expected(first + second, {"pt-1", "pt-2"}, {"heart_rate", "spo2"})
+        ws_url = live.url.replace("http", "ws") + f"/stream/ws/{sub_b}"
+        token_b = live.headers(DR_B)["Authorization"].split()[1]
+
+        async def watch_b() -> None:
+            async with websockets.connect(f"{ws_url}?access_token={token_b}") as ws:
+                try:
+                    async for text in ws:
+                        msg = json.loads(text)
+                        got["b"].extend(r["reading_id"] for r in readings_of(msg))
+                except websockets.ConnectionClosed:
+                    pass
+                got["b_close"] = (ws.close_code, ws.close_reason, time.monotonic())
+
+        b_task = asyncio.create_task(watch_b())
+        async with httpx.AsyncClient() as client:
+            sse_url = live.url + f"/stream/sse/{sub_a}?heartbeat=1"
+            await asyncio.sleep(0.5)
+            await produce(live.settings, first)
+            last_id = None
+            async for event, ident, data in sse_events(client, sse_url, live.headers(DR_A)):
+                if event == "event-notification":
+                    last_id = ident
+                    for r in readings_of(data):
+                        got["a"].append(r["reading_id"])
+                        got["a_numbers"].append(r["n"])
+                if set(got["a"]) >= want_a1:
+                    break  # disconnect: what follows arrives while nobody listens
+            await produce(live.settings, second)
+            await asyncio.sleep(1.0)
+            headers = live.headers(DR_A) | {"Last-Event-ID": str(last_id)}
+            want_a = expected(first + second, {"pt-1"}, {"heart_rate"})
+            async for event, _ident, data in sse_events(client, sse_url, headers):
+                if event == "event-notification":
+                    for r in readings_of(data):
+                        got["a"].append(r["reading_id"])
+                        got["a_numbers"].append(r["n"])
+                if set(got["a"]) >= want_a:
+                    break
+            held = await client.get(
+                live.url + f"/fhir/Subscription/{sub_a}/$events",
+                params={"eventsSinceNumber": 0},
+                headers=live.headers(DR_A),
+            )
+            got["held"] = [r["reading_id"] for r in readings_of(held.json())]
+        for _ in range(100):
+            if set(got["b"]) >= want_b:
+                break
+            await asyncio.sleep(0.1)
+        # Revoke pt-1 and pt-2 for dr-b: the stream is cut, with the reason.
+        with ConsentStore(live.settings.paths.consent_path) as store:
+            for g in store.grants(grantee=DR_B):
+                store.revoke(g.grant_id, actor=f"Patient/{g.patient_id}")
+        got["revoked_at"] = time.monotonic()
+        await asyncio.wait_for(b_task, 10)
+        return got
+
+    got = asyncio.run(go())
+    want_a = expected(first + second, {"pt-1"}, {"heart_rate"})
+    assert sorted(got["a"]) == sorted(want_a)  # exactly, once each: no gap, no duplicate
+    assert got["a_numbers"] == list(range(1, len(want_a) + 1))
+    assert sorted(got["held"]) == sorted(want_a)
+    assert sorted(got["b"]) == sorted(
+        expected(first + second, {"pt-1", "pt-2"}, {"heart_rate", "spo2"})
+    )
+    code, reason, closed_at = got["b_close"]
+    assert code == 4403 and "consent ended" in reason and "revoked" in reason
+    assert closed_at - got["revoked_at"] < 2.0  # the target is 1 s: bench/clinic_bench.py

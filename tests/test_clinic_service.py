@@ -1,0 +1,284 @@
+"""The clinician service for real: `vitalproof serve` in its own process on a free port, a
+lake sealed by the real sealer, tokens from its development issuer, consent in its store.
+
+What is checked is what a hospital's reviewer would try: the CapabilityStatement without a
+token; every kind of bad token refused with its reason (401); a clinician sees exactly the
+readings their grant covers, as valid FHIR Observations, and nothing without one (403, no
+data in the body); a revocation holds at the next request; a patient sees their own data and
+their disclosure log, and every read and refusal is in it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from clinic.auth import DevIssuer
+from clinic.consent import ALL_VITALS
+from clinic.consent_store import ConsentStore
+from clinic.service.context import clinic_dir
+from streams.lake.keystore import LocalKeystore
+from streams.sealer import Pending, Sealer
+from vitalproof.devstack.procs import free_ports
+from vitalproof.schema import SampleBatch, Transport
+from vitalproof.settings import PathSettings, Settings
+
+T0 = 1_800_000_000_000_000  # 2027-01-15T08:00:00Z
+DR_A, DR_B = "Practitioner/dr-a", "Practitioner/dr-b"
+READ_OBS = ["user/Observation.rs"]
+
+
+@dataclass
+class Service:
+    url: str
+    settings: Settings
+    issuer: DevIssuer
+    readings: dict[str, dict[str, int]]  # patient -> metric -> readings sealed
+
+    def token(self, sub: str = DR_A, role: str = "clinician", **kw: Any) -> str:
+        scopes = kw.pop("scopes", READ_OBS)
+        return self.issuer.issue(sub, role, scopes, **kw)
+
+    def get(self, path: str, token: str | None, **params: Any) -> httpx.Response:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx.get(self.url + path, params=params, headers=headers, timeout=30)
+
+    def consent(self) -> ConsentStore:
+        return ConsentStore(self.settings.paths.consent_path)
+
+
+def seal(settings: Settings) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    pendings = []
+    for n, patient in enumerate(["pt-1", "pt-2"]):
+        b = SampleBatch(
+            device_id=f"dev-{n}",
+            patient_id=patient,
+            gateway_id="gw",
+            transport=Transport.MQTT,
+            receive_time_us=T0,
+        )
+        for i in range(30):
+            b.add("heart_rate", "/min", T0 + i * 1_000_000, 2 * i, float(60 + i % 9))
+            b.add("spo2", "%", T0 + i * 1_000_000, 2 * i + 1, float(95 + i % 4))
+        b.fill_reading_ids()
+        pendings.append(Pending(settings.kafka.topic_clean, n, 0, b))
+        counts[patient] = {"heart_rate": 30, "spo2": 30}
+    manifest = Sealer(settings.lake_dir, LocalKeystore(settings.paths.keys_dir)).seal(pendings)
+    assert manifest is not None and manifest.rows == 120
+    return counts
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("clinic-home")
+    settings = Settings(paths=PathSettings(home=home))
+    readings = seal(settings)
+    issuer = DevIssuer(clinic_dir(settings))
+    env = os.environ | {"VITALPROOF_HOME": str(home)}
+    with serving(env, home / "serve.log", _answers_metadata) as url:
+        yield Service(url, settings, issuer, readings)
+
+
+def _answers_metadata(url: str) -> bool:
+    return httpx.get(url + "/fhir/metadata", timeout=2).status_code == 200
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], log: Path, ready: Callable[[str], bool]) -> Iterator[str]:
+    """`vitalproof serve` on a free port until the block ends; fails loudly (with its log)
+    if it exits or is not ``ready`` within 60 s."""
+    (port,) = free_ports(1)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vitalproof", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vitalproof serve exited:\n{log.read_text()}", pytrace=False)
+            with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
+                if ready(url):
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"vitalproof serve not ready:\n{log.read_text()}", pytrace=False)
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_metadata_answers_without_a_token_as_a_valid_capability_statement(
+    service: Service,
+) -> None:
+    from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+    r = service.get("/fhir/metadata", None)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/fhir+json")
+    cs = CapabilityStatement.model_validate(r.json())
+    assert cs.fhirVersion == "4.0.1"
+    types = {res.type for res in cs.rest[0].resource}
+    assert {"Observation", "AuditEvent"} <= types
+
+
+def _forged(service: Service, **claims: Any) -> str:
+    """A token like the issuer's, signed by another key, or with other claims."""
+    now = int(time.time())
+    base = {
+        "iss": service.issuer.issuer,
+        "aud": service.issuer.audience,
+        "sub": DR_A,
+        "role": "clinician",
+        "scope": "user/Observation.rs",
+        "iat": now,
+        "exp": now + 600,
+    }
+    return jwt.encode(base | claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("none", "no bearer token"),
+        ("forged", "signature"),
+        ("expired", "expired"),
+        ("audience", "audience"),
+        ("alg-none", "algorithm"),
+        ("garbage", "malformed"),
+    ],
+)
+def test_bad_tokens_are_401_with_the_reason(service: Service, kind: str, reason: str) -> None:
+    now = int(time.time())
+    unsigned = {
+        "iss": service.issuer.issuer,
+        "aud": "vitalproof",
+        "sub": DR_A,
+        "role": "clinician",
+        "scope": "user/Observation.rs",
+        "iat": now,
+        "exp": now + 600,
+    }
+    token = {
+        "none": None,
+        "forged": _forged(service),
+        "expired": service.issuer.issue(DR_A, "clinician", READ_OBS, ttl_s=-120),
+        "audience": service.issuer.issue(DR_A, "clinician", READ_OBS, audience="someone-else"),
+        "alg-none": jwt.encode(unsigned, key=None, algorithm="none"),
+        "garbage": "not.a.token",
+    }[kind]
+    r = service.get("/fhir/Observation", token, patient="pt-1")
+    assert r.status_code == 401
+    assert reason in r.json()["issue"][0]["diagnostics"]
+    assert reason in r.headers["www-authenticate"]
+
+
+def _observations(r: httpx.Response) -> list[dict[str, Any]]:
+    from fhir.resources.R4B.bundle import Bundle
+
+    assert r.status_code == 200, r.text
+    bundle = Bundle.model_validate(r.json())
+    assert bundle.type == "searchset"
+    return [e["resource"] for e in r.json()["entry"]]
+
+
+def test_a_clinician_sees_exactly_what_the_grant_covers_until_it_is_revoked(
+    service: Service,
+) -> None:
+    from fhir.resources.R4B.observation import Observation
+
+    with service.consent() as store:
+        grant = store.grant(
+            patient_id="pt-1",
+            grantee=DR_B,
+            metrics=frozenset({"heart_rate"}),
+            purpose="TREAT",
+            actor="Patient/pt-1",
+        )
+    token = service.token(DR_B)
+    obs = _observations(service.get("/fhir/Observation", token, patient="pt-1"))
+    assert len(obs) == service.readings["pt-1"]["heart_rate"]
+    for o in obs:
+        Observation.model_validate(o)
+        assert o["code"]["coding"][0]["code"] == "8867-4"  # heart rate only, no SpO2
+        assert o["subject"]["reference"] == "Patient/pt-1"
+    # The other patient gave dr-b nothing: refused, and nothing of the data in the body.
+    r = service.get("/fhir/Observation", token, patient="pt-2")
+    assert r.status_code == 403 and "no grant" in r.text and 'Observation"' not in r.text
+    assert "valueQuantity" not in r.text
+    # Revoked: the very next request is refused, with the reason.
+    with service.consent() as store:
+        store.revoke(grant.grant_id, actor="Patient/pt-1")
+    r = service.get("/fhir/Observation", token, patient="pt-1")
+    assert r.status_code == 403 and "revoked" in r.json()["issue"][0]["diagnostics"]
+
+
+def test_date_and_code_narrow_the_search(service: Service) -> None:
+    with service.consent() as store:
+        store.grant(
+            patient_id="pt-2",
+            grantee=DR_A,
+            metrics=frozenset({ALL_VITALS}),
+            purpose="TREAT",
+            actor="Patient/pt-2",
+        )
+    token = service.token(DR_A)
+    all_obs = _observations(service.get("/fhir/Observation", token, patient="pt-2"))
+    assert len(all_obs) == 60
+    spo2 = _observations(
+        service.get("/fhir/Observation", token, patient="pt-2", code="http://loinc.org|2708-6")
+    )
+    assert len(spo2) == 30
+    window = _observations(
+        service.get(
+            "/fhir/Observation",
+            token,
+            patient="Patient/pt-2",
+            date=["ge2027-01-15T08:00:10Z", "lt2027-01-15T08:00:20Z"],
+        )
+    )
+    assert len(window) == 20  # 10 s of heart rate and SpO2
+    bad = service.get("/fhir/Observation", token, patient="pt-2", date="yesterday")
+    assert bad.status_code == 400 and "date=yesterday" in bad.text
+
+
+def test_a_patient_reads_their_own_data_and_disclosures_and_nobody_elses(
+    service: Service,
+) -> None:
+    mine = service.token(
+        "Patient/pt-1", "patient", scopes=["patient/Observation.rs", "patient/AuditEvent.rs"],
+        patient="pt-1",
+    )  # fmt: skip
+    assert len(_observations(service.get("/fhir/Observation", mine, patient="pt-1"))) == 60
+    r = service.get("/fhir/Observation", mine, patient="pt-2")
+    assert r.status_code == 403 and "may not read patient pt-2" in r.text
+    # A clinician with no scope for Observation is refused before consent is asked.
+    no_scope = service.token(DR_A, scopes=["user/Consent.rs"])
+    assert service.get("/fhir/Observation", no_scope, patient="pt-2").status_code == 403
+
+    from fhir.resources.R4B.auditevent import AuditEvent
+
+    log = service.get("/fhir/AuditEvent", mine)
+    assert log.status_code == 200
+    events = [e["resource"] for e in log.json()["entry"]]
+    for e in events:
+        AuditEvent.model_validate(e)
+    text = log.text
+    assert "Practitioner/dr-b" in text  # dr-b's reads and the refusal after the revocation
+    assert "Patient/pt-2" not in text and "pt-2" not in text  # only pt-1's disclosures
