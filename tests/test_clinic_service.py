@@ -24,6 +24,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from anchor.job import AnchorJob
 from clinic.auth import DevIssuer
 from clinic.consent import ALL_VITALS
 from clinic.consent_store import ConsentStore
@@ -77,6 +78,12 @@ def seal(settings: Settings) -> dict[str, dict[str, int]]:
         counts[patient] = {"heart_rate": 30, "spo2": 30}
     manifest = Sealer(settings.lake_dir, LocalKeystore(settings.paths.keys_dir)).seal(pendings)
     assert manifest is not None and manifest.rows == 120
+    job = AnchorJob.from_settings(settings)  # the embedded chain: the anchor's receipt stays
+    try:
+        job.add_manifest(manifest.to_json_bytes())
+        assert job.anchor_once() is not None
+    finally:
+        job.close()
     return counts
 
 
@@ -282,3 +289,106 @@ def test_a_patient_reads_their_own_data_and_disclosures_and_nobody_elses(
     text = log.text
     assert "Practitioner/dr-b" in text  # dr-b's reads and the refusal after the revocation
     assert "Patient/pt-2" not in text and "pt-2" not in text  # only pt-1's disclosures
+
+
+def _send(service: Service, method: str, path: str, token: str, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.request(method, service.url + path, headers=headers, timeout=30, **kw)
+
+
+def test_consent_through_the_api_is_the_patients_to_give_and_to_revoke(
+    service: Service,
+) -> None:
+    from clinic.consent import ConsentStatus, Grant, new_grant_id
+    from clinic.fhir_consent import consent_to_fhir
+
+    now = int(time.time() * 1e6)
+    doc = consent_to_fhir(
+        Grant(
+            grant_id=new_grant_id(),
+            version=1,
+            patient_id="pt-2",
+            grantee="Practitioner/dr-c",
+            metrics=frozenset({"spo2"}),
+            purpose="TREAT",
+            start_us=now - 1_000_000,
+            end_us=None,
+            status=ConsentStatus.ACTIVE,
+            recorded_us=now,
+            recorded_by="Patient/pt-2",
+        )
+    )
+    patient = service.token(
+        "Patient/pt-2", "patient", scopes=["patient/Consent.cruds", "patient/Observation.rs"],
+        patient="pt-2",
+    )  # fmt: skip
+    clinician = service.token(
+        "Practitioner/dr-c", scopes=["user/Observation.rs", "user/Consent.rs"]
+    )
+    # A clinician cannot give themselves consent.
+    assert _send(service, "POST", "/fhir/Consent", clinician, json=doc).status_code == 403
+    created = _send(service, "POST", "/fhir/Consent", patient, json=doc)
+    assert created.status_code == 201, created.text
+    grant_id = created.json()["id"]
+    obs = _observations(service.get("/fhir/Observation", clinician, patient="pt-2"))
+    assert len(obs) == 30 and {o["code"]["coding"][0]["code"] for o in obs} == {"2708-6"}
+    listed = service.get("/fhir/Consent", clinician).json()
+    assert grant_id in {e["resource"]["id"] for e in listed["entry"]}
+    assert _send(service, "DELETE", f"/fhir/Consent/{grant_id}", clinician).status_code == 403
+    revoked = _send(service, "DELETE", f"/fhir/Consent/{grant_id}", patient)
+    assert revoked.status_code == 200 and revoked.json()["status"] == "inactive"
+    assert service.get("/fhir/Observation", clinician, patient="pt-2").status_code == 403
+    bad = dict(doc, provision={"type": "permit", "period": {"start": "soon"}})
+    r = _send(service, "POST", "/fhir/Consent", patient, json=bad)
+    assert r.status_code == 422 and "provision" in r.json()["field"]
+
+
+def test_break_glass_opens_audited_time_limited_access_the_patient_sees(
+    service: Service,
+) -> None:
+    er = service.token("Practitioner/dr-er")
+    assert service.get("/fhir/Observation", er, patient="pt-1").status_code == 403
+    short = _send(service, "POST", "/break-glass", er, json={"patient": "pt-1", "reason": "x"})
+    assert short.status_code == 422 and "reason" in short.text
+    opened = _send(
+        service, "POST", "/break-glass", er,
+        json={"patient": "pt-1", "reason": "unconscious on arrival, no consent on file"},
+    )  # fmt: skip
+    assert opened.status_code == 201, opened.text
+    body = opened.json()
+    assert body["seconds_left"] == 3600 and body["shown_to_patient"] is True
+    assert len(_observations(service.get("/fhir/Observation", er, patient="pt-1"))) == 60
+    mine = service.token(
+        "Patient/pt-1", "patient", scopes=["patient/AuditEvent.rs"], patient="pt-1"
+    )
+    events = service.get("/fhir/AuditEvent", mine).text
+    assert "unconscious on arrival" in events and "BTG" in events and "dr-er" in events
+
+
+def test_a_clinician_gets_the_proof_of_a_reading_they_may_see_and_no_other(
+    service: Service,
+) -> None:
+    from vitalproof_verify.bundle import load_bundle, verify_offline
+
+    with service.consent() as store:
+        store.grant(
+            patient_id="pt-1", grantee="Practitioner/dr-p", metrics=frozenset({"heart_rate"}),
+            purpose="TREAT", actor="Patient/pt-1",
+        )  # fmt: skip
+    token = service.token("Practitioner/dr-p")
+    obs = _observations(service.get("/fhir/Observation", token, patient="pt-1"))
+    reading_id = obs[0]["identifier"][0]["value"]
+    r = service.get(f"/proof/{reading_id}", token, patient="pt-1")
+    assert r.status_code == 200, r.text
+    verify_offline(load_bundle(r.content))
+    # A SpO2 reading of the same patient is outside the grant: refused, no bundle.
+    mine = service.token(
+        "Patient/pt-1", "patient", scopes=["patient/Observation.rs"], patient="pt-1"
+    )
+    spo2 = [
+        o["identifier"][0]["value"]
+        for o in _observations(service.get("/fhir/Observation", mine, patient="pt-1"))
+        if o["code"]["coding"][0]["code"] == "2708-6"
+    ]
+    refused = service.get(f"/proof/{spo2[0]}", token, patient="pt-1")
+    assert refused.status_code == 403 and "leaf" not in refused.text

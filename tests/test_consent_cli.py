@@ -214,3 +214,19 @@ def test_every_option_has_help(tmp_path: Path) -> None:
     for name, sub in consent._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             assert action.help, f"consent {name} {action.dest} has no help"
+
+
+def test_every_change_from_the_command_line_is_in_the_audit_log(tmp_path: Path) -> None:
+    from clinic.audit import AuditAction, AuditLog
+
+    g = ok_json(tmp_path, *GRANT, "--metrics", "heart_rate", "--actor", "nurse:7")
+    assert run(tmp_path, "list").returncode == 0  # reading changes nothing
+    assert run(tmp_path, "revoke", g["grant_id"], "--actor", "nurse:7").returncode == 0
+    with AuditLog(tmp_path / "clinic" / "audit.sqlite3") as audit:
+        records = audit.records()
+        assert audit.verify() == 2
+    assert [(r.action, r.reason, r.actor) for r in records] == [
+        (AuditAction.CONSENT, "granted", "nurse:7"),
+        (AuditAction.CONSENT, "revoked", "nurse:7"),
+    ]
+    assert all(g["grant_id"] in r.what and r.patient_id == g["patient_id"] for r in records)

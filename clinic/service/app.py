@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from clinic.auth import AuthError
 from clinic.fanout import run_fanout
 from clinic.live import Hub
-from clinic.service import fhir_routes, stream_routes
+from clinic.service import consent_routes, fhir_routes, stream_routes
 from clinic.service.context import ServiceContext
 from clinic.service.deps import FHIR_JSON
 from clinic.service.refusal import Refusal, outcome
@@ -73,4 +73,5 @@ def create_app(context: ServiceContext) -> FastAPI:
 
     app.include_router(fhir_routes.router, prefix="/fhir")
     app.include_router(stream_routes.router)
+    app.include_router(consent_routes.router)
     return app

@@ -72,6 +72,29 @@ def capability_statement(base: str) -> dict[str, Any]:
                         ],
                     },
                     {
+                        "type": "Consent",
+                        "interaction": [
+                            {"code": "read"},
+                            {"code": "search-type"},
+                            {"code": "create"},
+                            {"code": "delete"},
+                        ],
+                        "searchParam": [
+                            search("patient", "reference", "whose consent"),
+                            search("actor", "reference", "to whom"),
+                        ],
+                    },
+                    {
+                        "type": "Subscription",
+                        "interaction": [{"code": "create"}],
+                        "operation": [
+                            {
+                                "name": "events",
+                                "definition": "http://hl7.org/fhir/OperationDefinition/Subscription-events",
+                            }
+                        ],
+                    },
+                    {
                         "type": "AuditEvent",
                         "interaction": [{"code": "search-type"}],
                         "searchParam": [search("patient", "reference", "whose disclosures")],

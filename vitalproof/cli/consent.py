@@ -122,7 +122,10 @@ def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         with ConsentStore(settings.paths.consent_path) as store:
-            return _run(args, store)
+            changed = _run(args, store)
+        if changed is not None:
+            _audit(settings, args, *changed)
+        return 0
     except InvalidConsent as e:
         if args.action == "import":
             _error(f"{args.file}: {e}")
@@ -135,7 +138,17 @@ def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BAD_INPUT
 
 
-def _run(args: argparse.Namespace, store: ConsentStore) -> int:
+def _audit(settings: Settings, args: argparse.Namespace, grant: Grant, change: str) -> None:
+    """The change, in the audit log, as the operator who ran the command."""
+    from clinic.audit import AuditLog
+    from clinic.consent_audit import record_consent_change
+
+    with AuditLog(settings.paths.audit_path) as audit:
+        record_consent_change(audit, actor=args.actor, role="operator", grant=grant, change=change)
+
+
+def _run(args: argparse.Namespace, store: ConsentStore) -> tuple[Grant, str] | None:
+    """Carry out the command; the grant version and the change it made, if it made one."""
     from clinic.consent import UnknownGrant, iso_from_us
 
     if args.action == "grant":
@@ -149,9 +162,11 @@ def _run(args: argparse.Namespace, store: ConsentStore) -> int:
             actor=args.actor,
         )
         _out(args, g, f"granted {_line(g)}")
+        return g, "granted"
     elif args.action == "revoke":
         g = store.revoke(args.grant_id, actor=args.actor)
         _out(args, g, f"revoked {g.grant_id} (version {g.version}) at {iso_from_us(g.recorded_us)}")
+        return g, "revoked"
     elif args.action == "list":
         grants = store.grants(
             patient_id=args.patient,
@@ -168,8 +183,8 @@ def _run(args: argparse.Namespace, store: ConsentStore) -> int:
             raise UnknownGrant(f"no grant {args.grant_id!r}")
         _show(args, versions if args.history else versions[-1:])
     else:
-        _import(args, store)
-    return 0
+        return _import(args, store)
+    return None
 
 
 def _show(args: argparse.Namespace, versions: list[Grant]) -> None:
@@ -191,7 +206,7 @@ def _show(args: argparse.Namespace, versions: list[Grant]) -> None:
                 print()
 
 
-def _import(args: argparse.Namespace, store: ConsentStore) -> None:
+def _import(args: argparse.Namespace, store: ConsentStore) -> tuple[Grant, str] | None:
     from clinic.fhir_consent import grant_from_fhir
 
     try:
@@ -201,6 +216,9 @@ def _import(args: argparse.Namespace, store: ConsentStore) -> None:
     g, changed = store.import_grant(grant_from_fhir(text), actor=args.actor)
     verb = "imported" if changed else "unchanged:"
     _out(args, g, f"{verb} {_line(g)}")
+    if not changed:
+        return None
+    return g, "granted" if g.version == 1 else "changed"
 
 
 def _line(g: Grant) -> str:
