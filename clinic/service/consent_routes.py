@@ -248,15 +248,5 @@ async def proof(reading_id: str, request: Request, ctx: Ctx, who: Who) -> JSONRe
         )
     except ProofExportError as e:
         return _json(outcome("not-found", str(e)), 404)
-    ctx.audit.append(
-        actor=who.subject,
-        role=who.role.value,
-        patient_id=patient,
-        action=AuditAction.PROOF,
-        what=what,
-        purpose=allowed.purpose,
-        outcome=Outcome.ALLOWED,
-        reason="consented" if who.role is Role.CLINICIAN else "own data",
-        count=1,
-    )
+    disclosure.disclosed(ctx, who, patient, AuditAction.PROOF, what, allowed.purpose, 1)
     return JSONResponse(json.loads(bundle.to_json()))

@@ -81,18 +81,31 @@ def history(
         pc.cast(table["metric"], pa.string()), value_set=pa.array(sorted(allowed.metrics))
     )
     table = table.filter(keep)
+    disclosed(ctx, who, patient_id, AuditAction.READ, what, allowed.purpose, table.num_rows)
+    return table
+
+
+def disclosed(
+    ctx: ServiceContext,
+    who: Principal,
+    patient_id: str,
+    action: AuditAction,
+    what: str,
+    purpose: str | None,
+    count: int,
+) -> None:
+    """The audit record of a disclosure that was allowed (``count`` readings)."""
     ctx.audit.append(
         actor=who.subject,
         role=who.role.value,
         patient_id=patient_id,
-        action=AuditAction.READ,
+        action=action,
         what=what,
-        purpose=allowed.purpose,
+        purpose=purpose,
         outcome=Outcome.ALLOWED,
         reason="consented" if who.role is Role.CLINICIAN else "own data",
-        count=table.num_rows,
+        count=count,
     )
-    return table
 
 
 def refuse(
