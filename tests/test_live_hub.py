@@ -1,0 +1,101 @@
+"""The live fan-out's rules without a broker: readings go only where consent lets them, per
+reading; a subscriber that does not read loses only its own events and is told which; a
+revocation ends the subscriptions it empties, with the reason; deliveries are audited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clinic import live
+from clinic.audit import AuditAction, AuditLog
+from clinic.auth import Principal, Role, Scope
+from clinic.consent import ALL_VITALS
+from clinic.consent_store import ConsentStore
+from clinic.live import Hub, SubscriptionError
+from vitalproof.schema import SampleBatch, Transport
+
+T0 = 1_800_000_000_000_000
+READ = (Scope.parse("user/Observation.rs"),)
+
+
+def clinician(name: str) -> Principal:
+    return Principal(f"Practitioner/{name}", Role.CLINICIAN, READ)
+
+
+def batch(patient: str, n: int, seq0: int = 0) -> SampleBatch:
+    b = SampleBatch(
+        device_id=f"dev-{patient}", patient_id=patient, transport=Transport.MQTT, receive_time_us=T0
+    )
+    for i in range(n):
+        b.add("heart_rate", "/min", T0 + i, seq0 + 2 * i, 60.0)
+        b.add("spo2", "%", T0 + i, seq0 + 2 * i + 1, 97.0)
+    b.fill_reading_ids()
+    return b
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Hub:
+    return Hub(ConsentStore(tmp_path / "c.sqlite3"), AuditLog(tmp_path / "a.sqlite3"))
+
+
+def test_each_reading_goes_only_where_consent_lets_it(hub: Hub) -> None:
+    hub.consent.grant(
+        patient_id="p1", grantee="Practitioner/a", metrics=frozenset({"spo2"}),
+        purpose="TREAT", actor="Patient/p1",
+    )  # fmt: skip
+    a = hub.subscribe(clinician("a"), None, None)  # all who consented to a
+    b = hub.subscribe(clinician("b"), ["p1"], ["heart_rate"])  # nobody consented to b
+    hub.deliver([batch("p1", 5), batch("p2", 5)])
+    assert [(e.patient_id, e.metric) for e in a.held] == [("p1", "spo2")] * 5
+    assert [e.number for e in a.held] == [1, 2, 3, 4, 5]
+    assert not b.held and hub.refused == 5 + 10 + 5  # b's heart rates, a's p1 HR and p2
+    hub.flush_audit()
+    streamed = [r for r in hub.audit.records() if r.action is AuditAction.STREAM]
+    assert [(r.actor, r.patient_id, r.count) for r in streamed] == [("Practitioner/a", "p1", 5)]
+
+
+def test_a_reader_that_falls_behind_is_told_what_it_lost(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "HOLD", 100)
+    patient = Principal("Patient/p1", Role.PATIENT, (Scope.parse("patient/Observation.rs"),), "p1")
+    sub = hub.subscribe(patient, None, None)
+    other = hub.subscribe(patient, None, ["spo2"])
+    assert sub.held.maxlen == 100
+    hub.deliver([batch("p1", 100)])  # 200 events for sub: only the last 100 are held
+    assert len(sub.held) == 100 and sub.number == 200
+    with pytest.raises(SubscriptionError, match=r"events 1\.\.100 of subscription"):
+        sub.since(0)
+    assert [e.number for e in sub.since(150)] == list(range(151, 201))
+    assert [e.number for e in other.since(0)] == list(range(1, 101))  # not slowed, not cut
+
+
+def test_revocation_ends_the_subscriptions_it_empties_with_the_reason(hub: Hub) -> None:
+    grant = hub.consent.grant(
+        patient_id="p1", grantee="Practitioner/a", metrics=frozenset({ALL_VITALS}),
+        purpose="TREAT", actor="Patient/p1",
+    )  # fmt: skip
+    sub = hub.subscribe(clinician("a"), ["p1"], None)
+    hub.deliver([batch("p1", 2)])
+    assert sub.number == 4
+    hub.consent.revoke(grant.grant_id, actor="Patient/p1")
+    assert hub.consent_changed() is True
+    assert sub.closed is not None and "consent ended" in sub.closed and "revoked" in sub.closed
+    assert sub.id not in hub.subscriptions
+    hub.deliver([batch("p1", 2, seq0=100)])
+    assert sub.number == 4  # nothing after the revocation
+
+
+def test_bad_subscription_requests_say_why(hub: Hub) -> None:
+    with pytest.raises(SubscriptionError, match="metrics: unknown pulse"):
+        hub.subscribe(clinician("a"), ["p1"], ["pulse"])
+    with pytest.raises(SubscriptionError, match="may watch only"):
+        hub.subscribe(
+            Principal("Patient/p1", Role.PATIENT, (Scope.parse("patient/Observation.rs"),), "p1"),
+            ["p2"],
+            None,
+        )
+    with pytest.raises(SubscriptionError, match="scopes"):
+        hub.subscribe(Principal("Practitioner/a", Role.CLINICIAN, ()), None, None)
