@@ -37,6 +37,8 @@ from vitalproof.units import Metric
 HOLD = 10_000
 #: Seconds between consent re-checks when nothing changed (expiry of a grant).
 RECHECK_S = 0.5
+#: Every metric, for a subscription that names none.
+ALL_METRICS: tuple[str, ...] = tuple(m.value for m in Metric)
 #: How long a subscription nobody is connected to stays resumable.
 IDLE_EXPIRY_S = 300.0
 
@@ -90,6 +92,14 @@ class Subscription:
         self.wake.set()
 
 
+@dataclass
+class _Targets:
+    """Where a patient's readings go, per metric, and how many asked but may not see them."""
+
+    to: dict[str, list[Subscription]] = field(default_factory=dict)
+    denied: dict[str, int] = field(default_factory=dict)
+
+
 class Hub:
     """Every live subscription of the service, and the fan-out of readings to them."""
 
@@ -100,8 +110,13 @@ class Hub:
         self.audit = audit
         self.clock = clock
         self.subscriptions: dict[str, Subscription] = {}
-        self._decisions: dict[tuple[str, str, str], bool] = {}
         self._consent_seen = consent.changes()
+        self._index = consent.index()
+        self._expiries = self._expiry_times()
+        self._checked_us = int(clock() * 1e6)
+        # patient -> metric -> the subscriptions a reading of it goes to (consent checked);
+        # dropped when consent, time (an expiry) or the subscriptions change.
+        self._targets: dict[str, _Targets] = {}
         self._unaudited: dict[tuple[str, str], int] = {}  # (subscription, patient) -> readings
         self.delivered = 0
         self.refused = 0
@@ -135,6 +150,30 @@ class Hub:
             unknown = sorted(chosen - known)
             if unknown:
                 raise SubscriptionError(f"metrics: unknown {', '.join(unknown)}")
+        if wanted is not None and principal.role is Role.CLINICIAN:
+            self.consent_changed()
+            now_us = int(self.clock() * 1e6)
+            metrics_asked = chosen or frozenset(ALL_METRICS)
+            if not any(
+                self.allowed(principal, p, m, now_us) for p in wanted for m in metrics_asked
+            ):
+                reason = self._index.decide(
+                    grantee=principal.subject,
+                    patient_id=sorted(wanted)[0],
+                    metric=sorted(metrics_asked)[0],
+                    at_us=now_us,
+                ).reason
+                self.audit.append(
+                    actor=principal.subject,
+                    role=principal.role.value,
+                    patient_id=sorted(wanted)[0] if len(wanted) == 1 else None,
+                    action=AuditAction.SUBSCRIBE,
+                    what=f"subscription: patients {_names(wanted)}, metrics {_names(chosen)}",
+                    purpose=None,
+                    outcome=Outcome.REFUSED,
+                    reason=reason,
+                )
+                raise SubscriptionError(f"no consent for what was asked: {reason}")
         sub = Subscription(
             id=secrets.token_hex(8),
             principal=principal,
@@ -144,6 +183,7 @@ class Hub:
             idle_since=self.clock(),
         )
         self.subscriptions[sub.id] = sub
+        self._targets.clear()
         self.audit.append(
             actor=principal.subject,
             role=principal.role.value,
@@ -165,28 +205,37 @@ class Hub:
     def drop(self, sub: Subscription, reason: str) -> None:
         sub.close(reason)
         self.subscriptions.pop(sub.id, None)
+        self._targets.clear()
 
     # -- consent --------------------------------------------------------------------------
 
     def allowed(self, principal: Principal, patient_id: str, metric: str, now_us: int) -> bool:
+        """The per-reading consent check (an in-memory index of the store's grants)."""
         if principal.role is Role.PATIENT:
             return principal.patient_id == patient_id
-        key = (principal.subject, patient_id, metric)
-        hit = self._decisions.get(key)
-        if hit is None:
-            hit = self.consent.decide(
-                grantee=principal.subject, patient_id=patient_id, metric=metric, at_us=now_us
-            ).allowed
-            self._decisions[key] = hit
-        return hit
+        return self._index.allowed(
+            grantee=principal.subject, patient_id=patient_id, metric=metric, at_us=now_us
+        )
+
+    def _expiry_times(self) -> list[int]:
+        return sorted(g.end_us for g in self.consent.grants() if g.end_us is not None)
 
     def consent_changed(self) -> bool:
-        """Forget cached decisions; close subscriptions that named patients none of whom
-        allows any of its metrics any more. True if the store had changed."""
-        changed = self.consent.changes() != self._consent_seen
-        self._consent_seen = self.consent.changes()
-        self._decisions.clear()
+        """Rebuild the consent index if the store changed (any process), drop the delivery
+        targets if it did or a grant expired since the last check, and close subscriptions
+        that named patients none of whom allows any of its metrics now. True if anything
+        changed."""
         now_us = int(self.clock() * 1e6)
+        changed = self.consent.changes() != self._consent_seen
+        if changed:
+            self._consent_seen = self.consent.changes()
+            self._index = self.consent.index()
+            self._expiries = self._expiry_times()
+        expired = any(self._checked_us < t <= now_us for t in self._expiries)
+        self._checked_us = now_us
+        if not (changed or expired):
+            return False
+        self._targets.clear()
         for sub in list(self.subscriptions.values()):
             if sub.patients is None or sub.principal.role is Role.PATIENT:
                 continue
@@ -194,7 +243,7 @@ class Hub:
             if not any(
                 self.allowed(sub.principal, p, m, now_us) for p in sub.patients for m in metrics
             ):
-                decision = self.consent.decide(
+                decision = self._index.decide(
                     grantee=sub.principal.subject,
                     patient_id=next(iter(sub.patients)),
                     metric=next(iter(metrics)),
@@ -202,7 +251,7 @@ class Hub:
                 )
                 self._audit_refusal(sub, decision.reason)
                 self.drop(sub, f"consent ended: {decision.reason}")
-        return changed
+        return True
 
     async def watch_consent(self, stop: asyncio.Event) -> None:
         """Re-check consent on every change of the store, and every RECHECK_S anyway."""
@@ -217,36 +266,57 @@ class Hub:
     # -- delivery -------------------------------------------------------------------------
 
     def deliver(self, batches: Sequence[SampleBatch]) -> int:
-        """Fan readings out to every subscription that wants them and may see them."""
+        """Fan readings out to every subscription that wants them and may see them.
+
+        Consent is decided per (subscription, patient, metric) for the moment of delivery,
+        which is each reading's decision: the answer cannot differ between two readings of
+        one call. The decisions are kept until consent, time or the subscriptions change."""
         if not self.subscriptions:
             return 0
-        now_us = int(self.clock() * 1e6)
-        subs = list(self.subscriptions.values())
+        if self.consent.changes() != self._consent_seen:  # one query per poll, not per reading
+            self.consent_changed()
         n = 0
         for batch in batches:
             patient = batch.patient_id or ""
-            interested = [s for s in subs if s.patients is None or patient in s.patients]
-            if not interested:
+            targets = self._targets.get(patient)
+            if targets is None:
+                targets = self._targets[patient] = self._targets_of(patient)
+            if targets.denied:
+                self.refused += sum(targets.denied.get(m, 0) for m in batch.metric)
+            if not targets.to:
                 continue
             if not batch.reading_id:
                 batch.fill_reading_ids()
+            audited: dict[str, int] = {}
             for i, metric in enumerate(batch.metric):
-                for sub in interested:
-                    if not sub.wants(patient, metric):
-                        continue
-                    if not self.allowed(sub.principal, patient, metric, now_us):
-                        self.refused += 1
-                        continue
+                subs = targets.to.get(metric)
+                if not subs:
+                    continue
+                body = compact(batch, i)
+                for sub in subs:
                     sub.number += 1
-                    sub.held.append(
-                        Event(sub.number, patient, metric, compact(batch, i, sub.number))
-                    )
-                    key = (sub.id, patient)
-                    self._unaudited[key] = self._unaudited.get(key, 0) + 1
-                    sub.wake.set()
-                    n += 1
+                    sub.held.append(Event(sub.number, patient, metric, body))
+                    audited[sub.id] = audited.get(sub.id, 0) + 1
+                n += len(subs)
+            for sub_id, count in audited.items():
+                key = (sub_id, patient)
+                self._unaudited[key] = self._unaudited.get(key, 0) + count
+                self.subscriptions[sub_id].wake.set()
         self.delivered += n
         return n
+
+    def _targets_of(self, patient: str) -> _Targets:
+        now_us = int(self.clock() * 1e6)
+        out = _Targets()
+        for sub in self.subscriptions.values():
+            if sub.patients is not None and patient not in sub.patients:
+                continue
+            for metric in sub.metrics or ALL_METRICS:
+                if self.allowed(sub.principal, patient, metric, now_us):
+                    out.to.setdefault(metric, []).append(sub)
+                else:
+                    out.denied[metric] = out.denied.get(metric, 0) + 1
+        return out
 
     def flush_audit(self) -> None:
         """One audit record per subscription and patient for what was delivered since."""
@@ -287,12 +357,12 @@ class Hub:
                 self.drop(sub, "no connection for 5 minutes")
 
 
-def compact(batch: SampleBatch, i: int, number: int) -> dict[str, Any]:
-    """The chart-friendly form of one reading (what the dashboard draws)."""
+def compact(batch: SampleBatch, i: int) -> dict[str, Any]:
+    """The chart-friendly form of one reading (what the dashboard draws); shared by every
+    subscription it goes to, each of which gives it its own number (``n``) when sent."""
     value = batch.value[i]
     quality = batch.quality[i]
     return {
-        "n": number,
         "patient": batch.patient_id,
         "device": batch.device_id,
         "metric": batch.metric[i],

@@ -46,14 +46,18 @@ def test_each_reading_goes_only_where_consent_lets_it(hub: Hub) -> None:
         purpose="TREAT", actor="Patient/p1",
     )  # fmt: skip
     a = hub.subscribe(clinician("a"), None, None)  # all who consented to a
-    b = hub.subscribe(clinician("b"), ["p1"], ["heart_rate"])  # nobody consented to b
+    b = hub.subscribe(clinician("b"), None, None)  # nobody consented to b
+    with pytest.raises(SubscriptionError, match="no consent for what was asked: no grant"):
+        hub.subscribe(clinician("b"), ["p1"], ["heart_rate"])
     hub.deliver([batch("p1", 5), batch("p2", 5)])
     assert [(e.patient_id, e.metric) for e in a.held] == [("p1", "spo2")] * 5
     assert [e.number for e in a.held] == [1, 2, 3, 4, 5]
-    assert not b.held and hub.refused == 5 + 10 + 5  # b's heart rates, a's p1 HR and p2
+    assert not b.held and hub.refused == 15 + 20  # a: p1's HR, p2's all; b: everything
     hub.flush_audit()
     streamed = [r for r in hub.audit.records() if r.action is AuditAction.STREAM]
     assert [(r.actor, r.patient_id, r.count) for r in streamed] == [("Practitioner/a", "p1", 5)]
+    refusals = [r for r in hub.audit.records() if r.outcome.value == "refused"]
+    assert [(r.actor, r.action) for r in refusals] == [("Practitioner/b", AuditAction.SUBSCRIBE)]
 
 
 def test_a_reader_that_falls_behind_is_told_what_it_lost(

@@ -53,7 +53,7 @@ def _notification(sub: Subscription, kind: str, events: list[Event]) -> dict[str
     return {
         "resourceType": "Bundle",
         "type": "subscription-notification",
-        "entry": [{"resource": status}] + [{"resource": e.body} for e in events],
+        "entry": [{"resource": status}] + [{"resource": e.body | {"n": e.number}} for e in events],
     }
 
 
