@@ -21,7 +21,7 @@ from anchor.bundles import build_bundle
 from anchor.errors import AnchorError
 from anchor.log import MerkleLog
 from streams import lake
-from streams.lake.keystore import LocalKeystore
+from streams.lake.keystore import KeystoreError, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
 from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
@@ -99,7 +99,10 @@ class LakeView:
         leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
         leaf_index = int(row["leaf_index"])
         patient_id = str(row["patient_id"])
-        (salt,) = self.kms.salts(patient_id, [reading_id])
+        try:
+            (salt,) = self.kms.salts(patient_id, [reading_id])
+        except KeystoreError as e:  # an erased patient's salt is gone with their keys
+            raise ProofExportError(f"reading {reading_id}: {e}") from e
         value = row["value"]
         reading = {
             "reading_id": reading_id,

@@ -101,8 +101,9 @@ def patients_list(settings: Settings, *, as_json: bool = False) -> int:
 def _confirm(plan: ErasurePlan) -> bool:
     """Ask on the terminal; the patient id typed back is the only yes."""
     print(plan.describe() + ". This cannot be undone.", file=sys.stderr)
+    print(f"type {plan.patient_id} to erase: ", end="", file=sys.stderr, flush=True)
     try:
-        answer = input(f"type {plan.patient_id} to erase: ")
+        answer = input()  # the prompt went to stderr: stdout carries only the report
     except EOFError:
         return False
     return answer.strip() == plan.patient_id
