@@ -2,6 +2,10 @@
 
 This sits above streams and anchor (it reads the encrypted lake with the patient's key and
 the anchor log), which is why it is not in ``anchor``: the *verifier* needs nothing of this.
+
+An erased patient's files ("Patient keys", :mod:`clinic.erasure`) are skipped, not fatal:
+everyone else's bundles must still export after one patient's erasure, while that patient's
+readings cannot be found any more (and their salts could not be recomputed anyway).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from anchor.bundles import build_bundle
 from anchor.errors import AnchorError
 from anchor.log import MerkleLog
 from streams import lake
-from streams.lake.keystore import LocalKeystore
+from streams.lake.keystore import KeystoreError, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
 from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
@@ -38,6 +42,8 @@ class LakeView:
         self.settings = settings
         self.root = settings.lake_dir
         self.kms = LocalKeystore(settings.paths.keys_dir)
+        #: Files skipped by the last :meth:`table` because their patient's key was erased.
+        self.erased_files: list[str] = []
 
     def manifests(self) -> list[BatchManifest]:
         folder = self.root / BATCHES_DIR
@@ -52,10 +58,12 @@ class LakeView:
         return sorted({p for m in self.manifests() for p in m.patients})
 
     def table(self, patients: Iterable[str] | None = None) -> pa.Table:
-        """Rows of sealed batches only (files of a batch without a manifest are ignored)."""
+        """Rows of sealed batches only (files of a batch without a manifest are ignored),
+        without the files of erased keys (listed in :attr:`erased_files`)."""
         sealed = lake.sealed_batch_ids(self.root)
+        self.erased_files = []
         parts = [
-            lake.read_patient(self.root, p, self.kms, batches=sealed)
+            lake.read_patient(self.root, p, self.kms, batches=sealed, erased=self.erased_files)
             for p in (self.patients() if patients is None else patients)
         ]
         return pa.concat_tables(parts) if parts else lake.SCHEMA.empty_table()
@@ -70,7 +78,13 @@ class LakeView:
         ids = lake.hex_ids(table["reading_id"])
         hit = table.filter(pc.equal(ids, reading_id))
         if hit.num_rows == 0:
-            raise ProofExportError(f"reading {reading_id} is not in the lake {self.root}")
+            erased = (
+                f" (or in one of {len(self.erased_files)} files of erased patients, which "
+                "cannot be read any more)"
+                if self.erased_files
+                else ""
+            )
+            raise ProofExportError(f"reading {reading_id} is not in the lake {self.root}{erased}")
         row = hit.slice(0, 1).to_pylist()[0]
         row["reading_id"] = reading_id
         return row
@@ -85,7 +99,10 @@ class LakeView:
         leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
         leaf_index = int(row["leaf_index"])
         patient_id = str(row["patient_id"])
-        (salt,) = self.kms.salts(patient_id, [reading_id])
+        try:
+            (salt,) = self.kms.salts(patient_id, [reading_id])
+        except KeystoreError as e:  # an erased patient's salt is gone with their keys
+            raise ProofExportError(f"reading {reading_id}: {e}") from e
         value = row["value"]
         reading = {
             "reading_id": reading_id,

@@ -501,6 +501,11 @@ class LocalKeystore:
             self._write_json(self._tomb_path(h), tomb)
             self._shred(self._key_path(h))
 
+    def has_keys(self, patient_id: str) -> bool:
+        """True when the keystore holds a live key generation of the patient (something an
+        erasure would destroy). Never creates one, unlike :meth:`current_key_id`."""
+        return self._load(self._hash(patient_id)) is not None
+
     def is_erased(self, patient_id: str) -> bool:
         """True when the patient was erased and no new generation has been opened since."""
         h = self._hash(patient_id)

@@ -26,7 +26,7 @@ import pyarrow.parquet.encryption as pe
 
 from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
 from streams.lake.errors import LakeError, LakeKeyUnavailable
-from streams.lake.keystore import KeystoreError, Kms
+from streams.lake.keystore import KeyErased, KeystoreError, Kms
 from streams.lake.layout import BATCHES_DIR, patient_dir
 from streams.lake.storage import _files, resolve_fs
 from streams.lake.table import ID_SOURCE_COLUMNS, SCHEMA, _upgrade, derive_reading_ids, hex_ids
@@ -169,19 +169,31 @@ def read_patient(
     *,
     fs: pafs.FileSystem | None = None,
     batches: Collection[str] | None = None,
+    erased: list[str] | None = None,
 ) -> pa.Table:
     """One patient's readings with device_time in [start, end), optionally some metrics.
 
     Decrypts every file in the date folders the range touches; a file whose key is erased or
     unknown raises :class:`LakeKeyUnavailable` naming that file. Returns rows in file order
     (date, batch, metric, time) with the lake's :data:`SCHEMA`.
+
+    ``erased``: when given, a file whose key was *erased* (:class:`KeyErased`) is skipped and
+    its path appended here instead: for readers over many patients (proof export) that must
+    go on serving everyone else after one patient's erasure. Unknown keys and keys that do
+    not unwrap still raise: those mean a wrong or damaged keystore, not an erasure.
     """
     fs, base = resolve_fs(root, fs)
     lo, hi = _to_us(start), _to_us(end)
     wanted = None if metrics is None else pa.array(sorted(set(metrics)), pa.string())
     parts = []
     for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi, batches=batches):
-        t = _read_file(fs, path, kms, patient_id)
+        try:
+            t = _read_file(fs, path, kms, patient_id)
+        except LakeKeyUnavailable as e:
+            if erased is None or not isinstance(e.cause, KeyErased):
+                raise
+            erased.append(path)
+            continue
         mask = None
         if lo is not None or hi is not None:
             ts = pc.cast(t["device_time"], pa.int64())

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitalproof import crashpoints, hashing
-from vitalproof.cli import audit, consent
+from vitalproof.cli import audit, consent, patients
 from vitalproof.errors import ConfigError, VitalproofError
 from vitalproof.settings import Settings
 
@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     consent.add_parser(sub)
     audit.add_parser(sub)
+    patients.add_parser(sub)
 
     b = sub.add_parser("ble", help="BLE tools")
     bsub = b.add_subparsers(dest="action", required=True)
