@@ -392,3 +392,14 @@ def test_a_clinician_gets_the_proof_of_a_reading_they_may_see_and_no_other(
     ]
     refused = service.get(f"/proof/{spo2[0]}", token, patient="pt-1")
     assert refused.status_code == 403 and "leaf" not in refused.text
+
+
+def test_only_an_operator_may_erase_and_an_unknown_patient_is_not_found(
+    service: Service,
+) -> None:
+    path = "/patients/pt-9/$erase"
+    clinician = service.token(DR_A)
+    assert _send(service, "POST", path, clinician, json={"reason": "asked"}).status_code == 403
+    operator = service.token("Organization/ops", "operator", scopes=["system/*.rs"])
+    assert _send(service, "POST", path, operator, json={}).status_code == 422
+    assert _send(service, "POST", path, operator, json={"reason": "asked"}).status_code == 404

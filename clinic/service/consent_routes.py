@@ -23,6 +23,7 @@ from clinic.audit import AuditAction, Outcome
 from clinic.auth import Principal, Role
 from clinic.consent import ALL_VITALS, ConsentConflict, Grant, InvalidConsent, iso_from_us
 from clinic.consent_audit import record_consent_change
+from clinic.erasure import AlreadyErased, InvalidPatientId, UnknownPatient, erase_patient
 from clinic.fhir_consent import consent_to_fhir, grant_from_fhir
 from clinic.proofs import LakeView, ProofExportError
 from clinic.service import disclosure
@@ -250,3 +251,28 @@ async def proof(reading_id: str, request: Request, ctx: Ctx, who: Who) -> JSONRe
         return _json(outcome("not-found", str(e)), 404)
     disclosure.disclosed(ctx, who, patient, AuditAction.PROOF, what, allowed.purpose, 1)
     return JSONResponse(json.loads(bundle.to_json()))
+
+
+@router.post("/patients/{patient_id}/$erase")
+async def erase(patient_id: str, request: Request, ctx: Ctx, who: Who) -> JSONResponse:
+    """Erasure for operators (body ``{"reason": "..."}``): the patient's keys destroyed, their
+    grants revoked (which ends their streams), their devices retired, one audit record."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = {}
+    reason = str(body.get("reason") or "").strip() if isinstance(body, dict) else ""
+    if who.role is not Role.OPERATOR:
+        disclosure.refuse(
+            ctx, who, patient_id, AuditAction.ERASURE, f"erase {patient_id}",
+            "only an operator may erase a patient",
+        )  # fmt: skip
+    if not reason:
+        return _json(outcome("invalid", "reason: required"), 422)
+    try:
+        report = erase_patient(ctx.settings, patient_id, actor=who.subject, reason=reason)
+    except (UnknownPatient, AlreadyErased) as e:
+        return _json(outcome("not-found", str(e)), 404)
+    except InvalidPatientId as e:
+        return _json(outcome("invalid", str(e)), 422)
+    return _json(report.to_json_dict())

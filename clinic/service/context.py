@@ -62,6 +62,14 @@ class ServiceContext:
         if not (keys / MASTER_KEY_FILE).exists() or not root.exists():
             return lake.SCHEMA.empty_table()
         sealed = lake.sealed_batch_ids(root)
+        # Files of an erased patient are skipped (their key is gone), not an error.
         return lake.read_patient(
-            root, patient_id, LocalKeystore(keys), start_us, end_us, metrics, batches=sealed
+            root,
+            patient_id,
+            LocalKeystore(keys),
+            start_us,
+            end_us,
+            metrics,
+            batches=sealed,
+            erased=[],
         )
