@@ -43,6 +43,14 @@ def test_demo_seals_every_reading_and_verifies_proofs(
     assert summary["batches"] >= 1 and summary["anchors"] >= 1
     assert len(summary["anchor_txs"]) == summary["anchors"]
     assert summary["proofs_verified"] >= 1 and summary["proofs_failed"] == 0
+    # Two clinicians watched live: each got exactly what their consent covers of what was
+    # sealed (checked reading by reading in the demo), and every grant, subscription and
+    # delivery is in the audit log.
+    assert summary["subscribers"] == 2
+    assert summary["deliveries_unexpected"] == 0 and summary["deliveries_missing"] == 0
+    assert 0 < summary["readings_delivered"] <= summary["readings_sealed"]
+    assert summary["deliveries_refused"] > 0  # each clinician's other patients, withheld
+    assert summary["audit_records"] >= 6 + 2  # a grant per patient, a subscription each
     assert "readings sealed" in stderr, "the rich summary goes to stderr in --json mode"
 
 

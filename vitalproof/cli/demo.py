@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vitalproof.cli import processes
+from vitalproof.cli.demo_clinic import DemoClinic
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings
 
@@ -47,6 +48,13 @@ class DemoSummary:
     anchor_txs: list[str] = field(default_factory=list)
     proofs_verified: int = 0
     proofs_failed: int = 0
+    # The clinician service (vitalproof.cli.demo_clinic): two clinicians watching live.
+    subscribers: int = 0
+    readings_delivered: int = 0
+    deliveries_refused: int = 0
+    deliveries_unexpected: int = 0
+    deliveries_missing: int = 0
+    audit_records: int = 0
     elapsed_s: float = 0.0
     namespace: str = ""
     errors: list[str] = field(default_factory=list)
@@ -60,6 +68,9 @@ class DemoSummary:
             and self.proofs_verified >= 1
             and self.proofs_failed == 0
             and self.dlq == self.malformed_sent
+            and self.subscribers > 0
+            and self.deliveries_unexpected == 0
+            and self.deliveries_missing == 0
             and not self.errors
         )
 
@@ -110,14 +121,18 @@ def run_demo(
     summary = DemoSummary(chain=chain, devices=devices, duration_s=duration_s, faults=faults)
     summary.namespace = rs.namespace
     worker: subprocess.Popen[bytes] | None = None
+    clinic: DemoClinic | None = None
     try:
         ensure_topics(rs, rs.kafka.pipeline_topics, rs.kafka.partitions)
         creds = _enroll(rs, [f"dv-{run_id}-{i:04d}" for i in range(devices)])
         worker = processes.start(
             rs, "worker", log=rs.paths.home / "logs" / f"worker-{rs.namespace}.log"
         )
-        asyncio.run(_run(rs, creds, duration_s, summary, console, worker))
+        clinic = DemoClinic(rs, sorted({"pt-" + d.removeprefix("dv-") for d, _ in creds}))
+        asyncio.run(_run(rs, creds, duration_s, summary, console, worker, clinic))
     finally:
+        if clinic is not None:
+            clinic.stop_service()
         if worker is not None:
             processes.stop(worker)
         if started_stack:
@@ -139,6 +154,7 @@ async def _run(
     summary: DemoSummary,
     console: Console,
     worker: subprocess.Popen[bytes],
+    clinic: DemoClinic,
 ) -> None:
     from anchor.chain import Chain
     from anchor.job import AnchorJob
@@ -157,6 +173,7 @@ async def _run(
     anchor_task = asyncio.create_task(job.run(period_s=rs.chain.anchor_period_s, stop=stop_anchor))
     record = rs.paths.home / "runs" / f"{rs.namespace}.truth.jsonl"
     view = LakeView(rs)
+    await clinic.start()
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -244,6 +261,13 @@ async def _run(
     summary.proofs_verified = verified
     summary.proofs_failed = len(failures)
     summary.errors.extend(failures[:5])
+    counts = await clinic.finish(view.table())
+    summary.subscribers = counts.subscribers
+    summary.readings_delivered = counts.readings_delivered
+    summary.deliveries_refused = counts.deliveries_refused
+    summary.deliveries_unexpected = counts.deliveries_unexpected
+    summary.deliveries_missing = counts.deliveries_missing
+    summary.audit_records = counts.audit_records
 
 
 def _ids_from_record(path: Path) -> set[str]:
@@ -313,6 +337,13 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
         ("batches", s.batches),
         ("anchors", s.anchors),
         ("proofs verified / failed", f"{s.proofs_verified} / {s.proofs_failed}"),
+        ("clinicians watching live", s.subscribers),
+        (
+            "readings delivered / refused by consent",
+            f"{s.readings_delivered} / {s.deliveries_refused}",
+        ),
+        ("deliveries not covered / missed", f"{s.deliveries_unexpected} / {s.deliveries_missing}"),
+        ("audit records", s.audit_records),
     ):
         table.add_row(label, str(value))
     console.print(table)

@@ -1,0 +1,189 @@
+"""The demo's clinicians: two of them, with different grants, watch the fleet live through
+`vitalproof serve`, and afterwards every reading each received is checked against what
+their consent covers among what was sealed (nothing missing, nothing more).
+
+Dr A holds heart rate and SpO2 of the first half of the patients; Dr B every vital sign of
+the other half. Both subscribe to "every patient who consented to me" over WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vitalproof.cli import processes
+from vitalproof.settings import Settings
+
+ACTOR = "Operator/demo"
+
+
+@dataclass
+class Clinician:
+    subject: str
+    patients: frozenset[str]
+    metrics: frozenset[str] | None  # None: all vital signs
+    token: str = ""
+    subscription: str = ""
+    received: set[str] = field(default_factory=set)
+    events: int = 0
+
+
+@dataclass
+class ClinicCounts:
+    subscribers: int = 0
+    readings_delivered: int = 0
+    deliveries_refused: int = 0
+    audit_records: int = 0
+    deliveries_unexpected: int = 0  # received but not covered by consent (must be 0)
+    deliveries_missing: int = 0  # covered and sealed but never received (must be 0)
+
+
+class DemoClinic:
+    def __init__(self, rs: Settings, patients: list[str]) -> None:
+        half = len(patients) // 2 or 1
+        self.rs = rs
+        self.clinicians = [
+            Clinician(
+                "Practitioner/demo-dr-a",
+                frozenset(patients[:half]),
+                frozenset({"heart_rate", "spo2"}),
+            ),
+            Clinician("Practitioner/demo-dr-b", frozenset(patients[half:]), None),
+        ]
+        self.url = ""
+        self._proc: processes.Child | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        from clinic.audit import AuditLog
+        from clinic.auth import DevIssuer
+        from clinic.consent import ALL_VITALS
+        from clinic.consent_audit import record_consent_change
+        from clinic.consent_store import ConsentStore
+        from clinic.service.context import clinic_dir
+        from vitalproof.devstack.procs import free_ports
+
+        rs = self.rs
+        with ConsentStore(rs.paths.consent_path) as store, AuditLog(rs.paths.audit_path) as audit:
+            for c in self.clinicians:
+                for patient in sorted(c.patients):
+                    g = store.grant(
+                        patient_id=patient,
+                        grantee=c.subject,
+                        metrics=c.metrics or frozenset({ALL_VITALS}),
+                        purpose="TREAT",
+                        actor=ACTOR,
+                    )
+                    record_consent_change(
+                        audit, actor=ACTOR, role="operator", grant=g, change="granted"
+                    )
+        issuer = DevIssuer(clinic_dir(rs))
+        for c in self.clinicians:
+            c.token = issuer.issue(c.subject, "clinician", ["user/Observation.rs"], ttl_s=3600)
+        (port,) = free_ports(1)
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc = processes.start(
+            rs,
+            "serve",
+            "--port",
+            str(port),
+            log=rs.paths.home / "logs" / f"serve-{rs.namespace}.log",
+        )
+        deadline = time.monotonic() + 60
+        while (await asyncio.to_thread(self._status)).get("fanout") != "ready":
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"vitalproof serve exited with {self._proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the clinician service's fan-out did not get ready in 60 s")
+            await asyncio.sleep(0.3)
+        for c in self.clinicians:
+            body = await asyncio.to_thread(
+                self._post, "/fhir/Subscription", c.token, {"patients": None, "metrics": None}
+            )
+            c.subscription = str(body["id"])
+            self._tasks.append(asyncio.create_task(self._watch(c)))
+
+    def _status(self) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.url + "/status", timeout=2) as r:
+                result: dict[str, Any] = json.load(r)
+                return result
+        except OSError:
+            return {}
+
+    def _post(self, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            result: dict[str, Any] = json.load(r)
+            return result
+
+    async def _watch(self, c: Clinician) -> None:
+        import websockets
+
+        ws_url = self.url.replace("http", "ws", 1)
+        uri = f"{ws_url}/stream/ws/{c.subscription}?access_token={c.token}&since={c.events}"
+        async with websockets.connect(uri, max_size=None) as ws:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for text in ws:
+                    msg = json.loads(text)
+                    for entry in msg["entry"][1:]:
+                        c.received.add(entry["resource"]["reading_id"])
+                        c.events = max(c.events, int(entry["resource"]["n"]))
+
+    async def finish(self, sealed: pa.Table) -> ClinicCounts:
+        """Wait until the deliveries stop growing (every sealed reading has passed through
+        the fan-out long before), then check them against consent and stop the service."""
+        from clinic.audit import AuditLog
+        from streams import lake
+
+        counts = ClinicCounts(subscribers=len(self.clinicians))
+        ids = lake.hex_ids(sealed["reading_id"])
+        metric = pc.cast(sealed["metric"], pa.string())
+        patient = pc.cast(sealed["patient_id"], pa.string())
+        last, settle = -1, time.monotonic() + 5
+        while time.monotonic() < settle:
+            now = sum(len(c.received) for c in self.clinicians)
+            if now != last:
+                last, settle = now, time.monotonic() + 2
+            await asyncio.sleep(0.3)
+        status = await asyncio.to_thread(self._status)
+        for c in self.clinicians:
+            mask = pc.is_in(patient, value_set=pa.array(sorted(c.patients)))
+            if c.metrics is not None:
+                mask = pc.and_(mask, pc.is_in(metric, value_set=pa.array(sorted(c.metrics))))
+            covered = set(ids.filter(mask).to_pylist())
+            counts.deliveries_unexpected += len(c.received - covered)
+            counts.deliveries_missing += len(covered - c.received)
+        counts.readings_delivered = int(status.get("readings_delivered", 0))
+        counts.deliveries_refused = int(status.get("deliveries_refused", 0))
+        await self.close()
+        with AuditLog(self.rs.paths.audit_path) as audit:
+            counts.audit_records = audit.size
+        return counts
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        self.stop_service()
+
+    def stop_service(self) -> None:
+        """Stop `vitalproof serve` (idempotent: the demo's cleanup calls it on any exit)."""
+        if self._proc is not None:
+            processes.stop(self._proc)
+            self._proc = None
