@@ -368,6 +368,7 @@ def compact(batch: SampleBatch, i: int) -> dict[str, Any]:
         "metric": batch.metric[i],
         "unit": batch.unit[i],
         "t_us": batch.device_time_us[i],
+        "received_us": batch.receive_time_us,
         "seq": batch.seq[i],
         "value": None if math.isnan(value) else value,
         "quality": quality,

@@ -198,6 +198,12 @@ def test_two_clinicians_get_exactly_their_consented_readings_and_resume_without_
                 headers=live.headers(DR_A),
             )
             got["held"] = [r["reading_id"] for r in readings_of(held.json())]
+            as_fhir = await client.get(
+                live.url + f"/fhir/Subscription/{sub_a}/$events",
+                params={"eventsSinceNumber": 0, "format": "fhir"},
+                headers=live.headers(DR_A),
+            )
+            got["fhir"] = readings_of(as_fhir.json())
         for _ in range(100):
             if set(got["b"]) >= want_b:
                 break
@@ -215,6 +221,13 @@ def test_two_clinicians_get_exactly_their_consented_readings_and_resume_without_
     assert sorted(got["a"]) == sorted(want_a)  # exactly, once each: no gap, no duplicate
     assert got["a_numbers"] == list(range(1, len(want_a) + 1))
     assert sorted(got["held"]) == sorted(want_a)
+    from fhir.resources.R4B.observation import Observation
+
+    assert len(got["fhir"]) == len(want_a)
+    for obs in got["fhir"]:
+        Observation.model_validate(obs)
+        assert obs["code"]["coding"][0]["code"] == "8867-4"
+    assert {o["identifier"][0]["value"] for o in got["fhir"]} == want_a
     assert sorted(got["b"]) == sorted(
         expected(first + second, {"pt-1", "pt-2"}, {"heart_rate", "spo2"})
     )

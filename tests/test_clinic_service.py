@@ -403,3 +403,22 @@ def test_only_an_operator_may_erase_and_an_unknown_patient_is_not_found(
     operator = service.token("Organization/ops", "operator", scopes=["system/*.rs"])
     assert _send(service, "POST", path, operator, json={}).status_code == 422
     assert _send(service, "POST", path, operator, json={"reason": "asked"}).status_code == 404
+
+
+def test_malformed_or_unconsented_subscriptions_are_refused_with_the_field(
+    service: Service,
+) -> None:
+    token = service.token("Practitioner/dr-none")
+    path = "/fhir/Subscription"
+    r = _send(service, "POST", path, token, content=b"nope")
+    assert r.status_code == 422 and "body" in r.text
+    r = _send(service, "POST", path, token, json={"metrics": "heart_rate"})
+    assert r.status_code == 422 and "metrics: a list of strings" in r.text
+    r = _send(service, "POST", path, token, json={"patients": ["pt-1"], "metrics": ["pulse"]})
+    assert r.status_code == 403 and "metrics: unknown pulse" in r.text
+    r = _send(service, "POST", path, token, json={"patients": ["pt-1"], "metrics": None})
+    assert r.status_code == 403 and "no grant" in r.text
+    ok = _send(service, "POST", path, token, json={"patients": None, "metrics": None})
+    assert ok.status_code == 201  # "all who consented to me": none yet, and that is allowed
+    sse = service.get(f"/stream/sse/{ok.json()['id']}", token, format="xml")
+    assert sse.status_code == 422 and "format=xml" in sse.text

@@ -11,6 +11,7 @@ the reason (SSE: a ``closed`` event; WebSocket: close code 4403).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from clinic.auth import AuthError, Principal
 from clinic.live import Event, Hub, Subscription, SubscriptionError
 from clinic.service.deps import FHIR_JSON, Ctx, Who
 from clinic.service.refusal import outcome
+from streams.lake.export.fhir import reading_observation
 
 router = APIRouter()
 HEARTBEAT_S = 10.0
@@ -33,8 +35,11 @@ def hub_of(request: Request | WebSocket) -> Hub:
     return hub
 
 
-def _notification(sub: Subscription, kind: str, events: list[Event]) -> dict[str, Any]:
-    """A FHIR R5 subscription-notification Bundle (SubscriptionStatus + the readings)."""
+def _notification(
+    sub: Subscription, kind: str, events: list[Event], fmt: str = "compact"
+) -> dict[str, Any]:
+    """A FHIR R5 subscription-notification Bundle: SubscriptionStatus, then the readings,
+    compact (``n`` is the event number) or as FHIR Observations (``fmt="fhir"``)."""
     status: dict[str, Any] = {
         "resourceType": "SubscriptionStatus",
         "status": "active" if sub.closed is None else "off",
@@ -53,8 +58,43 @@ def _notification(sub: Subscription, kind: str, events: list[Event]) -> dict[str
     return {
         "resourceType": "Bundle",
         "type": "subscription-notification",
-        "entry": [{"resource": status}] + [{"resource": e.body | {"n": e.number}} for e in events],
+        "entry": [{"resource": status}, *_entries(events, fmt)],
     }
+
+
+def _entries(events: list[Event], fmt: str) -> list[dict[str, Any]]:
+    if fmt != "fhir":
+        return [{"resource": e.body | {"n": e.number}} for e in events]
+    out = []
+    for e in events:
+        obs = reading_observation(_row(e.body))
+        if obs is not None:
+            out.append({"fullUrl": f"Observation/{obs['id']}", "resource": obs})
+    return out
+
+
+def _row(body: dict[str, Any]) -> dict[str, Any]:
+    """A compact reading in the shape the lake's FHIR mapping reads."""
+    value = body["value"]
+    return body | {
+        "value": float("nan") if value is None else value,
+        "device_time": _iso(body["t_us"]),
+        "receive_time": _iso(body.get("received_us") or body["t_us"]),
+        "patient_id": body["patient"],
+        "device_id": body["device"],
+    }
+
+
+def _iso(us: int) -> str:
+    t = dt.datetime.fromtimestamp(us / 1e6, dt.UTC)
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _format(params: Any) -> str:
+    fmt = str(params.get("format", "compact"))
+    if fmt not in ("compact", "fhir"):
+        raise SubscriptionError(f"format={fmt}: compact or fhir")
+    return fmt
 
 
 @router.post("/fhir/Subscription")
@@ -107,8 +147,12 @@ async def events(request: Request, sub_id: str, who: Who) -> JSONResponse:
         return _unprocessable("eventsSinceNumber/eventsUntilNumber: integers")
     except SubscriptionError as e:
         return JSONResponse(outcome("not-found", str(e)), status_code=404, media_type=FHIR_JSON)
+    try:
+        fmt = _format(request.query_params)
+    except SubscriptionError as e:
+        return _unprocessable(str(e))
     allowed = _still_allowed(hub, sub, held)
-    return JSONResponse(_notification(sub, "query-event", allowed), media_type=FHIR_JSON)
+    return JSONResponse(_notification(sub, "query-event", allowed, fmt), media_type=FHIR_JSON)
 
 
 def _still_allowed(hub: Hub, sub: Subscription, events: list[Event]) -> list[Event]:
@@ -147,6 +191,10 @@ async def sse(request: Request, sub_id: str, who: Who) -> Any:
         since = int(request.headers.get("last-event-id") or request.query_params.get("since", "0"))
     except (SubscriptionError, ValueError) as e:
         return JSONResponse(outcome("not-found", str(e)), status_code=404, media_type=FHIR_JSON)
+    try:
+        fmt = _format(request.query_params)
+    except SubscriptionError as e:
+        return _unprocessable(str(e))
     heartbeat = float(request.query_params.get("heartbeat", HEARTBEAT_S))
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
@@ -154,7 +202,7 @@ async def sse(request: Request, sub_id: str, who: Who) -> Any:
         try:
             async for kind, batch in _follow(hub, sub, since, heartbeat):
                 yield ServerSentEvent(
-                    data=json.dumps(_notification(sub, kind, batch)),
+                    data=json.dumps(_notification(sub, kind, batch, fmt)),
                     event=kind,
                     id=str(batch[-1].number) if batch else None,
                 )
@@ -176,6 +224,7 @@ async def websocket(ws: WebSocket, sub_id: str) -> None:
         who: Principal = ctx.validator.validate(_ws_token(ws))
         sub = hub.get(sub_id, who)
         since = int(ws.query_params.get("since", "0"))
+        fmt = _format(ws.query_params)
     except AuthError as e:
         await ws.close(code=4401, reason=str(e)[:120])
         return
@@ -187,7 +236,7 @@ async def websocket(ws: WebSocket, sub_id: str) -> None:
     sub.connections += 1
     try:
         async for kind, batch in _follow(hub, sub, since, heartbeat):
-            await ws.send_text(json.dumps(_notification(sub, kind, batch)))
+            await ws.send_text(json.dumps(_notification(sub, kind, batch, fmt)))
         await ws.close(code=4403, reason=(sub.closed or "closed")[:120])
     except SubscriptionError as e:
         await ws.close(code=4408, reason=str(e)[:120])

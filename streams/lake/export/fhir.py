@@ -30,7 +30,14 @@ from streams.lake.export.rows import (
 )
 from vitalproof.units import Metric
 
-__all__ = ["FHIR_BP", "FHIR_MAP", "FhirCode", "fhir_bundle", "fhir_observations"]
+__all__ = [
+    "FHIR_BP",
+    "FHIR_MAP",
+    "FhirCode",
+    "fhir_bundle",
+    "fhir_observations",
+    "reading_observation",
+]
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -240,6 +247,14 @@ def _panel(group: _BpGroup) -> dict[str, Any]:
         components.append(comp)
     obs["component"] = components
     return obs
+
+
+def reading_observation(row: Row) -> dict[str, Any] | None:
+    """One reading as its own FHIR Observation (a live stream sends readings one by one, so
+    blood pressure comes as its component Observations, not as a panel); None if the metric
+    has no vital-sign mapping. ``row`` has the keys of a lake row, times as ISO strings."""
+    code = FHIR_MAP.get(row["metric"]) or FHIR_BP.get(row["metric"])
+    return None if code is None else _single(row, code)
 
 
 def fhir_observations(table: pa.Table) -> tuple[list[dict[str, Any]], Skipped]:
