@@ -51,6 +51,7 @@ def test_demo_seals_every_reading_and_verifies_proofs(
     assert 0 < summary["readings_delivered"] <= summary["readings_sealed"]
     assert summary["deliveries_refused"] > 0  # each clinician's other patients, withheld
     assert summary["audit_records"] >= 6 + 2  # a grant per patient, a subscription each
+    assert summary["audit_checkpoints_anchored"] >= 1  # the audit log's head is on chain
     assert "readings sealed" in stderr, "the rich summary goes to stderr in --json mode"
 
 

@@ -55,6 +55,7 @@ class DemoSummary:
     deliveries_unexpected: int = 0
     deliveries_missing: int = 0
     audit_records: int = 0
+    audit_checkpoints_anchored: int = 0
     elapsed_s: float = 0.0
     namespace: str = ""
     errors: list[str] = field(default_factory=list)
@@ -158,13 +159,15 @@ async def _run(
 ) -> None:
     from anchor.chain import Chain
     from anchor.job import AnchorJob
+    from clinic.audit import CheckpointSource
     from clinic.proofs import LakeView
     from device_sims.fleet import Fleet, FleetProgress
     from ingest.mqtt.collector import MqttCollector, MqttCredentials
     from vitalproof.devstack import collector_credentials
 
     chain = Chain.from_settings(rs)
-    job = AnchorJob(rs, chain)
+    # The audit log's checkpoints are anchored with the batches (the service writes it).
+    job = AnchorJob(rs, chain, checkpoints=CheckpointSource(rs.paths.audit_path))
     user, password = collector_credentials(rs)
     collector = MqttCollector(rs, MqttCredentials(user, password, rs.mqtt.tls_ca))
     stop_collector, stop_anchor = asyncio.Event(), asyncio.Event()
@@ -268,6 +271,20 @@ async def _run(
     summary.deliveries_unexpected = counts.deliveries_unexpected
     summary.deliveries_missing = counts.deliveries_missing
     summary.audit_records = counts.audit_records
+    summary.audit_checkpoints_anchored = _anchored_checkpoints(rs)
+
+
+def _anchored_checkpoints(rs: Settings) -> int:
+    """Audit checkpoints in the anchor log that an anchor covers, after checking every one
+    still matches the audit log (raises if a record was changed or removed)."""
+    from anchor.log import MerkleLog
+    from clinic.audit import AuditLog, check_against_log
+
+    with (
+        AuditLog(rs.paths.audit_path) as audit,
+        MerkleLog(rs.anchor_dir / "log", readonly=True) as log,
+    ):
+        return sum(1 for cp in check_against_log(audit, log) if cp.anchored)
 
 
 def _ids_from_record(path: Path) -> set[str]:
@@ -343,7 +360,10 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
             f"{s.readings_delivered} / {s.deliveries_refused}",
         ),
         ("deliveries not covered / missed", f"{s.deliveries_unexpected} / {s.deliveries_missing}"),
-        ("audit records", s.audit_records),
+        (
+            "audit records / checkpoints anchored",
+            f"{s.audit_records} / {s.audit_checkpoints_anchored}",
+        ),
     ):
         table.add_row(label, str(value))
     console.print(table)
