@@ -114,3 +114,26 @@ def test_missing_prerequisite_is_reported_in_one_line(tmp_path: Path) -> None:
 def test_docs_list_every_setting_as_the_code_defines_it() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
     assert doc.endswith(settings_table()), "regenerate docs/settings.md's table"
+
+
+def test_every_command_and_option_says_what_it_is_for() -> None:
+    """`--help` everywhere: each command has a one-line summary, each option a help text."""
+    import argparse
+
+    from vitalproof.cli.main import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                summaries = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    if not summaries.get(name):
+                        missing.append(f"{path} {name} (no summary)")
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "vitalproof")
+    assert missing == []

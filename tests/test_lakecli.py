@@ -253,3 +253,32 @@ def test_read_erased_patient_exits_1(home: Home) -> None:
     # `lake stats` over erased files is not tested here: pyarrow sometimes aborts at exit
     # ("terminate called without an active exception") after several failed KMS unwraps in
     # streams.lake.lake_stats, which would make this test flaky (reported, not ours to fix).
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`lake read ... | head -1` on more than a pipe's buffer: no traceback, exit 0 or 141."""
+    path = tmp_path / "home"
+    kms = LocalKeystore(path / "keys")
+    root = path / "lake" / "default"
+    big = _batch("watch-a", "patient-a", T0, 2000)
+    lake.write_batch(root, "b-0001", lake.build_table([big], "b-0001"), kms)
+    (root / "_batches").mkdir()
+    (root / "_batches" / "b-0001.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITALPROOF_")}
+    env["VITALPROOF_HOME"] = str(path)
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'"{sys.executable}" -m vitalproof lake read --patient patient-a 2>err | head -1;'
+            ' echo "status ${PIPESTATUS[0]}"',
+        ],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith('"reading_id",') and lines[-1] in ("status 0", "status 141")
+    assert "Traceback" not in (tmp_path / "err").read_text()

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -298,29 +299,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("stack", help="the local Kafka, Mosquitto and chain")
-    s.add_argument("action", choices=["up", "down", "status", "fetch"])
-    s.add_argument("--chain", choices=["embedded", "anvil"])
-    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "action",
+        choices=["up", "down", "status", "fetch"],
+        help="up: start what is not running; down: stop all; status; fetch: Kafka's jars",
+    )
+    s.add_argument(
+        "--chain", choices=["embedded", "anvil"], help="with up: also start Anvil (anvil)"
+    )
+    s.add_argument("--json", action="store_true", help="status as one JSON object")
     s.set_defaults(handler=cmd_stack)
 
     d = sub.add_parser("devices", help="enroll, list and retire devices")
     dsub = d.add_subparsers(dest="action", required=True)
-    e = dsub.add_parser("enroll")
-    e.add_argument("device_id")
-    e.add_argument("patient_id")
-    e.add_argument("--json", action="store_true")
-    r = dsub.add_parser("retire")
-    r.add_argument("device_id")
-    ls = dsub.add_parser("list")
-    ls.add_argument("--json", action="store_true")
+    e = dsub.add_parser("enroll", help="register a device for a patient; prints its password")
+    e.add_argument("device_id", help="the device's id (its MQTT login)")
+    e.add_argument("patient_id", help="the patient its readings belong to")
+    e.add_argument("--json", action="store_true", help="the credential as one JSON object")
+    r = dsub.add_parser("retire", help="stop accepting a device's data; its login is removed")
+    r.add_argument("device_id", help="the device to retire")
+    ls = dsub.add_parser("list", help="every enrolled device, its patient and status")
+    ls.add_argument("--json", action="store_true", help="as JSON lines")
     d.set_defaults(handler=cmd_devices)
 
     w = sub.add_parser("worker", help="run the Faust worker (normalize, seal)")
-    w.add_argument("--loglevel", default="warning")
+    w.add_argument("--loglevel", default="warning", help="Faust's log level (default warning)")
     w.set_defaults(handler=cmd_worker)
 
     c = sub.add_parser("collect", help="run a collector (MQTT by default, or a BLE gateway)")
-    c.add_argument("transport", nargs="?", choices=["mqtt", "ble"], default="mqtt")
+    c.add_argument(
+        "transport", nargs="?", choices=["mqtt", "ble"], default="mqtt", help="default mqtt"
+    )
     c.add_argument(
         "--allow", action="append", metavar="ADDRESS=DEVICE_ID", help="BLE allow-list entry"
     )
@@ -330,16 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("anchor", help="anchor the batch log on chain")
     asub = a.add_subparsers(dest="action", required=True)
-    ar = asub.add_parser("run")
+    ar = asub.add_parser("run", help="append new batches to the log and anchor its head")
     ar.add_argument("--period", type=float, help="seconds between anchors")
     ar.add_argument("--duration", type=float, help="stop after this many seconds")
     ar.add_argument("--once", action="store_true", help="anchor what is new, then exit")
     a.set_defaults(handler=cmd_anchor)
 
     sm = sub.add_parser("sim", help="run a simulated device fleet over MQTT")
-    sm.add_argument("--devices", type=int, default=10)
+    sm.add_argument("--devices", type=int, default=10, help="simulated devices (default 10)")
     sm.add_argument("--rate", type=float, default=1.0, help="messages per device per second")
-    sm.add_argument("--duration", type=float, default=10.0)
+    sm.add_argument("--duration", type=float, default=10.0, help="seconds to run (default 10)")
     sm.add_argument("--faults", default="", help="e.g. dup=0.01,reorder=0.01,malformed=0.001")
     sm.add_argument("--record", type=Path, help="write the ground truth as JSON lines")
     sm.add_argument("--accel-hz", type=int, default=0, help="accelerometer sample rate")
@@ -349,9 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(handler=cmd_sim)
 
     dm = sub.add_parser("demo", help="fleet -> collectors -> Kafka -> Faust -> lake -> chain")
-    dm.add_argument("--devices", type=int, default=50)
-    dm.add_argument("--duration", type=float, default=60.0)
-    dm.add_argument("--chain", choices=["embedded", "anvil"], default="embedded")
+    dm.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
+    dm.add_argument(
+        "--duration", type=float, default=60.0, help="seconds the fleet runs (default 60)"
+    )
+    dm.add_argument(
+        "--chain",
+        choices=["embedded", "anvil"],
+        default="embedded",
+        help="embedded: py-evm in this process (ends with it); anvil: the local stack's",
+    )
     dm.add_argument("--json", action="store_true", help="last line of stdout: the summary")
     dm.add_argument(
         "--faults", default="", help="fleet faults, e.g. dup=0.01,reorder=0.01,malformed=0.001"
@@ -360,27 +376,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("proof", help="proof bundles")
     prsub = pr.add_subparsers(dest="action", required=True)
-    pe = prsub.add_parser("export")
+    pe = prsub.add_parser("export", help="write the proof bundle of one sealed reading")
     pe.add_argument("--reading", required=True, help="reading id")
     pe.add_argument("-o", "--output", help="file to write (default: stdout)")
     pr.set_defaults(handler=cmd_proof)
 
     v = sub.add_parser("verify", help="verify a proof bundle")
-    v.add_argument("bundle")
+    v.add_argument("bundle", help="a proof bundle (JSON) file")
     v.add_argument("--rpc", help="any Ethereum JSON-RPC endpoint")
     v.set_defaults(handler=cmd_verify)
 
     lk = sub.add_parser("lake", help="read and count the sealed, encrypted lake")
     lksub = lk.add_subparsers(dest="action", required=True)
     lr = lksub.add_parser("read", help="decrypt and export one patient's readings")
-    lr.add_argument("--patient", required=True)
+    lr.add_argument("--patient", required=True, help="whose readings")
     lr.add_argument("--from", dest="start", help="ISO 8601 time (UTC if no offset)")
     lr.add_argument("--to", dest="end", help="ISO 8601 time, exclusive")
     lr.add_argument("--metric", action="append", help="repeat for several metrics")
-    lr.add_argument("--format", choices=["csv", "parquet", "json", "fhir", "omh"], default="csv")
+    lr.add_argument(
+        "--format",
+        choices=["csv", "parquet", "json", "fhir", "omh"],
+        default="csv",
+        help="csv (default), json lines, plain parquet, a FHIR Bundle, Open mHealth",
+    )
     lr.add_argument("-o", "--output", help="file to write (default: stdout; parquet needs -o)")
     lst = lksub.add_parser("stats", help="readings, duplicates, batches, patients, bytes")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="as one JSON object")
     lk.set_defaults(handler=cmd_lake)
 
     consent.add_parser(sub)
@@ -419,3 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` that stopped reading: end quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
