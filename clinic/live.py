@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from clinic.audit import AuditAction, AuditLog, Outcome
+from clinic.audit import AuditAction, AuditEntry, AuditLog, Outcome
 from clinic.auth import Principal, Role
 from clinic.consent_store import ConsentStore
 from vitalproof.errors import VitalproofError
@@ -319,24 +319,29 @@ class Hub:
         return out
 
     def flush_audit(self) -> None:
-        """One audit record per subscription and patient for what was delivered since."""
+        """One audit record per subscription and patient for what was delivered since, all
+        in one transaction (one fsync: this runs on the event loop, beside the streams)."""
         if not self._unaudited:
             return
         pending, self._unaudited = self._unaudited, {}
+        entries = []
         for (sub_id, patient), count in pending.items():
             sub = self.subscriptions.get(sub_id)
             who = sub.principal if sub else None
-            self.audit.append(
-                actor=who.subject if who else "unknown",
-                role=who.role.value if who else "unknown",
-                patient_id=patient,
-                action=AuditAction.STREAM,
-                what=f"subscription {sub_id}: live readings",
-                purpose=None,
-                outcome=Outcome.ALLOWED,
-                reason="consented" if who and who.role is Role.CLINICIAN else "own data",
-                count=count,
+            entries.append(
+                AuditEntry(
+                    actor=who.subject if who else "unknown",
+                    role=who.role.value if who else "system",
+                    patient_id=patient,
+                    action=AuditAction.STREAM,
+                    what=f"subscription {sub_id}: live readings",
+                    purpose=None,
+                    outcome=Outcome.ALLOWED,
+                    reason="consented" if who and who.role is Role.CLINICIAN else "own data",
+                    count=count,
+                )
             )
+        self.audit.append_many(entries)
 
     def _audit_refusal(self, sub: Subscription, reason: str) -> None:
         self.audit.append(

@@ -40,7 +40,7 @@ Lookup = Callable[[str], Device | None]
 
 #: Raw records normalized per take (at most), and how long a take waits to fill up.
 NORMALIZE_TAKE = 1000
-NORMALIZE_WITHIN_S = 0.2
+NORMALIZE_WITHIN_S = 0.05
 #: Samples per vitals.clean record at most (~40 bytes each: well under Kafka's 1 MB).
 CLEAN_BUNDLE_SAMPLES = 16_384
 
