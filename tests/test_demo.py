@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,12 +17,15 @@ from vitalproof.settings import Settings
 pytestmark = pytest.mark.integration
 
 
-def run_demo(settings: Settings, *args: str) -> tuple[int, dict[str, object], str]:
+def run_demo(
+    settings: Settings, *args: str, cwd: Path | None = None
+) -> tuple[int, dict[str, Any], str]:
     proc = subprocess.run(
         [sys.executable, "-m", "vitalproof", "demo", "--json", *args],
         env=os.environ | settings.child_env(settings.paths.home / "secrets"),
         capture_output=True,
         timeout=400,
+        cwd=cwd,
     )
     stdout = proc.stdout.decode()
     last = stdout.strip().splitlines()[-1] if stdout.strip() else "{}"
@@ -29,10 +34,10 @@ def run_demo(settings: Settings, *args: str) -> tuple[int, dict[str, object], st
 
 @pytest.mark.parametrize("chain", ["embedded", "anvil"])
 def test_demo_seals_every_reading_and_verifies_proofs(
-    settings: Settings, anvil: PartStatus, chain: str
+    settings: Settings, anvil: PartStatus, chain: str, tmp_path: Path
 ) -> None:
     code, summary, stderr = run_demo(
-        settings, "--devices", "6", "--duration", "8", "--chain", chain
+        settings, "--devices", "6", "--duration", "8", "--chain", chain, cwd=tmp_path
     )
     assert code == 0, stderr[-3000:]
     assert summary["chain"] == chain
@@ -52,7 +57,25 @@ def test_demo_seals_every_reading_and_verifies_proofs(
     assert summary["deliveries_refused"] > 0  # each clinician's other patients, withheld
     assert summary["audit_records"] >= 6 + 2  # a grant per patient, a subscription each
     assert summary["audit_checkpoints_anchored"] >= 1  # the audit log's head is on chain
-    assert "readings sealed" in stderr, "the rich summary goes to stderr in --json mode"
+    assert "readings sealed" in stderr
+    # The commands it prints to try next work exactly as printed, in a shell with nothing of
+    # the test's environment: stats, one patient's data, one reading's proof, its check.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VITALPROOF_")}
+    outputs = []
+    for command in summary["next_commands"]:
+        assert command in stderr
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=clean, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        outputs.append(done.stdout + done.stderr)
+    assert f"{summary['readings_sealed']:>14,}" in outputs[0]  # lake stats: its readings
+    assert (tmp_path / "bundle.json").exists() and outputs[-1].startswith("OK")
+    if chain == "anvil":
+        assert "checked offline only" not in outputs[-1], (
+            "the rich summary goes to stderr in --json mode"
+        )
 
 
 def test_verify_cli_reports_the_failing_check(settings: Settings, tmp_path) -> None:

@@ -228,6 +228,31 @@ def test_stats_json(home: Home) -> None:
     assert stats["batches"] == 2
     assert stats["patients"] == 2
     assert stats["bytes_on_disk"] == sum(f.stat().st_size for f in home.files)
+    assert stats["namespace"] == "default"
+    by_patient = {p["patient_id"]: p for p in stats["by_patient"]}
+    assert sorted(by_patient) == ["patient-a", "patient-b"]
+    assert by_patient["patient-b"]["readings"] == len(home.ids["patient-b"])
+    assert by_patient["patient-a"]["first"] <= by_patient["patient-a"]["last"]
+    assert by_patient["patient-b"]["first"].endswith("Z")
+
+
+def test_an_empty_namespace_points_at_the_ones_with_data(home: Home) -> None:
+    proc = run(home.path, "stats", "--namespace", "demo-1234")
+    assert proc.returncode == 0, proc.stderr
+    assert "namespace demo-1234" in proc.stdout
+    assert "these do: default" in proc.stderr and "--namespace NS" in proc.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "vitalproof", "namespaces", "--json"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("VITALPROOF_")}
+        | {"VITALPROOF_HOME": str(home.path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [n["namespace"] for n in json.loads(listed.stdout)] == ["default"]
+    bad = run(home.path, "stats", "--namespace", "no spaces")
+    assert bad.returncode == 2 and _one_error_line(bad).startswith("error: --namespace")
 
 
 def test_stats_plain(home: Home) -> None:

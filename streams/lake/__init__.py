@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from streams.lake.read import (
         lake_stats,
         list_patient_files,
+        patient_summaries,
         read_patient,
         read_reading_ids,
         sealed_batch_ids,
@@ -59,6 +60,7 @@ _FRONT = {
     "LakeSpansDates": "errors",
     "lake_stats": "read",
     "list_patient_files": "read",
+    "patient_summaries": "read",
     "read_patient": "read",
     "read_reading_ids": "read",
     "sealed_batch_ids": "read",
@@ -90,6 +92,7 @@ __all__ = [
     "hex_ids",
     "lake_stats",
     "list_patient_files",
+    "patient_summaries",
     "read_patient",
     "read_reading_ids",
     "resolve_fs",

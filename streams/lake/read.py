@@ -17,6 +17,7 @@ import datetime as dt
 import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -254,3 +255,39 @@ def lake_stats(
         "unreadable_files": unreadable,
         "bytes_on_disk": sum(i.size or 0 for i in infos),
     }
+
+
+def patient_summaries(
+    root: str | Path,
+    kms: Kms,
+    *,
+    fs: pafs.FileSystem | None = None,
+    batches: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Per patient: readings and the first and last device time (µs), sorted by id; the
+    files of an erased patient count as ``unreadable_files`` instead."""
+    fs, base = resolve_fs(root, fs)
+    out: dict[str, dict[str, Any]] = {}
+    for info in _files(fs, base):
+        if not _in_batches(info.path, batches):
+            continue
+        m = re.search(r"/patient_id=([^/]+)/", info.path)
+        patient = m.group(1) if m else "?"
+        row = out.setdefault(
+            patient,
+            {"patient_id": patient, "readings": 0, "first_us": None, "last_us": None,
+             "unreadable_files": 0},
+        )  # fmt: skip
+        try:
+            t = _read_file(fs, info.path, kms, patient, columns=["device_time"])
+        except LakeKeyUnavailable:
+            row["unreadable_files"] += 1
+            continue
+        if t.num_rows == 0:
+            continue
+        ts = pc.cast(t["device_time"], pa.int64())
+        lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
+        row["readings"] += t.num_rows
+        row["first_us"] = lo if row["first_us"] is None else min(row["first_us"], lo)
+        row["last_us"] = hi if row["last_us"] is None else max(row["last_us"], hi)
+    return [out[p] for p in sorted(out)]

@@ -10,8 +10,10 @@ its own; the stack is started if needed and stopped at the end only if the demo 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -58,6 +60,7 @@ class DemoSummary:
     audit_checkpoints_anchored: int = 0
     elapsed_s: float = 0.0
     namespace: str = ""
+    next_commands: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -264,6 +267,8 @@ async def _run(
     summary.proofs_verified = verified
     summary.proofs_failed = len(failures)
     summary.errors.extend(failures[:5])
+    if sample:
+        summary.next_commands = next_commands(rs, view, sample[0])
     counts = await clinic.finish(view.table())
     summary.subscribers = counts.subscribers
     summary.readings_delivered = counts.readings_delivered
@@ -272,6 +277,24 @@ async def _run(
     summary.deliveries_missing = counts.deliveries_missing
     summary.audit_records = counts.audit_records
     summary.audit_checkpoints_anchored = _anchored_checkpoints(rs)
+
+
+def next_commands(rs: Settings, view: Any, reading_id: str) -> list[str]:
+    """What to try after the demo, exactly as it works (the demo's data stays in its
+    namespace of the state folder)."""
+    ns = rs.namespace
+    patient = str(view.find(reading_id)["patient_id"])
+    home = "" if rs.paths.home == Path(".vitalproof") else f"VITALPROOF_HOME={rs.paths.home} "
+    script = Path(sys.executable).parent / "vitalproof"  # the demo's own installation
+    vp = home + (os.path.relpath(script) if script.exists() else f"{sys.executable} -m vitalproof")
+    rpc = f" --rpc {rs.chain.rpc_url}" if rs.chain.kind == "anvil" and rs.chain.rpc_url else ""
+    return [
+        f"{vp} lake stats --namespace {ns}",
+        f"{vp} lake read --namespace {ns} --patient {patient} --format fhir -o {patient}.fhir.json",
+        f"{vp} lake read --namespace {ns} --patient {patient} --format csv -o {patient}.csv",
+        f"{vp} proof export --namespace {ns} --reading {reading_id} -o bundle.json",
+        f"{vp} verify bundle.json{rpc}",
+    ]
 
 
 def _anchored_checkpoints(rs: Settings) -> int:
@@ -371,6 +394,12 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
         console.print(f"  anchor tx {tx}")
     for err in s.errors:
         console.print(f"[red]error:[/] {err}")
+    if s.next_commands:
+        console.print(f"\nThe demo's data stays in namespace [bold]{s.namespace}[/]. Try next:")
+        if s.chain == "embedded":
+            console.print("  (its embedded chain ended with it: verify checks the bundle offline)")
+        for cmd in s.next_commands:
+            console.print(f"  {cmd}", soft_wrap=True, highlight=False)
     console.print("[bold green]OK[/]" if s.ok else "[bold red]FAILED[/]", f"in {s.elapsed_s} s")
 
 

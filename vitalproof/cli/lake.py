@@ -172,6 +172,41 @@ def lake_read(
     return 0
 
 
+def _patients(root: Path, kms: LocalKeystore) -> list[dict[str, object]]:
+    """Each patient's readings and first and last device time (ISO 8601, UTC)."""
+
+    def iso(us: int | None) -> str | None:
+        if us is None:
+            return None
+        t = dt.datetime.fromtimestamp(us / 1e6, dt.UTC)
+        return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    rows = lake.patient_summaries(root, kms, batches=lake.sealed_batch_ids(root))
+    return [
+        {
+            "patient_id": r["patient_id"],
+            "readings": r["readings"],
+            "first": iso(r["first_us"]),
+            "last": iso(r["last_us"]),
+        }
+        for r in rows
+    ]
+
+
+def _point_at_namespaces(settings: Settings) -> None:
+    """An empty namespace: say which ones hold data (a demo writes into its own)."""
+    from vitalproof.cli.namespaces import list_namespaces
+
+    others = [n for n in list_namespaces(settings) if n.namespace != settings.namespace]
+    if others:
+        names = ", ".join(f"{n.namespace} ({n.readings:,} readings)" for n in others[:5])
+        print(
+            f"namespace {settings.namespace} holds no readings; these do: {names}"
+            " (read one with --namespace NS; all: vitalproof namespaces)",
+            file=sys.stderr,
+        )
+
+
 def lake_stats(settings: Settings, *, as_json: bool = False) -> int:
     """Counts over the whole lake (this namespace): one JSON object with ``--json``."""
     root = settings.lake_dir
@@ -188,11 +223,15 @@ def lake_stats(settings: Settings, *, as_json: bool = False) -> int:
     )
     out = {k: stats[k] for k in STATS_KEYS}
     if as_json:
-        print(json.dumps({**out, "lake": str(root)}, separators=(",", ":")))
+        patients = [] if kms is None else _patients(root, kms)
+        doc = {**out, "lake": str(root), "namespace": settings.namespace, "by_patient": patients}
+        print(json.dumps(doc, separators=(",", ":")))
     else:
-        print(f"lake {root}")
+        print(f"lake {root} (namespace {settings.namespace})")
         for k, v in out.items():
             print(f"  {k.replace('_', ' '):<22} {v:>14,}")
+    if not out["readings"]:
+        _point_at_namespaces(settings)
     if stats.get("unreadable_files"):
         print(
             f"warning: {stats['unreadable_files']} files cannot be decrypted (erased or "

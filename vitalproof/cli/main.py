@@ -19,7 +19,7 @@ from typing import Any
 
 from vitalproof import crashpoints, hashing
 from vitalproof.cli import audit, consent, patients
-from vitalproof.errors import ConfigError, VitalproofError
+from vitalproof.errors import ConfigError, UsageError, VitalproofError
 from vitalproof.settings import Settings
 
 EXIT_FAILED = 1
@@ -415,9 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("hex", help="the value's bytes in hex")
     b.set_defaults(handler=cmd_ble)
 
-    from vitalproof.cli import serve
+    from vitalproof.cli import namespaces, serve
 
     serve.register(sub)
+    namespaces.register(sub)
+    for parser in (pe, lr, lst):
+        namespaces.add_option(parser)
     return p
 
 
@@ -429,11 +432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        settings = Settings()
+        from vitalproof.cli.namespaces import with_namespace
+
+        settings = with_namespace(Settings(), getattr(args, "namespace", None))
         crashpoints.arm(settings.runtime.crash_at)
         hashing.configure(native=settings.runtime.native)
         handler: Handler = args.handler
         return handler(args, settings)
+    except UsageError as e:
+        print(f"error: {e.diagnostics()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except VitalproofError as e:
         # The first line says what failed; any further lines (why, what to do) follow it.
         print(f"error: {e.diagnostics()}", file=sys.stderr)

@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8470, help="port to listen on (0: any free)")
     sv.set_defaults(handler=cmd_serve)
+    from vitalproof.cli.namespaces import add_option
+
+    add_option(sv)
 
     tk = sub.add_parser("token", help="tokens from the service's development issuer")
     tksub = tk.add_subparsers(dest="action", required=True)
