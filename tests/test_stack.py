@@ -136,3 +136,27 @@ def test_missing_prerequisite_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
         assert info.value.program == program
         assert str(info.value).count("\n") == 0
     assert str(info.value) == "java not found: apt-get install -y openjdk-17-jre-headless"
+
+
+def test_anvil_comes_back_with_its_chain_after_a_stop(tmp_path: Path) -> None:
+    """`stack down` then `stack up`: the same chain, with the transaction sent before (what a
+    proof exported after a demo needs, to be checked on chain later)."""
+    from web3 import Web3
+
+    settings = _own_settings(tmp_path / "home")
+    manager = StackManager(settings)
+    try:
+        manager.start("anvil")
+        w3 = Web3(Web3.HTTPProvider(manager.rpc_url))
+        tx = w3.eth.send_transaction(
+            {"from": w3.eth.accounts[0], "to": w3.eth.accounts[1], "value": 1}
+        )
+        receipt = w3.eth.wait_for_transaction_receipt(tx)
+        manager.stop("anvil")
+        assert anvil.chain_state_path(settings).stat().st_size > 0
+        manager.start("anvil")
+        again = w3.eth.get_transaction_receipt(tx)
+        assert again["blockHash"] == receipt["blockHash"]
+        assert w3.eth.get_block(receipt["blockNumber"])["hash"] == receipt["blockHash"]
+    finally:
+        manager.stop("anvil")

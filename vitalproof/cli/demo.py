@@ -61,6 +61,7 @@ class DemoSummary:
     elapsed_s: float = 0.0
     namespace: str = ""
     next_commands: list[str] = field(default_factory=list)
+    stack_started: bool = False  # the demo started the stack, so it stops it at the end
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -99,7 +100,7 @@ def run_demo(
     *,
     devices: int = 50,
     duration_s: float = 60.0,
-    chain: str = "embedded",
+    chain: str = "anvil",
     json_mode: bool = False,
     faults: str = "",
 ) -> DemoSummary:
@@ -123,6 +124,7 @@ def run_demo(
         },
     )
     summary = DemoSummary(chain=chain, devices=devices, duration_s=duration_s, faults=faults)
+    summary.stack_started = started_stack
     summary.namespace = rs.namespace
     worker: subprocess.Popen[bytes] | None = None
     clinic: DemoClinic | None = None
@@ -268,7 +270,7 @@ async def _run(
     summary.proofs_failed = len(failures)
     summary.errors.extend(failures[:5])
     if sample:
-        summary.next_commands = next_commands(rs, view, sample[0])
+        summary.next_commands = next_commands(rs, view, sample[0], summary.stack_started)
     counts = await clinic.finish(view.table())
     summary.subscribers = counts.subscribers
     summary.readings_delivered = counts.readings_delivered
@@ -279,20 +281,23 @@ async def _run(
     summary.audit_checkpoints_anchored = _anchored_checkpoints(rs)
 
 
-def next_commands(rs: Settings, view: Any, reading_id: str) -> list[str]:
+def next_commands(rs: Settings, view: Any, reading_id: str, stack_stopped: bool) -> list[str]:
     """What to try after the demo, exactly as it works (the demo's data stays in its
-    namespace of the state folder)."""
+    namespace of the state folder; Anvil's chain in it too, so a stopped stack comes back
+    with the demo's anchors)."""
     ns = rs.namespace
     patient = str(view.find(reading_id)["patient_id"])
     home = "" if rs.paths.home == Path(".vitalproof") else f"VITALPROOF_HOME={rs.paths.home} "
     script = Path(sys.executable).parent / "vitalproof"  # the demo's own installation
     vp = home + (os.path.relpath(script) if script.exists() else f"{sys.executable} -m vitalproof")
     rpc = f" --rpc {rs.chain.rpc_url}" if rs.chain.kind == "anvil" and rs.chain.rpc_url else ""
+    again = [f"{vp} stack up --chain anvil"] if rpc and stack_stopped else []
     return [
         f"{vp} lake stats --namespace {ns}",
         f"{vp} lake read --namespace {ns} --patient {patient} --format fhir -o {patient}.fhir.json",
         f"{vp} lake read --namespace {ns} --patient {patient} --format csv -o {patient}.csv",
         f"{vp} proof export --namespace {ns} --reading {reading_id} -o bundle.json",
+        *again,
         f"{vp} verify bundle.json{rpc}",
     ]
 

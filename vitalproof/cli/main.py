@@ -365,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument(
         "--chain",
         choices=["embedded", "anvil"],
-        default="embedded",
-        help="embedded: py-evm in this process (ends with it); anvil: the local stack's",
+        default="anvil",
+        help="anvil (default): the local stack's, whose chain persists in the state folder;"
+        " embedded: py-evm in this process, ending with it",
     )
     dm.add_argument("--json", action="store_true", help="last line of stdout: the summary")
     dm.add_argument(

@@ -1,7 +1,10 @@
 """Anvil (Foundry's dev chain, from npm ``@foundry-rs/anvil``) as the local "real node".
 
-Only started when the chain is ``anvil``; the default embedded py-evm chain needs nothing.
-Anvil keeps its chain in memory: a restart is a fresh chain, which is what tests want.
+Only started when the chain is ``anvil``. Its chain persists in the state folder
+(``stack/anvil/chain-state.json``, written every few seconds and when Anvil stops), so
+`vitalproof stack down` and `stack up` bring back the same chain: its contract, blocks,
+receipts and anchors, which is what lets a proof exported after a demo be checked against
+the chain later. Delete that file for a fresh chain (each test session has its own folder).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ def anvil_dir(settings: Settings) -> Path:
 
 def state_path(settings: Settings) -> Path:
     return anvil_dir(settings) / "state.json"
+
+
+def chain_state_path(settings: Settings) -> Path:
+    """Anvil's own dump of the chain (``--state``), beside our record of its process."""
+    return anvil_dir(settings) / "chain-state.json"
+
+
+#: Seconds between Anvil's dumps of the chain: a SIGKILL loses at most this much of it.
+STATE_INTERVAL_S = 2
 
 
 def log_path(settings: Settings) -> Path:
@@ -96,6 +108,10 @@ def start(settings: Settings) -> procs.ProcState:
         "--port",
         str(settings.devstack.anvil_port),
         "--silent",
+        "--state",
+        str(chain_state_path(settings)),
+        "--state-interval",
+        str(STATE_INTERVAL_S),
     ]
     if procs.port_open("127.0.0.1", settings.devstack.anvil_port):
         raise StackError(
