@@ -287,9 +287,14 @@ def next_commands(rs: Settings, view: Any, reading_id: str, stack_stopped: bool)
     with the demo's anchors)."""
     ns = rs.namespace
     patient = str(view.find(reading_id)["patient_id"])
-    home = "" if rs.paths.home == Path(".vitalproof") else f"VITALPROOF_HOME={rs.paths.home} "
+    default_home = Path(".vitalproof").resolve()
+    home = "" if rs.paths.home.resolve() == default_home else f"VITALPROOF_HOME={rs.paths.home} "
     script = Path(sys.executable).parent / "vitalproof"  # the demo's own installation
-    vp = home + (os.path.relpath(script) if script.exists() else f"{sys.executable} -m vitalproof")
+    if script.exists():
+        near = os.path.relpath(script)
+        vp = home + (str(script) if near.startswith("..") else near)
+    else:
+        vp = f"{home}{sys.executable} -m vitalproof"
     rpc = f" --rpc {rs.chain.rpc_url}" if rs.chain.kind == "anvil" and rs.chain.rpc_url else ""
     again = [f"{vp} stack up --chain anvil"] if rpc and stack_stopped else []
     return [
