@@ -177,3 +177,15 @@ def test_canonicalize_equals_the_rules_sample_by_sample(
     assert b.unit == ref.unit and b.quality == ref.quality
     assert all(type(q) is int for q in b.quality)  # no Quality objects leak into the batch
     assert json.dumps(b.value) == json.dumps(ref.value)  # NaN-aware equality
+
+
+def test_a_metric_that_is_not_a_string_is_a_rejection_not_a_crash():
+    """Found by bench/fuzz.py (json): `"metric": [0, 1]` raised TypeError out of the decoder,
+    which would have stopped the worker on every retry of that one record."""
+    doc = {
+        "schema": 1,
+        "series": [{"metric": [0, 1], "unit": "/min", "t": [1], "seq": [0], "v": [60]}],
+    }
+    out = normalize(raw(doc), DEVICES.get)
+    assert isinstance(out, Rejection) and "unknown metric [0, 1]" in out.reason
+    assert out.raw.payload == json.dumps(doc).encode()

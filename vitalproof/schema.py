@@ -335,7 +335,7 @@ class SampleBatch:
             if not isinstance(s, dict):
                 raise WireFormatError(f"series[{n}] is not an object")
             metric, unit = s.get("metric"), s.get("unit")
-            if metric not in _METRICS:
+            if not isinstance(metric, str) or metric not in _METRICS:
                 raise WireFormatError(f"series[{n}]: unknown metric {metric!r}")
             if not isinstance(unit, str):
                 raise WireFormatError(f"series[{n}]: unit missing")
