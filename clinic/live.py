@@ -226,9 +226,10 @@ class Hub:
         that named patients none of whom allows any of its metrics now. True if anything
         changed."""
         now_us = int(self.clock() * 1e6)
-        changed = self.consent.changes() != self._consent_seen
+        seen = self.consent.changes()
+        changed = seen != self._consent_seen
         if changed:
-            self._consent_seen = self.consent.changes()
+            self._consent_seen = seen
             self._index = self.consent.index()
             self._expiries = self._expiry_times()
         expired = any(self._checked_us < t <= now_us for t in self._expiries)

@@ -29,6 +29,7 @@ from clinic.proofs import LakeView, ProofExportError
 from clinic.service import disclosure
 from clinic.service.context import ServiceContext
 from clinic.service.deps import FHIR_JSON, Ctx, Who
+from clinic.service.fhir_routes import searchset
 from clinic.service.refusal import outcome
 from streams import lake
 
@@ -72,18 +73,7 @@ async def search_consent(request: Request, ctx: Ctx, who: Who) -> JSONResponse:
     elif who.role is Role.CLINICIAN:
         grantee = who.subject
     grants = ctx.consent.grants(patient_id=patient, grantee=grantee)
-    resources = [consent_to_fhir(g) for g in grants if _visible(who, g)]
-    return _json(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(resources),
-            "entry": [
-                {"fullUrl": f"Consent/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                for r in resources
-            ],
-        }
-    )
+    return _json(searchset([consent_to_fhir(g) for g in grants if _visible(who, g)]))
 
 
 @router.get("/fhir/Consent/{grant_id}")

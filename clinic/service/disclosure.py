@@ -95,17 +95,8 @@ def disclosed(
     count: int,
 ) -> None:
     """The audit record of a disclosure that was allowed (``count`` readings)."""
-    ctx.audit.append(
-        actor=who.subject,
-        role=who.role.value,
-        patient_id=patient_id,
-        action=action,
-        what=what,
-        purpose=purpose,
-        outcome=Outcome.ALLOWED,
-        reason="consented" if who.role is Role.CLINICIAN else "own data",
-        count=count,
-    )
+    reason = "consented" if who.role is Role.CLINICIAN else "own data"
+    _audit(ctx, who, patient_id, action, what, purpose, Outcome.ALLOWED, reason, count)
 
 
 def refuse(
@@ -117,15 +108,29 @@ def refuse(
     reason: str,
 ) -> None:
     """Audit the refusal, then raise it (the 403 says why and shows no data)."""
+    _audit(ctx, who, patient_id, action, what, None, Outcome.REFUSED, reason, 0)
+    raise Refusal(reason)
+
+
+def _audit(
+    ctx: ServiceContext,
+    who: Principal,
+    patient_id: str | None,
+    action: AuditAction,
+    what: str,
+    purpose: str | None,
+    outcome: Outcome,
+    reason: str,
+    count: int,
+) -> None:
     ctx.audit.append(
         actor=who.subject,
         role=who.role.value,
         patient_id=patient_id,
         action=action,
         what=what,
-        purpose=None,
-        outcome=Outcome.REFUSED,
+        purpose=purpose,
+        outcome=outcome,
         reason=reason,
-        count=0,
+        count=count,
     )
-    raise Refusal(reason)

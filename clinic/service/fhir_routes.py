@@ -137,24 +137,27 @@ async def search_observations(request: Request, ctx: Ctx, who: Who) -> JSONRespo
         what=what,
     )
     observations, _skipped = fhir_observations(table)
-    return fhir(searchset(str(request.url), observations))
+    return fhir(searchset(observations, str(request.url)))
 
 
-def searchset(url: str, resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def searchset(resources: list[dict[str, Any]], self_url: str | None = None) -> dict[str, Any]:
+    """A FHIR searchset Bundle of ``resources`` (each a match, at ``Type/id``)."""
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": len(resources),
-        "link": [{"relation": "self", "url": url}],
-        "entry": [
-            {
-                "fullUrl": f"Observation/{r['id']}" if "id" in r else None,
-                "resource": r,
-                "search": {"mode": "match"},
-            }
-            for r in resources
-        ],
     }
+    if self_url is not None:
+        bundle["link"] = [{"relation": "self", "url": self_url}]
+    bundle["entry"] = [
+        {
+            **({"fullUrl": f"{r['resourceType']}/{r['id']}"} if "id" in r else {}),
+            "resource": r,
+            "search": {"mode": "match"},
+        }
+        for r in resources
+    ]
+    return bundle
 
 
 @router.get("/AuditEvent")
@@ -178,13 +181,5 @@ async def search_audit(request: Request, ctx: Ctx, who: Who) -> JSONResponse:
     elif who.role is Role.OPERATOR:
         records = ctx.audit.records(patient_id=patient_id)
     else:
-        records = [r for r in ctx.audit.records(patient_id=patient_id) if r.actor == who.subject]
-    events = [to_fhir_audit_event(r) for r in records]
-    return fhir(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(events),
-            "entry": [{"resource": e, "search": {"mode": "match"}} for e in events],
-        }
-    )
+        records = ctx.audit.records(patient_id=patient_id, actor=who.subject)
+    return fhir(searchset([to_fhir_audit_event(r) for r in records]))
