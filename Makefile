@@ -3,9 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VP := $(VENV)/bin/vitalproof
 
-.PHONY: install system demo test test-unit lint bench clean stack-up stack-down
+WEB_VENDOR := clinic/web/static/vendor
 
-install: system $(VENV)/.installed $(VENV)/.native node_modules/.installed kafka
+.PHONY: install system web screenshots demo test test-unit lint bench clean stack-up stack-down
+
+install: system $(VENV)/.installed $(VENV)/.native node_modules/.installed web kafka
 
 system:
 	@bash scripts/install-system.sh
@@ -33,6 +35,14 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# The dashboard's JavaScript, from npm into the package (served by `vitalproof serve`, never
+# fetched from a CDN): uPlot for the charts.
+web: $(WEB_VENDOR)/uPlot.iife.min.js $(WEB_VENDOR)/uPlot.min.css
+
+$(WEB_VENDOR)/%: node_modules/.installed
+	@mkdir -p $(WEB_VENDOR)
+	cp node_modules/uplot/dist/$* $@
+
 kafka: $(VENV)/.installed
 	$(VP) stack fetch
 
@@ -41,6 +51,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# The dashboard's browser tests, saving their screenshots of each view into docs/img.
+screenshots: install
+	VITALPROOF_SCREENSHOTS=docs/img $(PY) -m pytest -m browser
 
 # No brokers, no chain node, no slow attack tests: what to run after every edit (< 90 s).
 test-unit: $(VENV)/.installed $(VENV)/.native

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system programs the local stack needs, from Debian/Ubuntu packages, when missing:
 # Mosquitto (MQTT broker), a Java runtime and Maven (Kafka from Maven Central), Node.js and npm
-# (Anvil and solc-js), Python venv support. Idempotent: installs nothing that is already there.
+# (Anvil, solc-js, the dashboard's uPlot), Chromium (the dashboard's browser tests, driven by
+# Playwright with this executable: nothing downloads a browser build), Python venv support. Idempotent: installs nothing that is already there.
 set -euo pipefail
 
 need=()
@@ -11,6 +12,7 @@ command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -11,6 +11,8 @@
   lake/keys/anchor/registry and a unique ``topic_prefix``.
 * ``anvil_settings`` (function): ``settings`` with ``chain='anvil'`` and ``rpc_url`` set.
 * ``kafka_topics`` (function): ``settings`` after creating its four pipeline topics.
+* ``browser`` (session) and ``page`` (function): Debian's chromium under Playwright, a tab
+  that may reach only 127.0.0.1 (tests/web.py).
 
 A service that cannot start FAILS the tests that need it, loudly, with its log tail. There
 is no skip and no in-memory stand-in: these fixtures exist so tests hit real brokers.
@@ -39,6 +41,8 @@ from vitalproof.settings import (
     PathSettings,
     Settings,
 )
+
+pytest_plugins = ["tests.web"]
 
 # Startup durations measured by the fixtures, printed in the terminal summary.
 _TIMINGS: dict[str, float] = {}
@@ -179,7 +183,10 @@ _SERVICE_FIXTURES = {
     "anvil",
     "anvil_rpc_url",
     "anvil_settings",
+    "browser",
+    "page",
 }
+_BROWSER_FIXTURES = {"browser", "page"}
 _ANVIL_FIXTURES = {"anvil", "anvil_rpc_url", "anvil_settings"}
 
 
@@ -190,3 +197,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         if used & _ANVIL_FIXTURES:
             item.add_marker(pytest.mark.anvil)
+        if used & _BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)

@@ -13,15 +13,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from clinic.auth import AuthError
 from clinic.fanout import run_fanout
 from clinic.live import Hub
-from clinic.service import consent_routes, fhir_routes, stream_routes
+from clinic.service import consent_routes, fhir_routes, stream_routes, ui_routes
 from clinic.service.context import ServiceContext
 from clinic.service.deps import FHIR_JSON
 from clinic.service.refusal import Refusal, outcome
 from clinic.service.search import BadSearch
+from clinic.web import STATIC
 
 
 def create_app(context: ServiceContext) -> FastAPI:
@@ -74,4 +76,6 @@ def create_app(context: ServiceContext) -> FastAPI:
     app.include_router(fhir_routes.router, prefix="/fhir")
     app.include_router(stream_routes.router)
     app.include_router(consent_routes.router)
+    app.include_router(ui_routes.router)
+    app.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
     return app
