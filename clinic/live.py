@@ -118,6 +118,9 @@ class Hub:
         # dropped when consent, time (an expiry) or the subscriptions change.
         self._targets: dict[str, _Targets] = {}
         self._unaudited: dict[tuple[str, str], int] = {}  # (subscription, patient) -> readings
+        # patient -> metric -> the newest reading seen since the service started (compact),
+        # for the clinicians' patient list; disclosed only through the consent gate.
+        self.latest: dict[str, dict[str, dict[str, Any]]] = {}
         self.delivered = 0
         self.refused = 0
         self.fanout_ready = False  # the Kafka reader has its partitions (clinic.fanout)
@@ -272,6 +275,8 @@ class Hub:
         Consent is decided per (subscription, patient, metric) for the moment of delivery,
         which is each reading's decision: the answer cannot differ between two readings of
         one call. The decisions are kept until consent, time or the subscriptions change."""
+        for batch in batches:
+            self._remember_latest(batch)
         if not self.subscriptions:
             return 0
         if self.consent.changes() != self._consent_seen:  # one query per poll, not per reading
@@ -305,6 +310,28 @@ class Hub:
                 self.subscriptions[sub_id].wake.set()
         self.delivered += n
         return n
+
+    def _remember_latest(self, batch: SampleBatch) -> None:
+        """The newest reading per metric of the batch's patient (from the batch's end: one
+        look per metric, not per reading)."""
+        latest = self.latest.setdefault(batch.patient_id or "", {})
+        metrics, times = batch.metric, batch.device_time_us
+        left = set(metrics)
+        for i in range(len(metrics) - 1, -1, -1):
+            metric = metrics[i]
+            if metric not in left:
+                continue
+            left.discard(metric)
+            seen = latest.get(metric)
+            if seen is None or seen["t_us"] <= times[i]:
+                latest[metric] = compact(batch, i)
+            if not left:
+                break
+
+    def forget(self, patient_id: str) -> None:
+        """Drop what is held of an erased patient (the newest readings; subscriptions end
+        with their consent)."""
+        self.latest.pop(patient_id, None)
 
     def _targets_of(self, patient: str) -> _Targets:
         now_us = int(self.clock() * 1e6)
@@ -379,7 +406,7 @@ def compact(batch: SampleBatch, i: int) -> dict[str, Any]:
         "value": None if math.isnan(value) else value,
         "quality": quality,
         "flags": [str(q.name) for q in Quality if q and quality & q],
-        "reading_id": batch.reading_id[i],
+        "reading_id": batch.reading_id[i] if batch.reading_id else None,
     }
 
 

@@ -103,3 +103,19 @@ def test_bad_subscription_requests_say_why(hub: Hub) -> None:
         )
     with pytest.raises(SubscriptionError, match="scopes"):
         hub.subscribe(Principal("Practitioner/a", Role.CLINICIAN, ()), None, None)
+
+
+def test_the_newest_reading_per_metric_is_kept_even_with_no_subscriber_and_erasure_drops_it(
+    hub: Hub,
+) -> None:
+    hub.deliver([batch("p1", 5, seq0=0)])
+    old = batch("p1", 3, seq0=100)
+    for i in range(len(old.device_time_us)):
+        old.device_time_us[i] -= 3_600_000_000  # an hour older: late, not newer
+    hub.deliver([old])
+    held = hub.latest["p1"]
+    assert set(held) == {"heart_rate", "spo2"}
+    # The newest of the first batch, not the late one that came after it.
+    assert (held["heart_rate"]["seq"], held["spo2"]["seq"]) == (8, 9)
+    hub.forget("p1")
+    assert "p1" not in hub.latest

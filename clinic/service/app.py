@@ -18,7 +18,13 @@ from fastapi.staticfiles import StaticFiles
 from clinic.auth import AuthError
 from clinic.fanout import run_fanout
 from clinic.live import Hub
-from clinic.service import consent_routes, fhir_routes, stream_routes, ui_routes
+from clinic.service import (
+    clinician_routes,
+    consent_routes,
+    fhir_routes,
+    stream_routes,
+    ui_routes,
+)
 from clinic.service.context import ServiceContext
 from clinic.service.deps import FHIR_JSON
 from clinic.service.refusal import Refusal, outcome
@@ -77,5 +83,6 @@ def create_app(context: ServiceContext) -> FastAPI:
     app.include_router(stream_routes.router)
     app.include_router(consent_routes.router)
     app.include_router(ui_routes.router)
+    app.include_router(clinician_routes.router)
     app.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
     return app

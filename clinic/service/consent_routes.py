@@ -265,4 +265,5 @@ async def erase(patient_id: str, request: Request, ctx: Ctx, who: Who) -> JSONRe
         return _json(outcome("not-found", str(e)), 404)
     except InvalidPatientId as e:
         return _json(outcome("invalid", str(e)), 422)
+    request.app.state.hub.forget(patient_id)
     return _json(report.to_json_dict())

@@ -1,0 +1,218 @@
+// Time-series panels on uPlot (vendored at /ui/vendor): one chart per panel of metrics, the
+// readings of each metric kept in time order, keyed by device and sequence number so a
+// reading that arrives live and again from the lake is drawn once.
+//
+// What is drawn, not hidden: a gap in the data is a gap in the line (a null where two
+// readings are further apart than GAP_FACTOR times the metric's usual interval, and where
+// a reading was invalid); a flagged reading (implausible, clock, no sensor contact...) is a
+// red point over the line, its flags in the legend. Redraws are coalesced to one per
+// animation frame per chart, at most every MIN_REDRAW_MS, so 50 Hz motion and twenty charts
+// stay smooth.
+
+export const PANELS = [
+  { id: "heart_rate", title: "Heart rate", metrics: ["heart_rate"] },
+  { id: "rr_interval", title: "RR intervals", metrics: ["rr_interval"] },
+  { id: "spo2", title: "SpO₂", metrics: ["spo2"] },
+  { id: "pulse_rate", title: "Pulse rate", metrics: ["pulse_rate"] },
+  { id: "body_temperature", title: "Body temperature", metrics: ["body_temperature"] },
+  { id: "skin_temperature", title: "Skin temperature", metrics: ["skin_temperature"] },
+  { id: "blood_pressure", title: "Blood pressure", metrics: ["systolic_bp", "diastolic_bp", "mean_arterial_pressure"] },
+  { id: "respiratory_rate", title: "Respiratory rate", metrics: ["respiratory_rate"] },
+  { id: "blood_glucose", title: "Blood glucose", metrics: ["blood_glucose"] },
+  { id: "body_weight", title: "Weight", metrics: ["body_weight"] },
+  { id: "step_count", title: "Steps", metrics: ["step_count"] },
+  { id: "motion", title: "Motion", metrics: ["accel_x", "accel_y", "accel_z"] },
+];
+
+const COLORS = ["#0b5cad", "#8a4b00", "#116329", "#6639ba"];
+const FLAG_COLOR = "#a40e26";
+export const GAP_FACTOR = 4;
+const MIN_REDRAW_MS = 100;
+
+/** The readings of one metric, in time order, each once. */
+export class Series {
+  constructor() {
+    this.t = []; // seconds
+    this.v = [];
+    this.flags = [];
+    this.keys = new Set();
+  }
+
+  add(tUs, value, flags, key) {
+    if (this.keys.has(key)) return false;
+    this.keys.add(key);
+    const t = tUs / 1e6;
+    let i = this.t.length;
+    if (i && this.t[i - 1] > t) i = lowerBound(this.t, t); // out of order: insert
+    this.t.splice(i, 0, t);
+    this.v.splice(i, 0, value);
+    this.flags.splice(i, 0, flags);
+    return true;
+  }
+
+  clear() {
+    this.t = []; this.v = []; this.flags = []; this.keys.clear();
+  }
+
+  /** [xs, ys] with a null wherever the line must break (see GAP_FACTOR). */
+  withGaps() {
+    const { t, v } = this;
+    if (t.length < 3) return [t.slice(), v.slice()];
+    const step = medianStep(t);
+    const xs = [], ys = [];
+    for (let i = 0; i < t.length; i++) {
+      if (i && t[i] - t[i - 1] > GAP_FACTOR * step) {
+        xs.push((t[i] + t[i - 1]) / 2);
+        ys.push(null);
+      }
+      xs.push(t[i]);
+      ys.push(v[i]);
+    }
+    return [xs, ys];
+  }
+
+  gaps() {
+    const [, ys] = this.withGaps();
+    return ys.filter((y) => y === null).length;
+  }
+}
+
+function lowerBound(a, x) {
+  let lo = 0, hi = a.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (a[mid] < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+function medianStep(t) {
+  const n = Math.min(t.length - 1, 200);
+  const d = [];
+  for (let i = t.length - n; i < t.length; i++) d.push(t[i] - t[i - 1]);
+  d.sort((a, b) => a - b);
+  return Math.max(d[d.length >> 1], 1e-3);
+}
+
+/** One chart of a panel's metrics. */
+export class Panel {
+  constructor(spec, host, { onZoom } = {}) {
+    this.spec = spec;
+    this.series = Object.fromEntries(spec.metrics.map((m) => [m, new Series()]));
+    this.units = {};
+    this.range = null; // [min, max] seconds, or null: follow live
+    this.windowS = 900; // the live window: the last 15 minutes
+    this.dirty = false;
+    this.lastDraw = 0;
+    this.onZoom = onZoom || (() => {});
+    this.box = host;
+    this.plot = null;
+    this.programmatic = false;
+  }
+
+  add(metric, r) {
+    const s = this.series[metric];
+    if (!s) return;
+    if (r.unit) this.units[metric] = r.unit;
+    if (s.add(r.t_us, r.value, r.flags || [], `${r.device}:${r.seq}`)) this.touch();
+  }
+
+  clear() {
+    for (const s of Object.values(this.series)) s.clear();
+    this.touch();
+  }
+
+  points() {
+    return Object.values(this.series).reduce((n, s) => n + s.t.length, 0);
+  }
+
+  flagged() {
+    return Object.values(this.series).reduce((n, s) => n + s.flags.filter((f) => f.length).length, 0);
+  }
+
+  touch() {
+    if (this.dirty) return;
+    this.dirty = true;
+    const wait = Math.max(0, MIN_REDRAW_MS - (performance.now() - this.lastDraw));
+    setTimeout(() => requestAnimationFrame(() => this.draw()), wait);
+  }
+
+  data() {
+    const tables = this.spec.metrics.map((m) => this.series[m].withGaps());
+    // Flagged readings of every metric, as one overlay series of points.
+    const fx = [], fy = [];
+    for (const m of this.spec.metrics) {
+      const s = this.series[m];
+      for (let i = 0; i < s.t.length; i++) {
+        if (s.flags[i].length && s.v[i] !== null) { fx.push(s.t[i]); fy.push(s.v[i]); }
+      }
+    }
+    const order = fx.map((_, i) => i).sort((a, b) => fx[a] - fx[b]);
+    tables.push([order.map((i) => fx[i]), order.map((i) => fy[i])]);
+    const modes = tables.map(() => 1); // nulls kept as gaps; alignment holes spanned
+    return window.uPlot.join(tables, modes);
+  }
+
+  liveWindow(windowS) {
+    const now = Date.now() / 1000;
+    return [now - windowS, now];
+  }
+
+  draw() {
+    this.dirty = false;
+    if (!this.box.clientWidth) return; // hidden (no readings yet): drawn once shown
+    this.lastDraw = performance.now();
+    const data = this.data();
+    const [min, max] = this.range || this.liveWindow(this.windowS);
+    if (!this.plot) {
+      this.plot = new window.uPlot(this.options(), data, this.box);
+    } else {
+      if (Math.abs(this.plot.width - this.width()) > 2) this.plot.setSize({ width: this.width(), height: 200 });
+      this.plot.setData(data, false);
+    }
+    this.programmatic = true;
+    this.plot.setScale("x", { min, max });
+    this.programmatic = false;
+  }
+
+  width() {
+    return Math.max(320, this.box.clientWidth - 8);
+  }
+
+  options() {
+    const unitOf = (m) => this.units[m] || "";
+    const series = [
+      {},
+      ...this.spec.metrics.map((m, i) => ({
+        label: this.spec.metrics.length > 1 ? m.replaceAll("_", " ") : this.spec.title,
+        stroke: COLORS[i % COLORS.length],
+        width: 1.5,
+        spanGaps: false, // a null is a gap in the line (uPlot draws points when sparse)
+        value: (u, v) => (v == null ? "–" : `${+v.toFixed(2)} ${unitOf(m)}`),
+      })),
+      {
+        label: "flagged",
+        stroke: FLAG_COLOR,
+        fill: FLAG_COLOR,
+        paths: () => null,
+        points: { show: true, size: 7, fill: FLAG_COLOR, stroke: FLAG_COLOR },
+      },
+    ];
+    return {
+      width: this.width(),
+      height: 200,
+      series,
+      scales: { x: { time: true } },
+      cursor: { drag: { x: true, y: false } },
+      legend: { live: true },
+      hooks: {
+        setScale: [
+          (u, key) => {
+            if (key !== "x" || this.programmatic) return;
+            this.onZoom(u.scales.x.min, u.scales.x.max);
+          },
+        ],
+      },
+    };
+  }
+}
