@@ -10,6 +10,7 @@ its own; the stack is started if needed and stopped at the end only if the demo 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -103,7 +104,12 @@ def run_demo(
     chain: str = "anvil",
     json_mode: bool = False,
     faults: str = "",
+    serve: bool = False,
+    serve_for_s: float | None = None,
+    port: int | None = None,
 ) -> DemoSummary:
+    """The bounded run and its checks; with ``serve``, then the dashboard on 127.0.0.1 with
+    the fleet still streaming, until Ctrl-C (or ``serve_for_s``)."""
     from vitalproof.devstack import StackManager, ensure_topics
 
     console = Console(stderr=json_mode)
@@ -135,7 +141,14 @@ def run_demo(
             rs, "worker", log=rs.paths.home / "logs" / f"worker-{rs.namespace}.log"
         )
         clinic = DemoClinic(rs, sorted({"pt-" + d.removeprefix("dv-") for d, _ in creds}))
-        asyncio.run(_run(rs, creds, duration_s, summary, console, worker, clinic))
+        asyncio.run(
+            _run(rs, creds, duration_s, summary, console, worker, clinic, port=port, serve=serve)
+        )
+        summary.elapsed_s = round(time.monotonic() - t0, 1)
+        _print_summary(console, summary)
+        if serve and summary.ok:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_serve(rs, creds, clinic, serve_for_s, console))
     finally:
         if clinic is not None:
             clinic.stop_service()
@@ -143,8 +156,6 @@ def run_demo(
             processes.stop(worker)
         if started_stack:
             manager.down()
-    summary.elapsed_s = round(time.monotonic() - t0, 1)
-    _print_summary(console, summary)
     return summary
 
 
@@ -161,6 +172,9 @@ async def _run(
     console: Console,
     worker: subprocess.Popen[bytes],
     clinic: DemoClinic,
+    *,
+    port: int | None = None,
+    serve: bool = False,
 ) -> None:
     from anchor.chain import Chain
     from anchor.job import AnchorJob
@@ -181,7 +195,7 @@ async def _run(
     anchor_task = asyncio.create_task(job.run(period_s=rs.chain.anchor_period_s, stop=stop_anchor))
     record = rs.paths.home / "runs" / f"{rs.namespace}.truth.jsonl"
     view = LakeView(rs)
-    await clinic.start()
+    await clinic.start(port)
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -271,7 +285,7 @@ async def _run(
     summary.errors.extend(failures[:5])
     if sample:
         summary.next_commands = next_commands(rs, view, sample[0], summary.stack_started)
-    counts = await clinic.finish(view.table())
+    counts = await clinic.finish(view.table(), keep_serving=serve)
     summary.subscribers = counts.subscribers
     summary.readings_delivered = counts.readings_delivered
     summary.deliveries_refused = counts.deliveries_refused
@@ -279,6 +293,55 @@ async def _run(
     summary.deliveries_missing = counts.deliveries_missing
     summary.audit_records = counts.audit_records
     summary.audit_checkpoints_anchored = _anchored_checkpoints(rs)
+
+
+async def _serve(
+    rs: Settings,
+    creds: list[tuple[str, str]],
+    clinic: DemoClinic,
+    serve_for_s: float | None,
+    console: Console,
+) -> None:
+    """The pipeline kept running for the dashboard: the fleet streams again, the collector,
+    worker and anchor job carry on, and `vitalproof serve` stays up; prints who can sign in
+    where. Ends at Ctrl-C or after ``serve_for_s``."""
+    from anchor.chain import Chain
+    from anchor.job import AnchorJob
+    from clinic.audit import CheckpointSource
+    from device_sims.fleet import Fleet
+    from ingest.mqtt.collector import MqttCollector, MqttCredentials
+    from vitalproof.devstack import collector_credentials
+
+    user, password = collector_credentials(rs)
+    collector = MqttCollector(rs, MqttCredentials(user, password, rs.mqtt.tls_ca))
+    job = AnchorJob(rs, Chain.from_settings(rs), checkpoints=CheckpointSource(rs.paths.audit_path))
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(collector.run(stop=stop)),
+        asyncio.create_task(job.run(period_s=rs.chain.anchor_period_s, stop=stop)),
+    ]
+    await asyncio.wait_for(collector.subscribed.wait(), 30)
+    forever = 365 * 24 * 3600.0
+    fleet = Fleet(
+        creds, rs.mqtt.host, rs.mqtt.port, rate_hz=1.0, duration_s=serve_for_s or forever,
+        seed=random.randrange(2**31),
+    )  # fmt: skip
+    fleet_task = asyncio.create_task(fleet.run())
+    patients = [sorted(c.patients)[0] for c in clinic.clinicians]
+    console.print(f"\n[bold]dashboard[/] {clinic.url}/ui/  (namespace {rs.namespace})")
+    for who, link in clinic.sign_in_links(patients):
+        console.print(f"  [bold]{who}[/]\n    {link}", soft_wrap=True)
+    console.print(f"  anyone: {clinic.url}/ui/verify.html  (JSON-RPC: {rs.chain.rpc_url or '-'})")
+    console.print("[dim]the fleet streams until Ctrl-C" + (
+        f" or {serve_for_s:g} s" if serve_for_s else "") + "[/]")  # fmt: skip
+    try:
+        await fleet_task
+    finally:
+        fleet_task.cancel()
+        stop.set()
+        await asyncio.gather(fleet_task, *tasks, return_exceptions=True)
+        job.close()
+        clinic.stop_service()
 
 
 def next_commands(rs: Settings, view: Any, reading_id: str, stack_stopped: bool) -> list[str]:

@@ -62,7 +62,7 @@ class DemoClinic:
         self._proc: processes.Child | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
+    async def start(self, port: int | None = None) -> None:
         from clinic.audit import AuditLog
         from clinic.auth import DevIssuer
         from clinic.consent import ALL_VITALS
@@ -88,7 +88,8 @@ class DemoClinic:
         issuer = DevIssuer(clinic_dir(rs))
         for c in self.clinicians:
             c.token = issuer.issue(c.subject, "clinician", ["user/Observation.rs"], ttl_s=3600)
-        (port,) = free_ports(1)
+        if port is None:
+            (port,) = free_ports(1)
         self.url = f"http://127.0.0.1:{port}"
         self._proc = processes.start(
             rs,
@@ -142,7 +143,7 @@ class DemoClinic:
                         c.received.add(entry["resource"]["reading_id"])
                         c.events = max(c.events, int(entry["resource"]["n"]))
 
-    async def finish(self, sealed: pa.Table) -> ClinicCounts:
+    async def finish(self, sealed: pa.Table, *, keep_serving: bool = False) -> ClinicCounts:
         """Wait until the deliveries stop growing (every sealed reading has passed through
         the fan-out long before), then check them against consent and stop the service."""
         from clinic.audit import AuditLog
@@ -168,19 +169,44 @@ class DemoClinic:
             counts.deliveries_missing += len(covered - c.received)
         counts.readings_delivered = int(status.get("readings_delivered", 0))
         counts.deliveries_refused = int(status.get("deliveries_refused", 0))
-        await self.close()
+        await self.close(keep_serving=keep_serving)
         with AuditLog(self.rs.paths.audit_path) as audit:
             counts.audit_records = audit.size
         return counts
 
-    async def close(self) -> None:
+    async def close(self, *, keep_serving: bool = False) -> None:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
-        self.stop_service()
+        if not keep_serving:
+            self.stop_service()
+
+    def sign_in_links(self, patients: list[str], ttl_s: float = 8 * 3600) -> list[tuple[str, str]]:
+        """(who, link) for each clinician, two patients and an operator: the dashboard with
+        a development token in the link's fragment (which no server log sees)."""
+        from clinic.auth import DevIssuer
+        from clinic.service.context import clinic_dir
+
+        issuer = DevIssuer(clinic_dir(self.rs))
+        links = []
+        for c in self.clinicians:
+            shares = "every vital sign" if c.metrics is None else ", ".join(sorted(c.metrics))
+            token = issuer.issue(
+                c.subject, "clinician", ["user/Observation.rs", "user/Consent.rs"], ttl_s=ttl_s
+            )
+            links.append((f"{c.subject} ({len(c.patients)} patients: {shares})", token))
+        for patient in patients:
+            token = issuer.issue(
+                f"Patient/{patient}", "patient", ["patient/*.cruds"], patient=patient, ttl_s=ttl_s
+            )
+            links.append((f"Patient/{patient}", token))
+        links.append(("Organization/demo-ops (operator)", issuer.issue(
+            "Organization/demo-ops", "operator", ["system/*.rs"], ttl_s=ttl_s
+        )))  # fmt: skip
+        return [(who, f"{self.url}/ui/#token={token}") for who, token in links]
 
     def stop_service(self) -> None:
         """Stop `vitalproof serve` (idempotent: the demo's cleanup calls it on any exit)."""

@@ -216,6 +216,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         chain=args.chain,
         json_mode=args.json,
         faults=args.faults,
+        serve=args.serve,
+        serve_for_s=args.serve_for,
+        port=args.port,
     )
     if args.json:
         _print_json(summary.to_json_dict())
@@ -372,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--json", action="store_true", help="last line of stdout: the summary")
     dm.add_argument(
         "--faults", default="", help="fleet faults, e.g. dup=0.01,reorder=0.01,malformed=0.001"
+    )
+    dm.add_argument(
+        "--serve",
+        action="store_true",
+        help="afterwards keep the fleet streaming and the dashboard up on 127.0.0.1, and print"
+        " sign-in links for two clinicians, two patients and an operator (Ctrl-C stops)",
+    )
+    dm.add_argument(
+        "--serve-for", type=float, default=None, help="with --serve: stop after this many seconds"
+    )
+    dm.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="with --serve: the dashboard's port (default: a free one)",
     )
     dm.set_defaults(handler=cmd_demo)
 
