@@ -22,6 +22,7 @@ from clinic.service import (
     clinician_routes,
     consent_routes,
     fhir_routes,
+    patient_routes,
     stream_routes,
     ui_routes,
 )
@@ -84,5 +85,6 @@ def create_app(context: ServiceContext) -> FastAPI:
     app.include_router(consent_routes.router)
     app.include_router(ui_routes.router)
     app.include_router(clinician_routes.router)
+    app.include_router(patient_routes.router)
     app.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
     return app
