@@ -176,11 +176,19 @@ def test_a_patient_sees_their_grants_shares_and_revokes(clinic: Clinic, page: Pa
     expect(dialog).to_be_hidden()
     with clinic.consent() as store:
         assert store.get(dr_a).status is ConsentStatus.ACTIVE  # type: ignore[union-attr]
+    # By keyboard: Escape cancels too; Enter on the focused Revoke button revokes.
+    page.get_by_role("button", name="Revoke Practitioner/dr-a").focus()
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
     page.get_by_role("button", name="Revoke Practitioner/dr-a").click()
-    dialog.get_by_role("button", name="Revoke").click()
+    dialog.get_by_role("button", name="Revoke").focus()
+    page.keyboard.press("Enter")
     expect(page.locator("#grants-status")).to_contain_text(
         "Practitioner/dr-a can no longer see your data."
     )
+    expect(page.locator("#grants-status")).to_be_focused()
     expect(row).to_contain_text("Revoked")
     expect(page.get_by_role("button", name="Revoke Practitioner/dr-a")).to_have_count(0)
     with clinic.consent() as store:

@@ -137,6 +137,9 @@ async function revoke(g) {
     showError(where, e);
   }
   await Promise.all([loadGrants(), reloadLog()]);
+  // The button that opened the dialog is gone: keep keyboard users where the answer is.
+  where.setAttribute("tabindex", "-1");
+  where.focus();
 }
 
 // -- share with someone --------------------------------------------------------------------
