@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 from clinic.audit import AuditLog
 from clinic.auth import DevIssuer
@@ -248,30 +248,34 @@ def test_the_list_shows_my_patients_live_and_the_chart_survives_a_reconnect_and_
     screenshot(page, "clinician-chart", tmp_path)
 
 
-def test_revocation_empties_the_live_chart_within_a_second(
-    site: Site, page: Page, tmp_path: Path
+def test_revocation_on_the_patients_page_empties_the_clinicians_live_chart_within_a_second(
+    site: Site, page: Page, browser: Browser, tmp_path: Path
 ) -> None:
     sign_in(page, site.url, site.token(DR_A), "/ui/chart.html?patient=pt-1")
     _wait(page, "window.vitalproofChart.panels.get('heart_rate')?.points() > 3")
-    r = httpx.delete(
-        f"{site.url}/fhir/Consent/{site.grants['a1']}",
-        headers={"Authorization": f"Bearer {site.patient_token('pt-1')}"},
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-    revoked = time.monotonic()
-    _wait(
-        page,
-        "[...window.vitalproofChart.panels.values()].every(p => p.points() === 0)",
-        timeout_ms=3000,
-    )
-    took = time.monotonic() - revoked
+    patient = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        mine = patient.new_page()
+        sign_in(mine, site.url, site.patient_token("pt-1"), "/ui/patient.html")
+        mine.get_by_role("button", name=f"Revoke {DR_A}").click()
+        mine.get_by_role("dialog").get_by_role("button", name="Revoke").click()
+        expect(mine.locator("#grants-status")).to_contain_text("can no longer see your data")
+        revoked = time.monotonic()
+        _wait(
+            page,
+            "[...window.vitalproofChart.panels.values()].every(p => p.points() === 0)",
+            timeout_ms=3000,
+        )
+        took = time.monotonic() - revoked
+        screenshot(mine, "patient-revoked", tmp_path)
+    finally:
+        patient.close()
     assert took < 1.0, f"the chart emptied {took:.2f} s after the revocation"
     expect(page.get_by_role("alert")).to_contain_text("Live access ended")
     page.wait_for_timeout(1000)  # and nothing arrives after it
-    assert page.evaluate("[...window.vitalproofChart.panels.values()].map(p => p.points())") == [
-        0
-    ] * len(page.evaluate("[...window.vitalproofChart.panels.keys()]"))
+    counts = page.evaluate("[...window.vitalproofChart.panels.values()].map(p => p.points())")
+    assert counts and set(counts) == {0}
+    screenshot(page, "clinician-revoked", tmp_path)
 
 
 def test_without_consent_break_glass_opens_access_with_a_countdown_the_patient_sees(

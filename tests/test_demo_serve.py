@@ -48,6 +48,7 @@ def test_demo_serve_leaves_the_dashboard_with_working_sign_in_links(
         )
         page.goto(links[2])  # the first patient
         expect(page).to_have_url(re.compile(r"/ui/patient\.html"))
+        expect(page.locator("body")).to_contain_text("Practitioner/demo-dr-a")  # their grant
     finally:
         if proc.poll() is None:
             proc.wait(90)

@@ -5,9 +5,10 @@
 // What is drawn, not hidden: a gap in the data is a gap in the line (a null where two
 // readings are further apart than GAP_FACTOR times the metric's usual interval, and where
 // a reading was invalid); a flagged reading (implausible, clock, no sensor contact...) is a
-// red point over the line, its flags in the legend. Redraws are coalesced to one per
-// animation frame per chart, at most every MIN_REDRAW_MS, so 50 Hz motion and twenty charts
-// stay smooth.
+// red point over the line. A window holding more than four readings per pixel is drawn from
+// each second's lowest and highest reading (kept as readings arrive), and redraws are
+// coalesced to one per animation frame per chart, at most every MIN_REDRAW_MS (longer when a
+// draw takes longer), so 50 Hz motion and twenty charts stay smooth: bench/dashboard_bench.py.
 
 export const PANELS = [
   { id: "heart_rate", title: "Heart rate", metrics: ["heart_rate"] },
@@ -29,13 +30,20 @@ const FLAG_COLOR = "#a40e26";
 export const GAP_FACTOR = 4;
 const MIN_REDRAW_MS = 100;
 
-/** The readings of one metric, in time order, each once. */
+/**
+ * The readings of one metric, in time order, each once; and per second of data its lowest
+ * and highest reading, kept as readings arrive, so a window of many minutes of 50 Hz data is
+ * drawn from those (two points per second) and not from every reading.
+ */
 export class Series {
   constructor() {
     this.t = []; // seconds
     this.v = [];
     this.flags = [];
     this.keys = new Set();
+    this.flagged = []; // [t, v] of flagged readings, in arrival order
+    this.bins = null; // per whole second: {s, lo, hi, loT, hiT, invalid}; null: rebuild
+    this.binList = [];
   }
 
   add(tUs, value, flags, key) {
@@ -43,30 +51,75 @@ export class Series {
     this.keys.add(key);
     const t = tUs / 1e6;
     let i = this.t.length;
-    if (i && this.t[i - 1] > t) i = lowerBound(this.t, t); // out of order: insert
+    if (i && this.t[i - 1] > t) {
+      i = lowerBound(this.t, t); // out of order (history): insert, rebuild the bins later
+      this.binList = null;
+    }
     this.t.splice(i, 0, t);
     this.v.splice(i, 0, value);
     this.flags.splice(i, 0, flags);
+    if (flags.length && value !== null) this.flagged.push([t, value]);
+    if (this.binList) this.bin(t, value);
     return true;
+  }
+
+  bin(t, value) {
+    const sec = Math.floor(t);
+    let b = this.binList[this.binList.length - 1];
+    if (!b || b.s !== sec) {
+      b = { s: sec, lo: Infinity, hi: -Infinity, loT: t, hiT: t, invalid: false };
+      this.binList.push(b);
+    }
+    if (value === null) b.invalid = true;
+    else {
+      if (value < b.lo) { b.lo = value; b.loT = t; }
+      if (value > b.hi) { b.hi = value; b.hiT = t; }
+    }
+  }
+
+  bins() {
+    if (!this.binList) {
+      this.binList = [];
+      for (let i = 0; i < this.t.length; i++) this.bin(this.t[i], this.v[i]);
+    }
+    return this.binList;
   }
 
   clear() {
     this.t = []; this.v = []; this.flags = []; this.keys.clear();
+    this.flagged = []; this.binList = [];
   }
 
-  /** [xs, ys] with a null wherever the line must break (see GAP_FACTOR). */
-  withGaps() {
+  /**
+   * [xs, ys] of what lies in [min, max] (and one reading either side, so the line enters the
+   * view), with a null wherever the line must break (see GAP_FACTOR). Above ``budget``
+   * readings the per-second lowest and highest are drawn instead.
+   */
+  withGaps(min = -Infinity, max = Infinity, budget = Infinity) {
     const { t, v } = this;
-    if (t.length < 3) return [t.slice(), v.slice()];
-    const step = medianStep(t);
+    const i0 = Math.max(0, lowerBound(t, min) - 1);
+    const i1 = Math.min(t.length, lowerBound(t, max) + 1);
+    const step = t.length > 2 ? medianStep(t) : 1;
     const xs = [], ys = [];
-    for (let i = 0; i < t.length; i++) {
-      if (i && t[i] - t[i - 1] > GAP_FACTOR * step) {
-        xs.push((t[i] + t[i - 1]) / 2);
-        ys.push(null);
+    if (i1 - i0 <= budget) {
+      for (let i = i0; i < i1; i++) {
+        if (i > i0 && t[i] - t[i - 1] > GAP_FACTOR * step) { xs.push((t[i] + t[i - 1]) / 2); ys.push(null); }
+        xs.push(t[i]); ys.push(v[i]);
       }
-      xs.push(t[i]);
-      ys.push(v[i]);
+      return [xs, ys];
+    }
+    const bins = this.bins();
+    const gap = GAP_FACTOR * Math.max(step, 1);
+    let prev = null;
+    for (let k = Math.max(0, lowerBinBound(bins, min) - 1); k < bins.length && bins[k].s <= max; k++) {
+      const b = bins[k];
+      if (prev && b.s - prev.s > gap) { xs.push((b.s + prev.s) / 2); ys.push(null); }
+      if (b.lo !== Infinity) {
+        const pair = b.loT <= b.hiT ? [[b.loT, b.lo], [b.hiT, b.hi]] : [[b.hiT, b.hi], [b.loT, b.lo]];
+        for (const [x, y] of pair) if (!xs.length || x > xs[xs.length - 1]) { xs.push(x); ys.push(y); }
+      }
+      if (b.invalid) { xs.push(b.s + 0.999); ys.push(null); }
+      prev = b;
     }
     return [xs, ys];
   }
@@ -75,6 +128,15 @@ export class Series {
     const [, ys] = this.withGaps();
     return ys.filter((y) => y === null).length;
   }
+}
+
+function lowerBinBound(bins, x) {
+  let lo = 0, hi = bins.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (bins[mid].s < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
 }
 
 function lowerBound(a, x) {
@@ -104,6 +166,7 @@ export class Panel {
     this.windowS = 900; // the live window: the last 15 minutes
     this.dirty = false;
     this.lastDraw = 0;
+    this.drawMs = 0;
     this.onZoom = onZoom || (() => {});
     this.box = host;
     this.plot = null;
@@ -127,28 +190,24 @@ export class Panel {
   }
 
   flagged() {
-    return Object.values(this.series).reduce((n, s) => n + s.flags.filter((f) => f.length).length, 0);
+    return Object.values(this.series).reduce((n, s) => n + s.flagged.length, 0);
   }
 
   touch() {
     if (this.dirty) return;
     this.dirty = true;
-    const wait = Math.max(0, MIN_REDRAW_MS - (performance.now() - this.lastDraw));
+    const every = Math.max(MIN_REDRAW_MS, 5 * this.drawMs); // at most a fifth of the time drawing
+    const wait = Math.max(0, every - (performance.now() - this.lastDraw));
     setTimeout(() => requestAnimationFrame(() => this.draw()), wait);
   }
 
-  data() {
-    const tables = this.spec.metrics.map((m) => this.series[m].withGaps());
+  data([min, max]) {
+    const budget = 4 * this.width(); // more than four readings per pixel: per-second extremes
+    const tables = this.spec.metrics.map((m) => this.series[m].withGaps(min, max, budget));
     // Flagged readings of every metric, as one overlay series of points.
-    const fx = [], fy = [];
-    for (const m of this.spec.metrics) {
-      const s = this.series[m];
-      for (let i = 0; i < s.t.length; i++) {
-        if (s.flags[i].length && s.v[i] !== null) { fx.push(s.t[i]); fy.push(s.v[i]); }
-      }
-    }
-    const order = fx.map((_, i) => i).sort((a, b) => fx[a] - fx[b]);
-    tables.push([order.map((i) => fx[i]), order.map((i) => fy[i])]);
+    const flagged = this.spec.metrics.flatMap((m) => this.series[m].flagged)
+      .filter(([x]) => x >= min && x <= max).sort((a, b) => a[0] - b[0]);
+    tables.push([flagged.map((f) => f[0]), flagged.map((f) => f[1])]);
     const modes = tables.map(() => 1); // nulls kept as gaps; alignment holes spanned
     return window.uPlot.join(tables, modes);
   }
@@ -161,9 +220,10 @@ export class Panel {
   draw() {
     this.dirty = false;
     if (!this.box.clientWidth) return; // hidden (no readings yet): drawn once shown
+    const began = performance.now();
     this.lastDraw = performance.now();
-    const data = this.data();
     const [min, max] = this.range || this.liveWindow(this.windowS);
+    const data = this.data([min, max]);
     if (!this.plot) {
       this.plot = new window.uPlot(this.options(), data, this.box);
     } else {
@@ -173,6 +233,7 @@ export class Panel {
     this.programmatic = true;
     this.plot.setScale("x", { min, max });
     this.programmatic = false;
+    this.drawMs = performance.now() - began;
   }
 
   width() {
