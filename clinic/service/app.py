@@ -17,11 +17,13 @@ from fastapi.staticfiles import StaticFiles
 
 from clinic.auth import AuthError
 from clinic.fanout import run_fanout
+from clinic.health import Health
 from clinic.live import Hub
 from clinic.service import (
     clinician_routes,
     consent_routes,
     fhir_routes,
+    health_routes,
     patient_routes,
     stream_routes,
     ui_routes,
@@ -35,6 +37,7 @@ from clinic.web import STATIC
 
 def create_app(context: ServiceContext) -> FastAPI:
     hub = Hub(context.consent, context.audit, clock=context.clock)
+    health = Health(context.settings, hub, clock=context.clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +45,7 @@ def create_app(context: ServiceContext) -> FastAPI:
         tasks = [
             asyncio.create_task(hub.watch_consent(stop)),
             asyncio.create_task(run_fanout(context.settings, hub, stop)),
+            asyncio.create_task(health.run(stop)),
         ]
         try:
             yield
@@ -59,6 +63,7 @@ def create_app(context: ServiceContext) -> FastAPI:
     )
     app.state.context = context
     app.state.hub = hub
+    app.state.health = health
 
     @app.exception_handler(AuthError)
     async def unauthorized(request: Request, exc: AuthError) -> JSONResponse:
@@ -86,5 +91,6 @@ def create_app(context: ServiceContext) -> FastAPI:
     app.include_router(ui_routes.router)
     app.include_router(clinician_routes.router)
     app.include_router(patient_routes.router)
+    app.include_router(health_routes.router)
     app.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
     return app
