@@ -11,7 +11,7 @@
   lake/keys/anchor/registry and a unique ``topic_prefix``.
 * ``anvil_settings`` (function): ``settings`` with ``chain='anvil'`` and ``rpc_url`` set.
 * ``kafka_topics`` (function): ``settings`` after creating its four pipeline topics.
-* ``browser`` (session) and ``page`` (function): Debian's chromium under Playwright, a tab
+* ``browser`` (module) and ``page`` (function): Debian's chromium under Playwright, a tab
   that may reach only 127.0.0.1 (tests/web.py).
 
 A service that cannot start FAILS the tests that need it, loudly, with its log tail. There

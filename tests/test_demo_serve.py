@@ -50,6 +50,7 @@ def test_demo_serve_leaves_the_dashboard_with_working_sign_in_links(
         expect(page).to_have_url(re.compile(r"/ui/patient\.html"))
         expect(page.locator("body")).to_contain_text("Practitioner/demo-dr-a")  # their grant
     finally:
+        page.goto("about:blank")  # its live feed would see the service stop, as an error
         if proc.poll() is None:
             proc.wait(90)
     assert proc.returncode == 0, out.read_text()[-3000:]

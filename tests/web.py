@@ -35,8 +35,10 @@ def chromium_path() -> str:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Per module, not per session: Playwright's sync API runs an event loop in the main
+    thread while it is open, so a later test's ``asyncio.run`` would find a loop running."""
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium_path(), headless=True)
         try:
