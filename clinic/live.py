@@ -30,7 +30,7 @@ from clinic.audit import AuditAction, AuditEntry, AuditLog, Outcome
 from clinic.auth import Principal, Role
 from clinic.consent_store import ConsentStore
 from vitalproof.errors import VitalproofError
-from vitalproof.schema import Quality, SampleBatch
+from vitalproof.schema import SampleBatch, flag_names
 from vitalproof.units import Metric
 
 #: Events a subscription holds for replay (and a slow reader may fall behind by).
@@ -405,7 +405,7 @@ def compact(batch: SampleBatch, i: int) -> dict[str, Any]:
         "seq": batch.seq[i],
         "value": None if math.isnan(value) else value,
         "quality": quality,
-        "flags": [str(q.name) for q in Quality if q and quality & q],
+        "flags": list(flag_names(quality)),
         "reading_id": batch.reading_id[i] if batch.reading_id else None,
     }
 

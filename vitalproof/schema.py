@@ -32,6 +32,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntFlag, StrEnum
+from functools import cache
 from typing import Any, TypeVar
 
 from vitalproof import hashing
@@ -61,6 +62,12 @@ class Quality(IntFlag):
     NO_SENSOR_CONTACT = 32  # the device said its sensor had no skin contact
     ESTIMATED_TIME = 64  # the device sent no time; receive time was used
     BEFORE_ENROLLMENT = 128  # device time before the device was enrolled, beyond tolerance
+
+
+@cache
+def flag_names(quality: int) -> tuple[str, ...]:
+    """The names of the flags set in ``quality`` (a reading's flags as people read them)."""
+    return tuple(str(q.name) for q in Quality if q and quality & q)
 
 
 def pack_reading_ids(ids: Sequence[str]) -> bytes:

@@ -323,6 +323,14 @@ class AuditLog:
             row = self._db.execute("SELECT MAX(seq) FROM records").fetchone()
         return int(row[0] or 0)
 
+    def count(self, *, patient_id: str | None = None) -> int:
+        """How many records there are (of one patient)."""
+        sql, args = "SELECT COUNT(*) FROM records", []
+        if patient_id is not None:
+            sql, args = sql + " WHERE patient_id = ?", [patient_id]
+        with self._lock:
+            return int(self._db.execute(sql, args).fetchone()[0])
+
     def __len__(self) -> int:
         return self.size
 
@@ -332,19 +340,25 @@ class AuditLog:
         patient_id: str | None = None,
         actor: str | None = None,
         since_seq: int = 0,
+        before_seq: int | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[AuditRecord]:
-        """Records with ``seq > since_seq``, oldest first, optionally of one patient and/or
-        one actor, at most ``limit`` of them."""
+        """Records with ``since_seq < seq < before_seq``, oldest first (or newest first, for
+        a log read a page at a time from the end), optionally of one patient and/or one
+        actor, at most ``limit`` of them."""
         sql = f"SELECT {_COLUMNS} FROM records WHERE seq > ?"
         args: list[Any] = [since_seq]
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(before_seq)
         if patient_id is not None:
             sql += " AND patient_id = ?"
             args.append(patient_id)
         if actor is not None:
             sql += " AND actor = ?"
             args.append(actor)
-        sql += " ORDER BY seq"
+        sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)

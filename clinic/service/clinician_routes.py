@@ -25,7 +25,7 @@ from clinic.service.context import ServiceContext
 from clinic.service.deps import Ctx, Who
 from clinic.service.search import BadSearch
 from clinic.service.stream_routes import hub_of
-from vitalproof.schema import Quality
+from vitalproof.schema import flag_names
 from vitalproof.units import Metric
 
 router = APIRouter(prefix="/api")
@@ -135,10 +135,8 @@ async def history(patient_id: str, request: Request, ctx: Ctx, who: Who) -> JSON
         metrics=names,
         what=f"chart history {','.join(names)} {start_us}..{end_us}",
     )
-    series = {}
-    for name in names:
-        rows = table.filter(pc.equal(pc.cast(table["metric"], pa.string()), name))
-        series[name] = _columns(thin(rows, points))
+    metric = pc.cast(table["metric"], pa.string())
+    series = {name: _columns(thin(table.filter(pc.equal(metric, name)), points)) for name in names}
     return JSONResponse({"patient": patient_id, "start": start_us, "end": end_us, "series": series})
 
 
@@ -176,9 +174,7 @@ def _columns(rows: pa.Table) -> dict[str, Any]:
         "unit": str(rows["unit"][0]) if rows.num_rows else None,
         "t_us": _times(rows).tolist(),
         "value": rows["value"].to_pylist(),  # null: an invalid reading, drawn as a gap
-        "flags": [
-            [q.name for q in Quality if q and code & q] for code in rows["quality"].to_pylist()
-        ],
+        "flags": [list(flag_names(code)) for code in rows["quality"].to_pylist()],
         "seq": rows["seq"].to_pylist(),
         "device": [str(d) for d in rows["device_id"].to_pylist()],
     }

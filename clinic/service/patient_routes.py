@@ -191,14 +191,15 @@ async def disclosures(
             ctx, who, patient, AuditAction.READ, what,
             "the token's scopes do not allow searching AuditEvent",
         )  # fmt: skip
-    records = ctx.audit.records(patient_id=patient)
-    older = [r for r in reversed(records) if before is None or r.seq < before]
+    older = ctx.audit.records(
+        patient_id=patient, before_seq=before, limit=limit + 1, newest_first=True
+    )
     page = older[:limit]
     status = proof_status(ctx)
     return JSONResponse(
         {
             "patient": patient,
-            "total": len(records),
+            "total": ctx.audit.count(patient_id=patient),
             "records": [_row(r, status) for r in page],
             "next_before": page[-1].seq if len(older) > limit else None,
             "anchored_checkpoints": len(status.anchored),
