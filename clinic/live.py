@@ -125,6 +125,16 @@ class Hub:
         self.refused = 0
         self.fanout_ready = False  # the Kafka reader has its partitions (clinic.fanout)
 
+    def status(self) -> dict[str, Any]:
+        """The fan-out's state and counts (no health data): ``/status`` and pipeline health."""
+        return {
+            "fanout": "ready" if self.fanout_ready else "waiting",
+            "subscriptions": len(self.subscriptions),
+            "connections": sum(s.connections for s in self.subscriptions.values()),
+            "readings_delivered": self.delivered,
+            "deliveries_refused": self.refused,
+        }
+
     # -- subscriptions --------------------------------------------------------------------
 
     def subscribe(

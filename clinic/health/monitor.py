@@ -124,14 +124,7 @@ class Health:
 
     def live(self) -> dict[str, Any]:
         """The hub's figures now (the same as ``/status``)."""
-        hub = self.hub
-        return {
-            "fanout": "ready" if hub.fanout_ready else "waiting",
-            "subscriptions": len(hub.subscriptions),
-            "connections": sum(s.connections for s in hub.subscriptions.values()),
-            "readings_delivered": hub.delivered,
-            "deliveries_refused": hub.refused,
-        }
+        return self.hub.status()
 
     def view(self) -> dict[str, Any]:
         """Every figure, for the operator page (``GET /api/health``)."""

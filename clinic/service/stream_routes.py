@@ -258,12 +258,4 @@ def _ws_token(ws: WebSocket) -> str | None:
 @router.get("/status")
 async def status(request: Request, ctx: Ctx) -> JSONResponse:
     """Service health without health data: the fan-out's state and counts."""
-    hub = hub_of(request)
-    return JSONResponse(
-        {
-            "fanout": "ready" if hub.fanout_ready else "waiting",
-            "subscriptions": len(hub.subscriptions),
-            "readings_delivered": hub.delivered,
-            "deliveries_refused": hub.refused,
-        }
-    )
+    return JSONResponse(hub_of(request).status())
