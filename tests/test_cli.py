@@ -137,3 +137,20 @@ def test_every_command_and_option_says_what_it_is_for() -> None:
 
     walk(build_parser(), "vitalproof")
     assert missing == []
+
+
+def test_a_bad_gateway_id_is_one_line_exit_2() -> None:
+    out = vp("collect", "--gateway-id", "no spaces/here")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: --gateway-id 'no spaces/here'")
+
+
+def test_min_isr_above_the_replication_factor_is_refused_in_one_line(tmp_path: Path) -> None:
+    env = {
+        "VITALPROOF_HOME": str(tmp_path),
+        "VITALPROOF_KAFKA_REPLICATION_FACTOR": "1",
+        "VITALPROOF_KAFKA_MIN_INSYNC_REPLICAS": "2",
+    }
+    out = vp("stack", "status", env=env)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "VITALPROOF_KAFKA_MIN_INSYNC_REPLICAS (2) exceeds" in out.stderr

@@ -164,6 +164,28 @@ class KafkaSettings(_Group):
         validation_alias="VITALPROOF_PARTITIONS",
         description="partitions of the topics the pipeline creates",
     )
+    replication_factor: int = Field(
+        default=1,
+        gt=0,
+        description="replicas of every topic the pipeline creates: 1 on the one local broker, "
+        "3 on a cluster (docs/deploy.md)",
+    )
+    min_insync_replicas: int = Field(
+        default=1,
+        gt=0,
+        description="min.insync.replicas of those topics: an acks=all produce fails unless "
+        "this many replicas have it (2 of 3 on a cluster: one broker may be down)",
+    )
+
+    @model_validator(mode="after")
+    def _isr_within_replicas(self) -> KafkaSettings:
+        # min ISR above the replica count would refuse every acks=all produce
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"VITALPROOF_KAFKA_MIN_INSYNC_REPLICAS ({self.min_insync_replicas}) exceeds "
+                f"VITALPROOF_KAFKA_REPLICATION_FACTOR ({self.replication_factor})"
+            )
+        return self
 
     @property
     def compression_type(self) -> str | None:
@@ -239,7 +261,12 @@ class MqttSettings(_Group):
 class GatewaySettings(_Group):
     model_config = _config("VITALPROOF_GATEWAY_")
 
-    id: str = Field(default="gw-local", description="names this collector in every record")
+    id: str = Field(
+        default="gw-local",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="names this collector in every record and in its MQTT client id "
+        "(vitalproof-collector-<id>): one per collector, the same across its restarts",
+    )
 
 
 class ChainSettings(_Group):

@@ -114,7 +114,23 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _with_gateway_id(settings: Settings, gateway_id: str | None) -> Settings:
+    """``settings`` naming this collector ``gateway_id`` (None: as they are)."""
+    if gateway_id is None:
+        return settings
+    from pydantic import ValidationError
+
+    try:
+        return settings.evolve(gateway={"id": gateway_id})
+    except ValidationError:
+        raise UsageError(
+            f"--gateway-id {gateway_id!r}: 1-64 letters, digits, '.', '_', '-' "
+            "(starting with a letter or digit)"
+        ) from None
+
+
 def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
+    settings = _with_gateway_id(settings, args.gateway_id)
     if args.transport == "ble":
         return _collect_ble(args, settings)
     from ingest.mqtt.collector import MqttCollector, MqttCredentials
@@ -335,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--allow", action="append", metavar="ADDRESS=DEVICE_ID", help="BLE allow-list entry"
+    )
+    c.add_argument(
+        "--gateway-id",
+        metavar="ID",
+        help="this collector's name (VITALPROOF_GATEWAY_ID): its MQTT client id is "
+        "vitalproof-collector-ID; give each collector its own, the same across restarts",
     )
     c.add_argument("--duration", type=float, help="stop after this many seconds")
     c.add_argument("--max-messages", type=int, help="stop after this many acked messages")

@@ -328,8 +328,18 @@ def metadata_ok(bootstrap: str, timeout_s: float = 3.0) -> bool:
     return bool(info.get("brokers"))
 
 
+#: Kafka's INVALID_REPLICATION_FACTOR: more replicas asked for than the cluster has brokers.
+_INVALID_REPLICATION_FACTOR = 38
+
+
 async def _ensure_topics(
-    bootstrap: str, names: list[str], partitions: int, timeout_s: float
+    bootstrap: str,
+    names: list[str],
+    partitions: int,
+    timeout_s: float,
+    *,
+    replication_factor: int = 1,
+    min_insync_replicas: int = 1,
 ) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -339,12 +349,29 @@ async def _ensure_topics(
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
+            # min.insync.replicas per topic, not left to the broker's default: acks=all then
+            # means "on this many replicas" whatever the broker was started with.
+            configs = {"min.insync.replicas": str(min_insync_replicas)}
             response = await admin.create_topics(
-                [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in missing],
+                [
+                    NewTopic(
+                        n,
+                        num_partitions=partitions,
+                        replication_factor=replication_factor,
+                        topic_configs=configs,
+                    )
+                    for n in missing
+                ],
                 timeout_ms=int(timeout_s * 1000),
             )
             for item in response.topic_errors:
                 name, code = item[0], item[1]
+                if code == _INVALID_REPLICATION_FACTOR:
+                    raise StackError(
+                        f"creating topic {name!r}: replication factor {replication_factor} "
+                        f"needs at least {replication_factor} brokers at {bootstrap} "
+                        "(VITALPROOF_KAFKA_REPLICATION_FACTOR)"
+                    )
                 if code not in (0, 36):  # 36 = TOPIC_ALREADY_EXISTS (a concurrent creator)
                     raise StackError(f"creating topic {name!r} failed with Kafka error {code}")
         # Wait until every partition has a leader, so producers never see
@@ -374,7 +401,11 @@ def ensure_topics(
     *,
     timeout_s: float = 30.0,
 ) -> None:
-    """Create the topics that do not exist yet (replication 1) and wait for their leaders.
+    """Create the topics that do not exist yet and wait for their leaders.
+
+    Each gets ``settings.kafka.replication_factor`` replicas and its
+    ``min_insync_replicas`` as ``min.insync.replicas`` (1 and 1 on the local broker; 3 and 2
+    on a cluster, docs/deploy.md).
 
     Names are used as given: pass ``settings.kafka.topic_raw`` etc. so the test prefix applies.
     Existing topics are left alone, whatever their partition count.
@@ -384,6 +415,11 @@ def ensure_topics(
         return
     run_sync(
         _ensure_topics(
-            settings.kafka.bootstrap, wanted, partitions or settings.kafka.partitions, timeout_s
+            settings.kafka.bootstrap,
+            wanted,
+            partitions or settings.kafka.partitions,
+            timeout_s,
+            replication_factor=settings.kafka.replication_factor,
+            min_insync_replicas=settings.kafka.min_insync_replicas,
         )
     )
