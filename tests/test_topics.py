@@ -3,6 +3,11 @@ VITALPROOF_KAFKA_MIN_INSYNC_REPLICAS), on the session's real (one-broker) Kafka.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -48,3 +53,31 @@ def test_more_replicas_than_brokers_is_one_clear_error(settings: Settings) -> No
         f"creating topic {cluster.kafka.topic_raw!r}: replication factor 3 needs at least 3 "
         f"brokers at {cluster.kafka.bootstrap} (VITALPROOF_KAFKA_REPLICATION_FACTOR)"
     )
+
+
+def test_topics_create_makes_every_topic_and_a_compacted_dedupe_topic(
+    settings: Settings, tmp_path: Path
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vitalproof", "topics", "create"],
+        env=os.environ | settings.child_env(tmp_path / "secrets"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    k = settings.kafka
+    for name in [*k.pipeline_topics, k.topic_dedupe]:
+        assert f"{name}: {k.partitions} partitions, replication factor 1" in out.stdout
+    _, configs = run_sync(_describe(k.bootstrap, k.topic_dedupe))
+    assert configs["cleanup.policy"] == ("compact", TOPIC_CONFIG)
+    _, configs = run_sync(_describe(k.bootstrap, k.topic_raw))
+    assert configs["cleanup.policy"][0] == "delete"
+
+
+def test_an_existing_topic_with_too_few_replicas_is_refused(settings: Settings) -> None:
+    """On a real cluster (3 brokers) the same check names topics made before the setting."""
+    ensure_topics(settings, [settings.kafka.topic_raw])
+    more = settings.evolve(kafka={"replication_factor": 2})
+    with pytest.raises(StackError, match=r"exist with fewer than 2 replicas"):
+        ensure_topics(more, [more.kafka.topic_raw])

@@ -226,6 +226,11 @@ class KafkaSettings(_Group):
         return self.topic("vitals.events")
 
     @property
+    def topic_dedupe(self) -> str:
+        """The normalizer's memory of seen reading ids (compacted; Faust declares it too)."""
+        return self.topic("vitals.dedupe")
+
+    @property
     def pipeline_topics(self) -> list[str]:
         """Every topic the pipeline uses, for whoever creates them up front."""
         return [

@@ -61,6 +61,25 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if args.action == "down" or status.healthy else EXIT_FAILED
 
 
+# -- topics -------------------------------------------------------------------------------
+
+
+def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    """Create the namespace's topics up front, replicated as the settings say: on a cluster
+    nothing may be auto-created with the broker's defaults (docs/deploy.md)."""
+    from vitalproof.devstack import ensure_topics
+
+    k = settings.kafka
+    names = [*k.pipeline_topics, k.topic_dedupe]
+    ensure_topics(settings, names, k.partitions, timeout_s=args.timeout, compacted=[k.topic_dedupe])
+    for name in names:
+        print(
+            f"{name}: {k.partitions} partitions, replication factor {k.replication_factor}, "
+            f"min.insync.replicas {k.min_insync_replicas}"
+        )
+    return 0
+
+
 # -- devices ------------------------------------------------------------------------------
 
 
@@ -328,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="status as one JSON object")
     s.set_defaults(handler=cmd_stack)
+
+    t = sub.add_parser("topics", help="create the namespace's Kafka topics, replicated")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create", help="create the missing ones; existing ones are kept")
+    tc.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for leaders (default 60)"
+    )
+    t.set_defaults(handler=cmd_topics)
 
     d = sub.add_parser("devices", help="enroll, list and retire devices")
     dsub = d.add_subparsers(dest="action", required=True)

@@ -340,6 +340,7 @@ async def _ensure_topics(
     *,
     replication_factor: int = 1,
     min_insync_replicas: int = 1,
+    compacted: frozenset[str] = frozenset(),
 ) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -358,7 +359,8 @@ async def _ensure_topics(
                         n,
                         num_partitions=partitions,
                         replication_factor=replication_factor,
-                        topic_configs=configs,
+                        topic_configs=configs
+                        | ({"cleanup.policy": "compact"} if n in compacted else {}),
                     )
                     for n in missing
                 ],
@@ -386,6 +388,17 @@ async def _ensure_topics(
                 for t in described
             )
             if ready:
+                short = [
+                    t["topic"]
+                    for t in described
+                    if min(len(p["replicas"]) for p in t["partitions"]) < replication_factor
+                ]
+                if short:
+                    raise StackError(
+                        f"topics {short} exist with fewer than {replication_factor} replicas "
+                        "(created before VITALPROOF_KAFKA_REPLICATION_FACTOR was set?): add "
+                        "replicas with kafka-reassign-partitions.sh, or delete and recreate them"
+                    )
                 return
             if time.monotonic() > deadline:
                 raise StackError(f"topics {names} have no leader after {timeout_s:.0f} s")
@@ -400,12 +413,13 @@ def ensure_topics(
     partitions: int | None = None,
     *,
     timeout_s: float = 30.0,
+    compacted: Iterable[str] = (),
 ) -> None:
     """Create the topics that do not exist yet and wait for their leaders.
 
     Each gets ``settings.kafka.replication_factor`` replicas and its
     ``min_insync_replicas`` as ``min.insync.replicas`` (1 and 1 on the local broker; 3 and 2
-    on a cluster, docs/deploy.md).
+    on a cluster, docs/deploy.md); those named in ``compacted`` are log-compacted.
 
     Names are used as given: pass ``settings.kafka.topic_raw`` etc. so the test prefix applies.
     Existing topics are left alone, whatever their partition count.
@@ -421,5 +435,6 @@ def ensure_topics(
             timeout_s,
             replication_factor=settings.kafka.replication_factor,
             min_insync_replicas=settings.kafka.min_insync_replicas,
+            compacted=frozenset(compacted),
         )
     )
