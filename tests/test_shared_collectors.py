@@ -18,7 +18,10 @@ checks exactly that:
 * every published reading is then in ``vitals.raw`` at least once;
 * a reading is on ``vitals.raw`` twice only if the killed collector forwarded it before the
   kill without its PUBACK reaching the broker (its in-flight window, at most Receive Maximum
-  messages) and forwarded it again after its restart; the survivors forward no duplicate.
+  messages) and forwarded it again after its restart; the survivors forward no duplicate;
+* retiring it for good: killed again, its share piles up in the session; ``vitalproof
+  collect --gateway-id ID --leave`` forwards that and ends the session, after which the
+  survivors receive everything published.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -116,6 +121,8 @@ class Run:
     missing_while_down: set[str]  # not on vitals.raw after the survivors had drained
     records: list[Forwarded]
     ids: set[str]
+    held_then_left: set[str]  # readings held for the victim's session when it left
+    after_leave: set[str]  # readings published once it had left
 
 
 def log_tail(log: Path, lines: int = 30) -> str:
@@ -146,6 +153,35 @@ def forget_session(settings: Settings, gateway: str) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+async def publish(settings: Settings, creds: list[tuple[str, str]], path: Path) -> set[str]:
+    """A short second fleet; the reading ids it published."""
+    fleet = Fleet(
+        creds,
+        settings.mqtt.host,
+        settings.mqtt.port,
+        rate_hz=10.0,
+        duration_s=2.0,
+        record_path=path,
+    )
+    report = await fleet.run()
+    assert report.ok, report.errors
+    return sent_reading_ids(path)
+
+
+async def settle(tap: GatewayTap, wanted: set[str], until_missing: bool) -> None:
+    """Wait until vitals.raw stops growing (and, ``until_missing``, something is missing) or
+    until everything ``wanted`` is there; 10 s at most."""
+    settled, quiet = len(tap.records), 0
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        quiet = quiet + 1 if len(tap.records) == settled else 0
+        settled = len(tap.records)
+        if not until_missing and wanted <= tap.ids:
+            return
+        if until_missing and quiet >= 3 and wanted - tap.ids:
+            return
 
 
 async def wait_all_subscribed(
@@ -183,6 +219,7 @@ def test_shared_subscription_collector_killed_loses_nothing(
 ) -> None:
     settings = kafka_topics
     creds = enroll(settings, 40)
+    leave_creds = enroll(settings, 20, prefix="lv")
     ((_, probe_password),) = enroll(settings, 1, prefix=PROBE)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -222,13 +259,7 @@ def test_shared_subscription_collector_killed_loses_nothing(
             assert report.reconnects == 0, "a device reconnected: its resends would be dupes"
             sent = sent_reading_ids(record)
             # The survivors drain what they were given; what is left is held for the victim.
-            settled, quiet = len(tap.records), 0
-            for _ in range(50):
-                await asyncio.sleep(0.2)
-                quiet = quiet + 1 if len(tap.records) == settled else 0
-                settled = len(tap.records)
-                if quiet >= 3 and sent - tap.ids:
-                    break
+            await settle(tap, sent, until_missing=True)
             missing_while_down = sent - tap.ids
             restart_us = time.time_ns() // 1000
             restarted.append(start_collector(settings, victim, logs[victim]))
@@ -239,14 +270,33 @@ def test_shared_subscription_collector_killed_loses_nothing(
                     pytest.fail(f"the restarted {victim} exited:\n{log_tail(logs[victim])}")
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # late duplicates, if any, land before we count
-            return Run(
-                kill_us,
-                restart_us,
-                sent,
-                missing_while_down,
-                [r for r in tap.records if not r.device.startswith(PROBE)],
-                set(tap.ids),
+            records = [r for r in tap.records if r.device.startswith("dev-")]
+            ids = set(tap.ids)
+
+            # Retiring it: down again, its share piles up; `--leave` forwards that and ends
+            # the session, after which the survivors get everything.
+            os.killpg(restarted[0].pid, signal.SIGKILL)
+            restarted[0].wait(10)
+            sent_2 = await publish(settings, leave_creds[:10], tmp_path / "truth-2.jsonl")
+            await settle(tap, sent_2, until_missing=True)
+            held = sent_2 - tap.ids
+            leave = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "vitalproof", "collect", "--gateway-id", victim, "--leave"],
+                env=os.environ | settings.child_env(tmp_path / "leave-secrets"),
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
+            assert leave.returncode == 0, leave.stderr
+            assert "left the share group" in leave.stderr
+            assert sent_2 <= tap.ids, f"{len(sent_2 - tap.ids)} held readings not forwarded"
+            sent_3 = await publish(settings, leave_creds[10:], tmp_path / "truth-3.jsonl")
+            await settle(tap, sent_3, until_missing=False)
+            assert sent_3 <= tap.ids, (
+                f"{len(sent_3 - tap.ids)} readings held for the session that left"
+            )
+            return Run(kill_us, restart_us, sent, missing_while_down, records, ids, held, sent_3)
         finally:
             await tap.stop()
 
@@ -256,7 +306,9 @@ def test_shared_subscription_collector_killed_loses_nothing(
         for p in [*procs.values(), *restarted]:
             processes.stop(p)
     for gw in gateways:
-        forget_session(settings, gw)
+        if gw != victim:  # it ended its own session
+            forget_session(settings, gw)
+    assert out.held_then_left, "nothing was held for the session before it left"
 
     kill_us, restart_us, sent, records = out.kill_us, out.restart_us, out.sent, out.records
     missing_while_down = out.missing_while_down
@@ -303,7 +355,8 @@ def test_shared_subscription_collector_killed_loses_nothing(
     print(
         f"seed {seed}: {len(records)} records, {len(sent)} readings; {victim} killed: "
         f"{len(missing_while_down)} readings held for its session, "
-        f"{len(after)} records forwarded after its restart, {len(dup_messages)} messages twice"
+        f"{len(after)} records forwarded after its restart, {len(dup_messages)} messages twice; "
+        f"{len(out.held_then_left)} readings held when it left, {len(out.after_leave)} after"
     )
     assert len(dup_messages) <= RECEIVE_MAXIMUM, (
         f"{len(dup_messages)} messages forwarded twice: more than one in-flight window"

@@ -6,6 +6,13 @@ as MQTT requires. The session is persistent (fixed client id, clean_start=False,
 expiry), so whatever was in flight when the collector died is redelivered when it returns.
 Several collectors share the load through a shared subscription ($share/<group>/...).
 
+Mosquitto (2.0) serves a group's members round robin whether they are connected or not: a
+member that is down keeps receiving its share into its session, delivered when it returns
+(tests/test_shared_collectors.py). So a collector is restarted under the same client id,
+and one that is retired for good *leaves* (:meth:`MqttCollector.run` with ``leave=True``):
+it resumes its session, unsubscribes, forwards what the session still holds, and ends the
+session, instead of leaving its share to pile up until the session expires and is dropped.
+
 Everything runs on the asyncio loop, paho included: its socket is driven by
 :class:`vitalproof.mqtt_loop.MqttLoop` (no network thread, no thread hand-off per message),
 and each time its socket is readable, every complete packet in it is read at once. A burst of
@@ -48,6 +55,10 @@ SESSION_EXPIRY_S = 24 * 3600
 # cap the collector near a thousand messages a second.
 RECEIVE_MAXIMUM = 1000
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
+# Leaving: once unsubscribed, the session is drained when nothing arrived for this long and
+# every message forwarded is acked. Mosquitto sends what a session holds as soon as the
+# Receive Maximum allows, so a second of silence with nothing in flight means nothing is left.
+LEAVE_QUIET_S = 1.0
 
 
 class CollectorError(VitalproofError):
@@ -141,6 +152,11 @@ class MqttCollector:
         self._connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set once the broker granted the subscription: from then on nothing is missed."""
+        self.unsubscribed = asyncio.Event()
+        """Leaving: set once the broker confirmed the unsubscription (no new share comes)."""
+        self._leaving = False
+        self._last_arrival = 0.0
+        self._disconnected = asyncio.Event()
         self._connect_error: str | None = None
         self._closing = False
         self._reconnect_at = 0.0
@@ -166,6 +182,7 @@ class MqttCollector:
         c.on_publish_fast = self._on_publish
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
         return c
 
     def _on_readable(self) -> None:
@@ -178,6 +195,7 @@ class MqttCollector:
             if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or not client.read_more():
                 break
         if len(inbox) > before:
+            self._last_arrival = time.monotonic()
             self._wake.set()
 
     def _on_subscribe(
@@ -193,6 +211,18 @@ class MqttCollector:
         else:
             log.error("subscription refused: %s", reasons)
 
+    def _on_unsubscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
+        self._last_arrival = time.monotonic()  # the quiet period starts now
+        self.unsubscribed.set()
+        self._wake.set()
+
     def _on_connect(
         self,
         client: mqtt.Client,
@@ -206,7 +236,10 @@ class MqttCollector:
             self._connected.set()
             return
         topic = f"$share/{self.settings.mqtt.share_group}/{DEVICE_TOPIC_FILTER}"
-        client.subscribe(topic, qos=1)
+        if self._leaving:
+            client.unsubscribe(topic)  # what the session holds still comes
+        else:
+            client.subscribe(topic, qos=1)
         log.info("collector connected (session present: %s)", flags.session_present)
         self._reconnect_delay = RECONNECT_MIN_S
         self._connected.set()
@@ -220,6 +253,7 @@ class MqttCollector:
         props: Properties | None,
     ) -> None:
         self._connected.clear()
+        self._disconnected.set()
         if not self._closing:
             log.warning("collector disconnected from MQTT: %s", reason)
             self._wake.set()  # the run loop reconnects
@@ -244,8 +278,13 @@ class MqttCollector:
         stop: asyncio.Event | None = None,
         max_messages: int | None = None,
         duration_s: float | None = None,
+        leave: bool = False,
     ) -> CollectorStats:
-        """Collect until ``stop`` is set, ``max_messages`` were acked or ``duration_s`` passed."""
+        """Collect until ``stop`` is set, ``max_messages`` were acked or ``duration_s`` passed.
+
+        ``leave``: retire this collector from the share group instead: unsubscribe, forward
+        what its session holds, then end the session (see the module's docstring)."""
+        self._leaving = leave
         own_producer = self._producer is None
         producer = self._producer or durable_producer(self.settings)
         if own_producer:
@@ -261,6 +300,8 @@ class MqttCollector:
                         max_messages=max_messages,
                         duration_s=duration_s,
                     )
+                    if leave:
+                        await self._end_session()
                 finally:
                     self._closing = True
         finally:
@@ -302,6 +343,8 @@ class MqttCollector:
                 break
             if max_messages is not None and self.stats.acked >= max_messages:
                 break
+            if self._drained_for_leave():
+                break
             now = time.monotonic()
             remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
@@ -316,6 +359,27 @@ class MqttCollector:
             if self._inbox:
                 await self._forward(sender)
         await self._drain()
+
+    def _drained_for_leave(self) -> bool:
+        return (
+            self._leaving
+            and self.unsubscribed.is_set()
+            and not self._inbox
+            and self._ledger.pending == 0
+            and time.monotonic() - self._last_arrival >= LEAVE_QUIET_S
+        )
+
+    async def _end_session(self) -> None:
+        """DISCONNECT with session expiry 0: the broker forgets the (drained) session."""
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        self._closing = True
+        self._disconnected.clear()
+        if self._client.socket() is None:
+            raise CollectorError("lost the broker before the session could be ended")
+        self._client.disconnect(properties=props)
+        await asyncio.wait_for(self._disconnected.wait(), 10)
+        log.info("left the share group; session ended")
 
     def _reconnect(self, now: float) -> None:
         """One reconnect attempt (the session brings back whatever was unacked); the next,

@@ -165,11 +165,15 @@ def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
         settings.mqtt.collector_user, secret.get_secret_value(), settings.mqtt.tls_ca
     )
     collector = MqttCollector(settings, credentials)
-    stats = asyncio.run(collector.run(duration_s=args.duration, max_messages=args.max_messages))
+    stats = asyncio.run(
+        collector.run(duration_s=args.duration, max_messages=args.max_messages, leave=args.leave)
+    )
     print(
         f"received {stats.received}, forwarded {stats.forwarded}, acked {stats.acked}",
         file=sys.stderr,
     )
+    if args.leave:
+        print(f"{collector.client_id} left the share group; its session is ended", file=sys.stderr)
     return 0
 
 
@@ -384,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="this collector's name (VITALPROOF_GATEWAY_ID): its MQTT client id is "
         "vitalproof-collector-ID; give each collector its own, the same across restarts",
+    )
+    c.add_argument(
+        "--leave",
+        action="store_true",
+        help="retire this collector (MQTT): forward what its session holds, then end it",
     )
     c.add_argument("--duration", type=float, help="stop after this many seconds")
     c.add_argument("--max-messages", type=int, help="stop after this many acked messages")
