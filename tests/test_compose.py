@@ -255,3 +255,13 @@ def test_cluster_names_are_real_settings_and_secrets_come_as_files():
             assert secret in doc["secrets"]
     for secret in doc["secrets"].values():
         assert secret["file"].startswith("./secrets/"), "secrets stay outside git"
+
+
+def test_deploy_doc_names_only_real_settings():
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    named = set(re.findall(r"VITALPROOF_[A-Z0-9_]*[A-Z0-9]", doc))
+    unknown = named - setting_names() - PENDING_S3
+    assert not unknown, f"docs/deploy.md names {sorted(unknown)}, which are not settings"
+    cluster = profile("cluster")
+    for name in cluster:
+        assert f"`{name}" in doc, f"docs/deploy.md does not describe the service {name}"
