@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from vitalproof.devstack import kafka, mosquitto
-from vitalproof.settings import SECRETS_DIR_VAR, Settings
+from vitalproof.settings import SECRETS_DIR_VAR, PathSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,3 +265,19 @@ def test_deploy_doc_names_only_real_settings():
     cluster = profile("cluster")
     for name in cluster:
         assert f"`{name}" in doc, f"docs/deploy.md does not describe the service {name}"
+
+
+def test_the_broker_reads_the_password_file_enrolment_writes():
+    """`devices enroll` in a vitalproof container writes the file its VITALPROOF_HOME puts it
+    at; the broker container must read that same file through the shared `state` volume."""
+    conf = (ROOT / "vitalproof/devstack/data/mosquitto/mosquitto.conf").read_text()
+    (line,) = [ln for ln in conf.splitlines() if ln.startswith("password_file ")]
+    inside_broker = Path(line.split(" ", 1)[1])
+    (mount,) = [v for v in load()["services"]["mosquitto"]["volumes"] if v.startswith("state:")]
+    broker_mount = Path(mount.split(":")[1])
+    for name in ("collector", "collector-a"):
+        service = load()["services"][name]
+        home = Path(service["environment"]["VITALPROOF_HOME"])
+        assert "state:" + str(home) in service["volumes"]
+        written = mosquitto.password_file(Settings(paths=PathSettings(home=home)))
+        assert inside_broker == broker_mount / written.relative_to(home), name
