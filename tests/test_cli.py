@@ -154,3 +154,10 @@ def test_min_isr_above_the_replication_factor_is_refused_in_one_line(tmp_path: P
     out = vp("stack", "status", env=env)
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "VITALPROOF_KAFKA_MIN_INSYNC_REPLICAS (2) exceeds" in out.stderr
+
+
+def test_leave_with_a_time_limit_is_refused() -> None:
+    """Ending a session that is not drained would discard what the broker holds for it."""
+    out = vp("collect", "--leave", "--duration", "1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--leave runs until the session is drained" in out.stderr

@@ -155,6 +155,9 @@ class MqttCollector:
         self.unsubscribed = asyncio.Event()
         """Leaving: set once the broker confirmed the unsubscription (no new share comes)."""
         self._leaving = False
+        self.left = False
+        """Leaving: set once the session was drained and ended."""
+        self._drained = False
         self._last_arrival = 0.0
         self._disconnected = asyncio.Event()
         self._connect_error: str | None = None
@@ -300,8 +303,11 @@ class MqttCollector:
                         max_messages=max_messages,
                         duration_s=duration_s,
                     )
-                    if leave:
+                    if leave and self._drained:
                         await self._end_session()
+                    elif leave:
+                        # Stopped early: ending the session now would discard what it holds.
+                        log.warning("stopped before the session was drained; it is kept")
                 finally:
                     self._closing = True
         finally:
@@ -344,6 +350,7 @@ class MqttCollector:
             if max_messages is not None and self.stats.acked >= max_messages:
                 break
             if self._drained_for_leave():
+                self._drained = True
                 break
             now = time.monotonic()
             remaining = None if deadline is None else deadline - now
@@ -379,6 +386,7 @@ class MqttCollector:
             raise CollectorError("lost the broker before the session could be ended")
         self._client.disconnect(properties=props)
         await asyncio.wait_for(self._disconnected.wait(), 10)
+        self.left = True
         log.info("left the share group; session ended")
 
     def _reconnect(self, now: float) -> None:

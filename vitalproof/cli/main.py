@@ -150,9 +150,13 @@ def _with_gateway_id(settings: Settings, gateway_id: str | None) -> Settings:
 
 def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
     settings = _with_gateway_id(settings, args.gateway_id)
+    if args.leave and (args.duration is not None or args.max_messages is not None):
+        raise UsageError("--leave runs until the session is drained: no --duration/--max-messages")
+    if args.leave and args.transport == "ble":
+        raise UsageError("--leave retires an MQTT collector; a BLE gateway has no broker session")
     if args.transport == "ble":
         return _collect_ble(args, settings)
-    from ingest.mqtt.collector import MqttCollector, MqttCredentials
+    from ingest.mqtt.collector import CollectorError, MqttCollector, MqttCredentials
 
     secret = settings.mqtt.collector_password
     if secret is None:
@@ -172,6 +176,8 @@ def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
         f"received {stats.received}, forwarded {stats.forwarded}, acked {stats.acked}",
         file=sys.stderr,
     )
+    if args.leave and not collector.left:
+        raise CollectorError(f"{collector.client_id} did not leave: its session is kept")
     if args.leave:
         print(f"{collector.client_id} left the share group; its session is ended", file=sys.stderr)
     return 0
