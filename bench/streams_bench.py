@@ -187,7 +187,7 @@ def run_inprocess(args: argparse.Namespace) -> None:
         if prof:
             prof.enable()
         t0 = _clock()
-        clean: list[bytes] = []
+        clean_records: list[bytes] = []
         for start in range(0, len(raws), NORMALIZE_TAKE):  # as the worker takes them
             accepted = []
             for i, r in enumerate(raws[start : start + NORMALIZE_TAKE], start):
@@ -197,18 +197,18 @@ def run_inprocess(args: argparse.Namespace) -> None:
             recent.drop_seen_many(accepted)
             batches = [b for b, _origin in accepted]
             for _patient, bundle in bundle_by_patient(batches, CLEAN_BUNDLE_SAMPLES):
-                clean.append(clean.encode_bundle(bundle))
+                clean_records.append(clean.encode_bundle(bundle))
             recent.drain()
         t1 = _clock()
         # Cut into batches as the worker's seal buffer does (whole records, by rows), and
         # sealed by what the seal process runs.
         buffer: SealBuffer[CleanRecord] = SealBuffer(
             max_rows=args.batch_rows,
-            max_records=len(clean) + 1,
+            max_records=len(clean_records) + 1,
             max_age_s=float("inf"),
             rows_of=lambda r: clean.sample_count(r[3]),
         )
-        buffer.add([("clean", 0, i, v) for i, v in enumerate(clean)], 0.0)
+        buffer.add([("clean", 0, i, v) for i, v in enumerate(clean_records)], 0.0)
         t2 = _clock()
         rows = 0
         while len(buffer):
