@@ -253,10 +253,10 @@ def verify_offline(bundle: AnyBundle | bytes | str) -> None:
     know: an RFC 9162 path does not commit to the tree size. In version 1 an altered
     ``batch.batch_size`` may pass the batch path and is caught by the log leaf (which
     contains it) instead, and an altered ``log.tree_size`` by the comparison with the
-    anchor. In version 2 ``patient.size``, ``patient.leaf_index``, ``batch.patient_count``
-    and ``batch.patient_index`` only place the paths: an altered one that keeps the paths'
-    shape still verifies, and what is proven is unchanged (this leaf is in the anchored
-    batch); docs/wire-formats.md says why that is enough.
+    anchor. In version 2 ``patient.size`` and ``batch.patient_count`` only place the paths:
+    another size that gives the leaf the same place in the RFC split still verifies, and
+    what is proven is unchanged (this leaf is in the anchored batch); an altered index never
+    verifies. docs/wire-formats.md says why that is enough.
     """
     b = bundle if isinstance(bundle, ProofBundle | ProofBundleV2) else load_bundle(bundle)
     try:
