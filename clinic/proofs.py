@@ -30,8 +30,8 @@ from streams import lake
 from streams.lake.keystore import KeystoreError, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
 from vitalproof.errors import VitalproofError
-from vitalproof.manifest import BatchManifest
 from vitalproof.hashing import salted_leaves
+from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
 from vitalproof_verify.bundle import AnyBundle, load_bundle
 from vitalproof_verify.errors import ProofError
@@ -181,9 +181,7 @@ class LakeView:
             raise ProofExportError(f"{where} do not rebuild the sealed patient root")
         return leaves
 
-    def _batch_rows(
-        self, manifest: BatchManifest, patient_id: str, batches: set[str]
-    ) -> pa.Table:
+    def _batch_rows(self, manifest: BatchManifest, patient_id: str, batches: set[str]) -> pa.Table:
         try:
             rows = lake.read_patient(
                 self.root,

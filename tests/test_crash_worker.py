@@ -265,9 +265,9 @@ def check_invariant(
             assert len(data) == f.bytes, f"{f.path}: size differs"
         assert sum(f.rows for f in m.files) == m.rows
         assert m.patient_roots is not None and m.patient_sizes is not None, m.batch_id
-        assert merkle_root([bytes.fromhex(r) for r in m.patient_roots]).hex() == (
-            m.merkle_root
-        ), f"{m.batch_id}: the Merkle root is not the root over the patients' roots"
+        assert merkle_root([bytes.fromhex(r) for r in m.patient_roots]).hex() == (m.merkle_root), (
+            f"{m.batch_id}: the Merkle root is not the root over the patients' roots"
+        )
         for p, size in zip(m.patients, m.patient_sizes, strict=True):
             assert sum(f.rows for f in m.files if f.patient_id == p) == size, (m.batch_id, p)
     assert sum(m.rows for m in view.manifests) == sum(view.sealed.values())

@@ -109,7 +109,9 @@ def test_the_sealer_builds_both_levels_with_the_vector_checked_root(tmp_path: Pa
     assert manifest.patient_roots is not None
     view = LakeView(settings)
     roots = [bytes.fromhex(r) for r in manifest.patient_roots]
-    subtrees = [view.patient_leaves(manifest, p, r) for p, r in zip(manifest.patients, roots)]
+    subtrees = [
+        view.patient_leaves(manifest, p, r) for p, r in zip(manifest.patients, roots, strict=True)
+    ]
     for sub, r in zip(subtrees, roots, strict=True):
         assert merkle.root(sub) == hashing.merkle_root(sub) == r
     batch_root = bytes.fromhex(manifest.merkle_root)

@@ -105,9 +105,7 @@ def test_every_reading_of_every_patient_gets_a_v2_bundle_that_verifies(world: Wo
             assert isinstance(loaded, ProofBundleV2) and loaded == bundle
             assert loaded.to_json() == data  # one serialisation per proof
             validator.validate(json.loads(data))
-            assert not jsonschema.Draft202012Validator(bundle_schema(1)).is_valid(
-                json.loads(data)
-            )
+            assert not jsonschema.Draft202012Validator(bundle_schema(1)).is_valid(json.loads(data))
             assert (bundle.patient.leaf_index, bundle.patient.size) == (i, b - a)
             assert (bundle.batch.patient_index, bundle.batch.patient_count) == (p, 3)
             assert bundle.patient.root == world.roots[p].hex()
