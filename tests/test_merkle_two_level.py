@@ -16,14 +16,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from anchor.log import MerkleLog
 from clinic.proofs import LakeView
 from streams.lake.keystore import LocalKeystore
+from streams.lake.layout import BATCHES_DIR
 from streams.sealer import Pending, Sealer
 from tests.test_merkle import VECTORS, _b64, _load, _roots_doc
+from tests.test_proof_offline import _receipt
 from vitalproof import hashing
+from vitalproof.manifest import BatchManifest
 from vitalproof.schema import SampleBatch, Transport
 from vitalproof.settings import PathSettings, Settings
 from vitalproof_verify import merkle
+from vitalproof_verify.bundle import ProofBundle, verify_offline
 from vitalproof_verify.errors import MerkleError
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
@@ -218,3 +223,36 @@ def test_a_leaf_claimed_under_another_subtree_fails(
         merkle.verify_two_level_inclusion(
             subtrees[s][i], i, len(subtrees[s]), lower, roots[s], other, len(roots), upper, top
         )
+
+
+def test_a_batch_sealed_with_tree_version_1_still_exports_a_v1_bundle(tmp_path: Path) -> None:
+    """A lake from before the two-level tree: its manifest names a ``.leaves`` file and no
+    patient roots. Made here from a one-patient batch (whose leaf order and root are the same
+    in both versions), it must still give a version-1 bundle that verifies."""
+    settings = Settings(paths=PathSettings(home=tmp_path))
+    kms = LocalKeystore(settings.paths.keys_dir)
+    b = SampleBatch(
+        device_id="dev-1", patient_id="pt-1", gateway_id="gw", transport=Transport.MQTT,
+        receive_time_us=T0,
+    )  # fmt: skip
+    for i in range(5):
+        b.add("heart_rate", "/min", T0 + i * 1_000_000, i, 60.0 + i)
+    b.fill_reading_ids()
+    v2 = Sealer(settings.lake_dir, kms).seal([Pending("t.vitals.clean", 0, 0, b)])
+    assert v2 is not None and v2.patient_roots is not None
+    view = LakeView(settings)
+    leaves = view.patient_leaves(v2, "pt-1", bytes.fromhex(v2.patient_roots[0]))
+    rel = f"{BATCHES_DIR}/{v2.batch_id}.leaves"
+    (settings.lake_dir / rel).write_bytes(b"".join(leaves))
+    v1 = BatchManifest.model_validate(
+        v2.model_dump(exclude={"patient_roots", "patient_sizes"}) | {"leaves_path": rel}
+    )
+    assert v1.tree_version == 1 and v1.merkle_root == merkle.root(leaves).hex()
+    (settings.lake_dir / BATCHES_DIR / f"{v1.batch_id}.json").write_bytes(v1.to_json_bytes())
+    with MerkleLog(settings.anchor_dir / "log") as log:
+        log.append(v1.batch_id, bytes.fromhex(v1.merkle_root), v1.rows)
+        log.record_anchor(1, log.root(), _receipt(log.root(), 1))
+    bundle = LakeView(settings).bundle(b.reading_id[3])
+    assert isinstance(bundle, ProofBundle) and bundle.version == 1
+    assert bundle.batch.leaf_index == 3 and bundle.batch.batch_size == 5
+    verify_offline(bundle.to_json())
