@@ -1,10 +1,12 @@
 """Erasing a patient (issue 10, item 6; "Patient keys" in docs/invariants.md).
 
-Nothing sealed is rewritten: the lake's files, the batches' leaves and the anchor log stay
-byte for byte, which is why every other patient's proof bundles still verify against the same
-anchors. What goes is what links those bytes to the patient: their keys and salts, destroyed
-by the keystore (crypto-shredding), so their files no longer decrypt and their leaves can no
-longer be recomputed from a guessed reading. Around that, the erasure stops everything that
+Nothing sealed is rewritten: the lake's files, the batches' manifests (which hold each
+patient's subtree root, the upper level of the batch tree) and the anchor log stay byte for
+byte, which is why every other patient's proof bundles still verify against the same anchors:
+their paths need the erased patient's subtree root, never their leaves. What goes is what
+links those bytes to the patient: their keys and salts, destroyed by the keystore
+(crypto-shredding), so their files no longer decrypt and their leaves can no longer be
+recomputed from a guessed reading. Around that, the erasure stops everything that
 still flows: no new data is accepted from their devices, no clinician may see them any more,
 and the audit log records who erased them and why.
 

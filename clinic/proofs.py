@@ -1,7 +1,13 @@
-"""Proof bundles from the lake: find a reading, rebuild its two Merkle paths, cite the anchor.
+"""Proof bundles from the lake: find a reading, rebuild its Merkle paths, cite the anchor.
 
 This sits above streams and anchor (it reads the encrypted lake with the patient's key and
 the anchor log), which is why it is not in ``anchor``: the *verifier* needs nothing of this.
+
+A batch of tree version 2 keeps only its patients' roots (in the manifest); the reading's
+patient's leaves are recomputed here from that patient's decrypted rows of the batch (their
+``batch_id``; ``leaf_index`` places each row in the subtree), with salts from the keystore,
+and must rebuild the sealed root before any path is built from them. Batches sealed before
+(tree version 1) kept every leaf in ``_batches/<batch>.leaves`` and give version-1 bundles.
 
 An erased patient's files ("Patient keys", :mod:`clinic.erasure`) are skipped, not fatal:
 everyone else's bundles must still export after one patient's erasure, while that patient's
@@ -17,17 +23,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anchor.bundles import build_bundle
+from anchor.bundles import build_bundle, build_bundle_v2
 from anchor.errors import AnchorError
 from anchor.log import MerkleLog
 from streams import lake
 from streams.lake.keystore import KeystoreError, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
 from vitalproof.errors import VitalproofError
+from vitalproof.hashing import salted_leaves
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
-from vitalproof_verify.bundle import ProofBundle
+from vitalproof_verify.bundle import AnyBundle, load_bundle
 from vitalproof_verify.errors import ProofError
+from vitalproof_verify.leaves import canonical_reading_bytes
+from vitalproof_verify.merkle import root as merkle_root
 from vitalproof_verify.verify import verify_bundle
 
 
@@ -89,46 +98,102 @@ class LakeView:
         row["reading_id"] = reading_id
         return row
 
-    def bundle(self, reading_id: str, row: dict[str, Any] | None = None) -> ProofBundle:
+    def bundle(self, reading_id: str, row: dict[str, Any] | None = None) -> AnyBundle:
         row = row or self.find(reading_id)
         batch_id = str(row["batch_id"])
         manifest = BatchManifest.model_validate_json(
             (self.root / BATCHES_DIR / f"{batch_id}.json").read_bytes()
         )
-        leaves_raw = (self.root / manifest.leaves_path).read_bytes()
-        leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
         leaf_index = int(row["leaf_index"])
         patient_id = str(row["patient_id"])
         try:
             (salt,) = self.kms.salts(patient_id, [reading_id])
         except KeystoreError as e:  # an erased patient's salt is gone with their keys
             raise ProofExportError(f"reading {reading_id}: {e}") from e
-        value = row["value"]
-        reading = {
-            "reading_id": reading_id,
-            "device_id": str(row["device_id"]),
-            "patient_id": patient_id,
-            "metric": str(row["metric"]),
-            "value": None if value is None or math.isnan(value) else float(value),
-            "unit": str(row["unit"]),
-            "device_time_us": _us(row["device_time"]),
-            "seq": int(row["seq"]),
-            "quality": int(row["quality"]),
-        }
+        reading = _reading(row, reading_id)
         log = MerkleLog(self.settings.anchor_dir / "log", readonly=True)
         if log.index_of(batch_id) is None:
             raise ProofExportError(f"batch {batch_id} is not in the anchor log yet")
         try:
-            return build_bundle(
+            if manifest.leaves_path is not None:  # tree version 1: every leaf kept
+                leaves_raw = (self.root / manifest.leaves_path).read_bytes()
+                leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
+                return build_bundle(
+                    reading=reading,
+                    salt=salt,
+                    batch_id=batch_id,
+                    batch=leaves,
+                    leaf_index=leaf_index,
+                    log=log,
+                )
+            roots = [bytes.fromhex(r) for r in manifest.patient_roots or []]
+            if patient_id not in manifest.patients:
+                raise ProofExportError(f"batch {batch_id} has no readings of {patient_id}")
+            index = manifest.patients.index(patient_id)
+            return build_bundle_v2(
                 reading=reading,
                 salt=salt,
                 batch_id=batch_id,
-                batch=leaves,
+                patient_leaves=self.patient_leaves(manifest, patient_id, roots[index]),
                 leaf_index=leaf_index,
+                patient_roots=roots,
+                patient_index=index,
+                batch_size=manifest.rows,
                 log=log,
             )
         except AnchorError as e:
             raise ProofExportError(f"reading {reading_id}: {e}") from e
+
+    def patient_leaves(self, manifest: BatchManifest, patient_id: str, root: bytes) -> list[bytes]:
+        """The patient's salted leaves of a batch of tree version 2, in subtree order,
+        recomputed from their rows; they must rebuild the sealed ``root``.
+
+        Rows are picked by their ``batch_id`` column and each put at its ``leaf_index``,
+        which must number them 0..n-1 with n the sealed count. First from the files named
+        for the batch (one decryption, the sealer's layout); when those do not hold them all
+        (files merged by compaction carry many batches), from every sealed file of the
+        patient in the batch's time range.
+        """
+        where = f"patient {patient_id}'s rows of batch {manifest.batch_id}"
+        size = (manifest.patient_sizes or [])[manifest.patients.index(patient_id)]
+        rows = self._batch_rows(manifest, patient_id, {manifest.batch_id})
+        if rows.num_rows != size:
+            rows = self._batch_rows(manifest, patient_id, lake.sealed_batch_ids(self.root))
+        order = rows["leaf_index"].to_pylist()
+        if sorted(order) != list(range(size)):
+            raise ProofExportError(
+                f"{where}: {rows.num_rows} rows with leaf indexes that are not 0..{size - 1}"
+                " (a file missing or added?)"
+            )
+        ids = lake.hex_ids(rows["reading_id"]).to_pylist()
+        try:
+            salts = self.kms.salts(patient_id, ids)
+        except KeystoreError as e:
+            raise ProofExportError(f"{where}: {e}") from e
+        canonical = [
+            canonical_reading_bytes(**_reading(r, rid))
+            for r, rid in zip(rows.to_pylist(), ids, strict=True)
+        ]
+        leaves: list[bytes] = [b""] * size
+        for i, leaf in zip(order, salted_leaves(salts, canonical), strict=True):
+            leaves[i] = leaf
+        if merkle_root(leaves) != root:
+            raise ProofExportError(f"{where} do not rebuild the sealed patient root")
+        return leaves
+
+    def _batch_rows(self, manifest: BatchManifest, patient_id: str, batches: set[str]) -> pa.Table:
+        try:
+            rows = lake.read_patient(
+                self.root,
+                patient_id,
+                self.kms,
+                manifest.first_device_time_us,
+                manifest.last_device_time_us + 1,
+                batches=batches,
+            )
+        except lake.LakeError as e:
+            raise ProofExportError(f"patient {patient_id}, batch {manifest.batch_id}: {e}") from e
+        return rows.filter(pc.equal(pc.cast(rows["batch_id"], pa.string()), manifest.batch_id))
 
     def export_and_verify(self, reading_ids: Sequence[str], w3: Any) -> tuple[int, list[str]]:
         """Export and verify bundles for ``reading_ids`` (the demo's last step)."""
@@ -142,15 +207,31 @@ class LakeView:
                     raise ProofExportError(f"reading {rid} is not in the lake")
                 row = hit[0] | {"reading_id": rid}
                 bundle = self.bundle(rid, row)
-                verify_bundle(ProofBundle.model_validate_json(bundle.model_dump_json()), w3)
+                verify_bundle(load_bundle(bundle.model_dump_json()), w3)
                 ok += 1
             except (ProofError, AnchorError, ProofExportError) as e:
                 failures.append(f"{rid}: {e}")
         return ok, failures
 
 
-def export_bundle(settings: Settings, reading_id: str) -> ProofBundle:
+def export_bundle(settings: Settings, reading_id: str) -> AnyBundle:
     return LakeView(settings).bundle(reading_id)
+
+
+def _reading(row: dict[str, Any], reading_id: str) -> dict[str, Any]:
+    """A lake row as the fields of :class:`~vitalproof_verify.bundle.Reading`."""
+    value = row["value"]
+    return {
+        "reading_id": reading_id,
+        "device_id": str(row["device_id"]),
+        "patient_id": str(row["patient_id"]),
+        "metric": str(row["metric"]),
+        "value": None if value is None or math.isnan(value) else float(value),
+        "unit": str(row["unit"]),
+        "device_time_us": _us(row["device_time"]),
+        "seq": int(row["seq"]),
+        "quality": int(row["quality"]),
+    }
 
 
 def _us(t: Any) -> int:

@@ -1,8 +1,13 @@
 """Sealing: a group of clean Kafka records becomes one batch, durably and exactly once.
 
 A batch is named by the Kafka offsets it covers, so its id is deterministic. Sealing writes,
-in this order: the patients' encrypted Parquet files, the leaf file, then the manifest, each
-by temp file + fsync + atomic rename. The manifest is the commit point: once it exists the
+in this order: the patients' encrypted Parquet files, then the manifest, each by temp file +
+fsync + atomic rename. The batch's tree has two levels (tree version 2, docs/wire-formats.md):
+each patient's salted leaves, in the canonical order (:func:`canonical_order`), make one
+RFC 9162 subtree, and the batch root is the RFC 9162 root over those subtrees' roots,
+patients sorted. The manifest keeps each patient's root and leaf count, and nothing per
+reading: a proof recomputes its patient's leaves from their rows (which carry ``batch_id``
+and ``leaf_index``). The manifest is the commit point: once it exists the
 batch is sealed, and the worker skips every offset it covers if Kafka redelivers them (the
 *ledger*, rebuilt from manifests at start). Only after the manifest has been produced to
 ``vitals.batches`` and Kafka acknowledged it does the worker ack the offsets; a manifest
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from streams import lake
 from streams.digest_run import DigestRun, split
@@ -116,8 +123,9 @@ class Sealer:
         # Ids sealed by a recent batch (a replay after a crash): one lookup for the batch.
         replayed = self.recent.seen([rid for p in fresh for rid in p.batch.reading_id])
         by_patient = group_by_patient([p.batch for p in fresh], already=replayed)
-        leaves: list[bytes] = []
-        sealed_ids: list[str] = []  # in leaf order, for the memory of recently sealed ids
+        patient_roots: list[bytes] = []
+        patient_sizes: list[int] = []
+        sealed_ids: list[str] = []  # for the memory of recently sealed ids
         files: list[BatchFile] = []
         first_t, last_t = 2**63, -(2**63)
         for patient_id, batches in by_patient.items():
@@ -127,16 +135,27 @@ class Sealer:
             # docs/invariants.md only promises that the *old* data becomes unreadable).
             self.kms.current_key_id(patient_id)
             salts = self.kms.salts(patient_id, ids)
-            first_leaf = len(leaves)
+            arrival: list[bytes] = []  # the leaves in arrival order
             start = 0
             for b in batches:
-                leaves.extend(hashing.canonical_leaves(salts[start : start + len(b)], b))
+                arrival.extend(hashing.canonical_leaves(salts[start : start + len(b)], b))
                 start += len(b)
             for b in batches:
                 if b.device_time_us:
                     first_t = min(first_t, min(b.device_time_us))
                     last_t = max(last_t, max(b.device_time_us))
-            table = lake.table_from_batches(batches, batch_id=batch_id, first_leaf=first_leaf)
+            table = lake.table_from_batches(batches, batch_id=batch_id)
+            # Rows in canonical order, leaf_index their place in it: the row and its leaf
+            # agree by construction, and leaf_index is 0, 1, 2... in every file.
+            order = canonical_order(table)
+            table = table.take(order).set_column(
+                table.schema.get_field_index("leaf_index"),
+                "leaf_index",
+                pa.array(np.arange(len(order), dtype=np.int32)),
+            )
+            leaves = [arrival[i] for i in order.to_pylist()]
+            patient_roots.append(hashing.merkle_root(leaves))
+            patient_sizes.append(len(leaves))
             for written in lake.write_patient_files(
                 self.lake_root, batch_id, patient_id, table, self.kms
             ):
@@ -151,22 +170,21 @@ class Sealer:
                     )
                 )
         crashpoint("after_files")
-        if not leaves:  # every reading was a replay of an earlier batch
+        if not patient_roots:  # every reading was a replay of an earlier batch
             return None
-        root = hashing.merkle_root(leaves)
-        leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
-        write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
-        crashpoint("after_leaves")
+        # The upper level over per-patient roots: the same RFC 9162 root function.
+        root = hashing.merkle_root(patient_roots)
         manifest = BatchManifest(
             batch_id=batch_id,
             covers=covers,
-            patients=sorted({f.patient_id for f in files}),
-            rows=len(leaves),
+            patients=list(by_patient),  # sorted: the order of the upper tree's leaves
+            rows=sum(patient_sizes),
             first_device_time_us=first_t,
             last_device_time_us=last_t,
             files=files,
             merkle_root=root.hex(),
-            leaves_path=leaves_rel,
+            patient_roots=[r.hex() for r in patient_roots],
+            patient_sizes=patient_sizes,
             sealed_at_us=time.time_ns() // 1000,
         )
         write_atomic(manifest_path, manifest.to_json_bytes())
@@ -174,6 +192,27 @@ class Sealer:
         self._advance(covers)
         self.recent.add(sealed_ids)
         return manifest
+
+
+def canonical_order(table: pa.Table) -> pa.Array:
+    """The canonical order of one patient's rows of a batch: their leaves' order in the
+    patient's subtree, as indices into ``table``.
+
+    By (metric, device_time), the order the lake sorts a file's rows in
+    (:func:`streams.lake.table.sort_for_file`, which is stable, so a file written from rows
+    in this order keeps it), then device id and seq, which make it total: distinct readings
+    of a batch differ in (device, metric, seq, time), the material of their ids. Strings
+    compare by code point, as Python's ``sorted`` does.
+    """
+    key = pa.table(
+        {
+            "m": pc.cast(table["metric"], pa.string()),
+            "t": table["device_time"],
+            "d": pc.cast(table["device_id"], pa.string()),
+            "s": table["seq"],
+        }
+    )
+    return pc.sort_indices(key, [(c, "ascending") for c in ("m", "t", "d", "s")])
 
 
 def _covers(items: Sequence[Pending]) -> list[OffsetRange]:
@@ -255,8 +294,8 @@ def group_by_patient(
     """Deduplicate by reading id (first wins, and never one sealed ``already``) and group by
     patient, patients sorted.
 
-    The order fixes each reading's leaf index: patients in sorted order, then arrival order,
-    so the same records always give the same tree.
+    Patients in sorted order are the order of the batch tree's upper level; within a patient
+    the leaves follow :func:`canonical_order`, so the same records always give the same tree.
     """
     seen: set[str] = set()
     grouped: dict[str, list[SampleBatch]] = {}

@@ -43,7 +43,6 @@ pytestmark = pytest.mark.integration
 CRASH_POINTS = [
     "before_files:2",
     "after_files:2",
-    "after_leaves:2",
     "after_manifest:2",
     "after_produce:2",
     "after_ack:2",
@@ -265,11 +264,12 @@ def check_invariant(
             assert hashlib.sha256(data).hexdigest() == f.sha256, f"{f.path}: sha256 differs"
             assert len(data) == f.bytes, f"{f.path}: size differs"
         assert sum(f.rows for f in m.files) == m.rows
-        leaves = (settings.lake_dir / m.leaves_path).read_bytes()
-        assert len(leaves) == 32 * m.rows, f"{m.batch_id}: leaf file has the wrong length"
-        assert merkle_root([leaves[i : i + 32] for i in range(0, len(leaves), 32)]).hex() == (
-            m.merkle_root
-        ), f"{m.batch_id}: the Merkle root does not match the leaf file"
+        assert m.patient_roots is not None and m.patient_sizes is not None, m.batch_id
+        assert merkle_root([bytes.fromhex(r) for r in m.patient_roots]).hex() == (m.merkle_root), (
+            f"{m.batch_id}: the Merkle root is not the root over the patients' roots"
+        )
+        for p, size in zip(m.patients, m.patient_sizes, strict=True):
+            assert sum(f.rows for f in m.files if f.patient_id == p) == size, (m.batch_id, p)
     assert sum(m.rows for m in view.manifests) == sum(view.sealed.values())
 
     # No offset of any partition is covered by two batches.

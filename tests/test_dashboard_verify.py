@@ -1,12 +1,14 @@
 """The in-browser verifier (/ui/verify.html) against the Python verifier, bundle by bundle.
 
-Real bundles: readings sealed by the real Sealer, anchored on a real Anvil by the AnchorJob
-(one anchor per batch, so the log has several entries and several transactions), exported as
-`vitalproof proof export` exports them; then one variant per check the Python verifier makes,
-each tampered in one field, and the frozen v1 bundle. For every one, the page in chromium (the
-Anvil URL typed in) must reach the Python verifier's verdict and name its failing check; the
-Python side is its API and, for a few, its command line. Also in the same browser: merkle.js
-against the published RFC 9162 vectors, and bundle.js's leaf bytes against leaves.py's.
+Real bundles: readings of three patients sealed by the real Sealer, anchored on a real Anvil
+by the AnchorJob (one anchor per batch, so the log has several entries and several
+transactions), exported as `vitalproof proof export` exports them (version 2: a patient path
+and a batch path); then one variant per check the Python verifier makes, each tampered in one
+field, and the frozen v1 bundle, genuine and tampered (version 1 is still read and checked).
+For every one, the page in chromium (the Anvil URL typed in) must reach the Python verifier's
+verdict and name its failing check; the Python side is its API and, for a few, its command
+line. Also in the same browser: merkle.js against the published RFC 9162 vectors, and
+bundle.js's leaf bytes against leaves.py's.
 """
 
 from __future__ import annotations
@@ -55,31 +57,35 @@ class Anchored:
 
 
 def _seal_and_anchor(settings: Settings) -> dict[str, str]:
-    """BATCHES batches of one device's heart rate, each sealed and then anchored on its own;
-    returns each batch's first reading id by batch id."""
+    """BATCHES batches of three patients' heart rate, each sealed and then anchored on its
+    own; returns each batch's first reading id of patient pt-1 by batch id. pt-1 is the
+    middle one of three patients (a two-step batch path) with 11 readings (an unbalanced
+    subtree)."""
     sealer = Sealer(settings.lake_dir, LocalKeystore(settings.paths.keys_dir))
     job = AnchorJob.from_settings(settings)
     try:
         for n in range(BATCHES):
-            b = SampleBatch(
-                device_id=f"dev-{n}",
-                patient_id="pt-1",
-                gateway_id="gw",
-                transport=Transport.MQTT,
-                receive_time_us=T0,
-            )
-            for i in range(
-                11
-            ):  # 11 leaves: an unbalanced tree; values 60.25.., 60.5.., 60.75.., 60.0..
-                b.add("heart_rate", "/min", T0 + i * 1_000_000, i, 60.0 + i + (n + 1) % 4 / 4)
-            b.fill_reading_ids()
-            manifest = sealer.seal([Pending(settings.kafka.topic_clean, 0, n, b)])
-            assert manifest is not None
+            items = []
+            for k, (patient, count) in enumerate([("pt-0", 2), ("pt-1", 11), ("pt-2", 3)]):
+                b = SampleBatch(
+                    device_id=f"dev-{patient}-{n}",
+                    patient_id=patient,
+                    gateway_id="gw",
+                    transport=Transport.MQTT,
+                    receive_time_us=T0,
+                )
+                # pt-1's values 60.25.., 60.5.., 60.75.., 60.0.. by batch
+                for i in range(count):
+                    b.add("heart_rate", "/min", T0 + i * 1_000_000, i, 60.0 + i + (n + 1) % 4 / 4)
+                b.fill_reading_ids()
+                items.append(Pending(settings.kafka.topic_clean, 0, 3 * n + k, b))
+            manifest = sealer.seal(items)
+            assert manifest is not None and manifest.patients == ["pt-0", "pt-1", "pt-2"]
             job.add_manifest(manifest.to_json_bytes())
             assert job.anchor_once() is not None
     finally:
         job.close()
-    table = LakeView(settings).table().to_pylist()
+    table = LakeView(settings).table(["pt-1"]).to_pylist()
     firsts: dict[str, str] = {}
     for row in sorted(table, key=lambda r: r["seq"]):
         firsts.setdefault(str(row["batch_id"]), bytes(row["reading_id"]).hex())
@@ -103,6 +109,8 @@ def anchored(tmp_path_factory: pytest.TempPathFactory, anvil_rpc_url: str) -> An
     bundles.sort(key=lambda b: b["log"]["leaf_index"])
     first, latest = bundles[0], bundles[-1]
     assert (latest["log"]["leaf_index"], latest["log"]["tree_size"]) == (3, 4)
+    assert latest["version"] == 2 and len(latest["patient"]["path"]) == 4
+    assert (latest["batch"]["patient_index"], len(latest["batch"]["path"])) == (1, 2)
     assert (
         len(latest["log"]["path"]) == 2
         and first["anchor"]["tx_hash"] != latest["anchor"]["tx_hash"]
@@ -206,7 +214,7 @@ def _set(section: str, key: str, value: Callable[[Any], Any]) -> Callable[[dict[
 
 
 def _add(section: str, key: str, value: Any) -> Callable[[dict[str, Any]], Any]:
-    return lambda b: b[section].__setitem__(key, value)
+    return lambda b: (b if section == "" else b[section]).__setitem__(key, value)
 
 
 def _drop(section: str, key: str) -> Callable[[dict[str, Any]], Any]:
@@ -247,8 +255,24 @@ CASES: dict[str, tuple[Change, str | None]] = {
     "value-null": (_set("reading", "value", lambda v: None), "wrong leaf"),
     "changed-salt": (_set("", "salt", _flip), "wrong leaf"),
     "changed-leaf-hash": (_set("", "leaf_hash", _flip), "wrong leaf"),
-    "changed-leaf-index": (_set("batch", "leaf_index", lambda i: i ^ 1), "wrong batch path"),
-    "leaf-index-outside-batch": (_set("batch", "leaf_index", lambda i: 11), "wrong batch path"),
+    "changed-leaf-index": (_set("patient", "leaf_index", lambda i: i ^ 1), "wrong patient path"),
+    "leaf-index-outside-subtree": (
+        _set("patient", "leaf_index", lambda i: 11),
+        "wrong patient path",
+    ),
+    "wrong-sibling-in-patient-path": (
+        _set("patient", "path", lambda p: [_flip(p[0]), *p[1:]]),
+        "wrong patient path",
+    ),
+    "patient-path-one-short": (_set("patient", "path", lambda p: p[:-1]), "wrong patient path"),
+    "patient-path-one-long": (_set("patient", "path", lambda p: [*p, p[0]]), "wrong patient path"),
+    "wrong-patient-root": (_set("patient", "root", _flip), "wrong patient path"),
+    "smaller-subtree": (_set("patient", "size", lambda n: 3), "wrong patient path"),
+    "changed-patient-index": (_set("batch", "patient_index", lambda i: i ^ 1), "wrong batch path"),
+    "patient-index-outside-batch": (
+        _set("batch", "patient_index", lambda i: 3),
+        "wrong batch path",
+    ),
     "wrong-sibling-in-batch-path": (
         _set("batch", "path", lambda p: [_flip(p[0]), *p[1:]]),
         "wrong batch path",
@@ -256,6 +280,7 @@ CASES: dict[str, tuple[Change, str | None]] = {
     "batch-path-one-short": (_set("batch", "path", lambda p: p[:-1]), "wrong batch path"),
     "batch-path-one-long": (_set("batch", "path", lambda p: [*p, p[0]]), "wrong batch path"),
     "wrong-batch-root": (_set("batch", "batch_root", _flip), "wrong batch path"),
+    "fewer-patients": (_set("batch", "patient_count", lambda n: 1), "wrong batch path"),
     "changed-batch-id": (_set("batch", "batch_id", lambda v: v + "x"), "wrong log path"),
     "changed-batch-size": (_set("batch", "batch_size", lambda n: n + 1), "wrong log path"),
     "changed-log-index": (_set("log", "leaf_index", lambda i: i - 1), "wrong log path"),
@@ -296,7 +321,9 @@ CASES: dict[str, tuple[Change, str | None]] = {
     "missing-salt": (_drop("", "salt"), "malformed bundle"),
     "missing-anchor-block-hash": (_drop("anchor", "block_hash"), "malformed bundle"),
     "extra-field": (_add("reading", "gateway_id", "gw"), "malformed bundle"),
-    "version-2": (_set("", "version", lambda v: 2), "malformed bundle"),
+    "version-1-with-v2-fields": (_set("", "version", lambda v: 1), "malformed bundle"),
+    "version-3": (_set("", "version", lambda v: 3), "malformed bundle"),
+    "version-2-without-patient-path": (_drop("", "patient"), "malformed bundle"),
     "seq-as-string": (_set("reading", "seq", str), "malformed bundle"),
     "seq-as-float": (_text('"seq": 0,', '"seq": 0.0,'), "malformed bundle"),
     "quality-as-boolean": (_set("reading", "quality", lambda q: False), "malformed bundle"),
@@ -305,11 +332,33 @@ CASES: dict[str, tuple[Change, str | None]] = {
     "uppercase-leaf-hash": (_set("", "leaf_hash", str.upper), "malformed bundle"),
     "tx-hash-without-0x": (_set("anchor", "tx_hash", lambda h: h[2:]), "malformed bundle"),
     "path-too-long": (_set("batch", "path", lambda p: p * 33), "malformed bundle"),
-    "negative-leaf-index": (_set("batch", "leaf_index", lambda i: -1), "malformed bundle"),
+    "negative-leaf-index": (_set("patient", "leaf_index", lambda i: -1), "malformed bundle"),
+    "subtree-size-zero": (_set("patient", "size", lambda n: 0), "malformed bundle"),
     "leaf-index-beyond-uint64": (_set("log", "leaf_index", lambda i: 2**64), "malformed bundle"),
     "chain-id-zero": (_set("anchor", "chain_id", lambda c: 0), "malformed bundle"),
     "empty-batch-id": (_set("batch", "batch_id", lambda v: ""), "malformed bundle"),
     "larger-than-1-mib": (OnText(lambda t: t + " " * (1 << 20)), "malformed bundle"),
+}
+#: Version 1 (the frozen bundle, checked offline: its chain is not this Anvil): the same
+#: checks as before version 2, in the same order.
+V1_CASES: dict[str, tuple[Change, str | None]] = {
+    "v1-genuine": (None, None),
+    "v1-changed-value": (_set("reading", "value", lambda v: v + 1), "wrong leaf"),
+    "v1-changed-salt": (_set("", "salt", _flip), "wrong leaf"),
+    "v1-changed-leaf-index": (_set("batch", "leaf_index", lambda i: i ^ 1), "wrong batch path"),
+    "v1-wrong-sibling-in-batch-path": (
+        _set("batch", "path", lambda p: [_flip(p[0]), *p[1:]]),
+        "wrong batch path",
+    ),
+    "v1-wrong-batch-root": (_set("batch", "batch_root", _flip), "wrong batch path"),
+    "v1-changed-batch-size": (_set("batch", "batch_size", lambda n: n + 1), "wrong log path"),
+    "v1-wrong-log-root": (_set("log", "root", _flip), "wrong log path"),
+    "v1-wrong-anchored-root": (_set("anchor", "root", _flip), "root not on chain"),
+    "v1-with-a-patient-path": (
+        _add("", "patient", {"root": "00" * 32, "size": 1, "leaf_index": 0, "path": []}),
+        "malformed bundle",
+    ),
+    "v1-relabelled-version-2": (_set("", "version", lambda v: 2), "malformed bundle"),
 }
 #: Cases also run through `vitalproof verify` (the command line).
 CLI_CASES = {"genuine", "changed-value", "unknown-tx-hash", "not-json"}
@@ -340,6 +389,22 @@ def test_the_page_and_the_python_verifier_agree(
     open_verify(page, site)
     choose(page, data)
     assert page_verdict(page, anchored.rpc) == python
+
+
+@pytest.mark.parametrize("case", list(V1_CASES))
+def test_the_page_and_the_python_verifier_agree_on_version_1(
+    case: str, site: str, page: Page
+) -> None:
+    change, expected = V1_CASES[case]
+    data = tampered(json.loads(FROZEN.read_text()), change)
+    python = python_verdict(data, None)
+    assert python == ("verified" if expected is None else "rejected", expected)
+    open_verify(page, site)
+    choose(page, data)
+    assert page_verdict(page, None) == python
+    if expected is None or expected != "malformed bundle":
+        checks = page.locator("#checks li").evaluate_all("rows => rows.map(r => r.dataset.check)")
+        assert "patient" not in checks, checks  # version 1 has no patient path
 
 
 def test_a_real_transaction_and_block_of_another_anchor_are_refused(
@@ -422,7 +487,8 @@ def test_dropped_bundle_verifies_accessibly_and_the_url_is_remembered(
     status = page.get_by_role("status")
     expect(status).to_have_attribute("data-failure", "wrong leaf")
     expect(page.locator('#checks li[data-state="fail"]')).to_contain_text("hash to")
-    expect(page.locator('#checks li[data-state="not-run"]')).to_have_count(6)
+    # after the leaf: patient, batch, log, head and the three chain checks
+    expect(page.locator('#checks li[data-state="not-run"]')).to_have_count(7)
     check_accessibility(page)
     screenshot(page, "verify-rejected", tmp_path)
 

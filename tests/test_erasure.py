@@ -46,7 +46,8 @@ from vitalproof.manifest import BatchManifest
 from vitalproof.registry import DeviceStatus, Registry
 from vitalproof.schema import SampleBatch, Transport
 from vitalproof.settings import ChainSettings, KafkaSettings, PathSettings, Settings
-from vitalproof_verify.bundle import ProofBundle, verify_offline
+from vitalproof_verify import merkle
+from vitalproof_verify.bundle import ProofBundleV2, verify_offline
 from vitalproof_verify.leaves import leaf_hash_salted
 from vitalproof_verify.verify import verify_bundle
 
@@ -221,7 +222,9 @@ def test_erasure_shreds_b_and_every_other_proof_still_verifies(home: Home) -> No
     after_ids = set(lake.hex_ids(table["reading_id"]).to_pylist())
     assert after_ids == set(others)
     for rid in others:
-        before = ProofBundle.model_validate_json(home.bundles[rid])
+        before = ProofBundleV2.model_validate_json(home.bundles[rid])
+        # its batch path climbs past B's subtree root, which the manifest still holds
+        assert before.batch.patient_count == 3
         verify_offline(home.bundles[rid])
         verify_bundle(before, home.w3)
         now = view.bundle(rid)
@@ -286,31 +289,48 @@ def test_erasure_shreds_b_and_every_other_proof_still_verifies(home: Home) -> No
 
 
 def test_b_leaves_link_to_nothing_without_the_destroyed_salt(home: Home) -> None:
-    """The leaves stay in the batches (the anchored roots depend on them), but only the
-    destroyed salt reproduces them: a bundle handed out earlier carries its own salt and
-    cannot be recalled, while a guess with any other salt (the new generation's) matches
-    nothing, whatever the attacker knows of the reading."""
+    """B's subtree roots stay in the manifests (the anchored roots depend on them; B's leaves
+    were never stored), but only the destroyed salts reproduce them: a bundle handed out
+    earlier carries its own salt and cannot be recalled, while a guess with any other salt
+    (the new generation's) matches nothing, whatever the attacker knows of B's readings."""
     settings = home.settings
     manifests = LakeView(settings).manifests()
-    leaves = set()
+    b_roots = {}
     for m in manifests:
-        raw = (settings.lake_dir / m.leaves_path).read_bytes()
-        leaves |= {raw[i : i + 32] for i in range(0, len(raw), 32)}
+        assert m.patient_roots is not None and m.leaves_path is None
+        b_roots[m.batch_id] = bytes.fromhex(m.patient_roots[m.patients.index("pt-b")])
     b_ids = home.ids_of("pt-b")
-    old = {rid: ProofBundle.model_validate_json(home.bundles[rid]) for rid in b_ids}
+    old = {rid: ProofBundleV2.model_validate_json(home.bundles[rid]) for rid in b_ids}
+    old_leaves = {bytes.fromhex(b.leaf_hash) for b in old.values()}
 
     erase_patient(settings, "pt-b", actor=ACTOR, reason=REASON)
     kms = LocalKeystore(settings.paths.keys_dir)
     with pytest.raises(KeyErased):
         kms.salt_key("pt-b")
     for b in old.values():  # the control: with the destroyed salt the link is there
-        assert leaf_hash_salted(bytes.fromhex(b.salt), b.reading.canonical_bytes()) in leaves
-    # new data of B would open a new key generation; its salts link to none of the old leaves
+        leaf = leaf_hash_salted(bytes.fromhex(b.salt), b.reading.canonical_bytes())
+        merkle.verify_inclusion(
+            leaf, b.patient.leaf_index, b.patient.size, _hashes(b.patient.path),
+            b_roots[b.batch.batch_id],
+        )  # fmt: skip
+    # new data of B would open a new key generation; its salts link to none of the old
+    # leaves, and B's rows (all an attacker could know) rebuild neither of B's roots
     assert kms.current_key_id("pt-b") == "patient:pt-b:v2"
-    fresh = kms.salts("pt-b", b_ids)
-    for salt, rid in zip(fresh, b_ids, strict=True):
-        assert salt.hex() != old[rid].salt
-        assert leaf_hash_salted(salt, old[rid].reading.canonical_bytes()) not in leaves
+    fresh = dict(zip(b_ids, kms.salts("pt-b", b_ids), strict=True))
+    for batch_id, root in b_roots.items():
+        subtree = sorted((b for b in old.values() if b.batch.batch_id == batch_id),
+                         key=lambda b: b.patient.leaf_index)  # fmt: skip
+        assert [b.patient.leaf_index for b in subtree] == list(range(2 * PER_BATCH))
+        guessed = [
+            leaf_hash_salted(fresh[b.reading.reading_id], b.reading.canonical_bytes())
+            for b in subtree
+        ]
+        assert not old_leaves & set(guessed)
+        assert merkle.root(guessed) != root
+
+
+def _hashes(path: list[str]) -> list[bytes]:
+    return [bytes.fromhex(p) for p in path]
 
 
 def test_revoking_is_how_a_live_stream_on_b_ends(home: Home) -> None:

@@ -144,7 +144,12 @@ def test_the_kit_verifies_a_pipeline_bundle_offline_and_on_anvil(
     ("tamper", "failure"),
     [
         (lambda d: d["reading"].update(value=d["reading"]["value"] + 1), "wrong leaf"),
-        (lambda d: d["batch"].update(leaf_index=d["batch"]["leaf_index"] + 1), "wrong batch path"),
+        (
+            lambda d: d["patient"].update(leaf_index=d["patient"]["leaf_index"] + 1),
+            "wrong patient path",
+        ),
+        (lambda d: d["patient"].update(root="0" * 64), "wrong patient path"),
+        (lambda d: d["batch"].update(batch_root="0" * 64), "wrong batch path"),
         (lambda d: d["anchor"].update(tree_size=d["anchor"]["tree_size"] + 1), "root not on chain"),
         (lambda d: d["anchor"].update(chain_id=1), "wrong chain"),
         (lambda d: d.pop("salt"), "malformed bundle"),
@@ -166,6 +171,15 @@ def test_a_tampered_bundle_fails_with_its_reason(
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stderr.startswith(f"FAILED {bad}: {failure}: "), out.stderr
     assert out.stdout == ""
+
+
+def test_the_kit_still_verifies_a_version_1_bundle(kit_env: Path) -> None:
+    """Bundles handed out before the two-level tree (version 1) verify as they did."""
+    frozen = Path(__file__).parent / "data" / "bundle-v1-75a88b5.json"
+    assert json.loads(frozen.read_text())["version"] == 1
+    out = _run(kit_env, str(frozen))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"OK {frozen}: reading ")
 
 
 def test_an_unreachable_endpoint_is_not_a_verdict(kit_env: Path, pipeline_bundle: Path) -> None:

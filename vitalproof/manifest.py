@@ -3,7 +3,15 @@
 It is the contract between ``streams`` (which writes it) and ``anchor`` (which reads it), so it
 lives in the shared package. It names every file of the batch with its SHA-256, the key ids
 that encrypt them, the Kafka offsets the batch covers (which make its id deterministic), and
-the RFC 9162 root over the batch's salted reading leaves.
+the batch's Merkle root.
+
+Two tree versions exist (docs/wire-formats.md, "Batch tree"). Version 2 (``patient_roots``
+set): the root is the RFC 9162 root over the patients' subtree roots, patients in ``patients``
+order (sorted), and the manifest keeps each patient's root and leaf count: that is all the
+proof material of the batch, since a patient's leaves are recomputed from their rows when a
+proof is built. Version 1 (``leaves_path`` set; batches sealed before version 2): the root is
+over every reading's leaf, and the 32-byte leaves are kept in ``_batches/<batch>.leaves``.
+The manifest is the commit point of a batch, so the roots are committed with it, atomically.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -48,12 +56,36 @@ class BatchManifest(BaseModel):
     first_device_time_us: int
     last_device_time_us: int
     files: list[BatchFile]
-    merkle_root: str  # hex, RFC 9162 root over the batch's leaves in leaf order
-    leaves_path: str  # relative to the lake root: the leaf hashes, 32 bytes each, in order
+    merkle_root: str  # hex; tree 2: RFC 9162 root over patient_roots; tree 1: over the leaves
     sealed_at_us: int
+    #: Tree 2: each patient's subtree root (hex), in ``patients`` order, and its leaf count.
+    patient_roots: list[str] | None = None
+    patient_sizes: list[int] | None = None
+    #: Tree 1 only: the leaf hashes, 32 bytes each, in leaf order (relative to the lake root).
+    leaves_path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_tree(self) -> BatchManifest:
+        if self.leaves_path is not None:
+            if self.patient_roots is not None or self.patient_sizes is not None:
+                raise ValueError("a manifest has either leaves_path or patient roots, not both")
+            return self
+        roots, sizes = self.patient_roots, self.patient_sizes
+        if roots is None or sizes is None:
+            raise ValueError("a manifest needs patient_roots and patient_sizes (or leaves_path)")
+        if not len(roots) == len(sizes) == len(self.patients):
+            raise ValueError("patient_roots and patient_sizes need one entry per patient")
+        if sum(sizes) != self.rows or min(sizes, default=1) < 1:
+            raise ValueError("patient_sizes must be positive and add up to rows")
+        return self
+
+    @property
+    def tree_version(self) -> int:
+        """2 for the two-level tree over per-patient roots, 1 for a tree over every leaf."""
+        return 1 if self.leaves_path is not None else 2
 
     def to_json_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 def batch_id_for(covers: list[OffsetRange]) -> str:

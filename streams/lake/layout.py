@@ -24,8 +24,8 @@ from streams.lake.errors import LakeError
 
 __all__ = ["BATCHES_DIR", "file_path", "patient_dir"]
 
-#: The folder of batch manifests (and their ``.leaves`` and ``.produced`` files) under the
-#: lake root.
+#: The folder of batch manifests (and their ``.produced`` files, and the ``.leaves`` files of
+#: batches sealed before the two-level tree) under the lake root.
 BATCHES_DIR = "_batches"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")

@@ -7,7 +7,14 @@ trees (:mod:`~vitalproof_verify.merkle`), the versioned bundle and its offline c
 (:mod:`~vitalproof_verify.onchain`). The command line is ``vitalproof-verify BUNDLE [--rpc URL]``.
 """
 
-from vitalproof_verify.bundle import BUNDLE_VERSION, ProofBundle, load_bundle, verify_offline
+from vitalproof_verify.bundle import (
+    BUNDLE_VERSION,
+    AnyBundle,
+    ProofBundle,
+    ProofBundleV2,
+    load_bundle,
+    verify_offline,
+)
 from vitalproof_verify.errors import MerkleError, ProofError, ProofFailure, VitalproofError
 from vitalproof_verify.verify import verify_bundle
 
@@ -15,8 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUNDLE_VERSION",
+    "AnyBundle",
     "MerkleError",
     "ProofBundle",
+    "ProofBundleV2",
     "ProofError",
     "ProofFailure",
     "VitalproofError",

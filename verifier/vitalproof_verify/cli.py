@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a vitalproof proof bundle: the reading's Merkle paths offline, and "
         "with --rpc that the anchoring transaction is on the chain.",
     )
-    p.add_argument("bundle", help="the proof bundle (JSON, version 1)")
+    p.add_argument("bundle", help="the proof bundle (JSON, version 1 or 2)")
     p.add_argument("--rpc", help="any Ethereum JSON-RPC endpoint of the bundle's chain")
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the endpoint")

@@ -38,6 +38,7 @@ class ProofFailure(StrEnum):
 
     MALFORMED = "malformed bundle"
     WRONG_LEAF = "wrong leaf"
+    WRONG_PATIENT_PATH = "wrong patient path"  # bundle version 2 only
     WRONG_BATCH_PATH = "wrong batch path"
     WRONG_LOG_PATH = "wrong log path"
     ROOT_NOT_ON_CHAIN = "root not on chain"

@@ -1,9 +1,9 @@
 """RFC 9162 Merkle trees (Certificate Transparency v2, section 2.1): bytes in, bytes out.
 
 Modelled on sigstore-python's ``sigstore/_internal/merkle.py``: no I/O, no encodings, one
-error type (:class:`~vitalproof_verify.errors.MerkleError`). Both the batch trees (over
-salted reading leaves) and the log of batch roots use this module, so a third party can
-re-implement a verifier from RFC 9162 alone.
+error type (:class:`~vitalproof_verify.errors.MerkleError`). The batch trees (over salted
+reading leaves, at both of their levels) and the log of batch roots use this module, so a
+third party can re-implement a verifier from RFC 9162 alone.
 
 Hashing (RFC 9162 section 2.1.1) is SHA-256 with domain separation between leaves and
 interior nodes, so that a leaf can never be passed off as a node (second-preimage attack)::
@@ -35,8 +35,11 @@ __all__ = [
     "leaf_hash",
     "node_hash",
     "root",
+    "two_level_inclusion_proof",
+    "two_level_root",
     "verify_consistency",
     "verify_inclusion",
+    "verify_two_level_inclusion",
 ]
 
 HASH_SIZE = 32
@@ -291,3 +294,71 @@ def verify_consistency(
         raise MerkleError(f"consistency proof leads to old root {fr.hex()}, not {old_root.hex()}")
     if _mismatch(sr, new_root):
         raise MerkleError(f"consistency proof leads to new root {sr.hex()}, not {new_root.hex()}")
+
+
+# -- two levels: a tree of subtree roots ------------------------------------------------
+#
+# A batch (tree version 2, docs/wire-formats.md) is two levels of plain RFC 9162 trees: each
+# patient's salted leaves make one subtree, and the batch root is MTH over the subtrees'
+# roots, taken as the upper tree's leaf hashes (in the order the caller fixes: patients
+# sorted). Nothing here is new hashing; the functions below only compose :func:`root`,
+# :class:`MerkleTree` and :func:`verify_inclusion`, which the RFC 9162 vectors check. Why two
+# levels: a proof for one patient needs only that patient's leaves (recomputed from their
+# rows) and the other patients' roots (32 bytes each), so nothing per reading is stored.
+# Should every subtree but the last have 2^k leaves, the upper tree *is* the one-level
+# RFC 9162 tree over all leaves (tests/test_merkle.py checks that against the vectors).
+
+
+def two_level_root(subtree_roots: Sequence[bytes]) -> bytes:
+    """The root over subtree roots (RFC 9162 section 2.1.1 MTH, the roots as leaf hashes)."""
+    if not subtree_roots:
+        raise MerkleError("a two-level tree needs at least one subtree")
+    return root(subtree_roots)
+
+
+def two_level_inclusion_proof(
+    subtree_leaves: Sequence[bytes],
+    subtree_roots: Sequence[bytes],
+    subtree_index: int,
+    leaf_index: int,
+) -> tuple[list[bytes], list[bytes]]:
+    """The two RFC 9162 audit paths (section 2.1.3.1) of one leaf: within its subtree, then
+    of the subtree's root among ``subtree_roots``.
+
+    Only the leaf's own subtree is needed in full; ``subtree_leaves`` must hash to
+    ``subtree_roots[subtree_index]``, or the paths would prove nothing.
+    """
+    if not 0 <= subtree_index < len(subtree_roots):
+        raise MerkleError(f"subtree index {subtree_index} outside {len(subtree_roots)} subtrees")
+    lower = MerkleTree(subtree_leaves)
+    if lower.size == 0:
+        raise MerkleError(f"subtree {subtree_index} is empty")
+    if _mismatch(lower.root(), subtree_roots[subtree_index]):
+        raise MerkleError(f"the leaves given are not those of subtree {subtree_index}")
+    return lower.inclusion_proof(leaf_index), MerkleTree(subtree_roots).inclusion_proof(
+        subtree_index
+    )
+
+
+def verify_two_level_inclusion(
+    leaf_hash: bytes,
+    leaf_index: int,
+    subtree_size: int,
+    subtree_path: Sequence[bytes],
+    subtree_root: bytes,
+    subtree_index: int,
+    subtree_count: int,
+    upper_path: Sequence[bytes],
+    root: bytes,
+) -> None:
+    """Raise :class:`MerkleError` unless ``leaf_hash`` is leaf ``leaf_index`` of a subtree
+    with root ``subtree_root``, itself leaf ``subtree_index`` of the tree ``root``: two
+    :func:`verify_inclusion` calls, lower level first (its message says which failed)."""
+    try:
+        verify_inclusion(leaf_hash, leaf_index, subtree_size, subtree_path, subtree_root)
+    except MerkleError as e:
+        raise MerkleError(f"subtree level: {e}") from None
+    try:
+        verify_inclusion(subtree_root, subtree_index, subtree_count, upper_path, root)
+    except MerkleError as e:
+        raise MerkleError(f"upper level: {e}") from None

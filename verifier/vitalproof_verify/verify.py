@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vitalproof_verify.bundle import ProofBundle, verify_offline
+from vitalproof_verify.bundle import AnyBundle, verify_offline
 
 if TYPE_CHECKING:  # web3 is imported only when a chain is asked
     from web3 import Web3
@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # web3 is imported only when a chain is asked
 __all__ = ["verify_bundle"]
 
 
-def verify_bundle(bundle: ProofBundle, w3: Web3 | None) -> None:
+def verify_bundle(bundle: AnyBundle, w3: Web3 | None) -> None:
     """Raise :class:`~vitalproof_verify.errors.ProofError` naming the first check that fails.
 
     ``w3=None`` checks only the offline part (leaf, batch path, log path, anchored root);

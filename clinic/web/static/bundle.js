@@ -1,6 +1,6 @@
 // Proof bundles in the browser: parsing and validating one (verifier/vitalproof_verify/bundle.py
-// and its schemas/proof-bundle-v1.json), the bytes a leaf commits to (leaves.py), and the
-// offline checks in the Python verifier's order. A reviewer compares the two verifiers check by
+// and its schemas/proof-bundle-v1.json and -v2.json), the bytes a leaf commits to (leaves.py),
+// and the offline checks in the Python verifier's order, for either version. A reviewer compares the two verifiers check by
 // check: same failure names (errors.py's ProofFailure), same order, same accept/refuse rules.
 
 import { MerkleError, equalBytes, leafHash, toHex, verifyInclusion } from "/ui/merkle.js";
@@ -9,6 +9,7 @@ import { MerkleError, equalBytes, leafHash, toHex, verifyInclusion } from "/ui/m
 export const FAILURE = Object.freeze({
   MALFORMED: "malformed bundle",
   WRONG_LEAF: "wrong leaf",
+  WRONG_PATIENT_PATH: "wrong patient path",
   WRONG_BATCH_PATH: "wrong batch path",
   WRONG_LOG_PATH: "wrong log path",
   ROOT_NOT_ON_CHAIN: "root not on chain",
@@ -80,6 +81,12 @@ const versionOne = (v, where) => {
   if (!(v === 1n || v === 1 || v === true)) fail(where, "Input should be 1");
   return 1;
 };
+// Literal[2]: 2 or 2.0 (true is 1, not 2).
+const isTwo = (v) => v === 2n || v === 2;
+const versionTwo = (v, where) => {
+  if (!isTwo(v)) fail(where, "Input should be 2");
+  return 2;
+};
 const list = (item, max) => (v, where) => {
   if (!Array.isArray(v)) fail(where, "Input should be a valid list");
   if (v.length > max) fail(where, `List should have at most ${max} items`);
@@ -104,26 +111,52 @@ const uint64 = int({ min: 0n, max: UINT64_MAX });
 const size64 = int({ min: 1n, max: UINT64_MAX });
 const path = list(hex32, MAX_PATH_LENGTH);
 
-const BUNDLE = object({
-  version: versionOne,
-  reading: object({
-    reading_id: str(), device_id: str(), patient_id: str(), metric: str(), value: floatOrNull,
-    unit: str(), device_time_us: int(), seq: int(), quality: int(),
-  }),
-  salt: hex32,
-  leaf_hash: hex32,
-  batch: object({
-    batch_id: str({ min: 1, max: 256 }), batch_root: hex32, batch_size: size64, leaf_index: uint64, path,
-  }),
-  log: object({ leaf_index: uint64, tree_size: size64, root: hex32, path }),
-  anchor: object({
-    chain_id: int({ min: 1n }), contract: str({ pattern: /^0x[0-9a-fA-F]{40}$/ }), tx_hash: ethHash,
-    block_number: uint64, block_hash: ethHash, log_index: uint64, tree_size: size64, root: ethHash,
-    block_timestamp: uint64,
-  }),
+const READING = object({
+  reading_id: str(), device_id: str(), patient_id: str(), metric: str(), value: floatOrNull,
+  unit: str(), device_time_us: int(), seq: int(), quality: int(),
+});
+const batchId = str({ min: 1, max: 256 });
+const LOG = object({ leaf_index: uint64, tree_size: size64, root: hex32, path });
+const ANCHOR = object({
+  chain_id: int({ min: 1n }), contract: str({ pattern: /^0x[0-9a-fA-F]{40}$/ }), tx_hash: ethHash,
+  block_number: uint64, block_hash: ethHash, log_index: uint64, tree_size: size64, root: ethHash,
+  block_timestamp: uint64,
 });
 
-/** Parse and validate a bundle's bytes; anything that is not a version-1 bundle is MALFORMED. */
+const BUNDLE_V1 = object({
+  version: versionOne,
+  reading: READING,
+  salt: hex32,
+  leaf_hash: hex32,
+  batch: object({ batch_id: batchId, batch_root: hex32, batch_size: size64, leaf_index: uint64, path }),
+  log: LOG,
+  anchor: ANCHOR,
+});
+
+// Version 2 (two-level batch tree): the leaf in its patient's subtree, that subtree's root
+// among the batch's patients' roots.
+const BUNDLE_V2 = object({
+  version: versionTwo,
+  reading: READING,
+  salt: hex32,
+  leaf_hash: hex32,
+  patient: object({ root: hex32, size: size64, leaf_index: uint64, path }),
+  batch: object({
+    batch_id: batchId, batch_root: hex32, batch_size: size64, patient_index: uint64,
+    patient_count: size64, path,
+  }),
+  log: LOG,
+  anchor: ANCHOR,
+});
+
+// As bundle.py's load_bundle: a version of 2 picks version 2's model; anything else is
+// validated as version 1 and refused in version 1's words.
+const BUNDLE = (doc, where) => {
+  const v2 = doc !== null && typeof doc === "object" && !Array.isArray(doc) && isTwo(doc.version);
+  return (v2 ? BUNDLE_V2 : BUNDLE_V1)(doc, where);
+};
+
+/** Parse and validate a bundle's bytes; anything that is not a bundle of version 1 or 2 is MALFORMED. */
 export function loadBundle(bytes) {
   if (bytes.length > MAX_BUNDLE_BYTES) {
     throw new ProofError(FAILURE.MALFORMED, `bundle larger than ${MAX_BUNDLE_BYTES} bytes`);
@@ -204,67 +237,110 @@ const concat = (a, b) => {
 /**
  * The checks that need no chain, in the Python verifier's order. Each `run(bundle, ctx)`
  * returns a one-line reason when it passes and throws ProofError when it fails; `ctx` carries
- * what one check computes for the next.
+ * what one check computes for the next. `offlineChecks(bundle)` gives a bundle's list: version 2
+ * checks the patient path before the batch path, version 1 has no patient path.
  */
-export const OFFLINE_CHECKS = [
-  {
-    id: "leaf",
-    label: "The reading and its salt hash to the leaf",
-    failure: FAILURE.WRONG_LEAF,
-    async run(b, ctx) {
-      ctx.leaf = await leafHash(concat(fromHex(b.salt), canonicalReading(b.reading)));
-      if (!equalBytes(ctx.leaf, fromHex(b.leaf_hash))) {
-        throw new ProofError(
-          FAILURE.WRONG_LEAF, `reading and salt hash to ${toHex(ctx.leaf)}, bundle claims ${b.leaf_hash}`,
-        );
-      }
-      return `SHA-256(0x00 || salt || reading) is ${b.leaf_hash}`;
-    },
+const LEAF_CHECK = {
+  id: "leaf",
+  label: "The reading and its salt hash to the leaf",
+  failure: FAILURE.WRONG_LEAF,
+  async run(b, ctx) {
+    ctx.leaf = await leafHash(concat(fromHex(b.salt), canonicalReading(b.reading)));
+    if (!equalBytes(ctx.leaf, fromHex(b.leaf_hash))) {
+      throw new ProofError(
+        FAILURE.WRONG_LEAF, `reading and salt hash to ${toHex(ctx.leaf)}, bundle claims ${b.leaf_hash}`,
+      );
+    }
+    return `SHA-256(0x00 || salt || reading) is ${b.leaf_hash}`;
   },
-  {
-    id: "batch",
-    label: "The leaf is in its batch (RFC 9162 inclusion)",
-    failure: FAILURE.WRONG_BATCH_PATH,
-    async run(b, ctx) {
-      const { batch_id, batch_root, batch_size, leaf_index, path } = b.batch;
-      try {
-        await verifyInclusion(ctx.leaf, leaf_index, batch_size, path.map(fromHex), fromHex(batch_root));
-      } catch (e) {
-        if (!(e instanceof MerkleError)) throw e;
-        throw new ProofError(FAILURE.WRONG_BATCH_PATH, `leaf not in batch '${batch_id}': ${e.message}`);
-      }
-      return `leaf ${leaf_index} of ${batch_size} in batch ${batch_id}`;
-    },
+};
+
+async function inclusion(failure, what, leaf, index, size, path, root) {
+  try {
+    await verifyInclusion(leaf, index, size, path.map(fromHex), fromHex(root));
+  } catch (e) {
+    if (!(e instanceof MerkleError)) throw e;
+    throw new ProofError(failure, `${what}: ${e.message}`);
+  }
+}
+
+const BATCH_CHECK_V1 = {
+  id: "batch",
+  label: "The leaf is in its batch (RFC 9162 inclusion)",
+  failure: FAILURE.WRONG_BATCH_PATH,
+  async run(b, ctx) {
+    const { batch_id, batch_root, batch_size, leaf_index, path } = b.batch;
+    await inclusion(
+      FAILURE.WRONG_BATCH_PATH, `leaf not in batch '${batch_id}'`, ctx.leaf, leaf_index, batch_size, path,
+      batch_root,
+    );
+    return `leaf ${leaf_index} of ${batch_size} in batch ${batch_id}`;
   },
-  {
-    id: "log",
-    label: "The batch is in the log (RFC 9162 inclusion)",
-    failure: FAILURE.WRONG_LOG_PATH,
-    async run(b) {
-      const { batch_id, batch_root, batch_size } = b.batch;
-      const entry = await leafHash(logLeafData(batch_id, fromHex(batch_root), batch_size));
-      try {
-        await verifyInclusion(entry, b.log.leaf_index, b.log.tree_size, b.log.path.map(fromHex), fromHex(b.log.root));
-      } catch (e) {
-        if (!(e instanceof MerkleError)) throw e;
-        throw new ProofError(FAILURE.WRONG_LOG_PATH, `batch '${batch_id}' not in the log: ${e.message}`);
-      }
-      return `entry ${b.log.leaf_index} of ${b.log.tree_size} in the log`;
-    },
+};
+
+const PATIENT_CHECK = {
+  id: "patient",
+  label: "The leaf is in its patient's subtree of the batch (RFC 9162 inclusion)",
+  failure: FAILURE.WRONG_PATIENT_PATH,
+  async run(b, ctx) {
+    const { root, size, leaf_index, path } = b.patient;
+    await inclusion(
+      FAILURE.WRONG_PATIENT_PATH, `leaf not in the patient's subtree of batch '${b.batch.batch_id}'`,
+      ctx.leaf, leaf_index, size, path, root,
+    );
+    return `leaf ${leaf_index} of ${size} in the subtree with root ${root}`;
   },
-  {
-    id: "head",
-    label: "The log head is the anchored head",
-    failure: FAILURE.ROOT_NOT_ON_CHAIN,
-    async run(b) {
-      if (b.log.tree_size !== b.anchor.tree_size || `0x${b.log.root}` !== b.anchor.root) {
-        throw new ProofError(
-          FAILURE.ROOT_NOT_ON_CHAIN,
-          `log head (size ${b.log.tree_size}, root ${b.log.root}) is not the anchored head ` +
-            `(size ${b.anchor.tree_size}, root ${b.anchor.root.slice(2)})`,
-        );
-      }
-      return `size ${b.log.tree_size}, root ${b.log.root}`;
-    },
+};
+
+const BATCH_CHECK_V2 = {
+  id: "batch",
+  label: "The patient's subtree is in its batch (RFC 9162 inclusion)",
+  failure: FAILURE.WRONG_BATCH_PATH,
+  async run(b) {
+    const { batch_id, batch_root, patient_index, patient_count, path } = b.batch;
+    await inclusion(
+      FAILURE.WRONG_BATCH_PATH, `patient's subtree not in batch '${batch_id}'`, fromHex(b.patient.root),
+      patient_index, patient_count, path, batch_root,
+    );
+    return `subtree ${patient_index} of ${patient_count} in batch ${batch_id}`;
   },
-];
+};
+
+const LOG_CHECK = {
+  id: "log",
+  label: "The batch is in the log (RFC 9162 inclusion)",
+  failure: FAILURE.WRONG_LOG_PATH,
+  async run(b) {
+    const { batch_id, batch_root, batch_size } = b.batch;
+    const entry = await leafHash(logLeafData(batch_id, fromHex(batch_root), batch_size));
+    await inclusion(
+      FAILURE.WRONG_LOG_PATH, `batch '${batch_id}' not in the log`, entry, b.log.leaf_index,
+      b.log.tree_size, b.log.path, b.log.root,
+    );
+    return `entry ${b.log.leaf_index} of ${b.log.tree_size} in the log`;
+  },
+};
+
+const HEAD_CHECK = {
+  id: "head",
+  label: "The log head is the anchored head",
+  failure: FAILURE.ROOT_NOT_ON_CHAIN,
+  async run(b) {
+    if (b.log.tree_size !== b.anchor.tree_size || `0x${b.log.root}` !== b.anchor.root) {
+      throw new ProofError(
+        FAILURE.ROOT_NOT_ON_CHAIN,
+        `log head (size ${b.log.tree_size}, root ${b.log.root}) is not the anchored head ` +
+          `(size ${b.anchor.tree_size}, root ${b.anchor.root.slice(2)})`,
+      );
+    }
+    return `size ${b.log.tree_size}, root ${b.log.root}`;
+  },
+};
+
+export const OFFLINE_CHECKS_V1 = [LEAF_CHECK, BATCH_CHECK_V1, LOG_CHECK, HEAD_CHECK];
+export const OFFLINE_CHECKS_V2 = [LEAF_CHECK, PATIENT_CHECK, BATCH_CHECK_V2, LOG_CHECK, HEAD_CHECK];
+
+/** The offline checks of a loaded bundle's version, in the Python verifier's order. */
+export function offlineChecks(bundle) {
+  return bundle.version === 2 ? OFFLINE_CHECKS_V2 : OFFLINE_CHECKS_V1;
+}

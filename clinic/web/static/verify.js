@@ -3,12 +3,11 @@
 // checked here; the only requests are the JSON-RPC calls to the URL the user typed.
 
 import { el, frame } from "/ui/app.js";
-import { FAILURE, OFFLINE_CHECKS, ProofError, loadBundle } from "/ui/bundle.js";
+import { FAILURE, OFFLINE_CHECKS_V2, ProofError, loadBundle, offlineChecks } from "/ui/bundle.js";
 import { CHAIN_CHECKS, RpcUnusable, call } from "/ui/rpc.js";
 
 const RPC_KEY = "vitalproof.rpc";
-const PARSE = { id: "bundle", label: "The file is a version-1 proof bundle", failure: FAILURE.MALFORMED };
-const ALL = [PARSE, ...OFFLINE_CHECKS, ...CHAIN_CHECKS];
+const PARSE = { id: "bundle", label: "The file is a proof bundle (version 1 or 2)", failure: FAILURE.MALFORMED };
 
 const form = document.getElementById("verify");
 const input = document.getElementById("bundle");
@@ -36,22 +35,29 @@ function conclude(kind, text, failure) {
   verdict.textContent = text;
 }
 
+/** One row per check, each "not run" until it runs. */
+function listChecks(all) {
+  list.replaceChildren(...all.map((c) => el("li", { "data-check": c.id })));
+  all.forEach((c) => show(c, "not-run", "not run"));
+}
+
 /** Run every check on `bytes`, against the chain at `url` when one is given. */
 async function verify(bytes, url) {
-  list.replaceChildren(...ALL.map((c) => el("li", { "data-check": c.id })));
-  ALL.forEach((c) => show(c, "not-run", "not run"));
+  listChecks([PARSE, ...OFFLINE_CHECKS_V2, ...CHAIN_CHECKS]);
   let bundle;
   try {
     bundle = loadBundle(bytes);
   } catch (e) {
     show(PARSE, "fail", e.detail);
-    for (const c of ALL.slice(1)) show(c, "not-run", "not run: the file is not a bundle");
+    for (const c of [...OFFLINE_CHECKS_V2, ...CHAIN_CHECKS]) show(c, "not-run", "not run: the file is not a bundle");
     return conclude("rejected", `Rejected: ${e.message}`, e.failure);
   }
+  const offline = offlineChecks(bundle); // the bundle's version decides its checks
+  listChecks([PARSE, ...offline, ...CHAIN_CHECKS]);
   const r = bundle.reading;
-  show(PARSE, "pass", `reading ${r.reading_id} (${r.metric}) of patient ${r.patient_id}`);
+  show(PARSE, "pass", `version ${bundle.version}: reading ${r.reading_id} (${r.metric}) of patient ${r.patient_id}`);
   const ctx = { url };
-  const checks = url ? [...OFFLINE_CHECKS, ...CHAIN_CHECKS] : OFFLINE_CHECKS;
+  const checks = url ? [...offline, ...CHAIN_CHECKS] : offline;
   try {
     if (url) ctx.chainId = BigInt(await call(url, "eth_chainId")); // is it there at all?
     for (const [i, check] of checks.entries()) {
