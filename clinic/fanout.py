@@ -1,4 +1,5 @@
-"""The service's own reader of ``vitals.clean``: every clean reading, handed to the hub.
+"""The service's own reader of ``vitals.clean`` and ``vitals.events``: every clean reading,
+and every device event (sequence gap, reset, clock jump) the worker found, handed to the hub.
 
 Its own consumer group (``vitalproof-clinic-<namespace>``), so it never slows the sealer nor
 moves the sealer's offsets; it starts at the end of the topic (a live view: history comes
@@ -11,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from clinic import device_events
 from clinic.live import Hub
 from vitalproof.errors import WireFormatError
+from vitalproof.registry import Registry
 from vitalproof.settings import Settings
 from vitalproof.wire import clean
 
@@ -41,8 +45,16 @@ async def run_fanout(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
 
 
 async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
+    registry = Registry(settings.paths.registry_path)
+
+    def patient_of(device_id: str) -> str | None:
+        device = registry.lookup(device_id)
+        return device.patient_id if device else None
+
+    events_topic = settings.kafka.topic_events
     consumer = AIOKafkaConsumer(
         settings.kafka.topic_clean,
+        events_topic,
         bootstrap_servers=settings.kafka.bootstrap,
         group_id=group_id(settings),
         auto_offset_reset="latest",
@@ -54,7 +66,10 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
         while not stop.is_set():
             got = await consumer.getmany(timeout_ms=200, max_records=500)
             hub.fanout_ready = bool(consumer.assignment())
-            for records in got.values():
+            for tp, records in got.items():
+                if tp.topic == events_topic:
+                    hub.deliver_device_events(_device_events(records, patient_of))
+                    continue
                 batches = []
                 for record in records:
                     try:
@@ -65,3 +80,15 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
     finally:
         with contextlib.suppress(Exception):
             await consumer.stop()
+
+
+def _device_events(
+    records: list[ConsumerRecord[bytes, bytes]], patient_of: Callable[[str], str | None]
+) -> list[device_events.DeviceEvent]:
+    out = []
+    for record in records:
+        try:
+            out.append(device_events.decode(record.value or b"", patient_of))
+        except WireFormatError as e:
+            log.warning("vitals.events %s/%s: %s", record.partition, record.offset, e)
+    return out

@@ -29,6 +29,7 @@ from typing import Any
 from clinic.audit import AuditAction, AuditEntry, AuditLog, Outcome
 from clinic.auth import Principal, Role
 from clinic.consent_store import ConsentStore
+from clinic.device_events import DeviceEvent
 from vitalproof.errors import VitalproofError
 from vitalproof.schema import SampleBatch, flag_names
 from vitalproof.units import Metric
@@ -41,6 +42,8 @@ RECHECK_S = 0.5
 ALL_METRICS: tuple[str, ...] = tuple(m.value for m in Metric)
 #: How long a subscription nobody is connected to stays resumable.
 IDLE_EXPIRY_S = 300.0
+#: Device events (gaps, resets, clock jumps) kept per patient for charts opened later.
+RECENT_DEVICE_EVENTS = 500
 
 
 class SubscriptionError(VitalproofError):
@@ -49,12 +52,17 @@ class SubscriptionError(VitalproofError):
 
 @dataclass
 class Event:
-    """One notification: a reading, its number in its subscription, and its compact form."""
+    """One notification: a reading (or a device event: ``metric`` is then empty), its number
+    in its subscription, and its compact form."""
 
     number: int
     patient_id: str
     metric: str
     body: dict[str, Any]
+
+    @property
+    def is_reading(self) -> bool:
+        return bool(self.metric)
 
 
 @dataclass
@@ -72,9 +80,10 @@ class Subscription:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wants(self, patient_id: str, metric: str) -> bool:
-        return (self.patients is None or patient_id in self.patients) and (
-            self.metrics is None or metric in self.metrics
-        )
+        return self.wants_patient(patient_id) and (self.metrics is None or metric in self.metrics)
+
+    def wants_patient(self, patient_id: str) -> bool:
+        return self.patients is None or patient_id in self.patients
 
     def since(self, number: int) -> list[Event]:
         """Held events after ``number``; raises if some after it are no longer held."""
@@ -117,10 +126,15 @@ class Hub:
         # patient -> metric -> the subscriptions a reading of it goes to (consent checked);
         # dropped when consent, time (an expiry) or the subscriptions change.
         self._targets: dict[str, _Targets] = {}
-        self._unaudited: dict[tuple[str, str], int] = {}  # (subscription, patient) -> readings
+        # (subscription, patient, what) -> how many were delivered since the last flush
+        self._unaudited: dict[tuple[str, str, str], int] = {}
         # patient -> metric -> the newest reading seen since the service started (compact),
         # for the clinicians' patient list; disclosed only through the consent gate.
         self.latest: dict[str, dict[str, dict[str, Any]]] = {}
+        # patient -> the newest device events (gaps, resets, clock jumps) since the service
+        # started, for charts opened after them; disclosed only through the consent gate.
+        self.device_events: dict[str, deque[DeviceEvent]] = {}
+        self.device_events_seen = 0
         self.delivered = 0
         self.refused = 0
         self.fanout_ready = False  # the Kafka reader has its partitions (clinic.fanout)
@@ -315,11 +329,68 @@ class Hub:
                     audited[sub.id] = audited.get(sub.id, 0) + 1
                 n += len(subs)
             for sub_id, count in audited.items():
-                key = (sub_id, patient)
+                key = (sub_id, patient, "live readings")
                 self._unaudited[key] = self._unaudited.get(key, 0) + count
                 self.subscriptions[sub_id].wake.set()
         self.delivered += n
         return n
+
+    def deliver_device_events(self, events: Sequence[DeviceEvent]) -> int:
+        """Fan device events out like readings: to every subscription that wants the
+        patient and may see at least one of the metrics it asked for (the event names no
+        metric: it concerns every reading of the device). Audited per subscription and
+        patient with the readings' records, as device events."""
+        n = 0
+        now_us = int(self.clock() * 1e6)
+        if self.subscriptions and self.consent.changes() != self._consent_seen:
+            self.consent_changed()
+        for ev in events:
+            self.device_events_seen += 1
+            recent = self.device_events.setdefault(
+                ev.patient_id, deque(maxlen=RECENT_DEVICE_EVENTS)
+            )
+            if any(e.key == ev.key for e in recent):
+                continue  # a replay of the topic: already delivered
+            recent.append(ev)
+            body = ev.compact()
+            for sub in self.subscriptions.values():
+                if not sub.wants_patient(ev.patient_id):
+                    continue
+                if not self.may_see_patient(sub, ev.patient_id, now_us):
+                    self.refused += 1
+                    continue
+                sub.number += 1
+                sub.held.append(Event(sub.number, ev.patient_id, "", body))
+                key = (sub.id, ev.patient_id, "device events")
+                self._unaudited[key] = self._unaudited.get(key, 0) + 1
+                sub.wake.set()
+                n += 1
+        self.delivered += n
+        return n
+
+    def may_see_patient(self, sub: Subscription, patient_id: str, now_us: int) -> bool:
+        """Whether any metric the subscription asked for of this patient is allowed now
+        (the consent check of a device event)."""
+        return any(
+            self.allowed(sub.principal, patient_id, m, now_us) for m in sub.metrics or ALL_METRICS
+        )
+
+    def may_send(self, sub: Subscription, event: Event, now_us: int) -> bool:
+        """The check at sending time, for a reading or a device event."""
+        if event.is_reading:
+            return self.allowed(sub.principal, event.patient_id, event.metric, now_us)
+        return self.may_see_patient(sub, event.patient_id, now_us)
+
+    def recent_device_events(
+        self, patient_id: str, start_us: int | None, end_us: int | None
+    ) -> list[DeviceEvent]:
+        """What is held of a patient's device events in [start, end) (device time)."""
+        return [
+            e
+            for e in self.device_events.get(patient_id, ())
+            if (start_us is None or e.device_time_us >= start_us)
+            and (end_us is None or e.device_time_us < end_us)
+        ]
 
     def _remember_latest(self, batch: SampleBatch) -> None:
         """The newest reading per metric of the batch's patient (from the batch's end: one
@@ -342,6 +413,7 @@ class Hub:
         """Drop what is held of an erased patient (the newest readings; subscriptions end
         with their consent)."""
         self.latest.pop(patient_id, None)
+        self.device_events.pop(patient_id, None)
 
     def _targets_of(self, patient: str) -> _Targets:
         now_us = int(self.clock() * 1e6)
@@ -363,7 +435,7 @@ class Hub:
             return
         pending, self._unaudited = self._unaudited, {}
         entries = []
-        for (sub_id, patient), count in pending.items():
+        for (sub_id, patient, what), count in pending.items():
             sub = self.subscriptions.get(sub_id)
             who = sub.principal if sub else None
             entries.append(
@@ -372,7 +444,7 @@ class Hub:
                     role=who.role.value if who else "system",
                     patient_id=patient,
                     action=AuditAction.STREAM,
-                    what=f"subscription {sub_id}: live readings",
+                    what=f"subscription {sub_id}: {what}",
                     purpose=None,
                     outcome=Outcome.ALLOWED,
                     reason="consented" if who and who.role is Role.CLINICIAN else "own data",

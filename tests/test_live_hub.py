@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from clinic import live
+from clinic import device_events, live
 from clinic.audit import AuditAction, AuditLog
 from clinic.auth import Principal, Role, Scope
 from clinic.consent import ALL_VITALS
 from clinic.consent_store import ConsentStore
 from clinic.live import Hub, SubscriptionError
+from streams.clock import ClockEvent
+from streams.sequence import SequenceTracker
+from vitalproof.errors import WireFormatError
 from vitalproof.schema import SampleBatch, Transport
 
 T0 = 1_800_000_000_000_000
@@ -119,3 +122,63 @@ def test_the_newest_reading_per_metric_is_kept_even_with_no_subscriber_and_erasu
     assert (held["heart_rate"]["seq"], held["spo2"]["seq"]) == (8, 9)
     hub.forget("p1")
     assert "p1" not in hub.latest
+
+
+def test_device_events_go_where_consent_lets_readings_go_once_each_and_are_audited(
+    hub: Hub,
+) -> None:
+    """The worker's own payloads (its SequenceTracker and ClockEstimator), decoded as the
+    fan-out decodes them: a gap and a reset reach the consented subscription, not the other
+    clinician's; a replay of the topic is not delivered twice; erasure drops them."""
+    hub.consent.grant(
+        patient_id="p1", grantee="Practitioner/a", metrics=frozenset({"spo2"}),
+        purpose="TREAT", actor="Patient/p1",
+    )  # fmt: skip
+    a = hub.subscribe(clinician("a"), None, None)
+    b = hub.subscribe(clinician("b"), None, None)
+    tracker = SequenceTracker()
+    tracker.observe(batch("p1", 3))  # seq 0..5
+    worker = [e.to_json() for e in tracker.observe(batch("p1", 2, seq0=20))]  # gap 6..19
+    late = batch("p1", 1, seq0=0)  # older: reordering, no event
+    worker += [e.to_json() for e in tracker.observe(late)]
+    jump = ClockEvent("clock_jump", "dev-p1", None, 0, 30_000_000, T0 + 5, T0 + 30_000_005)
+    worker.append(jump.to_json())
+    events = [device_events.decode(v, {"dev-p1": "p1"}.get) for v in worker]
+    assert [(e.kind, e.missing) for e in events] == [("gap", 14), ("clock_jump", 0)]
+    assert events[0].describe() == "gap: 14 readings missing"
+    assert events[1].patient_id == "p1" and events[1].step_us == 30_000_000  # via the registry
+    assert hub.deliver_device_events(events) == 2
+    assert hub.deliver_device_events(events) == 0  # a replay
+    assert [(e.number, e.body["event"], e.is_reading) for e in a.held] == [
+        (1, "gap", False),
+        (2, "clock_jump", False),
+    ]
+    assert a.held[0].body["label"] == "gap: 14 readings missing" and not b.held
+    assert hub.refused == 2  # b asked for everyone; p1 shares nothing with b
+    hub.flush_audit()
+    streamed = [r for r in hub.audit.records() if r.action is AuditAction.STREAM]
+    assert [(r.patient_id, r.what.split(": ")[1], r.count) for r in streamed] == [
+        ("p1", "device events", 2)
+    ]
+    assert [e.kind for e in hub.recent_device_events("p1", T0, None)] == ["gap", "clock_jump"]
+    assert [e.kind for e in hub.recent_device_events("p1", T0 + 1, None)] == ["clock_jump"]
+    assert hub.recent_device_events("p1", None, T0) == []
+    hub.forget("p1")
+    assert hub.recent_device_events("p1", None, None) == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"{", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"kind":"nap","device_id":"d"}', "kind 'nap' is not one of"),
+        (b'{"kind":"gap"}', "device_id missing"),
+        (b'{"kind":"gap","device_id":"d9","device_time_us":1}', "no enrolled patient"),
+        (b'{"kind":"gap","device_id":"d","device_time_us":"x"}', "device_time_us must be"),
+        (b'{"kind":"gap","device_id":"d","device_time_us":1}', "last_seq must be"),
+    ],
+)
+def test_a_device_event_that_does_not_decode_says_what_is_wrong(payload: bytes, error: str) -> None:
+    with pytest.raises(WireFormatError, match=error):
+        device_events.decode(payload, {"d": "p"}.get)

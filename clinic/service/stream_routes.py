@@ -3,7 +3,9 @@ and delivery over Server-Sent Events and WebSocket.
 
 A subscription is created once and outlives its connections (five idle minutes), so a client
 that reconnects resumes where it was: SSE clients send ``Last-Event-ID`` (EventSource does it
-by itself), WebSocket clients ``?since=N``. Every event is re-checked against consent when it
+by itself), WebSocket clients ``?since=N``. Besides readings, a subscription carries its patients'
+device events (sequence gaps, resets, clock jumps: compact with an ``event`` field, or as
+FHIR DetectedIssue). Every event is re-checked against consent when it
 is sent, not only when it was fanned out; a subscription whose consent ended is closed with
 the reason (SSE: a ``closed`` event; WebSocket: close code 4403).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +31,8 @@ from streams.lake.export.fhir import reading_observation
 
 router = APIRouter()
 HEARTBEAT_S = 10.0
+#: The code system of device events (the worker's kinds: gap, reset, clock_jump).
+DEVICE_EVENT_SYSTEM = "urn:vitalproof:device-event"
 
 
 def hub_of(request: Request | WebSocket) -> Hub:
@@ -49,11 +54,7 @@ def _notification(
     }
     if events:
         status["notificationEvent"] = [
-            {
-                "eventNumber": str(e.number),
-                "focus": {"reference": f"Observation/{e.body['reading_id']}"},
-            }
-            for e in events
+            {"eventNumber": str(e.number), "focus": {"reference": _focus(e)}} for e in events
         ]
     return {
         "resourceType": "Bundle",
@@ -62,11 +63,43 @@ def _notification(
     }
 
 
+def _focus(e: Event) -> str:
+    if e.is_reading:
+        return f"Observation/{e.body['reading_id']}"
+    return f"DetectedIssue/{_issue_id(e.body)}"
+
+
+def _issue_id(body: dict[str, Any]) -> str:
+    return hashlib.sha256(body["key"].encode()).hexdigest()[:32]
+
+
+def device_issue(body: dict[str, Any]) -> dict[str, Any]:
+    """A device event (gap, reset, clock jump) as a FHIR R5 DetectedIssue about the patient,
+    with the device as its evidence."""
+    return {
+        "resourceType": "DetectedIssue",
+        "id": _issue_id(body),
+        "status": "final",
+        "code": {
+            "coding": [{"system": DEVICE_EVENT_SYSTEM, "code": body["event"]}],
+            "text": body["label"],
+        },
+        "subject": {"reference": f"Patient/{body['patient']}"},
+        "identifiedDateTime": _iso(body["t_us"]),
+        "evidence": [{"detail": [{"reference": f"Device/{body['device']}"}]}],
+        "detail": body["label"],
+    }
+
+
 def _entries(events: list[Event], fmt: str) -> list[dict[str, Any]]:
     if fmt != "fhir":
         return [{"resource": e.body | {"n": e.number}} for e in events]
     out = []
     for e in events:
+        if not e.is_reading:
+            issue = device_issue(e.body)
+            out.append({"fullUrl": f"DetectedIssue/{issue['id']}", "resource": issue})
+            continue
         obs = reading_observation(_row(e.body))
         if obs is not None:
             out.append({"fullUrl": f"Observation/{obs['id']}", "resource": obs})
@@ -157,7 +190,7 @@ async def events(request: Request, sub_id: str, who: Who) -> JSONResponse:
 
 def _still_allowed(hub: Hub, sub: Subscription, events: list[Event]) -> list[Event]:
     now_us = int(hub.clock() * 1e6)
-    return [e for e in events if hub.allowed(sub.principal, e.patient_id, e.metric, now_us)]
+    return [e for e in events if hub.may_send(sub, e, now_us)]
 
 
 async def _follow(
