@@ -19,6 +19,8 @@ from typing import Any
 from vitalproof.errors import WireFormatError
 
 KINDS = ("gap", "reset", "clock_jump")
+#: What else the topic carries, for others to read: the service's own break-glass alerts.
+OTHER_KINDS = ("break_glass",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,10 @@ class DeviceEvent:
         }
 
 
-def decode(value: bytes, patient_of: Callable[[str], str | None]) -> DeviceEvent:
+def decode(value: bytes, patient_of: Callable[[str], str | None]) -> DeviceEvent | None:
     """One ``vitals.events`` record; the patient from the record, else from the registry
-    (``patient_of``). Raises :class:`WireFormatError` naming what is wrong."""
+    (``patient_of``); None for the topic's other kinds (:data:`OTHER_KINDS`). Raises
+    :class:`WireFormatError` naming what is wrong."""
     try:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError) as e:
@@ -76,6 +79,8 @@ def decode(value: bytes, patient_of: Callable[[str], str | None]) -> DeviceEvent
     if not isinstance(doc, dict):
         raise WireFormatError("device event: not a JSON object")
     kind = doc.get("kind")
+    if kind in OTHER_KINDS:
+        return None
     if kind not in KINDS:
         raise WireFormatError(f"device event: kind {kind!r} is not one of {', '.join(KINDS)}")
     device = doc.get("device_id")

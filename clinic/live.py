@@ -5,8 +5,11 @@ the last :data:`HOLD` of them, so a client that lost its connection asks for wha
 (``Last-Event-ID`` on SSE, ``$events?eventsSinceNumber=`` on the FHIR base) and gets exactly
 those, then the live ones: no gap, no duplicate. The held events are the only buffer: a
 connection is a cursor over them, so a subscriber that does not read costs at most
-:data:`HOLD` events; once its cursor falls behind what is held, it is told which events it
-lost and closed, and no other subscriber is slowed.
+:data:`HOLD` events, and no other subscriber is slowed. Events older than those held are
+not lost: each subscription notes, per delivery, which records of which partition its
+events came from (:class:`Segment`, a few per poll), so :class:`clinic.fanout.Replayer`
+reads them back from Kafka by offset and numbers them again; what Kafka no longer has is
+named (event numbers, partition, offsets, time), never skipped.
 
 Consent is checked per reading, at delivery: a cached decision per (grantee, patient, metric)
 that :meth:`Hub.consent_changed` drops whenever the consent store changes (and every
@@ -42,12 +45,45 @@ RECHECK_S = 0.5
 ALL_METRICS: tuple[str, ...] = tuple(m.value for m in Metric)
 #: How long a subscription nobody is connected to stays resumable.
 IDLE_EXPIRY_S = 300.0
+#: Where a subscription's events came from, kept for replay from Kafka (per subscription).
+MAX_SEGMENTS = 100_000
 #: Device events (gaps, resets, clock jumps) kept per patient for charts opened later.
 RECENT_DEVICE_EVENTS = 500
 
 
 class SubscriptionError(VitalproofError):
     """A subscription request that cannot be served (the message says why)."""
+
+
+class Behind(SubscriptionError):
+    """The events asked for are no longer held: ``first..last`` must come from Kafka."""
+
+    def __init__(self, message: str, first: int, last: int) -> None:
+        super().__init__(message)
+        self.first, self.last = first, last
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where one delivery's records came from: a run of offsets of one partition."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    timestamp_ms: int  # the first record's (for naming the time of events that are gone)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Events ``first..last`` of a subscription were the readings (or device events) of
+    ``pairs`` (patient, metric; metric "" for a device event) in ``source``'s records, in
+    record and reading order: enough to number them again from Kafka."""
+
+    first: int
+    last: int
+    source: Source
+    pairs: frozenset[tuple[str, str]]
 
 
 @dataclass
@@ -73,6 +109,9 @@ class Subscription:
     metrics: frozenset[str] | None  # None: every vital sign
     created: float
     held: deque[Event] = field(default_factory=lambda: deque(maxlen=HOLD))
+    # where every event came from, for replay past what is held (a few per poll, not one
+    # per event)
+    segments: deque[Segment] = field(default_factory=lambda: deque(maxlen=MAX_SEGMENTS))
     number: int = 0
     closed: str | None = None  # why it ended, once it has
     connections: int = 0
@@ -89,9 +128,11 @@ class Subscription:
         """Held events after ``number``; raises if some after it are no longer held."""
         if self.held and number < self.held[0].number - 1:
             first = self.held[0].number
-            raise SubscriptionError(
+            raise Behind(
                 f"events {number + 1}..{first - 1} of subscription {self.id} are no longer"
-                " held; search Observation history for that time"
+                " held; search Observation history for that time",
+                number + 1,
+                first - 1,
             )
         return [e for e in self.held if e.number > number]
 
@@ -293,12 +334,14 @@ class Hub:
 
     # -- delivery -------------------------------------------------------------------------
 
-    def deliver(self, batches: Sequence[SampleBatch]) -> int:
+    def deliver(self, batches: Sequence[SampleBatch], source: Source | None = None) -> int:
         """Fan readings out to every subscription that wants them and may see them.
 
         Consent is decided per (subscription, patient, metric) for the moment of delivery,
         which is each reading's decision: the answer cannot differ between two readings of
-        one call. The decisions are kept until consent, time or the subscriptions change."""
+        one call. The decisions are kept until consent, time or the subscriptions change.
+        With ``source`` (the records the batches were decoded from, in order), each
+        subscription that got events notes them as a :class:`Segment`, for replay."""
         for batch in batches:
             self._remember_latest(batch)
         if not self.subscriptions:
@@ -306,6 +349,8 @@ class Hub:
         if self.consent.changes() != self._consent_seen:  # one query per poll, not per reading
             self.consent_changed()
         n = 0
+        before = {sid: sub.number for sid, sub in self.subscriptions.items()} if source else {}
+        pairs: dict[str, set[tuple[str, str]]] = {}
         for batch in batches:
             patient = batch.patient_id or ""
             targets = self._targets.get(patient)
@@ -315,6 +360,10 @@ class Hub:
                 self.refused += sum(targets.denied.get(m, 0) for m in batch.metric)
             if not targets.to:
                 continue
+            if source is not None:  # per batch and target, not per reading
+                for metric, to in targets.to.items():
+                    for sub in to:
+                        pairs.setdefault(sub.id, set()).add((patient, metric))
             if not batch.reading_id:
                 batch.fill_reading_ids()
             audited: dict[str, int] = {}
@@ -332,10 +381,23 @@ class Hub:
                 key = (sub_id, patient, "live readings")
                 self._unaudited[key] = self._unaudited.get(key, 0) + count
                 self.subscriptions[sub_id].wake.set()
+        if source is not None:
+            self._note_segments(before, pairs, source)
         self.delivered += n
         return n
 
-    def deliver_device_events(self, events: Sequence[DeviceEvent]) -> int:
+    def _note_segments(
+        self, before: dict[str, int], pairs: dict[str, set[tuple[str, str]]], source: Source
+    ) -> None:
+        for sub_id, seen in pairs.items():
+            sub = self.subscriptions[sub_id]
+            first = before.get(sub_id, 0) + 1
+            if sub.number >= first:
+                sub.segments.append(Segment(first, sub.number, source, frozenset(seen)))
+
+    def deliver_device_events(
+        self, events: Sequence[DeviceEvent], sources: Sequence[Source | None] = ()
+    ) -> int:
         """Fan device events out like readings: to every subscription that wants the
         patient and may see at least one of the metrics it asked for (the event names no
         metric: it concerns every reading of the device). Audited per subscription and
@@ -344,7 +406,8 @@ class Hub:
         now_us = int(self.clock() * 1e6)
         if self.subscriptions and self.consent.changes() != self._consent_seen:
             self.consent_changed()
-        for ev in events:
+        for k, ev in enumerate(events):
+            source = sources[k] if k < len(sources) else None
             self.device_events_seen += 1
             recent = self.device_events.setdefault(
                 ev.patient_id, deque(maxlen=RECENT_DEVICE_EVENTS)
@@ -361,6 +424,9 @@ class Hub:
                     continue
                 sub.number += 1
                 sub.held.append(Event(sub.number, ev.patient_id, "", body))
+                if source is not None:  # one record, one event
+                    pair = frozenset({(ev.patient_id, "")})
+                    sub.segments.append(Segment(sub.number, sub.number, source, pair))
                 key = (sub.id, ev.patient_id, "device events")
                 self._unaudited[key] = self._unaudited.get(key, 0) + 1
                 sub.wake.set()

@@ -143,7 +143,11 @@ def test_device_events_go_where_consent_lets_readings_go_once_each_and_are_audit
     worker += [e.to_json() for e in tracker.observe(late)]
     jump = ClockEvent("clock_jump", "dev-p1", None, 0, 30_000_000, T0 + 5, T0 + 30_000_005)
     worker.append(jump.to_json())
-    events = [device_events.decode(v, {"dev-p1": "p1"}.get) for v in worker]
+    decoded = [device_events.decode(v, {"dev-p1": "p1"}.get) for v in worker]
+    events = [e for e in decoded if e is not None]
+    assert len(events) == len(worker)
+    alert = b'{"kind":"break_glass","patient":"p1","actor":"Practitioner/b"}'
+    assert device_events.decode(alert, {}.get) is None  # the topic's other kind: not ours
     assert [(e.kind, e.missing) for e in events] == [("gap", 14), ("clock_jump", 0)]
     assert events[0].describe() == "gap: 14 readings missing"
     assert events[1].patient_id == "p1" and events[1].step_us == 30_000_000  # via the registry

@@ -81,8 +81,9 @@ export class LiveFeed {
       this.take(await api(`/fhir/Subscription/${this.sub.id}/$events?eventsSinceNumber=${this.last}`));
       this.connect();
     } catch (e) {
-      if (e.status === 404) {
-        // The subscription is gone: a new one, and the lake for what came in between.
+      if (e.status === 404 || e.status === 410) {
+        // The subscription is gone, or what it missed is gone from Kafka too (410): a new
+        // one, and the lake for what came in between.
         const since = this.lastTimeUs;
         try {
           await this.start();
