@@ -349,8 +349,9 @@ class Hub:
         if self.consent.changes() != self._consent_seen:  # one query per poll, not per reading
             self.consent_changed()
         n = 0
-        before = {sid: sub.number for sid, sub in self.subscriptions.items()} if source else {}
+        before: dict[str, int] = {}  # a subscription's number before its first event here
         pairs: dict[str, set[tuple[str, str]]] = {}
+        noted: set[str] = set()  # patients whose targets are in pairs (fixed within a call)
         for batch in batches:
             patient = batch.patient_id or ""
             targets = self._targets.get(patient)
@@ -360,10 +361,15 @@ class Hub:
                 self.refused += sum(targets.denied.get(m, 0) for m in batch.metric)
             if not targets.to:
                 continue
-            if source is not None:  # per batch and target, not per reading
+            if source is not None and patient not in noted:  # once per patient and call
+                noted.add(patient)
                 for metric, to in targets.to.items():
                     for sub in to:
-                        pairs.setdefault(sub.id, set()).add((patient, metric))
+                        seen = pairs.get(sub.id)
+                        if seen is None:  # before any event of this call reached it
+                            seen = pairs[sub.id] = set()
+                            before[sub.id] = sub.number
+                        seen.add((patient, metric))
             if not batch.reading_id:
                 batch.fill_reading_ids()
             audited: dict[str, int] = {}

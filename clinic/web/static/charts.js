@@ -305,6 +305,7 @@ export class Panel {
     ctx.clip();
     ctx.font = `${Math.round(11 * dpr)}px system-ui, sans-serif`;
     ctx.textBaseline = "top";
+    ctx.textAlign = "left"; // uPlot leaves its axes' alignment behind
     let row = 0;
     for (const m of marks) {
       const t = m.t_us / 1e6;
