@@ -240,20 +240,31 @@ def test_two_clinicians_get_exactly_their_consented_readings_and_resume_without_
 def test_events_no_longer_held_come_back_from_kafka_and_what_kafka_lost_is_named(
     live: Live,
 ) -> None:
-    """12,000 events for one subscription, of which the service holds the last 10,000: a
-    client asking from event 0 gets 1..10,000 (the first 2,000 read back from Kafka by
-    offset, numbered as they were delivered), then the rest; an SSE reconnect from event
-    500 gets 501..12,000 contiguous, each reading once. Once Kafka has deleted the records,
-    the same question is a 410 naming the events, the partition and the time."""
+    """12,000 events for one subscription (pt-1's heart rate: its SpO2 is not shared, and
+    pt-2's readings go by too), of which the service holds the last 10,000: a client asking
+    from event 0 gets 1..10,000 (the first 2,000 read back from Kafka by offset, numbered as
+    they were delivered), then the rest; an SSE reconnect from event 500 gets 501..12,000
+    contiguous, each reading once. Once Kafka has deleted the records, the same question is
+    a 410 naming the events, the partition and the time."""
     with ConsentStore(live.settings.paths.consent_path) as store:
         store.grant(
-            patient_id="pt-1", grantee=DR_A, metrics=frozenset({ALL_VITALS}),
+            patient_id="pt-1", grantee=DR_A, metrics=frozenset({"heart_rate"}),
             purpose="TREAT", actor="Patient/pt-1",
         )  # fmt: skip
-    sub = live.subscribe(DR_A, {"patients": ["pt-1"], "metrics": None})
+    sub = live.subscribe(DR_A, {"patients": None, "metrics": None})
     t0 = int(time.time() * 1e6) - 3_600_000_000
-    batches = [bundle("pt-1", "dev-1", 1200 * k, 600, t0 + k * 600_000_000) for k in range(10)]
-    want = [rid for b in batches for rid in b.reading_id]
+    batches = []
+    for k in range(20):
+        batches.append(bundle("pt-1", "dev-1", 1200 * k, 600, t0 + k * 600_000_000))
+        if k % 4 == 0:
+            batches.append(bundle("pt-2", "dev-2", 1200 * k, 600, t0 + k * 600_000_000))
+    want = [
+        rid
+        for b in batches
+        if b.patient_id == "pt-1"
+        for rid, m in zip(b.reading_id, b.metric, strict=True)
+        if m == "heart_rate"
+    ]
     assert len(want) == 12_000
     events_url = live.url + f"/fhir/Subscription/{sub}/$events"
     headers = live.headers(DR_A)
