@@ -240,22 +240,24 @@ class Replayer:
                     n += 1
                     if since < n <= until:
                         out.append(Event(n, ev.patient_id, "", ev.compact()))
-            return out
-        for batch in _batches(records):
-            patient = batch.patient_id or ""
-            if not any(p == patient for p, _ in seg.pairs):
-                continue
-            if not batch.reading_id:
-                batch.fill_reading_ids()
-            for i, metric in enumerate(batch.metric):
-                if (patient, metric) in seg.pairs:
-                    n += 1
-                    if since < n <= until:
-                        out.append(Event(n, patient, metric, compact(batch, i)))
-        if n != seg.last:
+        else:
+            patients = {p for p, _ in seg.pairs}
+            for batch in _batches(records):
+                patient = batch.patient_id or ""
+                if patient not in patients:
+                    continue
+                if not batch.reading_id:
+                    batch.fill_reading_ids()
+                for i, metric in enumerate(batch.metric):
+                    if (patient, metric) in seg.pairs:
+                        n += 1
+                        if since < n <= until:
+                            out.append(Event(n, patient, metric, compact(batch, i)))
+        if n != seg.last:  # never silently renumbered
             raise Gone(
                 f"events {seg.first}..{seg.last}: the records at {seg.source.topic} partition"
                 f" {seg.source.partition} offsets {seg.source.first_offset}.."
-                f"{seg.source.last_offset} now give {n - seg.first + 1} of them"
+                f"{seg.source.last_offset} now give {n - seg.first + 1} of them; search"
+                " Observation history for that time"
             )
         return out

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 
-from clinic import device_events, live
+from clinic import device_events, fanout, live
 from clinic.audit import AuditAction, AuditLog
 from clinic.auth import Principal, Role, Scope
 from clinic.consent import ALL_VITALS
@@ -18,6 +19,7 @@ from streams.clock import ClockEvent
 from streams.sequence import SequenceTracker
 from vitalproof.errors import WireFormatError
 from vitalproof.schema import SampleBatch, Transport
+from vitalproof.settings import PathSettings, Settings
 
 T0 = 1_800_000_000_000_000
 READ = (Scope.parse("user/Observation.rs"),)
@@ -186,3 +188,40 @@ def test_device_events_go_where_consent_lets_readings_go_once_each_and_are_audit
 def test_a_device_event_that_does_not_decode_says_what_is_wrong(payload: bytes, error: str) -> None:
     with pytest.raises(WireFormatError, match=error):
         device_events.decode(payload, {"d": "p"}.get)
+
+
+def test_device_events_are_noted_for_replay_and_made_again_the_same_from_their_records(
+    hub: Hub, tmp_path: Path
+) -> None:
+    """What the Kafka replay does with the records it read back (without the broker): the
+    same numbers and bodies as delivered; records that no longer give as many events as were
+    numbered are refused with a reason, never renumbered."""
+    hub.consent.grant(
+        patient_id="p1", grantee="Practitioner/a", metrics=frozenset({ALL_VITALS}),
+        purpose="TREAT", actor="Patient/p1",
+    )  # fmt: skip
+    sub = hub.subscribe(clinician("a"), None, None)
+    settings = Settings(paths=PathSettings(home=tmp_path))
+    tracker = SequenceTracker()
+    tracker.observe(batch("p1", 1))
+    gaps = [tracker.observe(batch("p1", 1, seq0=10 * k))[0] for k in (1, 2)]
+    records = [
+        ConsumerRecord(settings.kafka.topic_events, 0, 7 + k, T0 // 1000, 0, b"dev-p1",
+                       g.to_json(), None, 6, 100, ())
+        for k, g in enumerate(gaps)
+    ]  # fmt: skip
+    decoded = [device_events.decode(r.value, {}.get) for r in records]
+    assert (
+        hub.deliver_device_events([e for e in decoded if e], [fanout._source([r]) for r in records])
+        == 2
+    )
+    assert [(g.first, g.last, g.source.first_offset) for g in sub.segments] == [
+        (1, 1, 7),
+        (2, 2, 8),
+    ]
+    replayer = fanout.Replayer(settings, hub)
+    again = [e for g, r in zip(sub.segments, records, strict=True)
+             for e in replayer._events(g, [r], 0, 2)]  # fmt: skip
+    assert [(e.number, e.body) for e in again] == [(e.number, e.body) for e in sub.held]
+    with pytest.raises(fanout.Gone, match=r"events 1\.\.1: .* now give 0 of them"):
+        replayer._events(sub.segments[0], [], 0, 2)
