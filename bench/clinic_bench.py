@@ -8,7 +8,8 @@ Each clinician holds grants (all vital signs) from ``--per-clinician`` patients 
 subscribes to "every patient who consented to me"; readings of every patient are fanned out
 as the service's Kafka reader hands them over (clean bundles of 60 readings per device). A
 delivery is one reading placed in one subscription (numbered, held for replay) after its
-consent check. The revocation figure is the time `Hub.consent_changed` takes to drop the
+consent check, and noted (per call) with the records it came from, for replay from Kafka.
+The revocation figure is the time `Hub.consent_changed` takes to drop the
 decisions and close what the revocation emptied; the service runs it every 0.5 s, so the cut
 comes at most 0.5 s plus that after the revocation. Not measured here: the network path to a
 browser (`tests/test_clinic_live.py` checks it works end to end on the real Kafka).
@@ -29,7 +30,7 @@ from clinic.audit import AuditLog
 from clinic.auth import Principal, Role, Scope
 from clinic.consent import ALL_VITALS
 from clinic.consent_store import ConsentStore
-from clinic.live import Hub
+from clinic.live import Hub, Source
 from vitalproof.schema import SampleBatch, Transport
 
 T0 = 1_800_000_000_000_000
@@ -83,10 +84,14 @@ def run(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
     cpu = time.process_time()
     delivered = 0
     for k in range(0, len(batches), 50):  # as the reader hands them over, ~500 records a poll
-        delivered += hub.deliver(batches[k : k + 50])
+        # with where they came from, as the reader says (each subscription notes it, for
+        # replay from Kafka past what it holds)
+        source = Source("vitals.clean", 0, k, k + 49, T0 // 1000)
+        delivered += hub.deliver(batches[k : k + 50], source)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu
     held = max(len(s.held) for s in hub.subscriptions.values())
+    segments = max(len(s.segments) for s in hub.subscriptions.values())
     # Revocation to cut: one clinician's grants revoked, then the service's periodic check.
     victim = next(iter(hub.subscriptions.values()))
     for g in store.grants(grantee=victim.principal.subject):
@@ -102,6 +107,7 @@ def run(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
         "readings_in_per_s": round(readings / wall),
         "cpu_us_per_delivery": round(cpu / max(delivered, 1) * 1e6, 2),
         "max_held_per_subscription": held,
+        "max_replay_notes_per_subscription": segments,
         "consent_recheck_ms": round(recheck * 1000, 1),
         "revocation_to_cut_max_ms": round((0.5 + recheck) * 1000, 1),
     }

@@ -5,8 +5,11 @@ the last :data:`HOLD` of them, so a client that lost its connection asks for wha
 (``Last-Event-ID`` on SSE, ``$events?eventsSinceNumber=`` on the FHIR base) and gets exactly
 those, then the live ones: no gap, no duplicate. The held events are the only buffer: a
 connection is a cursor over them, so a subscriber that does not read costs at most
-:data:`HOLD` events; once its cursor falls behind what is held, it is told which events it
-lost and closed, and no other subscriber is slowed.
+:data:`HOLD` events, and no other subscriber is slowed. Events older than those held are
+not lost: each subscription notes, per delivery, which records of which partition its
+events came from (:class:`Segment`, a few per poll), so :class:`clinic.fanout.Replayer`
+reads them back from Kafka by offset and numbers them again; what Kafka no longer has is
+named (event numbers, partition, offsets, time), never skipped.
 
 Consent is checked per reading, at delivery: a cached decision per (grantee, patient, metric)
 that :meth:`Hub.consent_changed` drops whenever the consent store changes (and every
@@ -29,6 +32,7 @@ from typing import Any
 from clinic.audit import AuditAction, AuditEntry, AuditLog, Outcome
 from clinic.auth import Principal, Role
 from clinic.consent_store import ConsentStore
+from clinic.device_events import DeviceEvent
 from vitalproof.errors import VitalproofError
 from vitalproof.schema import SampleBatch, flag_names
 from vitalproof.units import Metric
@@ -41,20 +45,60 @@ RECHECK_S = 0.5
 ALL_METRICS: tuple[str, ...] = tuple(m.value for m in Metric)
 #: How long a subscription nobody is connected to stays resumable.
 IDLE_EXPIRY_S = 300.0
+#: Where a subscription's events came from, kept for replay from Kafka (per subscription).
+MAX_SEGMENTS = 100_000
+#: Device events (gaps, resets, clock jumps) kept per patient for charts opened later.
+RECENT_DEVICE_EVENTS = 500
 
 
 class SubscriptionError(VitalproofError):
     """A subscription request that cannot be served (the message says why)."""
 
 
+class Behind(SubscriptionError):
+    """The events asked for are no longer held: ``first..last`` must come from Kafka."""
+
+    def __init__(self, message: str, first: int, last: int) -> None:
+        super().__init__(message)
+        self.first, self.last = first, last
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where one delivery's records came from: a run of offsets of one partition."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    timestamp_ms: int  # the first record's (for naming the time of events that are gone)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Events ``first..last`` of a subscription were the readings (or device events) of
+    ``pairs`` (patient, metric; metric "" for a device event) in ``source``'s records, in
+    record and reading order: enough to number them again from Kafka."""
+
+    first: int
+    last: int
+    source: Source
+    pairs: frozenset[tuple[str, str]]
+
+
 @dataclass
 class Event:
-    """One notification: a reading, its number in its subscription, and its compact form."""
+    """One notification: a reading (or a device event: ``metric`` is then empty), its number
+    in its subscription, and its compact form."""
 
     number: int
     patient_id: str
     metric: str
     body: dict[str, Any]
+
+    @property
+    def is_reading(self) -> bool:
+        return bool(self.metric)
 
 
 @dataclass
@@ -65,6 +109,9 @@ class Subscription:
     metrics: frozenset[str] | None  # None: every vital sign
     created: float
     held: deque[Event] = field(default_factory=lambda: deque(maxlen=HOLD))
+    # where every event came from, for replay past what is held (a few per poll, not one
+    # per event)
+    segments: deque[Segment] = field(default_factory=lambda: deque(maxlen=MAX_SEGMENTS))
     number: int = 0
     closed: str | None = None  # why it ended, once it has
     connections: int = 0
@@ -72,17 +119,20 @@ class Subscription:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wants(self, patient_id: str, metric: str) -> bool:
-        return (self.patients is None or patient_id in self.patients) and (
-            self.metrics is None or metric in self.metrics
-        )
+        return self.wants_patient(patient_id) and (self.metrics is None or metric in self.metrics)
+
+    def wants_patient(self, patient_id: str) -> bool:
+        return self.patients is None or patient_id in self.patients
 
     def since(self, number: int) -> list[Event]:
         """Held events after ``number``; raises if some after it are no longer held."""
         if self.held and number < self.held[0].number - 1:
             first = self.held[0].number
-            raise SubscriptionError(
+            raise Behind(
                 f"events {number + 1}..{first - 1} of subscription {self.id} are no longer"
-                " held; search Observation history for that time"
+                " held; search Observation history for that time",
+                number + 1,
+                first - 1,
             )
         return [e for e in self.held if e.number > number]
 
@@ -117,10 +167,15 @@ class Hub:
         # patient -> metric -> the subscriptions a reading of it goes to (consent checked);
         # dropped when consent, time (an expiry) or the subscriptions change.
         self._targets: dict[str, _Targets] = {}
-        self._unaudited: dict[tuple[str, str], int] = {}  # (subscription, patient) -> readings
+        # (subscription, patient, what) -> how many were delivered since the last flush
+        self._unaudited: dict[tuple[str, str, str], int] = {}
         # patient -> metric -> the newest reading seen since the service started (compact),
         # for the clinicians' patient list; disclosed only through the consent gate.
         self.latest: dict[str, dict[str, dict[str, Any]]] = {}
+        # patient -> the newest device events (gaps, resets, clock jumps) since the service
+        # started, for charts opened after them; disclosed only through the consent gate.
+        self.device_events: dict[str, deque[DeviceEvent]] = {}
+        self.device_events_seen = 0
         self.delivered = 0
         self.refused = 0
         self.fanout_ready = False  # the Kafka reader has its partitions (clinic.fanout)
@@ -279,12 +334,14 @@ class Hub:
 
     # -- delivery -------------------------------------------------------------------------
 
-    def deliver(self, batches: Sequence[SampleBatch]) -> int:
+    def deliver(self, batches: Sequence[SampleBatch], source: Source | None = None) -> int:
         """Fan readings out to every subscription that wants them and may see them.
 
         Consent is decided per (subscription, patient, metric) for the moment of delivery,
         which is each reading's decision: the answer cannot differ between two readings of
-        one call. The decisions are kept until consent, time or the subscriptions change."""
+        one call. The decisions are kept until consent, time or the subscriptions change.
+        With ``source`` (the records the batches were decoded from, in order), each
+        subscription that got events notes them as a :class:`Segment`, for replay."""
         for batch in batches:
             self._remember_latest(batch)
         if not self.subscriptions:
@@ -292,6 +349,9 @@ class Hub:
         if self.consent.changes() != self._consent_seen:  # one query per poll, not per reading
             self.consent_changed()
         n = 0
+        before: dict[str, int] = {}  # a subscription's number before its first event here
+        pairs: dict[str, set[tuple[str, str]]] = {}
+        noted: set[str] = set()  # patients whose targets are in pairs (fixed within a call)
         for batch in batches:
             patient = batch.patient_id or ""
             targets = self._targets.get(patient)
@@ -301,6 +361,15 @@ class Hub:
                 self.refused += sum(targets.denied.get(m, 0) for m in batch.metric)
             if not targets.to:
                 continue
+            if source is not None and patient not in noted:  # once per patient and call
+                noted.add(patient)
+                for metric, to in targets.to.items():
+                    for sub in to:
+                        seen = pairs.get(sub.id)
+                        if seen is None:  # before any event of this call reached it
+                            seen = pairs[sub.id] = set()
+                            before[sub.id] = sub.number
+                        seen.add((patient, metric))
             if not batch.reading_id:
                 batch.fill_reading_ids()
             audited: dict[str, int] = {}
@@ -315,11 +384,85 @@ class Hub:
                     audited[sub.id] = audited.get(sub.id, 0) + 1
                 n += len(subs)
             for sub_id, count in audited.items():
-                key = (sub_id, patient)
+                key = (sub_id, patient, "live readings")
                 self._unaudited[key] = self._unaudited.get(key, 0) + count
                 self.subscriptions[sub_id].wake.set()
+        if source is not None:
+            self._note_segments(before, pairs, source)
         self.delivered += n
         return n
+
+    def _note_segments(
+        self, before: dict[str, int], pairs: dict[str, set[tuple[str, str]]], source: Source
+    ) -> None:
+        for sub_id, seen in pairs.items():
+            sub = self.subscriptions[sub_id]
+            first = before.get(sub_id, 0) + 1
+            if sub.number >= first:
+                sub.segments.append(Segment(first, sub.number, source, frozenset(seen)))
+
+    def deliver_device_events(
+        self, events: Sequence[DeviceEvent], sources: Sequence[Source | None] = ()
+    ) -> int:
+        """Fan device events out like readings: to every subscription that wants the
+        patient and may see at least one of the metrics it asked for (the event names no
+        metric: it concerns every reading of the device). Audited per subscription and
+        patient with the readings' records, as device events."""
+        n = 0
+        now_us = int(self.clock() * 1e6)
+        if self.subscriptions and self.consent.changes() != self._consent_seen:
+            self.consent_changed()
+        for k, ev in enumerate(events):
+            source = sources[k] if k < len(sources) else None
+            self.device_events_seen += 1
+            recent = self.device_events.setdefault(
+                ev.patient_id, deque(maxlen=RECENT_DEVICE_EVENTS)
+            )
+            if any(e.key == ev.key for e in recent):
+                continue  # a replay of the topic: already delivered
+            recent.append(ev)
+            body = ev.compact()
+            for sub in self.subscriptions.values():
+                if not sub.wants_patient(ev.patient_id):
+                    continue
+                if not self.may_see_patient(sub, ev.patient_id, now_us):
+                    self.refused += 1
+                    continue
+                sub.number += 1
+                sub.held.append(Event(sub.number, ev.patient_id, "", body))
+                if source is not None:  # one record, one event
+                    pair = frozenset({(ev.patient_id, "")})
+                    sub.segments.append(Segment(sub.number, sub.number, source, pair))
+                key = (sub.id, ev.patient_id, "device events")
+                self._unaudited[key] = self._unaudited.get(key, 0) + 1
+                sub.wake.set()
+                n += 1
+        self.delivered += n
+        return n
+
+    def may_see_patient(self, sub: Subscription, patient_id: str, now_us: int) -> bool:
+        """Whether any metric the subscription asked for of this patient is allowed now
+        (the consent check of a device event)."""
+        return any(
+            self.allowed(sub.principal, patient_id, m, now_us) for m in sub.metrics or ALL_METRICS
+        )
+
+    def may_send(self, sub: Subscription, event: Event, now_us: int) -> bool:
+        """The check at sending time, for a reading or a device event."""
+        if event.is_reading:
+            return self.allowed(sub.principal, event.patient_id, event.metric, now_us)
+        return self.may_see_patient(sub, event.patient_id, now_us)
+
+    def recent_device_events(
+        self, patient_id: str, start_us: int | None, end_us: int | None
+    ) -> list[DeviceEvent]:
+        """What is held of a patient's device events in [start, end) (device time)."""
+        return [
+            e
+            for e in self.device_events.get(patient_id, ())
+            if (start_us is None or e.device_time_us >= start_us)
+            and (end_us is None or e.device_time_us < end_us)
+        ]
 
     def _remember_latest(self, batch: SampleBatch) -> None:
         """The newest reading per metric of the batch's patient (from the batch's end: one
@@ -342,6 +485,7 @@ class Hub:
         """Drop what is held of an erased patient (the newest readings; subscriptions end
         with their consent)."""
         self.latest.pop(patient_id, None)
+        self.device_events.pop(patient_id, None)
 
     def _targets_of(self, patient: str) -> _Targets:
         now_us = int(self.clock() * 1e6)
@@ -363,7 +507,7 @@ class Hub:
             return
         pending, self._unaudited = self._unaudited, {}
         entries = []
-        for (sub_id, patient), count in pending.items():
+        for (sub_id, patient, what), count in pending.items():
             sub = self.subscriptions.get(sub_id)
             who = sub.principal if sub else None
             entries.append(
@@ -372,7 +516,7 @@ class Hub:
                     role=who.role.value if who else "system",
                     patient_id=patient,
                     action=AuditAction.STREAM,
-                    what=f"subscription {sub_id}: live readings",
+                    what=f"subscription {sub_id}: {what}",
                     purpose=None,
                     outcome=Outcome.ALLOWED,
                     reason="consented" if who and who.role is Role.CLINICIAN else "own data",

@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from clinic.auth import DevIssuer
 from clinic.consent import ALL_VITALS
@@ -234,3 +235,91 @@ def test_two_clinicians_get_exactly_their_consented_readings_and_resume_without_
     code, reason, closed_at = got["b_close"]
     assert code == 4403 and "consent ended" in reason and "revoked" in reason
     assert closed_at - got["revoked_at"] < 2.0  # the target is 1 s: bench/clinic_bench.py
+
+
+def test_events_no_longer_held_come_back_from_kafka_and_what_kafka_lost_is_named(
+    live: Live,
+) -> None:
+    """12,000 events for one subscription (pt-1's heart rate: its SpO2 is not shared, and
+    pt-2's readings go by too), of which the service holds the last 10,000: a client asking
+    from event 0 gets 1..10,000 (the first 2,000 read back from Kafka by offset, numbered as
+    they were delivered), then the rest; an SSE reconnect from event 500 gets 501..12,000
+    contiguous, each reading once. Once Kafka has deleted the records, the same question is
+    a 410 naming the events, the partition and the time."""
+    with ConsentStore(live.settings.paths.consent_path) as store:
+        store.grant(
+            patient_id="pt-1", grantee=DR_A, metrics=frozenset({"heart_rate"}),
+            purpose="TREAT", actor="Patient/pt-1",
+        )  # fmt: skip
+    sub = live.subscribe(DR_A, {"patients": None, "metrics": None})
+    t0 = int(time.time() * 1e6) - 3_600_000_000
+    batches = []
+    for k in range(20):
+        batches.append(bundle("pt-1", "dev-1", 1200 * k, 600, t0 + k * 600_000_000))
+        if k % 4 == 0:
+            batches.append(bundle("pt-2", "dev-2", 1200 * k, 600, t0 + k * 600_000_000))
+    want = [
+        rid
+        for b in batches
+        if b.patient_id == "pt-1"
+        for rid, m in zip(b.reading_id, b.metric, strict=True)
+        if m == "heart_rate"
+    ]
+    assert len(want) == 12_000
+    events_url = live.url + f"/fhir/Subscription/{sub}/$events"
+    headers = live.headers(DR_A)
+
+    def numbered(params: dict[str, Any]) -> tuple[list[int], list[str]]:
+        r = httpx.get(events_url, params=params, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        got = readings_of(r.json())
+        return [e["n"] for e in got], [e["reading_id"] for e in got]
+
+    async def go() -> dict[str, Any]:
+        await produce(live.settings, batches)
+        for _ in range(200):
+            if numbered({"eventsSinceNumber": 11_999})[0] == [12_000]:
+                break
+            await asyncio.sleep(0.1)
+        out: dict[str, Any] = {"first": numbered({"eventsSinceNumber": 0})}
+        out["rest"] = numbered({"eventsSinceNumber": 10_000})
+        numbers: list[int] = []
+        ids: list[str] = []
+        async with httpx.AsyncClient() as client:
+            sse_url = live.url + f"/stream/sse/{sub}?heartbeat=1"
+            resume = headers | {"Last-Event-ID": "500"}
+            async for event, _ident, data in sse_events(client, sse_url, resume):
+                if event == "event-notification":
+                    for r in readings_of(data):
+                        numbers.append(r["n"])
+                        ids.append(r["reading_id"])
+                if (numbers and numbers[-1] >= 12_000) or event == "closed":
+                    break
+        out["sse"] = numbers, ids
+        # Retention, as Kafka applies it: the records before the end are deleted.
+        admin = AIOKafkaAdminClient(bootstrap_servers=live.settings.kafka.bootstrap)
+        consumer = AIOKafkaConsumer(bootstrap_servers=live.settings.kafka.bootstrap)
+        await admin.start()
+        await consumer.start()
+        try:
+            topic = live.settings.kafka.topic_clean
+            parts = [TopicPartition(topic, p) for p in range(live.settings.kafka.partitions)]
+            ends = await consumer.end_offsets(parts)
+            low = await admin.delete_records({tp: RecordsToDelete(ends[tp]) for tp in parts})
+            assert sum(low.values()) >= 10, low  # every record produced is gone
+        finally:
+            await consumer.stop()
+            await admin.close()
+        return out
+
+    got = asyncio.run(go())
+    assert got["first"] == (list(range(1, 10_001)), want[:10_000])
+    assert got["rest"] == (list(range(10_001, 12_001)), want[10_000:])
+    assert got["sse"] == (list(range(501, 12_001)), want[500:])
+    gone = httpx.get(events_url, params={"eventsSinceNumber": 0}, headers=headers, timeout=30)
+    assert gone.status_code == 410, gone.text[:300]
+    why = gone.json()["issue"][0]["diagnostics"]
+    assert f"events from 1 of subscription {sub}" in why
+    assert "which Kafka no longer holds" in why and "search Observation history from" in why
+    held = httpx.get(events_url, params={"eventsSinceNumber": 2000}, headers=headers)
+    assert held.status_code == 200 and len(readings_of(held.json())) == 10_000  # still held

@@ -1,6 +1,7 @@
 """The clinician's pages in a real chromium against `vitalproof serve` on the real Kafka, with
 a ward of devices streaming clean readings in real time (heart rate and SpO2 at 1 Hz, motion
-at 50 Hz) and an hour of sealed history in the lake.
+at 50 Hz), the worker's sequence events beside them (its own SequenceTracker, to
+vitals.events, on request a hole or a restart), and an hour of sealed history in the lake.
 
 What a clinician would check: their patients are listed with live values and a freshness
 mark; a patient's charts receive points; a dropped connection comes back with no hole; older
@@ -30,6 +31,7 @@ from clinic.consent_store import ConsentStore
 from clinic.service.context import clinic_dir
 from streams.lake.keystore import LocalKeystore
 from streams.sealer import Pending, Sealer
+from streams.sequence import SequenceEvent, SequenceTracker
 from tests.test_clinic_service import serving
 from tests.web import check_accessibility, screenshot, sign_in
 from vitalproof.schema import Quality, SampleBatch, Transport
@@ -49,6 +51,12 @@ class Ward:
     sent: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (patient, metric)
     stop: threading.Event = field(default_factory=threading.Event)
     error: list[BaseException] = field(default_factory=list)
+    # Faults on request: ticks of a patient's readings that never arrive (their sequence
+    # numbers used up), and a device that restarts counting from 0.
+    hole: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # sequence numbers lost
+    restart: set[str] = field(default_factory=set)
+    events: list[SequenceEvent] = field(default_factory=list)  # what the "worker" found
 
     def run(self) -> None:
         try:
@@ -62,11 +70,21 @@ class Ward:
         )
         await producer.start()
         seq = {"pt-1": 0, "pt-2": 0}
+        tracker = SequenceTracker()  # the worker's gap and reset detection, as it runs it
         tick = 0
         try:
             while not self.stop.is_set():
                 now = int(time.time() * S)
                 for patient in ("pt-1", "pt-2"):
+                    if patient in self.restart:
+                        self.restart.discard(patient)
+                        seq[patient] = 0
+                    if self.hole.get(patient):
+                        self.hole[patient] -= 1
+                        lost = (2 if tick % 10 == 0 else 0) + 15
+                        seq[patient] += lost
+                        self.skipped[patient] = self.skipped.get(patient, 0) + lost
+                        continue
                     b = SampleBatch(
                         device_id=f"watch-{patient}",
                         patient_id=patient,
@@ -86,6 +104,13 @@ class Ward:
                     b.fill_reading_ids()
                     for m, key in zip(b.metric, _keys(b), strict=True):
                         self.sent.setdefault((patient, m), set()).add(key)
+                    for event in tracker.observe(b):  # to vitals.events first, as normalize
+                        self.events.append(event)
+                        await producer.send_and_wait(
+                            self.settings.kafka.topic_events,
+                            event.to_json(),
+                            key=b.device_id.encode(),
+                        )
                     await producer.send_and_wait(
                         self.settings.kafka.topic_clean,
                         clean.encode_bundle([b]),
@@ -98,7 +123,8 @@ class Ward:
 
 
 def _keys(b: SampleBatch) -> list[str]:
-    return [f"{b.device_id}:{s}" for s in b.seq]
+    """The chart's key of a reading: device, sequence number and time."""
+    return [f"{b.device_id}:{s}:{t}" for s, t in zip(b.seq, b.device_time_us, strict=True)]
 
 
 def seal_history(settings: Settings, now_us: int) -> int:
@@ -246,6 +272,79 @@ def test_the_list_shows_my_patients_live_and_the_chart_survives_a_reconnect_and_
     expect(page.locator('[data-count="heart_rate"]')).to_contain_text("1 flagged")
     check_accessibility(page)
     screenshot(page, "clinician-chart", tmp_path)
+
+
+ZOOM_TO_LAST_40_S = """() => {
+  const now = Date.now() / 1000;
+  for (const p of window.vitalproofChart.panels.values()) {
+    p.range = [now - 40, now + 2];
+    p.draw();
+  }
+}"""
+#: Whether the chart's canvas shows the device events' amber at time ``t`` (mid-height).
+AMBER_AT = """({panel, t}) => {
+  const u = window.vitalproofChart.panels.get(panel).plot;
+  const x = Math.round(u.valToPos(t, "x", true)), y = Math.round(u.bbox.top + u.bbox.height / 2);
+  const px = u.ctx.getImageData(x - 2, y, 5, 1).data;
+  for (let i = 0; i < px.length; i += 4) {
+    const [r, g, b, a] = [px[i], px[i + 1], px[i + 2], px[i + 3]];
+    if (a > 100 && r > g + 20 && g > b + 20) return true;
+  }
+  return false;
+}"""
+
+
+def _marks(page: Page, panel: str) -> list[dict[str, object]]:
+    got: list[dict[str, object]] = page.evaluate(
+        f"window.vitalproofChart.panels.get('{panel}').shownMarks()"
+    )
+    return got
+
+
+def test_a_sequence_gap_and_a_reset_are_marked_on_every_chart_of_the_device_with_both_sides_drawn(
+    site: Site, page: Page, tmp_path: Path
+) -> None:
+    """The ward's device loses 2 s of readings (its numbers used up), then restarts counting:
+    the worker's gap and reset events reach the chart through the fan-out, as markers on the
+    heart-rate, SpO2 and motion charts, and in words under each; the readings before and
+    after are drawn and the heart-rate line (3 s between readings: no time gap) breaks at the
+    gap. A chart opened afterwards gets the markers with its history."""
+    sign_in(page, site.url, site.token(DR_A), "/ui/chart.html?patient=pt-1")
+    _wait(page, "window.vitalproofChart.panels.get('heart_rate')?.points() > 3")
+    site.ward.hole["pt-1"] = 20
+    _wait(page, "window.vitalproofChart.panels.get('heart_rate').shownMarks().length > 0")
+    (gap,) = [e for e in site.ward.events if e.kind == "gap"]
+    assert gap.missing == site.ward.skipped["pt-1"] >= 40
+    label = f"gap: {gap.missing} readings missing"
+    for panel in ("heart_rate", "spo2", "motion"):
+        (mark,) = _marks(page, panel)
+        assert (mark["event"], mark["t_us"], mark["label"]) == ("gap", gap.device_time_us, label)
+        expect(page.locator(f'[data-marks="{panel}"] li[data-kind="gap"]')).to_contain_text(label)
+    t_gap = gap.device_time_us / S
+    hr = "window.vitalproofChart.panels.get('heart_rate')"
+    _wait(page, f"{hr}.series.heart_rate.t.filter(t => t > {t_gap}).length >= 3")
+    times = page.evaluate(f"{hr}.series.heart_rate.t")
+    assert any(t < t_gap for t in times) and any(t >= t_gap for t in times)
+    assert page.evaluate(f"{hr}.series.heart_rate.gaps()") == 0  # by time alone: unbroken
+    assert page.evaluate(f"{hr}.series.heart_rate.gaps({hr}.breaksOf({hr}.series.heart_rate))") == 1
+
+    site.ward.restart.add("pt-1")
+    _wait(page, f"{hr}.shownMarks().some(m => m.event === 'reset')")
+    expect(page.locator('[data-marks="motion"] li[data-kind="reset"]')).to_contain_text(
+        "device reset: counting again from 0"
+    )
+    page.wait_for_timeout(1500)  # readings after the reset (numbers seen before) are drawn too
+    t_reset = page.evaluate(f"{hr}.shownMarks()[1].t_us") / S
+    assert page.evaluate(f"{hr}.series.heart_rate.t.filter(t => t > {t_reset}).length") >= 1
+    # Drawn on the canvas: zoomed to the last 40 s, the gap's line is the marker's amber.
+    page.evaluate(ZOOM_TO_LAST_40_S)
+    assert page.evaluate(AMBER_AT, {"panel": "heart_rate", "t": t_gap}), "no marker drawn"
+    check_accessibility(page)
+    screenshot(page, "clinician-gap", tmp_path)
+
+    page.reload()
+    _wait(page, f"{hr}?.shownMarks().length === 2")
+    assert [m["event"] for m in _marks(page, "motion")] == ["gap", "reset"]
 
 
 def test_revocation_on_the_patients_page_empties_the_clinicians_live_chart_within_a_second(

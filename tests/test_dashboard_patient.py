@@ -32,6 +32,7 @@ from clinic.audit import AuditLog, CheckpointSource, verify_disclosure_proof
 from clinic.auth import DevIssuer
 from clinic.consent import ALL_VITALS, ConsentStatus
 from clinic.consent_store import ConsentStore
+from clinic.service import patient_routes
 from clinic.service.context import ServiceContext, clinic_dir
 from clinic.service.patient_routes import proof_status
 from tests.test_audit import filled, rewrite_from
@@ -384,5 +385,39 @@ def test_proof_status_names_the_anchor_and_trusts_no_log_that_no_longer_matches(
         status = proof_status(ctx)
         assert status.problem is not None and "audit-5" in status.problem
         assert status.of(3)["status"] == "unverified"
+    finally:
+        ctx.close()
+
+
+def test_proof_status_is_read_once_until_the_merkle_log_grows_then_pending_turns_anchored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disclosure log asks for the proof status on every page; the logs are read again
+    only when the Merkle log's files change (or the audit log shrinks, or the status is
+    PROOF_STATUS_MAX_AGE_S old), so pending still becomes anchored once the anchor job runs."""
+    settings = Settings(paths=PathSettings(home=tmp_path), chain=ChainSettings(kind="embedded"))
+    with AuditLog(settings.paths.audit_path) as audit:
+        filled(audit, 5)
+    reads: list[int] = []
+    real = patient_routes._read_proof_status
+    monkeypatch.setattr(
+        patient_routes, "_read_proof_status", lambda ctx: reads.append(1) or real(ctx)
+    )
+    now = [1_000.0]
+    ctx = ServiceContext.open(settings)
+    ctx.clock = lambda: now[0]
+    try:
+        assert proof_status(ctx).of(3) == {"status": "pending"}
+        filled(ctx.audit, 2)  # the log grows: still pending, nothing to re-read
+        assert proof_status(ctx).of(3) == {"status": "pending"} and len(reads) == 1
+        receipt = anchor_audit(settings, Chain.embedded())  # a checkpoint and its anchor
+        assert receipt is not None
+        status = proof_status(ctx)
+        assert len(reads) == 2
+        assert status.of(3)["status"] == "anchored" and status.of(7)["status"] == "anchored"
+        assert status.of(3)["tx_hash"] == receipt.tx_hash
+        assert proof_status(ctx) is status and len(reads) == 2
+        now[0] += patient_routes.PROOF_STATUS_MAX_AGE_S
+        assert proof_status(ctx).of(3)["status"] == "anchored" and len(reads) == 3
     finally:
         ctx.close()

@@ -7,14 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 
-from clinic import live
+from clinic import device_events, fanout, live
 from clinic.audit import AuditAction, AuditLog
 from clinic.auth import Principal, Role, Scope
 from clinic.consent import ALL_VITALS
 from clinic.consent_store import ConsentStore
 from clinic.live import Hub, SubscriptionError
+from streams.clock import ClockEvent
+from streams.sequence import SequenceTracker
+from vitalproof.errors import WireFormatError
 from vitalproof.schema import SampleBatch, Transport
+from vitalproof.settings import PathSettings, Settings
 
 T0 = 1_800_000_000_000_000
 READ = (Scope.parse("user/Observation.rs"),)
@@ -119,3 +124,104 @@ def test_the_newest_reading_per_metric_is_kept_even_with_no_subscriber_and_erasu
     assert (held["heart_rate"]["seq"], held["spo2"]["seq"]) == (8, 9)
     hub.forget("p1")
     assert "p1" not in hub.latest
+
+
+def test_device_events_go_where_consent_lets_readings_go_once_each_and_are_audited(
+    hub: Hub,
+) -> None:
+    """The worker's own payloads (its SequenceTracker and ClockEstimator), decoded as the
+    fan-out decodes them: a gap and a reset reach the consented subscription, not the other
+    clinician's; a replay of the topic is not delivered twice; erasure drops them."""
+    hub.consent.grant(
+        patient_id="p1", grantee="Practitioner/a", metrics=frozenset({"spo2"}),
+        purpose="TREAT", actor="Patient/p1",
+    )  # fmt: skip
+    a = hub.subscribe(clinician("a"), None, None)
+    b = hub.subscribe(clinician("b"), None, None)
+    tracker = SequenceTracker()
+    tracker.observe(batch("p1", 3))  # seq 0..5
+    worker = [e.to_json() for e in tracker.observe(batch("p1", 2, seq0=20))]  # gap 6..19
+    late = batch("p1", 1, seq0=0)  # older: reordering, no event
+    worker += [e.to_json() for e in tracker.observe(late)]
+    jump = ClockEvent("clock_jump", "dev-p1", None, 0, 30_000_000, T0 + 5, T0 + 30_000_005)
+    worker.append(jump.to_json())
+    decoded = [device_events.decode(v, {"dev-p1": "p1"}.get) for v in worker]
+    events = [e for e in decoded if e is not None]
+    assert len(events) == len(worker)
+    alert = b'{"kind":"break_glass","patient":"p1","actor":"Practitioner/b"}'
+    assert device_events.decode(alert, {}.get) is None  # the topic's other kind: not ours
+    assert [(e.kind, e.missing) for e in events] == [("gap", 14), ("clock_jump", 0)]
+    assert events[0].describe() == "gap: 14 readings missing"
+    assert events[1].patient_id == "p1" and events[1].step_us == 30_000_000  # via the registry
+    assert hub.deliver_device_events(events) == 2
+    assert hub.deliver_device_events(events) == 0  # a replay
+    assert [(e.number, e.body["event"], e.is_reading) for e in a.held] == [
+        (1, "gap", False),
+        (2, "clock_jump", False),
+    ]
+    assert a.held[0].body["label"] == "gap: 14 readings missing" and not b.held
+    assert hub.refused == 2  # b asked for everyone; p1 shares nothing with b
+    hub.flush_audit()
+    streamed = [r for r in hub.audit.records() if r.action is AuditAction.STREAM]
+    assert [(r.patient_id, r.what.split(": ")[1], r.count) for r in streamed] == [
+        ("p1", "device events", 2)
+    ]
+    assert [e.kind for e in hub.recent_device_events("p1", T0, None)] == ["gap", "clock_jump"]
+    assert [e.kind for e in hub.recent_device_events("p1", T0 + 1, None)] == ["clock_jump"]
+    assert hub.recent_device_events("p1", None, T0) == []
+    hub.forget("p1")
+    assert hub.recent_device_events("p1", None, None) == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"{", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"kind":"nap","device_id":"d"}', "kind 'nap' is not one of"),
+        (b'{"kind":"gap"}', "device_id missing"),
+        (b'{"kind":"gap","device_id":"d9","device_time_us":1}', "no enrolled patient"),
+        (b'{"kind":"gap","device_id":"d","device_time_us":"x"}', "device_time_us must be"),
+        (b'{"kind":"gap","device_id":"d","device_time_us":1}', "last_seq must be"),
+    ],
+)
+def test_a_device_event_that_does_not_decode_says_what_is_wrong(payload: bytes, error: str) -> None:
+    with pytest.raises(WireFormatError, match=error):
+        device_events.decode(payload, {"d": "p"}.get)
+
+
+def test_device_events_are_noted_for_replay_and_made_again_the_same_from_their_records(
+    hub: Hub, tmp_path: Path
+) -> None:
+    """What the Kafka replay does with the records it read back (without the broker): the
+    same numbers and bodies as delivered; records that no longer give as many events as were
+    numbered are refused with a reason, never renumbered."""
+    hub.consent.grant(
+        patient_id="p1", grantee="Practitioner/a", metrics=frozenset({ALL_VITALS}),
+        purpose="TREAT", actor="Patient/p1",
+    )  # fmt: skip
+    sub = hub.subscribe(clinician("a"), None, None)
+    settings = Settings(paths=PathSettings(home=tmp_path))
+    tracker = SequenceTracker()
+    tracker.observe(batch("p1", 1))
+    gaps = [tracker.observe(batch("p1", 1, seq0=10 * k))[0] for k in (1, 2)]
+    records = [
+        ConsumerRecord(settings.kafka.topic_events, 0, 7 + k, T0 // 1000, 0, b"dev-p1",
+                       g.to_json(), None, 6, 100, ())
+        for k, g in enumerate(gaps)
+    ]  # fmt: skip
+    decoded = [device_events.decode(r.value, {}.get) for r in records]
+    assert (
+        hub.deliver_device_events([e for e in decoded if e], [fanout._source([r]) for r in records])
+        == 2
+    )
+    assert [(g.first, g.last, g.source.first_offset) for g in sub.segments] == [
+        (1, 1, 7),
+        (2, 2, 8),
+    ]
+    replayer = fanout.Replayer(settings, hub)
+    again = [e for g, r in zip(sub.segments, records, strict=True)
+             for e in replayer._events(g, [r], 0, 2)]  # fmt: skip
+    assert [(e.number, e.body) for e in again] == [(e.number, e.body) for e in sub.held]
+    with pytest.raises(fanout.Gone, match=r"events 1\.\.1: .* now give 0 of them"):
+        replayer._events(sub.segments[0], [], 0, 2)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from clinic.auth import AuthError
-from clinic.fanout import run_fanout
+from clinic.fanout import Replayer, run_fanout
 from clinic.health import Health
 from clinic.live import Hub
 from clinic.service import (
@@ -63,6 +63,7 @@ def create_app(context: ServiceContext) -> FastAPI:
     )
     app.state.context = context
     app.state.hub = hub
+    app.state.replayer = Replayer(context.settings, hub)
     app.state.health = health
 
     @app.exception_handler(AuthError)

@@ -4,7 +4,9 @@ patient's sharing status, and chart-ready history.
 Each goes through the same gate as a FHIR search (:mod:`clinic.service.disclosure`): consent
 per metric at the moment of the request and one audit record per patient whatever the outcome.
 The list's newest values come from the live fan-out (what arrived since the service started);
-history comes from the sealed lake, thinned to at most ``points`` per metric for a chart.
+history comes from the sealed lake, thinned to at most ``points`` per metric for a chart,
+with the device events (gaps, resets, clock jumps) the fan-out has seen since the service
+started: the lake keeps readings, not events, so older ones are not in a history answer.
 """
 
 from __future__ import annotations
@@ -137,7 +139,23 @@ async def history(patient_id: str, request: Request, ctx: Ctx, who: Who) -> JSON
     )
     metric = pc.cast(table["metric"], pa.string())
     series = {name: _columns(thin(table.filter(pc.equal(metric, name)), points)) for name in names}
-    return JSONResponse({"patient": patient_id, "start": start_us, "end": end_us, "series": series})
+    marks = disclosure.device_events(
+        ctx,
+        who,
+        patient_id=patient_id,
+        events=hub_of(request).recent_device_events(patient_id, start_us, end_us),
+        metrics=names,
+        what=f"chart history: device events (gaps, resets, clock jumps) {start_us}..{end_us}",
+    )
+    return JSONResponse(
+        {
+            "patient": patient_id,
+            "start": start_us,
+            "end": end_us,
+            "series": series,
+            "device_events": [e.compact() for e in marks],
+        }
+    )
 
 
 def _times(rows: pa.Table) -> np.ndarray[Any, Any]:

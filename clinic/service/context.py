@@ -30,6 +30,8 @@ class ServiceContext:
     validator: TokenValidator
     issuer: DevIssuer | None = None
     clock: Callable[[], float] = field(default=time.time)
+    # Small caches of derived state, each keyed inside by what it was derived from.
+    memo: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def open(cls, settings: Settings, *, dev_issuer: bool = True) -> ServiceContext:

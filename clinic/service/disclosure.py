@@ -3,7 +3,7 @@ and an audit record whatever the outcome ("Consent before every disclosure")."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from clinic.audit import AuditAction, Outcome
 from clinic.auth import Principal, Role
+from clinic.device_events import DeviceEvent
 from clinic.service.context import ServiceContext
 from clinic.service.refusal import Refusal
 from vitalproof.units import Metric
@@ -83,6 +84,26 @@ def history(
     table = table.filter(keep)
     disclosed(ctx, who, patient_id, AuditAction.READ, what, allowed.purpose, table.num_rows)
     return table
+
+
+def device_events(
+    ctx: ServiceContext,
+    who: Principal,
+    *,
+    patient_id: str,
+    events: Sequence[DeviceEvent],
+    metrics: list[str],
+    what: str,
+) -> list[DeviceEvent]:
+    """A patient's device events (gaps, resets, clock jumps) for a chart of ``metrics``:
+    disclosed when consent allows at least one of those metrics now (an event concerns every
+    reading of its device), refused (403, audited) otherwise; audited when any is sent."""
+    allowed, reason = allowed_metrics(ctx, who, patient_id, metrics, ctx.now_us())
+    if not allowed.metrics:
+        refuse(ctx, who, patient_id, AuditAction.READ, what, reason)
+    if events:
+        disclosed(ctx, who, patient_id, AuditAction.READ, what, allowed.purpose, len(events))
+    return list(events)
 
 
 def disclosed(

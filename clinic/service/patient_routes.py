@@ -25,7 +25,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from anchor.errors import AnchorError
-from anchor.log import LogHead, MerkleLog
+from anchor.log import ANCHORS_FILE, ENTRIES_FILE, LogHead, MerkleLog
 from clinic.audit import (
     AnchoredCheckpoint,
     AuditAction,
@@ -120,8 +120,57 @@ def _merkle_log(ctx: ServiceContext) -> MerkleLog | None:
     return MerkleLog(folder, readonly=True) if folder.is_dir() else None
 
 
+#: How long a proof status is reused while the Merkle log has not grown: a record rewritten
+#: below an anchored checkpoint (which grows nothing) is noticed within this.
+PROOF_STATUS_MAX_AGE_S = 30.0
+
+
+def _log_state(ctx: ServiceContext) -> tuple[tuple[int, int, int] | None, ...]:
+    """What the Merkle log's files are now (inode, size, mtime): an append of a checkpoint
+    or an anchor changes it."""
+    folder = ctx.settings.anchor_dir / "log"
+    out: list[tuple[int, int, int] | None] = []
+    for name in (ENTRIES_FILE, ANCHORS_FILE):
+        try:
+            st = (folder / name).stat()
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Memo:
+    log_state: tuple[tuple[int, int, int] | None, ...]
+    audit_size: int
+    at: float
+    status: ProofStatus
+
+
 def proof_status(ctx: ServiceContext) -> ProofStatus:
-    """Which audit checkpoints are anchored now, checked against the audit log first."""
+    """Which audit checkpoints are anchored now, checked against the audit log first.
+
+    Reading the Merkle log and recomputing the audit roots costs a pass over both, so the
+    answer is kept until the log's files change (a new checkpoint or anchor: pending becomes
+    anchored), the audit log shrinks (records removed), or PROOF_STATUS_MAX_AGE_S pass. The
+    audit log's growth alone changes nothing: new records are pending until a checkpoint."""
+    state = _log_state(ctx)
+    size = ctx.audit.size
+    memo = ctx.memo.get("proof_status")
+    if (
+        isinstance(memo, _Memo)
+        and memo.log_state == state
+        and size >= memo.audit_size
+        and ctx.clock() - memo.at < PROOF_STATUS_MAX_AGE_S
+    ):
+        return memo.status
+    status = _read_proof_status(ctx)
+    ctx.memo["proof_status"] = _Memo(state, size, ctx.clock(), status)
+    return status
+
+
+def _read_proof_status(ctx: ServiceContext) -> ProofStatus:
     try:
         log = _merkle_log(ctx)
         if log is None:

@@ -3,7 +3,9 @@ and delivery over Server-Sent Events and WebSocket.
 
 A subscription is created once and outlives its connections (five idle minutes), so a client
 that reconnects resumes where it was: SSE clients send ``Last-Event-ID`` (EventSource does it
-by itself), WebSocket clients ``?since=N``. Every event is re-checked against consent when it
+by itself), WebSocket clients ``?since=N``. Besides readings, a subscription carries its patients'
+device events (sequence gaps, resets, clock jumps: compact with an ``event`` field, or as
+FHIR DetectedIssue). Every event is re-checked against consent when it
 is sent, not only when it was fanned out; a subscription whose consent ended is closed with
 the reason (SSE: a ``closed`` event; WebSocket: close code 4403).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,13 +24,18 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from clinic.auth import AuthError, Principal
-from clinic.live import Event, Hub, Subscription, SubscriptionError
+from clinic.fanout import Gone, Replayer
+from clinic.live import HOLD, Behind, Event, Hub, Subscription, SubscriptionError
 from clinic.service.deps import FHIR_JSON, Ctx, Who
 from clinic.service.refusal import outcome
 from streams.lake.export.fhir import reading_observation
 
 router = APIRouter()
 HEARTBEAT_S = 10.0
+#: Events a stream sends per notification when it replays from Kafka.
+REPLAY_PAGE = 1_000
+#: The code system of device events (the worker's kinds: gap, reset, clock_jump).
+DEVICE_EVENT_SYSTEM = "urn:vitalproof:device-event"
 
 
 def hub_of(request: Request | WebSocket) -> Hub:
@@ -49,11 +57,7 @@ def _notification(
     }
     if events:
         status["notificationEvent"] = [
-            {
-                "eventNumber": str(e.number),
-                "focus": {"reference": f"Observation/{e.body['reading_id']}"},
-            }
-            for e in events
+            {"eventNumber": str(e.number), "focus": {"reference": _focus(e)}} for e in events
         ]
     return {
         "resourceType": "Bundle",
@@ -62,11 +66,43 @@ def _notification(
     }
 
 
+def _focus(e: Event) -> str:
+    if e.is_reading:
+        return f"Observation/{e.body['reading_id']}"
+    return f"DetectedIssue/{_issue_id(e.body)}"
+
+
+def _issue_id(body: dict[str, Any]) -> str:
+    return hashlib.sha256(body["key"].encode()).hexdigest()[:32]
+
+
+def device_issue(body: dict[str, Any]) -> dict[str, Any]:
+    """A device event (gap, reset, clock jump) as a FHIR R4 DetectedIssue about the patient,
+    with the device as its evidence."""
+    return {
+        "resourceType": "DetectedIssue",
+        "id": _issue_id(body),
+        "status": "final",
+        "code": {
+            "coding": [{"system": DEVICE_EVENT_SYSTEM, "code": body["event"]}],
+            "text": body["label"],
+        },
+        "patient": {"reference": f"Patient/{body['patient']}"},
+        "identifiedDateTime": _iso(body["t_us"]),
+        "evidence": [{"detail": [{"reference": f"Device/{body['device']}"}]}],
+        "detail": body["label"],
+    }
+
+
 def _entries(events: list[Event], fmt: str) -> list[dict[str, Any]]:
     if fmt != "fhir":
         return [{"resource": e.body | {"n": e.number}} for e in events]
     out = []
     for e in events:
+        if not e.is_reading:
+            issue = device_issue(e.body)
+            out.append({"fullUrl": f"DetectedIssue/{issue['id']}", "resource": issue})
+            continue
         obs = reading_observation(_row(e.body))
         if obs is not None:
             out.append({"fullUrl": f"Observation/{obs['id']}", "resource": obs})
@@ -135,16 +171,46 @@ def _unprocessable(reason: str) -> JSONResponse:
     return JSONResponse(outcome("invalid", reason), status_code=422, media_type=FHIR_JSON)
 
 
+def replayer_of(request: Request | WebSocket) -> Replayer:
+    replayer: Replayer = request.app.state.replayer
+    return replayer
+
+
+async def events_after(
+    replayer: Replayer, sub: Subscription, since: int, until: int, limit: int = HOLD
+) -> list[Event]:
+    """Events ``since+1 .. until``, at most ``limit``: the held ones, and before them what
+    is no longer held, read back from Kafka (:class:`clinic.fanout.Replayer`; raises
+    :class:`Gone` naming what Kafka no longer has)."""
+    try:
+        return [e for e in sub.since(since) if e.number <= until][:limit]
+    except Behind as behind:
+        end = min(behind.last, until)
+        out = await replayer.replay(sub, since, end, limit)
+    if len(out) >= limit or end >= until:
+        return out
+    try:
+        rest = [e for e in sub.since(end) if e.number <= until]
+    except Behind:  # what is held moved on meanwhile: the client asks again from here
+        return out
+    return out + rest[: limit - len(out)]
+
+
 @router.get("/fhir/Subscription/{sub_id}/$events")
 async def events(request: Request, sub_id: str, who: Who) -> JSONResponse:
+    """The events ``eventsSinceNumber+1 .. eventsUntilNumber`` (at most 10,000: ask again
+    from the last one for more), from what is held or else from Kafka; 410 naming them if
+    they are gone from both."""
     hub = hub_of(request)
     try:
         sub = hub.get(sub_id, who)
         since = int(request.query_params.get("eventsSinceNumber", "0"))
         until = int(request.query_params.get("eventsUntilNumber", str(sub.number)))
-        held = [e for e in sub.since(since) if e.number <= until]
+        held = await events_after(replayer_of(request), sub, since, until)
     except ValueError:
         return _unprocessable("eventsSinceNumber/eventsUntilNumber: integers")
+    except Gone as e:
+        return JSONResponse(outcome("not-found", str(e)), status_code=410, media_type=FHIR_JSON)
     except SubscriptionError as e:
         return JSONResponse(outcome("not-found", str(e)), status_code=404, media_type=FHIR_JSON)
     try:
@@ -157,18 +223,22 @@ async def events(request: Request, sub_id: str, who: Who) -> JSONResponse:
 
 def _still_allowed(hub: Hub, sub: Subscription, events: list[Event]) -> list[Event]:
     now_us = int(hub.clock() * 1e6)
-    return [e for e in events if hub.allowed(sub.principal, e.patient_id, e.metric, now_us)]
+    return [e for e in events if hub.may_send(sub, e, now_us)]
 
 
 async def _follow(
-    hub: Hub, sub: Subscription, since: int, heartbeat_s: float
+    hub: Hub, replayer: Replayer, sub: Subscription, since: int, heartbeat_s: float
 ) -> AsyncIterator[tuple[str, list[Event]]]:
-    """(kind, events) from event ``since`` on: held ones first, then live; a heartbeat when
-    idle; ends once the subscription is closed."""
+    """(kind, events) from event ``since`` on: those no longer held first (from Kafka, a
+    page at a time), then held ones, then live; a heartbeat when idle; ends once the
+    subscription is closed (raises :class:`Gone` if what it missed is gone from Kafka too)."""
     cursor = since
     while True:
         sub.wake.clear()
-        batch = sub.since(cursor)  # raises if the reader fell behind what is held
+        try:
+            batch = sub.since(cursor)
+        except Behind as behind:  # a reconnect from long ago, or a reader that fell behind
+            batch = await replayer.replay(sub, cursor, behind.last, REPLAY_PAGE)
         if batch:
             cursor = batch[-1].number
             allowed = _still_allowed(hub, sub, batch)
@@ -196,11 +266,12 @@ async def sse(request: Request, sub_id: str, who: Who) -> Any:
     except SubscriptionError as e:
         return _unprocessable(str(e))
     heartbeat = float(request.query_params.get("heartbeat", HEARTBEAT_S))
+    replayer = replayer_of(request)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         sub.connections += 1
         try:
-            async for kind, batch in _follow(hub, sub, since, heartbeat):
+            async for kind, batch in _follow(hub, replayer, sub, since, heartbeat):
                 yield ServerSentEvent(
                     data=json.dumps(_notification(sub, kind, batch, fmt)),
                     event=kind,
@@ -235,7 +306,7 @@ async def websocket(ws: WebSocket, sub_id: str) -> None:
     await ws.accept()
     sub.connections += 1
     try:
-        async for kind, batch in _follow(hub, sub, since, heartbeat):
+        async for kind, batch in _follow(hub, replayer_of(ws), sub, since, heartbeat):
             await ws.send_text(json.dumps(_notification(sub, kind, batch, fmt)))
         await ws.close(code=4403, reason=(sub.closed or "closed")[:120])
     except SubscriptionError as e:

@@ -25,8 +25,9 @@ function buildCharts(panels) {
   state.panels.clear();
   for (const spec of panels) {
     const plot = el("div", { class: "plot" });
+    const marks = el("ul", { class: "marks", "data-marks": spec.id, "aria-label": `${spec.title}: device events`, hidden: true });
     const box = el("figure", { class: "chart", "data-panel": spec.id, "aria-label": `${spec.title} chart` },
-      el("h3", {}, spec.title, el("span", { class: "muted", "data-count": spec.id }, "")), plot);
+      el("h3", {}, spec.title, el("span", { class: "muted", "data-count": spec.id }, "")), plot, marks);
     host.append(box);
     const p = new Panel(spec, plot, { onZoom: (min, max) => zoomed(min, max) });
     state.panels.set(spec.id, p);
@@ -46,6 +47,28 @@ function addReadings(readings) {
   updateCounts();
 }
 
+/** Device events (gaps, resets, clock jumps): every panel keeps them, and draws those of
+ * the devices it holds readings of. */
+function addDeviceEvents(events) {
+  for (const m of events) for (const p of state.panels.values()) p.addMark(m);
+  updateCounts();
+}
+
+const clock = (us) => new Date(us / 1000).toLocaleTimeString();
+
+/** The list under a chart of the device events drawn on it (the newest 20), in words. */
+function listMarks(id, p) {
+  const list = document.querySelector(`[data-marks="${id}"]`);
+  if (!list) return;
+  const shown = p.shownMarks().slice(-20);
+  const seen = shown.map((m) => m.key).join("|");
+  if (list.dataset.seen === seen) return;
+  list.dataset.seen = seen;
+  list.replaceChildren(...shown.map((m) =>
+    el("li", { "data-kind": m.event }, `${clock(m.t_us)} · ${m.device} · ${m.label}`)));
+  list.hidden = !shown.length;
+}
+
 /** Counts per chart; a chart with no readings is hidden and named in one line instead. */
 function updateCounts() {
   const empty = [];
@@ -53,6 +76,7 @@ function updateCounts() {
     const n = p.points(), f = p.flagged();
     const label = document.querySelector(`[data-count="${id}"]`);
     if (label) label.textContent = `${n} readings${f ? `, ${f} flagged` : ""}`;
+    listMarks(id, p);
     const figure = document.querySelector(`[data-panel="${id}"]`);
     if (figure) {
       const wasHidden = figure.hidden;
@@ -78,7 +102,7 @@ async function loadHistory(startS, endS) {
       p.add(metric, { t_us: s.t_us[i], value: s.value[i], flags: s.flags[i], device: s.device[i], seq: s.seq[i], unit: s.unit });
     }
   }
-  updateCounts();
+  addDeviceEvents(body.device_events || []);
 }
 
 async function ensureHistory(minS) {
@@ -175,6 +199,7 @@ async function openCharts(sharing) {
     patients: [patient],
     metrics: state.metrics,
     onReadings: addReadings,
+    onDeviceEvents: addDeviceEvents,
     onClosed: accessEnded,
     onState: feedState,
     onResubscribed: (sinceUs) => loadHistory(sinceUs / 1e6, Date.now() / 1000).catch((e) => showError($("status"), e)),

@@ -3,9 +3,13 @@
 // reading that arrives live and again from the lake is drawn once.
 //
 // What is drawn, not hidden: a gap in the data is a gap in the line (a null where two
-// readings are further apart than GAP_FACTOR times the metric's usual interval, and where
-// a reading was invalid); a flagged reading (implausible, clock, no sensor contact...) is a
-// red point over the line. A window holding more than four readings per pixel is drawn from
+// readings are further apart than GAP_FACTOR times the metric's usual interval, where a
+// reading was invalid, and where the device's sequence numbers skipped); a flagged reading
+// (implausible, clock, no sensor contact...) is a red point over the line. The worker's
+// device events are markers on every panel holding readings of that device: a sequence gap
+// is a shaded band up to the first reading after it, labelled "gap: N readings missing", a
+// reset or a clock jump a labelled vertical line; each also in the list under the chart (a
+// canvas is not read out by a screen reader). A window holding more than four readings per pixel is drawn from
 // each second's lowest and highest reading (kept as readings arrive), and redraws are
 // coalesced to one per animation frame per chart, at most every MIN_REDRAW_MS (longer when a
 // draw takes longer), so 50 Hz motion and twenty charts stay smooth: bench/dashboard_bench.py.
@@ -27,6 +31,8 @@ export const PANELS = [
 
 const COLORS = ["#0b5cad", "#8a4b00", "#116329", "#6639ba"];
 const FLAG_COLOR = "#a40e26";
+const MARK_COLOR = "#6b3e00"; // dark amber: 4.5:1 on white for the label
+const GAP_FILL = "rgba(196, 120, 0, 0.18)";
 export const GAP_FACTOR = 4;
 const MIN_REDRAW_MS = 100;
 
@@ -41,14 +47,16 @@ export class Series {
     this.v = [];
     this.flags = [];
     this.keys = new Set();
+    this.devices = new Set(); // devices with readings here (their device events apply)
     this.flagged = []; // [t, v] of flagged readings, in arrival order
     this.bins = null; // per whole second: {s, lo, hi, loT, hiT, invalid}; null: rebuild
     this.binList = [];
   }
 
-  add(tUs, value, flags, key) {
+  add(tUs, value, flags, key, device) {
     if (this.keys.has(key)) return false;
     this.keys.add(key);
+    if (device) this.devices.add(device);
     const t = tUs / 1e6;
     let i = this.t.length;
     if (i && this.t[i - 1] > t) {
@@ -86,7 +94,7 @@ export class Series {
   }
 
   clear() {
-    this.t = []; this.v = []; this.flags = []; this.keys.clear();
+    this.t = []; this.v = []; this.flags = []; this.keys.clear(); this.devices.clear();
     this.flagged = []; this.binList = [];
   }
 
@@ -95,15 +103,25 @@ export class Series {
    * view), with a null wherever the line must break (see GAP_FACTOR). Above ``budget``
    * readings the per-second lowest and highest are drawn instead.
    */
-  withGaps(min = -Infinity, max = Infinity, budget = Infinity) {
+  withGaps(min = -Infinity, max = Infinity, budget = Infinity, breaks = []) {
     const { t, v } = this;
     const i0 = Math.max(0, lowerBound(t, min) - 1);
     const i1 = Math.min(t.length, lowerBound(t, max) + 1);
     const step = t.length > 2 ? medianStep(t) : 1;
     const xs = [], ys = [];
+    // a device event between two readings (after the first, at or before the second)
+    const breaksIn = (a, b) => {
+      let k = lowerBound(breaks, a);
+      while (k < breaks.length && breaks[k] <= a) k++;
+      return k < breaks.length && breaks[k] > a && breaks[k] <= b ? breaks[k] : null;
+    };
     if (i1 - i0 <= budget) {
       for (let i = i0; i < i1; i++) {
-        if (i > i0 && t[i] - t[i - 1] > GAP_FACTOR * step) { xs.push((t[i] + t[i - 1]) / 2); ys.push(null); }
+        if (i > i0) {
+          const brk = breaks.length ? breaksIn(t[i - 1], t[i]) : null;
+          if (t[i] - t[i - 1] > GAP_FACTOR * step) { xs.push((t[i] + t[i - 1]) / 2); ys.push(null); }
+          else if (brk !== null) { xs.push(brk === t[i] ? (t[i] + t[i - 1]) / 2 : brk); ys.push(null); }
+        }
         xs.push(t[i]); ys.push(v[i]);
       }
       return [xs, ys];
@@ -113,7 +131,9 @@ export class Series {
     let prev = null;
     for (let k = Math.max(0, lowerBinBound(bins, min) - 1); k < bins.length && bins[k].s <= max; k++) {
       const b = bins[k];
-      if (prev && b.s - prev.s > gap) { xs.push((b.s + prev.s) / 2); ys.push(null); }
+      if (prev && (b.s - prev.s > gap || (breaks.length && breaksIn(prev.s + 0.999, b.s + 0.999) !== null))) {
+        xs.push((b.s + prev.s + 0.999) / 2); ys.push(null);
+      }
       if (b.lo !== Infinity) {
         const pair = b.loT <= b.hiT ? [[b.loT, b.lo], [b.hiT, b.hi]] : [[b.hiT, b.hi], [b.loT, b.lo]];
         for (const [x, y] of pair) if (!xs.length || x > xs[xs.length - 1]) { xs.push(x); ys.push(y); }
@@ -124,9 +144,15 @@ export class Series {
     return [xs, ys];
   }
 
-  gaps() {
-    const [, ys] = this.withGaps();
+  gaps(breaks = []) {
+    const [, ys] = this.withGaps(-Infinity, Infinity, Infinity, breaks);
     return ys.filter((y) => y === null).length;
+  }
+
+  /** The time of the last reading before ``t`` (seconds), or null. */
+  before(t) {
+    const i = lowerBound(this.t, t) - 1;
+    return i >= 0 ? this.t[i] : null;
   }
 }
 
@@ -161,6 +187,7 @@ export class Panel {
   constructor(spec, host, { onZoom } = {}) {
     this.spec = spec;
     this.series = Object.fromEntries(spec.metrics.map((m) => [m, new Series()]));
+    this.marks = new Map(); // key -> device event {event, device, t_us, label, ...}
     this.units = {};
     this.range = null; // [min, max] seconds, or null: follow live
     this.windowS = 900; // the live window: the last 15 minutes
@@ -177,11 +204,32 @@ export class Panel {
     const s = this.series[metric];
     if (!s) return;
     if (r.unit) this.units[metric] = r.unit;
-    if (s.add(r.t_us, r.value, r.flags || [], `${r.device}:${r.seq}`)) this.touch();
+    // device, sequence number and time: a device that restarted counts from 0 again
+    if (s.add(r.t_us, r.value, r.flags || [], `${r.device}:${r.seq}:${r.t_us}`, r.device)) this.touch();
+  }
+
+  /** A device event; drawn once this panel holds readings of its device. */
+  addMark(m) {
+    if (this.marks.has(m.key)) return;
+    this.marks.set(m.key, m);
+    this.touch();
+  }
+
+  /** The device events that concern this panel (its readings' devices), in time order. */
+  shownMarks() {
+    const devices = new Set(Object.values(this.series).flatMap((s) => [...s.devices]));
+    return [...this.marks.values()].filter((m) => devices.has(m.device)).sort((a, b) => a.t_us - b.t_us);
+  }
+
+  /** Where a series' line breaks for device events (seconds, sorted). */
+  breaksOf(s) {
+    return [...this.marks.values()].filter((m) => s.devices.has(m.device))
+      .map((m) => m.t_us / 1e6).sort((a, b) => a - b);
   }
 
   clear() {
     for (const s of Object.values(this.series)) s.clear();
+    this.marks.clear();
     this.touch();
   }
 
@@ -203,7 +251,10 @@ export class Panel {
 
   data([min, max]) {
     const budget = 4 * this.width(); // more than four readings per pixel: per-second extremes
-    const tables = this.spec.metrics.map((m) => this.series[m].withGaps(min, max, budget));
+    const tables = this.spec.metrics.map((m) => {
+      const s = this.series[m];
+      return s.withGaps(min, max, budget, this.marks.size ? this.breaksOf(s) : []);
+    });
     // Flagged readings of every metric, as one overlay series of points.
     const flagged = this.spec.metrics.flatMap((m) => this.series[m].flagged)
       .filter(([x]) => x >= min && x <= max).sort((a, b) => a[0] - b[0]);
@@ -240,6 +291,48 @@ export class Panel {
     return Math.max(320, this.box.clientWidth - 8);
   }
 
+  /** Device events over the plot: a band for a gap (from the reading before it), a line
+   * for each, and its label. */
+  drawMarks(u) {
+    const marks = this.shownMarks();
+    if (!marks.length) return;
+    const { ctx } = u;
+    const { left, top, width, height } = u.bbox;
+    const dpr = window.devicePixelRatio || 1;
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(left, top, width, height);
+    ctx.clip();
+    ctx.font = `${Math.round(11 * dpr)}px system-ui, sans-serif`;
+    ctx.textBaseline = "top";
+    ctx.textAlign = "left"; // uPlot leaves its axes' alignment behind
+    let row = 0;
+    for (const m of marks) {
+      const t = m.t_us / 1e6;
+      const x = u.valToPos(t, "x", true);
+      if (x < left - 1 || x > left + width + 1) continue;
+      if (m.event === "gap") {
+        const starts = Object.values(this.series).map((s) => s.before(t)).filter((v) => v !== null);
+        const x0 = starts.length ? u.valToPos(Math.max(...starts), "x", true) : x - 2 * dpr;
+        ctx.fillStyle = GAP_FILL;
+        ctx.fillRect(Math.min(x0, x - 2 * dpr), top, Math.max(2 * dpr, x - x0), height);
+      }
+      ctx.strokeStyle = MARK_COLOR;
+      ctx.lineWidth = dpr;
+      ctx.setLineDash(m.event === "gap" ? [] : [4 * dpr, 3 * dpr]);
+      ctx.beginPath();
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, top + height);
+      ctx.stroke();
+      ctx.fillStyle = MARK_COLOR;
+      const w = ctx.measureText(m.label).width;
+      const tx = x + 3 * dpr + w > left + width ? x - 3 * dpr - w : x + 3 * dpr; // stay inside
+      ctx.fillText(m.label, tx, top + 2 * dpr + (row % 3) * 13 * dpr);
+      row += 1;
+    }
+    ctx.restore();
+  }
+
   options() {
     const unitOf = (m) => this.units[m] || "";
     const series = [
@@ -267,6 +360,7 @@ export class Panel {
       cursor: { drag: { x: true, y: false } },
       legend: { live: true },
       hooks: {
+        draw: [(u) => this.drawMarks(u)],
         setScale: [
           (u, key) => {
             if (key !== "x" || this.programmatic) return;

@@ -12,18 +12,20 @@ export class LiveFeed {
    * @param {string[]|null} o.patients  null: every patient who consented to me
    * @param {string[]|null} o.metrics   null: every vital sign
    * @param {(readings: object[]) => void} o.onReadings
+   * @param {(events: object[]) => void} [o.onDeviceEvents]  gaps, resets, clock jumps
    * @param {(reason: string) => void} o.onClosed   consent ended (the service closed it)
    * @param {(state: string) => void} [o.onState]   "live" | "reconnecting" | "closed"
    * @param {(sinceUs: number) => void} [o.onResubscribed]  a new subscription: backfill from the lake
    */
   constructor(o) {
-    Object.assign(this, { onState: () => {}, onResubscribed: () => {} }, o);
+    Object.assign(this, { onState: () => {}, onResubscribed: () => {}, onDeviceEvents: () => {} }, o);
     this.last = 0;
     this.lastTimeUs = 0;
     this.es = null;
     this.sub = null;
     this.stopped = false;
     this.reconnects = 0;
+    this.taken = 0; // events taken since the subscription began (== last: none missed)
   }
 
   async start() {
@@ -31,6 +33,7 @@ export class LiveFeed {
       method: "POST", body: { patients: this.patients, metrics: this.metrics },
     });
     this.last = 0;
+    this.taken = 0;
     this.connect();
     return this.sub;
   }
@@ -55,15 +58,18 @@ export class LiveFeed {
   }
 
   take(bundle) {
-    const readings = [];
+    const readings = [], events = [];
     for (const entry of bundle.entry.slice(1)) {
       const r = entry.resource;
       if (r.n <= this.last) continue; // already drawn (a backfill overlapping the stream)
       this.last = r.n;
+      this.taken += 1;
+      if (r.event) { events.push(r); continue; } // a device event: gap, reset, clock jump
       this.lastTimeUs = Math.max(this.lastTimeUs, r.t_us);
       readings.push(r);
     }
     if (readings.length) this.onReadings(readings);
+    if (events.length) this.onDeviceEvents(events);
   }
 
   /** The connection dropped: fetch what was missed, then follow again from there. */
@@ -75,8 +81,9 @@ export class LiveFeed {
       this.take(await api(`/fhir/Subscription/${this.sub.id}/$events?eventsSinceNumber=${this.last}`));
       this.connect();
     } catch (e) {
-      if (e.status === 404) {
-        // The subscription is gone: a new one, and the lake for what came in between.
+      if (e.status === 404 || e.status === 410) {
+        // The subscription is gone, or what it missed is gone from Kafka too (410): a new
+        // one, and the lake for what came in between.
         const since = this.lastTimeUs;
         try {
           await this.start();
