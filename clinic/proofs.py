@@ -23,6 +23,7 @@ from anchor.log import MerkleLog
 from streams import lake
 from streams.lake.keystore import KeystoreError, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
+from streams.ledger import read_manifests
 from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
@@ -40,16 +41,13 @@ class LakeView:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.root = settings.lake_dir
+        self.root = lake.open_lake(settings)
         self.kms = LocalKeystore(settings.paths.keys_dir)
         #: Files skipped by the last :meth:`table` because their patient's key was erased.
         self.erased_files: list[str] = []
 
     def manifests(self) -> list[BatchManifest]:
-        folder = self.root / BATCHES_DIR
-        return [
-            BatchManifest.model_validate_json(p.read_bytes()) for p in sorted(folder.glob("*.json"))
-        ]
+        return read_manifests(self.root.child(BATCHES_DIR))
 
     def sealed_rows(self) -> int:
         return sum(m.rows for m in self.manifests())
@@ -92,10 +90,8 @@ class LakeView:
     def bundle(self, reading_id: str, row: dict[str, Any] | None = None) -> ProofBundle:
         row = row or self.find(reading_id)
         batch_id = str(row["batch_id"])
-        manifest = BatchManifest.model_validate_json(
-            (self.root / BATCHES_DIR / f"{batch_id}.json").read_bytes()
-        )
-        leaves_raw = (self.root / manifest.leaves_path).read_bytes()
+        manifest = BatchManifest.model_validate_json(self._file(f"{BATCHES_DIR}/{batch_id}.json"))
+        leaves_raw = self._file(manifest.leaves_path)
         leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
         leaf_index = int(row["leaf_index"])
         patient_id = str(row["patient_id"])
@@ -129,6 +125,12 @@ class LakeView:
             )
         except AnchorError as e:
             raise ProofExportError(f"reading {reading_id}: {e}") from e
+
+    def _file(self, rel: str) -> bytes:
+        data = self.root.read(rel)
+        if data is None:
+            raise ProofExportError(f"{rel} is missing from the lake {self.root}")
+        return data
 
     def export_and_verify(self, reading_ids: Sequence[str], w3: Any) -> tuple[int, list[str]]:
         """Export and verify bundles for ``reading_ids`` (the demo's last step)."""

@@ -2,7 +2,8 @@
 
 A batch is named by the Kafka offsets it covers, so its id is deterministic. Sealing writes,
 in this order: the patients' encrypted Parquet files, the leaf file, then the manifest, each
-by temp file + fsync + atomic rename. The manifest is the commit point: once it exists the
+published atomically (locally temp file + fsync + rename; on S3 one PUT, which makes an
+object visible whole or not at all). The manifest is the commit point: once it exists the
 batch is sealed, and the worker skips every offset it covers if Kafka redelivers them (the
 *ledger*, rebuilt from manifests at start). Only after the manifest has been produced to
 ``vitals.batches`` and Kafka acknowledged it does the worker ack the offsets; a manifest
@@ -23,10 +24,10 @@ from streams import lake
 from streams.digest_run import DigestRun, split
 from streams.lake.keystore import Kms
 from streams.lake.layout import BATCHES_DIR
+from streams.lake.storage import LakeRoot, as_root
 from streams.ledger import mark_produced, read_manifests, unproduced
 from vitalproof import hashing
 from vitalproof.crashpoints import crashpoint
-from vitalproof.durable import write_atomic
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch, pack_reading_ids
 
@@ -42,11 +43,11 @@ class Pending:
 
 
 class Sealer:
-    def __init__(self, lake_root: Path, kms: Kms, *, recent_ids: int = 300_000) -> None:
-        self.lake_root = lake_root
+    def __init__(self, lake_root: Path | LakeRoot, kms: Kms, *, recent_ids: int = 300_000) -> None:
+        self.lake_root = as_root(lake_root)
         self.kms = kms
-        self.batches_dir = lake_root / BATCHES_DIR
-        self.batches_dir.mkdir(parents=True, exist_ok=True)
+        self.batches_dir = self.lake_root.child(BATCHES_DIR)
+        self.batches_dir.mkdir()
         self._high_water: dict[tuple[str, int], int] = {}
         manifests = self.manifests()
         for manifest in manifests:
@@ -106,9 +107,10 @@ class Sealer:
             return None
         covers = _covers(fresh)
         batch_id = batch_id_for(covers)
-        manifest_path = self.batches_dir / f"{batch_id}.json"
-        if manifest_path.exists():  # sealed before a crash, ledger not yet told
-            manifest = BatchManifest.model_validate_json(manifest_path.read_bytes())
+        manifest_name = f"{batch_id}.json"
+        sealed = self.batches_dir.read(manifest_name)
+        if sealed is not None:  # sealed before a crash, ledger not yet told
+            manifest = BatchManifest.model_validate_json(sealed)
             self._advance(manifest.covers)
             return manifest
 
@@ -155,7 +157,7 @@ class Sealer:
             return None
         root = hashing.merkle_root(leaves)
         leaves_rel = f"{BATCHES_DIR}/{batch_id}.leaves"
-        write_atomic(self.lake_root / leaves_rel, b"".join(leaves))
+        self.lake_root.write(leaves_rel, b"".join(leaves))
         crashpoint("after_leaves")
         manifest = BatchManifest(
             batch_id=batch_id,
@@ -169,7 +171,7 @@ class Sealer:
             leaves_path=leaves_rel,
             sealed_at_us=time.time_ns() // 1000,
         )
-        write_atomic(manifest_path, manifest.to_json_bytes())
+        self.batches_dir.write(manifest_name, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)
         self.recent.add(sealed_ids)
