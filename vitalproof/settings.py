@@ -85,7 +85,10 @@ class _Group(BaseSettings):
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             field = str(first["loc"][0]) if first["loc"] else ""
-            where = cls.env_name(field) if field in cls.model_fields else cls.__name__
+            if field in cls.model_fields:
+                where = cls.env_name(field)
+            else:  # a field read under its own variable name (validation_alias)
+                where = field.upper() if field.upper().startswith("VITALPROOF_") else cls.__name__
             raise ConfigError(
                 f"setting {where}: {first['msg']} (got {first.get('input')!r})"
             ) from None
@@ -306,8 +309,8 @@ class LakeSettings(_Group):
     root: str | None = Field(
         default=None,
         validation_alias="VITALPROOF_LAKE",
-        description="the lake: a folder or s3://bucket/prefix (each namespace below it); "
-        "default <home>/lake",
+        description="the lake: a folder or s3://bucket/prefix, each namespace below it "
+        "(default `<home>/lake`)",
     )
     s3_endpoint: str | None = Field(
         default=None,

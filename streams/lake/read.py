@@ -29,7 +29,7 @@ from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
 from streams.lake.errors import LakeError, LakeKeyUnavailable
 from streams.lake.keystore import KeyErased, KeystoreError, Kms
 from streams.lake.layout import BATCHES_DIR, patient_dir
-from streams.lake.storage import LakeRoot, _files, resolve_fs
+from streams.lake.storage import LakeRoot, _files, _open_for_reading, resolve_fs
 from streams.lake.table import ID_SOURCE_COLUMNS, SCHEMA, _upgrade, derive_reading_ids, hex_ids
 
 __all__ = [
@@ -118,7 +118,7 @@ def _read_file(
     factory, bridge = _crypto(kms)
     props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
     try:
-        with fs.open_input_file(path) as f:
+        with _open_for_reading(fs, path) as f:
             # use_threads=False, and the factory's caches (which hold our Python KMS client)
             # emptied at once: a KMS client left for C++ to release at interpreter exit
             # occasionally aborted the process ("terminate called without an active

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from streams.lake.errors import LakeError
@@ -166,7 +167,7 @@ def s3_filesystem(lake: LakeSettings) -> pafs.S3FileSystem:
             "access_key": lake.s3_access_key.get_secret_value(),
             "secret_key": lake.s3_secret_key.get_secret_value(),
         }
-    return pafs.S3FileSystem(**options)  # type: ignore[arg-type]
+    return pafs.S3FileSystem(**options)
 
 
 def open_uri(lake: LakeSettings, uri: str) -> LakeRoot:
@@ -201,9 +202,20 @@ def _files(fs: pafs.FileSystem, base: str, suffix: str = ".parquet") -> list[paf
     )
 
 
-def _existing(fs: pafs.FileSystem, path: str) -> bytes | None:
-    """The bytes of ``path``, or None when there is no such file (yet)."""
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
+def _open_for_reading(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
+    """A random-access file: locally the file itself; on S3 the whole object fetched in one
+    GET (lake files are small, and Parquet's footer-then-columns reads would each be one)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs.open_input_file(path)
     with fs.open_input_stream(path) as f:
-        return bytes(f.read())
+        return pa.BufferReader(f.read())
+
+
+def _existing(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """The bytes of ``path``, or None when there is no such file (yet). One request on S3
+    (a GET, no HEAD first): proof export reads a manifest and a leaf file per bundle."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return bytes(f.read())
+    except FileNotFoundError:
+        return None
