@@ -25,6 +25,7 @@ from streams.lake.keystore import LocalKeystore
 from streams.lake.storage import open_lake, open_uri
 from streams.sealer import Pending, Sealer
 from tests.s3 import s3_lake
+from vitalproof.cli.namespaces import list_namespaces
 from vitalproof.crashpoints import CRASH_EXIT_CODE
 from vitalproof.devstack import StackManager
 from vitalproof.errors import ConfigError
@@ -145,6 +146,11 @@ def test_a_crash_between_data_files_and_manifest_leaves_nothing_visible(
     assert LakeView(settings).table().num_rows == len(PATIENTS) * PER_PATIENT
     # and the outbox still owes Kafka this manifest
     assert [m.batch_id for m in Sealer(root, kms).unproduced()] == [manifest.batch_id]
+    # `vitalproof namespaces` finds it, in the folder or under the S3 prefix
+    listed = list_namespaces(settings)
+    assert [(n.namespace, n.batches, n.readings) for n in listed] == [
+        ("crash", 1, len(PATIENTS) * PER_PATIENT)
+    ]
 
 
 def test_the_server_checks_the_keys(seaweedfs_lake: LakeSettings) -> None:

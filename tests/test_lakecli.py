@@ -265,7 +265,6 @@ def test_stats_json(home: Home) -> None:
     assert by_patient["patient-b"]["first"].endswith("Z")
 
 
-@pytest.mark.parametrize("home", ["local", "s3"], indirect=True)
 def test_an_empty_namespace_points_at_the_ones_with_data(home: Home) -> None:
     proc = run(home, "stats", "--namespace", "demo-1234")
     assert proc.returncode == 0, proc.stderr
