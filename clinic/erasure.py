@@ -10,7 +10,8 @@ recomputed from a guessed reading. Around that, the erasure stops everything tha
 still flows: no new data is accepted from their devices, no clinician may see them any more,
 and the audit log records who erased them and why.
 
-The keys are per home (``<home>/keys``), the lake per namespace (``<home>/lake/<namespace>``):
+The keys are per home (``<home>/keys``), the lake per namespace (``<lake>/<namespace>``, the
+lake ``<home>/lake`` or ``VITALPROOF_LAKE``'s folder or S3 prefix):
 one erasure destroys the patient's keys for every namespace of the home, so the files counted
 unreadable are those of every namespace.
 
@@ -35,6 +36,7 @@ from clinic.consent import ConsentConflict, ConsentStatus, iso_from_us
 from clinic.patients import Stores, lake_counts, stores
 from streams.lake.errors import LakeError
 from streams.lake.layout import patient_dir
+from streams.lake.storage import open_lake_base
 from vitalproof.errors import RegistryError, VitalproofError
 from vitalproof.registry import ID_RULE, DeviceStatus, is_valid_id
 from vitalproof.settings import Settings
@@ -138,15 +140,16 @@ def _files(settings: Settings, patient_id: str) -> tuple[dict[str, int], int]:
     them become unreadable), and their readings in sealed batches (the manifests)."""
     files: dict[str, int] = {}
     readings = 0
-    base = settings.paths.home / "lake"
+    base = open_lake_base(settings)  # <home>/lake, or the s3:// prefix of VITALPROOF_LAKE
     try:
         folder = patient_dir(patient_id)
     except LakeError:  # not a name the lake can hold: the patient has no files
         return files, readings
-    for root in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else ():
-        n = sum(1 for _ in (root / folder).rglob("*.parquet"))
+    for namespace in base.folders():
+        root = base.child(namespace)
+        n = len(root.files(folder))
         if n:
-            files[root.name] = n
+            files[namespace] = n
         counts = lake_counts(root).get(patient_id)
         readings += 0 if counts is None else counts.readings
     return files, readings

@@ -22,7 +22,8 @@ from clinic.consent import ConsentStatus
 from clinic.consent_store import ConsentStore
 from streams.lake.keystore import MASTER_KEY_FILE, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
-from vitalproof.manifest import BatchManifest
+from streams.lake.storage import LakeRoot, open_lake
+from streams.ledger import read_manifests
 from vitalproof.registry import DeviceStatus, Registry
 from vitalproof.settings import Settings
 
@@ -56,12 +57,14 @@ class PatientSummary:
         return asdict(self)
 
 
-def lake_counts(root: Path) -> dict[str, LakeCounts]:
-    """Patient id -> their files, readings, batches and bytes in the lake at ``root``."""
+def lake_counts(root: Path | LakeRoot) -> dict[str, LakeCounts]:
+    """Patient id -> their files, readings, batches and bytes in the lake at ``root`` (a
+    folder or :func:`streams.lake.storage.open_lake`'s root)."""
     out: dict[str, LakeCounts] = {}
-    folder = root / BATCHES_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
-        manifest = BatchManifest.model_validate_json(path.read_bytes())
+    folder = root / BATCHES_DIR if isinstance(root, Path) else root.child(BATCHES_DIR)
+    if isinstance(folder, Path) and not folder.is_dir():
+        return out
+    for manifest in read_manifests(folder):
         seen: set[str] = set()
         for f in manifest.files:
             c = out.setdefault(f.patient_id, LakeCounts())
@@ -110,7 +113,7 @@ def stores(settings: Settings, *, create: bool = False) -> Iterator[Stores]:
 
 def list_patients(settings: Settings) -> list[PatientSummary]:
     """Every patient with sealed data in this namespace's lake (``settings.lake_dir``)."""
-    counts = lake_counts(settings.lake_dir)
+    counts = lake_counts(open_lake(settings))
     with stores(settings) as s:
         devices: dict[str, int] = {}
         for d in s.registry.list() if s.registry else ():

@@ -29,6 +29,7 @@ from anchor.log import MerkleLog
 from streams import lake
 from streams.lake.keystore import KeystoreError, LocalKeystore
 from streams.lake.layout import BATCHES_DIR
+from streams.ledger import read_manifests
 from vitalproof.errors import VitalproofError
 from vitalproof.hashing import salted_leaves
 from vitalproof.manifest import BatchManifest
@@ -49,16 +50,13 @@ class LakeView:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.root = settings.lake_dir
+        self.root = lake.open_lake(settings)
         self.kms = LocalKeystore(settings.paths.keys_dir)
         #: Files skipped by the last :meth:`table` because their patient's key was erased.
         self.erased_files: list[str] = []
 
     def manifests(self) -> list[BatchManifest]:
-        folder = self.root / BATCHES_DIR
-        return [
-            BatchManifest.model_validate_json(p.read_bytes()) for p in sorted(folder.glob("*.json"))
-        ]
+        return read_manifests(self.root.child(BATCHES_DIR))
 
     def sealed_rows(self) -> int:
         return sum(m.rows for m in self.manifests())
@@ -101,9 +99,7 @@ class LakeView:
     def bundle(self, reading_id: str, row: dict[str, Any] | None = None) -> AnyBundle:
         row = row or self.find(reading_id)
         batch_id = str(row["batch_id"])
-        manifest = BatchManifest.model_validate_json(
-            (self.root / BATCHES_DIR / f"{batch_id}.json").read_bytes()
-        )
+        manifest = BatchManifest.model_validate_json(self._file(f"{BATCHES_DIR}/{batch_id}.json"))
         leaf_index = int(row["leaf_index"])
         patient_id = str(row["patient_id"])
         try:
@@ -116,7 +112,7 @@ class LakeView:
             raise ProofExportError(f"batch {batch_id} is not in the anchor log yet")
         try:
             if manifest.leaves_path is not None:  # tree version 1: every leaf kept
-                leaves_raw = (self.root / manifest.leaves_path).read_bytes()
+                leaves_raw = self._file(manifest.leaves_path)
                 leaves = [leaves_raw[i : i + 32] for i in range(0, len(leaves_raw), 32)]
                 return build_bundle(
                     reading=reading,
@@ -194,6 +190,12 @@ class LakeView:
         except lake.LakeError as e:
             raise ProofExportError(f"patient {patient_id}, batch {manifest.batch_id}: {e}") from e
         return rows.filter(pc.equal(pc.cast(rows["batch_id"], pa.string()), manifest.batch_id))
+
+    def _file(self, rel: str) -> bytes:
+        data = self.root.read(rel)
+        if data is None:
+            raise ProofExportError(f"{rel} is missing from the lake {self.root}")
+        return data
 
     def export_and_verify(self, reading_ids: Sequence[str], w3: Any) -> tuple[int, list[str]]:
         """Export and verify bundles for ``reading_ids`` (the demo's last step)."""

@@ -5,6 +5,15 @@
 # Playwright with this executable: nothing downloads a browser build), Python venv support. Idempotent: installs nothing that is already there.
 set -euo pipefail
 
+# Go builds SeaweedFS's weed (the lake's S3 server) from the Go module proxy. Debian's golang
+# is too old for it (the module asks for 1.26; a Go >= 1.21 fetches that toolchain itself), so
+# it is not installed from here: say where to get it, before anything else takes minutes.
+go_bin=$(command -v go 2>/dev/null || { [ -x /usr/local/go/bin/go ] && echo /usr/local/go/bin/go; } || true)
+if [ -z "$go_bin" ] || ! "$go_bin" env GOVERSION | grep -Eq '^go1\.(2[1-9]|[3-9][0-9])'; then
+  echo "go >= 1.21 not found (on PATH or /usr/local/go): install it from https://go.dev/dl/" >&2
+  exit 1
+fi
+
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)

@@ -9,6 +9,7 @@ per-event overhead is paid per message, never per sample. Sealing runs in a chil
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -18,6 +19,7 @@ from streams.agents import NormalizeAgent, SealAgent
 from streams.agents.ports import Sent, TakeStream
 from streams.dedupe import DedupeWindows
 from streams.lake.layout import BATCHES_DIR
+from streams.ledger import Folder
 from streams.seal_process import SealProcess
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings
@@ -56,14 +58,26 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(topics.clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
         agent = SealAgent(
-            sealer=SealProcess(settings.lake_dir, settings.paths.keys_dir),
-            batches_dir=settings.lake_dir / BATCHES_DIR,
+            sealer=SealProcess(
+                settings.lake_uri if settings.lake.remote else settings.lake_dir,
+                settings.paths.keys_dir,
+            ),
+            batches_dir=_batches_dir(settings),
             outputs=topics,
             batching=settings.batching,
         )
         await agent.run(cast(TakeStream, stream))
 
     return app
+
+
+def _batches_dir(settings: Settings) -> Path | Folder:
+    """The ledger's folder: local, or on S3 (only then is pyarrow.fs loaded in the worker)."""
+    if not settings.lake.remote:
+        return settings.lake_dir / BATCHES_DIR
+    from streams.lake.storage import open_lake
+
+    return open_lake(settings).child(BATCHES_DIR)
 
 
 def new_app(settings: Settings) -> faust.App:

@@ -119,7 +119,7 @@ class SealProcess:
     collector at a time; the two may overlap (they use the socket's two directions).
     """
 
-    def __init__(self, lake_dir: Path, keys_dir: Path) -> None:
+    def __init__(self, lake_dir: Path | str, keys_dir: Path) -> None:
         self.lake_dir = lake_dir
         self.keys_dir = keys_dir
         self._conn: Connection | None = None
@@ -242,13 +242,24 @@ def _tie_to_parent(parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def serve(conn: Connection, lake_dir: Path, keys_dir: Path) -> int:
-    """Answer seal requests until EOF; an error is reported, then the child exits."""
+def serve(conn: Connection, lake_dir: Path | str, keys_dir: Path) -> int:
+    """Answer seal requests until EOF; an error is reported, then the child exits.
+
+    ``lake_dir``: a folder, or an ``s3://`` URI reached as the environment's settings say
+    (the worker's environment and secrets folder are this child's).
+    """
     from streams.lake.keystore import LocalKeystore
+    from streams.lake.storage import open_uri
     from streams.sealer import Sealer
+    from vitalproof.settings import LakeSettings, Settings
 
     try:
-        sealer = Sealer(lake_dir, LocalKeystore(keys_dir))
+        root = (
+            open_uri(LakeSettings.from_env(Settings().secrets_dir), lake_dir)
+            if isinstance(lake_dir, str)
+            else lake_dir
+        )
+        sealer = Sealer(root, LocalKeystore(keys_dir))
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return 1
@@ -282,7 +293,8 @@ def main(argv: Sequence[str]) -> int:
     runtime = RuntimeSettings.from_env()
     crashpoints.arm(runtime.crash_at)
     hashing.configure(native=runtime.native)
-    return serve(Connection(int(fd)), Path(lake_dir), Path(keys_dir))
+    lake: Path | str = lake_dir if "://" in lake_dir else Path(lake_dir)
+    return serve(Connection(int(fd)), lake, Path(keys_dir))
 
 
 if __name__ == "__main__":

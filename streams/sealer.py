@@ -1,8 +1,9 @@
 """Sealing: a group of clean Kafka records becomes one batch, durably and exactly once.
 
 A batch is named by the Kafka offsets it covers, so its id is deterministic. Sealing writes,
-in this order: the patients' encrypted Parquet files, then the manifest, each by temp file +
-fsync + atomic rename. The batch's tree has two levels (tree version 2, docs/wire-formats.md):
+in this order: the patients' encrypted Parquet files, then the manifest, each published
+atomically (locally temp file + fsync + rename; on S3 one PUT, which makes an object visible
+whole or not at all). The batch's tree has two levels (tree version 2, docs/wire-formats.md):
 each patient's salted leaves, in the canonical order (:func:`canonical_order`), make one
 RFC 9162 subtree, and the batch root is the RFC 9162 root over those subtrees' roots,
 patients sorted. The manifest keeps each patient's root and leaf count, and nothing per
@@ -30,10 +31,10 @@ from streams import lake
 from streams.digest_run import DigestRun, split
 from streams.lake.keystore import Kms
 from streams.lake.layout import BATCHES_DIR
+from streams.lake.storage import LakeRoot, as_root
 from streams.ledger import mark_produced, read_manifests, unproduced
 from vitalproof import hashing
 from vitalproof.crashpoints import crashpoint
-from vitalproof.durable import write_atomic
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
 from vitalproof.schema import SampleBatch, pack_reading_ids
 
@@ -49,11 +50,11 @@ class Pending:
 
 
 class Sealer:
-    def __init__(self, lake_root: Path, kms: Kms, *, recent_ids: int = 300_000) -> None:
-        self.lake_root = lake_root
+    def __init__(self, lake_root: Path | LakeRoot, kms: Kms, *, recent_ids: int = 300_000) -> None:
+        self.lake_root = as_root(lake_root)
         self.kms = kms
-        self.batches_dir = lake_root / BATCHES_DIR
-        self.batches_dir.mkdir(parents=True, exist_ok=True)
+        self.batches_dir = self.lake_root.child(BATCHES_DIR)
+        self.batches_dir.mkdir()
         self._high_water: dict[tuple[str, int], int] = {}
         manifests = self.manifests()
         for manifest in manifests:
@@ -113,9 +114,10 @@ class Sealer:
             return None
         covers = _covers(fresh)
         batch_id = batch_id_for(covers)
-        manifest_path = self.batches_dir / f"{batch_id}.json"
-        if manifest_path.exists():  # sealed before a crash, ledger not yet told
-            manifest = BatchManifest.model_validate_json(manifest_path.read_bytes())
+        manifest_name = f"{batch_id}.json"
+        sealed = self.batches_dir.read(manifest_name)
+        if sealed is not None:  # sealed before a crash, ledger not yet told
+            manifest = BatchManifest.model_validate_json(sealed)
             self._advance(manifest.covers)
             return manifest
 
@@ -187,7 +189,7 @@ class Sealer:
             patient_sizes=patient_sizes,
             sealed_at_us=time.time_ns() // 1000,
         )
-        write_atomic(manifest_path, manifest.to_json_bytes())
+        self.batches_dir.write(manifest_name, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)
         self.recent.add(sealed_ids)

@@ -11,6 +11,12 @@
   lake/keys/anchor/registry and a unique ``topic_prefix``.
 * ``anvil_settings`` (function): ``settings`` with ``chain='anvil'`` and ``rpc_url`` set.
 * ``kafka_topics`` (function): ``settings`` after creating its four pipeline topics.
+* ``seaweedfs`` (session, lazy): the real SeaweedFS (``weed server -s3``) on free ports with
+  its bucket; yields Settings whose lake group points at it (``VITALPROOF_LAKE`` an
+  ``s3://`` prefix, endpoint and keys). ``s3_settings`` (function): ``settings`` with that
+  lake group, so the namespace's lake is on S3 under its own topic prefix.
+* ``lake_root`` (function, params ``local`` and ``s3``): an empty lake root, a folder in
+  ``tmp_path`` or an own prefix on the session's SeaweedFS (a :class:`LakeRoot`).
 * ``browser`` (module) and ``page`` (function): Debian's chromium under Playwright, a tab
   that may reach only 127.0.0.1 (tests/web.py).
 
@@ -30,13 +36,17 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from vitalproof.devstack import PartStatus, StackManager, StackStatus, ensure_topics
+from streams.lake.storage import LakeRoot, open_lake
+from tests.s3 import s3_lake
+from vitalproof.devstack import PartStatus, StackManager, StackStatus, ensure_topics, seaweedfs
+from vitalproof.devstack.manager import PartName
 from vitalproof.devstack.procs import free_ports
 from vitalproof.errors import VitalproofError
 from vitalproof.settings import (
     ChainSettings,
     DevStackSettings,
     KafkaSettings,
+    LakeSettings,
     MqttSettings,
     PathSettings,
     Settings,
@@ -106,6 +116,61 @@ def anvil(stack_settings: Settings) -> Iterator[PartStatus]:
 
 
 @pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The real SeaweedFS for the session, started on first use; fails if it can't start."""
+    home = tmp_path_factory.mktemp("seaweedfs-home")
+    (s3_port,) = free_ports(1)
+    own = Settings(
+        paths=PathSettings(home=home),
+        devstack=DevStackSettings(s3_port=s3_port),
+        lake=LakeSettings(),
+    )
+    manager = StackManager(own)
+    atexit.register(_stop_quietly, manager, "seaweedfs")
+    t0 = time.monotonic()
+    try:
+        status = manager.start("seaweedfs")
+    except VitalproofError as exc:
+        _stop_quietly(manager, "seaweedfs")
+        pytest.fail(f"seaweedfs failed to start: {exc}", pytrace=False)
+    _TIMINGS["seaweedfs start"] = time.monotonic() - t0
+    if not status.healthy:
+        _stop_quietly(manager, "seaweedfs")
+        pytest.fail(f"seaweedfs started but does not answer: {status}", pytrace=False)
+    access, secret = seaweedfs.credentials(own)
+    yield own.evolve(
+        lake={
+            "root": seaweedfs.lake_uri(own),
+            "s3_endpoint": seaweedfs.endpoint(own),
+            "s3_access_key": access,
+            "s3_secret_key": secret,
+        }
+    )
+    manager.stop("seaweedfs")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_lake(seaweedfs_server: Settings) -> LakeSettings:
+    """The lake group that points at the session's SeaweedFS."""
+    return seaweedfs_server.lake
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, seaweedfs_lake: LakeSettings) -> Settings:
+    """``settings`` whose lake is on the session's SeaweedFS, under its own prefix."""
+    return settings.evolve(lake=s3_lake(seaweedfs_lake).model_dump())
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_root(request: pytest.FixtureRequest, tmp_path: Path) -> Path | LakeRoot:
+    """An empty lake: a local folder, or an own prefix in the session's SeaweedFS bucket."""
+    if request.param == "local":
+        return tmp_path / "lake"
+    lake = s3_lake(request.getfixturevalue("seaweedfs_lake"))
+    return open_lake(Settings(paths=PathSettings(home=tmp_path / "home"), lake=lake))
+
+
+@pytest.fixture(scope="session")
 def anvil_rpc_url(anvil: PartStatus, stack_settings: Settings) -> str:
     """``http://127.0.0.1:<port>`` of the session's Anvil."""
     return StackManager(stack_settings).rpc_url
@@ -163,10 +228,14 @@ def _down_quietly(manager: StackManager) -> None:
 
 
 def _stop_anvil_quietly(manager: StackManager) -> None:
+    _stop_quietly(manager, "anvil")
+
+
+def _stop_quietly(manager: StackManager, part: PartName) -> None:
     try:
-        manager.stop("anvil")
+        manager.stop(part)
     except Exception as exc:
-        print(f"vitalproof stop anvil failed: {exc}")
+        print(f"vitalproof stop {part} failed: {exc}")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -183,6 +252,9 @@ _SERVICE_FIXTURES = {
     "anvil",
     "anvil_rpc_url",
     "anvil_settings",
+    "seaweedfs_server",
+    "seaweedfs_lake",
+    "s3_settings",
     "browser",
     "page",
 }
@@ -193,6 +265,9 @@ _ANVIL_FIXTURES = {"anvil", "anvil_rpc_url", "anvil_settings"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "s3" in callspec.params.values():
+            used.add("seaweedfs_lake")  # a lake on S3: the fixture requests it lazily
         if used & _SERVICE_FIXTURES:
             item.add_marker(pytest.mark.integration)
         if used & _ANVIL_FIXTURES:

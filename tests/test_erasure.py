@@ -41,11 +41,13 @@ from clinic.patients import list_patients
 from clinic.proofs import LakeView, ProofExportError
 from streams import lake
 from streams.lake.keystore import KeyErased, LocalKeystore
+from streams.lake.storage import LakeRoot, as_root
 from streams.sealer import Pending, Sealer
+from tests.s3 import s3_lake
 from vitalproof.manifest import BatchManifest
 from vitalproof.registry import DeviceStatus, Registry
 from vitalproof.schema import SampleBatch, Transport
-from vitalproof.settings import ChainSettings, KafkaSettings, PathSettings, Settings
+from vitalproof.settings import ChainSettings, KafkaSettings, LakeSettings, PathSettings, Settings
 from vitalproof_verify import merkle
 from vitalproof_verify.bundle import ProofBundleV2, verify_offline
 from vitalproof_verify.leaves import leaf_hash_salted
@@ -60,11 +62,12 @@ ACTOR = "Operator/test"
 REASON = "erasure request #17 (GDPR art. 17)"
 
 
-def settings_for(home: Path, prefix: str = "") -> Settings:
+def settings_for(home: Path, prefix: str = "", lake_s3: LakeSettings | None = None) -> Settings:
     return Settings(
         paths=PathSettings(home=home),
         kafka=KafkaSettings(topic_prefix=prefix),
         chain=ChainSettings(kind="embedded"),
+        lake=lake_s3 or LakeSettings(),
     )
 
 
@@ -86,7 +89,7 @@ def seal(settings: Settings, batch_no: int, patients: dict[str, str] = PATIENTS)
         b.fill_reading_ids()
         pendings.append(Pending(settings.kafka.topic_clean, n, batch_no, b))
     kms = LocalKeystore(settings.paths.keys_dir)
-    manifest = Sealer(settings.lake_dir, kms).seal(pendings)
+    manifest = Sealer(lake.open_lake(settings), kms).seal(pendings)
     assert manifest is not None
     return manifest
 
@@ -115,11 +118,15 @@ def enroll_and_grant(settings: Settings) -> dict[str, list[str]]:
     return grants
 
 
-def digests(root: Path) -> dict[str, str]:
+def digests(root: Path | LakeRoot) -> dict[str, str]:
+    """Every file's sha256 by its path below ``root`` (a folder, or a lake on S3)."""
+    if isinstance(root, Path):
+        root = as_root(root)
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
+        info.path.removeprefix(root.base + "/"): hashlib.sha256(
+            root.read(info.path.removeprefix(root.base + "/")) or b""
+        ).hexdigest()
+        for info in root.files(suffix="")
     }
 
 
@@ -136,8 +143,12 @@ class Home:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Home]:
-    settings = settings_for(tmp_path)
+def home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Home]:
+    """Sealed and anchored in a local lake, or (``s3``) in one on the session's SeaweedFS."""
+    lake_s3 = None
+    if getattr(request, "param", "local") == "s3":
+        lake_s3 = s3_lake(request.getfixturevalue("seaweedfs_lake"))
+    settings = settings_for(tmp_path, lake_s3=lake_s3)
     grants = enroll_and_grant(settings)
     job = AnchorJob.from_settings(settings)
     try:
@@ -169,11 +180,15 @@ def home(tmp_path: Path) -> Iterator[Home]:
     yield h
 
 
+@pytest.mark.parametrize("home", ["local", "s3"], indirect=True)
 def test_erasure_shreds_b_and_every_other_proof_still_verifies(home: Home) -> None:
     settings = home.settings
-    lake_before = digests(settings.lake_dir)
+    root = lake.open_lake(settings)
+    assert root.local == (settings.lake.root is None)
+    lake_before = digests(root)
+    assert len(lake_before) == 2 * 3 + 2  # 2 batches: 3 patients' files and a manifest each
     anchors_before = digests(settings.anchor_dir)
-    b_files = lake.list_patient_files(settings.lake_dir, "pt-b")
+    b_files = lake.list_patient_files(root, "pt-b")
     assert len(b_files) == 2  # one per batch (one UTC date)
 
     plan = plan_erasure(settings, "pt-b")
@@ -188,19 +203,19 @@ def test_erasure_shreds_b_and_every_other_proof_still_verifies(home: Home) -> No
     assert report.audit_seq == 2
 
     # nothing sealed changed: the erasure destroys keys, it rewrites no byte of the lake
-    assert digests(settings.lake_dir) == lake_before
+    assert digests(root) == lake_before
     assert digests(settings.anchor_dir) == anchors_before
 
     # B's files cannot be decrypted, by a fresh keystore (another process's view) too
     kms = LocalKeystore(settings.paths.keys_dir)
     with pytest.raises(lake.LakeKeyUnavailable) as err:
-        lake.read_patient(settings.lake_dir, "pt-b", kms)
+        lake.read_patient(root, "pt-b", kms)
     assert isinstance(err.value.cause, KeyErased)
     for path in b_files:
-        rel = path.removeprefix(str(settings.lake_dir) + "/")
+        rel = path.removeprefix(root.base + "/")
         with pytest.raises(lake.LakeKeyUnavailable):
-            lake.read_reading_ids(settings.lake_dir, rel, kms, "pt-b")
-    assert lake.lake_stats(settings.lake_dir, kms)["unreadable_files"] == 2
+            lake.read_reading_ids(root, rel, kms, "pt-b")
+    assert lake.lake_stats(root, kms)["unreadable_files"] == 2
 
     # B's leaf salts cannot be recomputed, and B's bundles cannot be exported
     b_ids = home.ids_of("pt-b")

@@ -1,4 +1,7 @@
-"""The lake: encrypted Parquet per (batch, patient, date), read back, no plaintext leaks."""
+"""The lake: encrypted Parquet per (batch, patient, date), read back, no plaintext leaks.
+
+Tests taking ``lake_root`` run twice: on a local folder and on the real SeaweedFS (S3).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 import pytest
@@ -21,6 +25,7 @@ from streams import lake
 from streams.lake.crypto import _KMS_CONFIG, _crypto
 from streams.lake.keystore import LocalKeystore
 from streams.lake.layout import file_path
+from streams.lake.storage import LakeRoot, as_root
 from streams.lake.table import ID_SOURCE_COLUMNS, ids_to_binary, sort_for_file
 from vitalproof.schema import Quality, SampleBatch, Transport
 
@@ -79,6 +84,19 @@ def _expected(batches: list[SampleBatch], patient: str) -> dict[str, tuple[objec
     }
 
 
+def _bytes(root: Path | LakeRoot, rel: str) -> bytes:
+    data = as_root(root).read(rel)
+    assert data is not None, rel
+    return data
+
+
+def _every_file(root: Path | LakeRoot) -> list[str]:
+    """Every object or file below ``root``, hidden ones (a local publish's temp files) too."""
+    r = as_root(root)
+    sel = pafs.FileSelector(r.base, recursive=True, allow_not_found=True)
+    return sorted(i.path for i in r.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+
+
 def _as_rows(table: pa.Table) -> dict[str, tuple[object, ...]]:
     ids = lake.hex_ids(table["reading_id"]).to_pylist()
     us = pc.cast(table["device_time"], pa.int64()).to_pylist()
@@ -104,9 +122,9 @@ def _as_rows(table: pa.Table) -> dict[str, tuple[object, ...]]:
 
 
 def test_write_and_read_back(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
-    root = tmp_path / "lake"
+    root = lake_root
     table = lake.build_table(batches, "b-0001")
     assert table.schema.equals(lake.SCHEMA)
     assert table["leaf_index"].to_pylist() == list(range(36))
@@ -118,7 +136,7 @@ def test_write_and_read_back(
     by_path = {w.path: w for w in written}
     alpha = by_path["patient_id=patient-alpha/date=2024-11-21/b-0001.parquet"]
     assert (alpha.rows, alpha.key_id, alpha.created) == (24, "patient:patient-alpha:v1", True)
-    assert alpha.bytes == (root / alpha.path).stat().st_size
+    assert alpha.bytes == len(_bytes(root, alpha.path))
 
     got = lake.read_patient(root, "patient-alpha", kms)
     assert _as_rows(got) == _expected(batches, "patient-alpha")
@@ -134,9 +152,9 @@ def test_write_and_read_back(
 
 
 def test_time_range_and_metric_filters(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
-    root = tmp_path / "lake"
+    root = lake_root
     lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
     start = dt.datetime(2024, 11, 21, 14, 41, tzinfo=dt.UTC)  # the third batch only
     got = lake.read_patient(root, "patient-alpha", kms, start=start, metrics=["heart_rate"])
@@ -145,7 +163,10 @@ def test_time_range_and_metric_filters(
     assert lake.read_patient(root, "patient-alpha", kms, start=T0 + 86_400 * US).num_rows == 0
 
 
-def test_batch_across_midnight_is_split_per_date(tmp_path: Path, kms: LocalKeystore) -> None:
+def test_batch_across_midnight_is_split_per_date(
+    lake_root: Path | LakeRoot, kms: LocalKeystore
+) -> None:
+    tmp_path = lake_root
     midnight = 1_732_233_600_000_000  # 2024-11-22T00:00:00Z
     table = lake.build_table([_batch("dev-1", "p-1", t0=midnight - 3 * US)], "b-night")
     with pytest.raises(lake.LakeSpansDates):
@@ -161,16 +182,16 @@ def test_batch_across_midnight_is_split_per_date(tmp_path: Path, kms: LocalKeyst
 
 
 def test_no_plaintext_in_files(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
     """Nothing identifying or clinical appears in the bytes of a file.
 
     The *path* contains ``patient_id=<p>`` by design (Hive partition: listing, pruning and
     erasure are per patient; patient ids are pseudonyms); the check is on file contents.
     """
-    root = tmp_path / "lake"
+    root = lake_root
     written = lake.write_batch(root, "b-secret", lake.build_table(batches, "b-secret"), kms)
-    blob = b"".join((root / w.path).read_bytes() for w in written)
+    blob = b"".join(_bytes(root, w.path) for w in written)
     needles: list[bytes] = []
     for b in batches:
         assert b.patient_id is not None
@@ -201,9 +222,9 @@ def test_reading_without_the_key_fails_clearly(
 
 
 def test_erasure_makes_one_patient_unreadable(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
-    root = tmp_path / "lake"
+    root = lake_root
     lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
     kms.erase("patient-alpha")
     with pytest.raises(lake.LakeKeyUnavailable) as err:
@@ -214,7 +235,8 @@ def test_erasure_makes_one_patient_unreadable(
     assert (stats["readings"], stats["unreadable_files"], stats["patients"]) == (12, 1, 2)
 
 
-def test_rotation_old_files_stay_readable(tmp_path: Path, kms: LocalKeystore) -> None:
+def test_rotation_old_files_stay_readable(lake_root: Path | LakeRoot, kms: LocalKeystore) -> None:
+    tmp_path = lake_root
     lake.write_batch(tmp_path, "b-1", lake.build_table([_batch("d", "p-1")], "b-1"), kms)
     kms.rotate("p-1")
     later = _batch("d", "p-1", t0=T0 + 600 * US)
@@ -224,11 +246,12 @@ def test_rotation_old_files_stay_readable(tmp_path: Path, kms: LocalKeystore) ->
 
 
 def test_idempotent_write_keeps_the_first_file(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
+    tmp_path = lake_root
     table = lake.table_from_batches(batches[:1], batch_id="b-1", first_leaf=5)
     first = lake.write_patient_file(tmp_path, "b-1", "patient-alpha", table, kms)
-    data = (tmp_path / first.path).read_bytes()
+    data = _bytes(tmp_path, first.path)
     kms.rotate("patient-alpha")  # even with a new current key, the replay keeps the sealed file
     again = lake.write_patient_file(tmp_path, "b-1", "patient-alpha", table, kms)
     assert not again.created
@@ -238,10 +261,10 @@ def test_idempotent_write_keeps_the_first_file(
         first.bytes,
         "patient:patient-alpha:v1",
     )
-    assert (tmp_path / first.path).read_bytes() == data
+    assert _bytes(tmp_path, first.path) == data
     # a fresh encryption of the same rows differs (random keys and IVs): why we keep the file
     assert lake.encode_parquet(table, kms=kms, key_id=first.key_id) != data
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert _every_file(tmp_path) == [as_root(tmp_path).path(first.path)]  # no temp file left
     got = lake.read_patient(tmp_path, "patient-alpha", kms)
     assert sorted(got["leaf_index"].to_pylist()) == list(range(5, 17))
 
@@ -267,8 +290,9 @@ def test_duckdb_queries_a_decrypted_batch(
 
 
 def test_stats_count_duplicates(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
+    tmp_path = lake_root
     lake.write_batch(tmp_path, "b-1", lake.build_table(batches, "b-1"), kms)
     # the same readings sealed again under another batch id: duplicates, visible in stats
     lake.write_batch(tmp_path, "b-2", lake.build_table(batches[:1], "b-2"), kms)
@@ -277,7 +301,10 @@ def test_stats_count_duplicates(
     assert stats["distinct_reading_ids"] == 36
     assert stats["duplicates"] == 12
     assert (stats["batches"], stats["patients"], stats["files"]) == (2, 2, 3)
-    assert stats["bytes_on_disk"] == sum(p.stat().st_size for p in tmp_path.rglob("*.parquet"))
+    root = as_root(tmp_path)
+    rels = [f.path.removeprefix(root.base + "/") for f in root.files()]
+    assert len(rels) == 3
+    assert stats["bytes_on_disk"] == sum(len(_bytes(root, rel)) for rel in rels)
 
 
 def test_unsafe_names_rejected(tmp_path: Path, kms: LocalKeystore) -> None:
@@ -313,19 +340,19 @@ def test_uri_root(tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
     assert lake.read_patient(uri, "patient-beta", kms).num_rows == 12
 
 
-def _decrypted_file_schema(path: Path, kms: LocalKeystore) -> pa.Schema:
+def _decrypted_file_schema(data: bytes, kms: LocalKeystore) -> pa.Schema:
     factory, _ = _crypto(kms)
     props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
-    return pq.ParquetFile(path, decryption_properties=props).schema_arrow
+    return pq.ParquetFile(pa.BufferReader(data), decryption_properties=props).schema_arrow
 
 
 def test_reading_ids_are_derived_not_stored(
-    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
-    root = tmp_path / "lake"
+    root = lake_root
     written = lake.write_batch(root, "b-2", lake.build_table(batches, "b-2"), kms)
     for w in written:
-        stored = _decrypted_file_schema(root / w.path, kms).names
+        stored = _decrypted_file_schema(_bytes(root, w.path), kms).names
         assert "reading_id" not in stored
         assert set(ID_SOURCE_COLUMNS) <= set(stored)
     alpha = next(w for w in written if "patient-alpha" in w.path)

@@ -1,7 +1,9 @@
 """`vitalproof lake read` and `lake stats` as a user runs them: real subprocesses, real lake.
 
 Each test gets a home whose ``keys`` and ``lake/default`` were written here with the lake's
-own writer, and runs ``python -m vitalproof`` with ``VITALPROOF_HOME`` pointing at it.
+own writer, and runs ``python -m vitalproof`` with ``VITALPROOF_HOME`` pointing at it. Tests
+marked ``home`` ``s3`` put the lake on the real SeaweedFS instead (``VITALPROOF_LAKE`` an
+``s3://`` prefix, the keys in the home's secrets folder).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,7 +23,11 @@ import pytest
 
 from streams import lake
 from streams.lake.keystore import LocalKeystore
+from streams.lake.storage import LakeRoot, as_root, open_uri
+from tests.s3 import s3_lake
+from vitalproof.durable import write_atomic
 from vitalproof.schema import Quality, SampleBatch, Transport
+from vitalproof.settings import LakeSettings
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_732_200_000_000_000  # 2024-11-21T14:40:00Z
@@ -51,16 +57,33 @@ def _batch(device: str, patient: str, t0: int, n: int) -> SampleBatch:
 @dataclass
 class Home:
     path: Path
-    files: list[Path]
+    sizes: list[int]  # of the sealed batches' files
     ids: dict[str, set[str]]  # patient -> reading ids
+    env: dict[str, str] = field(default_factory=dict)  # where the lake is, if not in home
+
+
+def _lake_in(request: pytest.FixtureRequest, path: Path) -> tuple[Path | LakeRoot, dict[str, str]]:
+    """The home's lake: ``<home>/lake/default``, or on the session's SeaweedFS (``s3``)."""
+    if getattr(request, "param", "local") == "local":
+        return path / "lake" / "default", {}
+    server: LakeSettings = request.getfixturevalue("seaweedfs_lake")
+    lake_s3 = s3_lake(server)
+    assert lake_s3.root and lake_s3.s3_endpoint and lake_s3.s3_access_key and lake_s3.s3_secret_key
+    for var, secret in (
+        ("VITALPROOF_S3_ACCESS_KEY", lake_s3.s3_access_key),
+        ("VITALPROOF_S3_SECRET_KEY", lake_s3.s3_secret_key),
+    ):  # as secret files, never in the environment
+        write_atomic(path / "secrets" / var, secret.get_secret_value().encode(), mode=0o600)
+    env = {"VITALPROOF_LAKE": lake_s3.root, "VITALPROOF_S3_ENDPOINT": lake_s3.s3_endpoint}
+    return open_uri(lake_s3, f"{lake_s3.root}/default"), env
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Home:
+def home(request: pytest.FixtureRequest, tmp_path: Path) -> Home:
     """Two patients, two batches; batch 2 re-seals one reading of patient-a (a duplicate)."""
     path = tmp_path / "home"
     kms = LocalKeystore(path / "keys")
-    root = path / "lake" / "default"
+    root, env = _lake_in(request, path)
     a = _batch("watch-a", "patient-a", T0, 5)
     b = _batch("watch-b", "patient-b", T0 + 3600 * US, 3)
     lake.write_batch(root, "b-0001", lake.build_table([a, b], "b-0001"), kms)
@@ -69,20 +92,23 @@ def home(tmp_path: Path) -> Home:
     lake.write_batch(root, "b-0002", lake.build_table([dup], "b-0002"), kms)
     # Only batches with a manifest are sealed; b-0003's files stand for a worker killed
     # before its manifest, and readers must not see them.
-    (root / "_batches").mkdir()
     for sealed in ("b-0001", "b-0002"):
-        (root / "_batches" / f"{sealed}.json").write_text("{}")
+        as_root(root).write(f"_batches/{sealed}.json", b"{}")
     orphan = _batch("watch-a", "patient-a", T0 + 7200 * US, 2)
     lake.write_batch(root, "b-0003", lake.build_table([orphan], "b-0003"), kms)
     ids = {
         p: {r.reading_id for r in batch.readings()}
         for p, batch in (("patient-a", a), ("patient-b", b))
     }
-    return Home(path, sorted(p for p in root.rglob("*.parquet") if "b-0003" not in p.name), ids)
+    sizes = [f.size or 0 for f in as_root(root).files() if "b-0003" not in f.base_name]
+    return Home(path, sizes, ids, env)
 
 
-def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(home: Path | Home, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITALPROOF_")}
+    if isinstance(home, Home):
+        env |= home.env
+        home = home.path
     env["VITALPROOF_HOME"] = str(home)
     return subprocess.run(
         [sys.executable, "-m", "vitalproof", "lake", *args],
@@ -101,8 +127,9 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("home", ["local", "s3"], indirect=True)
 def test_read_csv(home: Home) -> None:
-    proc = run(home.path, "read", "--patient", "patient-a")
+    proc = run(home, "read", "--patient", "patient-a")
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     # 5 heart rate + 5 spo2 + systolic + diastolic + ppg, plus the re-sealed reading
@@ -216,8 +243,9 @@ def test_read_without_keystore_does_not_create_one(home: Home, tmp_path: Path) -
     assert not (other / "keys").exists()
 
 
+@pytest.mark.parametrize("home", ["local", "s3"], indirect=True)
 def test_stats_json(home: Home) -> None:
-    proc = run(home.path, "stats", "--json")
+    proc = run(home, "stats", "--json")
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     stats = json.loads(line)
@@ -227,8 +255,9 @@ def test_stats_json(home: Home) -> None:
     assert stats["duplicates"] == 1
     assert stats["batches"] == 2
     assert stats["patients"] == 2
-    assert stats["bytes_on_disk"] == sum(f.stat().st_size for f in home.files)
+    assert stats["bytes_on_disk"] == sum(home.sizes) > 0
     assert stats["namespace"] == "default"
+    assert stats["lake"].startswith("s3://" if home.env else str(home.path))
     by_patient = {p["patient_id"]: p for p in stats["by_patient"]}
     assert sorted(by_patient) == ["patient-a", "patient-b"]
     assert by_patient["patient-b"]["readings"] == len(home.ids["patient-b"])
@@ -237,13 +266,14 @@ def test_stats_json(home: Home) -> None:
 
 
 def test_an_empty_namespace_points_at_the_ones_with_data(home: Home) -> None:
-    proc = run(home.path, "stats", "--namespace", "demo-1234")
+    proc = run(home, "stats", "--namespace", "demo-1234")
     assert proc.returncode == 0, proc.stderr
     assert "namespace demo-1234" in proc.stdout
     assert "these do: default" in proc.stderr and "--namespace NS" in proc.stderr
     listed = subprocess.run(
         [sys.executable, "-m", "vitalproof", "namespaces", "--json"],
         env={k: v for k, v in os.environ.items() if not k.startswith("VITALPROOF_")}
+        | home.env
         | {"VITALPROOF_HOME": str(home.path)},
         capture_output=True,
         text=True,
@@ -251,7 +281,7 @@ def test_an_empty_namespace_points_at_the_ones_with_data(home: Home) -> None:
     )
     assert listed.returncode == 0, listed.stderr
     assert [n["namespace"] for n in json.loads(listed.stdout)] == ["default"]
-    bad = run(home.path, "stats", "--namespace", "no spaces")
+    bad = run(home, "stats", "--namespace", "no spaces")
     assert bad.returncode == 2 and _one_error_line(bad).startswith("error: --namespace")
 
 

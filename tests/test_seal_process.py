@@ -17,6 +17,7 @@ import pytest
 
 from streams.lake.keystore import LocalKeystore
 from streams.lake.layout import BATCHES_DIR
+from streams.lake.storage import open_uri
 from streams.seal_process import (
     CleanRecord,
     SealOutcome,
@@ -26,8 +27,11 @@ from streams.seal_process import (
     seal_records,
 )
 from streams.sealer import Pending, Sealer, unproduced
+from tests.s3 import s3_lake
+from vitalproof.durable import write_atomic
 from vitalproof.manifest import BatchManifest
 from vitalproof.schema import SampleBatch, Transport
+from vitalproof.settings import LakeSettings
 from vitalproof.wire import clean
 
 
@@ -151,3 +155,37 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_child_seals_into_a_lake_on_s3(
+    seaweedfs_lake: LakeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``VITALPROOF_LAKE=s3://...``: the worker hands the child the URI, the child reaches S3
+    as its environment and secrets folder say (the worker's), and the outbox reads the bucket."""
+    lake_s3 = s3_lake(seaweedfs_lake)
+    assert lake_s3.root and lake_s3.s3_endpoint and lake_s3.s3_access_key and lake_s3.s3_secret_key
+    secrets = tmp_path / "secrets"
+    for var, secret in (
+        ("VITALPROOF_S3_ACCESS_KEY", lake_s3.s3_access_key),
+        ("VITALPROOF_S3_SECRET_KEY", lake_s3.s3_secret_key),
+    ):
+        write_atomic(secrets / var, secret.get_secret_value().encode(), mode=0o600)
+    monkeypatch.setenv("VITALPROOF_SECRETS_DIR", str(secrets))
+    monkeypatch.setenv("VITALPROOF_S3_ENDPOINT", lake_s3.s3_endpoint)
+    uri = f"{lake_s3.root}/default"
+    proc = SealProcess(uri, tmp_path / "keys")
+    proc.start()
+
+    async def go() -> SealOutcome:
+        await proc.ready()
+        return await proc.seal(records())
+
+    try:
+        first = asyncio.run(go())
+    finally:
+        proc.close()
+    assert first.rows == 80 and first.files == 2 and first.manifest_json is not None
+    root = open_uri(lake_s3, uri)
+    assert root.read(f"{BATCHES_DIR}/{first.batch_id}.json") == first.manifest_json
+    assert [m.batch_id for m in unproduced(root.child(BATCHES_DIR))] == [first.batch_id]
+    assert len(root.files()) == 2

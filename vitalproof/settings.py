@@ -49,6 +49,7 @@ __all__ = [
     "DevStackSettings",
     "GatewaySettings",
     "KafkaSettings",
+    "LakeSettings",
     "MqttSettings",
     "PathSettings",
     "RuntimeSettings",
@@ -84,7 +85,10 @@ class _Group(BaseSettings):
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             field = str(first["loc"][0]) if first["loc"] else ""
-            where = cls.env_name(field) if field in cls.model_fields else cls.__name__
+            if field in cls.model_fields:
+                where = cls.env_name(field)
+            else:  # a field read under its own variable name (validation_alias)
+                where = field.upper() if field.upper().startswith("VITALPROOF_") else cls.__name__
             raise ConfigError(
                 f"setting {where}: {first['msg']} (got {first.get('input')!r})"
             ) from None
@@ -325,6 +329,50 @@ class DedupeSettings(_Group):
     )
 
 
+class LakeSettings(_Group):
+    """Where the lake is: a local folder (the default) or an S3 bucket, and how to reach it.
+
+    Only the lake (the Parquet files and ``_batches``) moves to S3; the keystore, the anchor
+    log, the registry and the clinic's SQLite stay in the state folder.
+    """
+
+    model_config = _config("VITALPROOF_")
+
+    root: str | None = Field(
+        default=None,
+        validation_alias="VITALPROOF_LAKE",
+        description="the lake: a folder or s3://bucket/prefix, each namespace below it "
+        "(default `<home>/lake`)",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL, e.g. http://127.0.0.1:18333 (SeaweedFS of `stack up "
+        "--s3`); default AWS's",
+    )
+    s3_region: str = Field(default="us-east-1", description="S3 region")
+    s3_access_key: SecretStr | None = Field(
+        default=None, description="S3 access key id (else AWS's usual environment and files)"
+    )
+    s3_secret_key: SecretStr | None = Field(default=None, description="S3 secret access key")
+
+    @field_validator("root", mode="after")
+    @classmethod
+    def _known_root(cls, root: str | None) -> str | None:
+        if root is None or root == "":
+            return None
+        if "://" in root:
+            scheme, rest = root.split("://", 1)
+            if scheme != "s3" or not rest.strip("/"):
+                raise ValueError("a lake URI is s3://bucket[/prefix]; other schemes are not served")
+            return "s3://" + rest.strip("/")
+        return str(Path(root).expanduser().resolve())
+
+    @property
+    def remote(self) -> bool:
+        """The lake is in an object store, not a local folder."""
+        return self.root is not None and self.root.startswith("s3://")
+
+
 class DevStackSettings(_Group):
     """The local stack's own knobs (vitalproof.devstack); nothing in the pipeline reads them."""
 
@@ -336,6 +384,8 @@ class DevStackSettings(_Group):
         default=None, description="a folder of Kafka jars to use instead of resolving them"
     )
     anvil_port: int = Field(default=18545, description="local Anvil: JSON-RPC port")
+    s3_port: int = Field(default=18333, description="local SeaweedFS (`stack up --s3`): S3 port")
+    s3_bucket: str = Field(default="vitalproof", description="local SeaweedFS: the lake's bucket")
     mqtt_tls_listener_port: int | None = Field(
         default=None,
         description="local broker: also listen with TLS on this port (needs the two files below)",
@@ -379,6 +429,7 @@ class Settings(BaseModel):
     chain: ChainSettings = _group(ChainSettings)
     batching: BatchSettings = _group(BatchSettings)
     dedupe: DedupeSettings = _group(DedupeSettings)
+    lake: LakeSettings = _group(LakeSettings)
     devstack: DevStackSettings = _group(DevStackSettings)
     runtime: RuntimeSettings = _group(RuntimeSettings)
 
@@ -424,7 +475,20 @@ class Settings(BaseModel):
 
     @property
     def lake_dir(self) -> Path:
+        """The namespace's lake in the state folder (where it is unless ``VITALPROOF_LAKE``
+        names another place: see :attr:`lake_uri`)."""
         return self.paths.home / "lake" / self.namespace
+
+    @property
+    def lake_base(self) -> str:
+        """The folder or ``s3://`` URI holding every namespace's lake."""
+        return self.lake.root or str(self.paths.home / "lake")
+
+    @property
+    def lake_uri(self) -> str:
+        """This namespace's lake: a local folder or ``s3://bucket/prefix/<namespace>``
+        (``streams.lake.storage.open_lake`` opens it)."""
+        return f"{self.lake_base}/{self.namespace}"
 
     @property
     def anchor_dir(self) -> Path:

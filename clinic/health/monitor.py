@@ -27,6 +27,7 @@ from clinic.health.figures import (
 )
 from clinic.health.sources import AnchorWatch, KafkaProbe, LakeTally
 from clinic.live import Hub
+from streams.lake.storage import open_lake
 from vitalproof.errors import VitalproofError
 from vitalproof.settings import Settings
 
@@ -65,7 +66,7 @@ class Health:
         self.clock = clock
         self.interval_s = interval_s
         self.probe = KafkaProbe(settings)
-        self.lake = LakeTally(settings.lake_dir)
+        self.lake = LakeTally(open_lake(settings) if settings.lake.remote else settings.lake_dir)
         self.anchors = AnchorWatch(settings.anchor_dir / "log")
         self.dlq = DlqTally()
         self.throughput = Throughput()

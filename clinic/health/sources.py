@@ -34,6 +34,7 @@ from clinic.health.figures import (
     kafka_figures,
 )
 from streams.lake.layout import BATCHES_DIR
+from streams.lake.storage import LakeRoot
 from vitalproof.manifest import BatchManifest
 from vitalproof.settings import Settings
 
@@ -191,20 +192,36 @@ class LakeTally:
     """Readings and batches sealed, from the manifests (each parsed once: a manifest is
     written whole and never changed)."""
 
-    def __init__(self, lake_dir: Path) -> None:
-        self.folder = lake_dir / BATCHES_DIR
+    def __init__(self, lake_dir: Path | LakeRoot) -> None:
+        """``lake_dir``: the namespace's lake folder, or its root on S3 (``open_lake``)."""
+        self.folder: Path | LakeRoot = (
+            lake_dir / BATCHES_DIR if isinstance(lake_dir, Path) else lake_dir.child(BATCHES_DIR)
+        )
         self._seen: dict[str, tuple[int, int]] = {}  # file name -> (rows, sealed_at_us)
 
-    def read(self) -> Sealed:
+    def _names(self) -> set[str]:
+        if not isinstance(self.folder, Path):
+            return set(self.folder.names(".json"))
         try:
-            names = {e.name for e in os.scandir(self.folder) if e.name.endswith(".json")}
+            return {e.name for e in os.scandir(self.folder) if e.name.endswith(".json")}
         except FileNotFoundError:
-            names = set()
+            return set()
+
+    def _bytes(self, name: str) -> bytes:
+        if isinstance(self.folder, Path):
+            return (self.folder / name).read_bytes()
+        data = self.folder.read(name)
+        if data is None:
+            raise FileNotFoundError(f"{self.folder}/{name}")
+        return data
+
+    def read(self) -> Sealed:
+        names = self._names()
         for gone in set(self._seen) - names:
             del self._seen[gone]
         for name in names - set(self._seen):
             try:
-                m = BatchManifest.model_validate_json((self.folder / name).read_bytes())
+                m = BatchManifest.model_validate_json(self._bytes(name))
             except (OSError, ValidationError) as e:
                 log.warning("health: manifest %s unreadable: %s", name, e)
                 continue

@@ -59,10 +59,10 @@ class ServiceContext:
         self, patient_id: str, start_us: int | None, end_us: int | None, metrics: list[str] | None
     ) -> pa.Table:
         """Sealed readings of one patient (only batches with a manifest), decrypted."""
-        root = self.settings.lake_dir
         keys = self.settings.paths.keys_dir
-        if not (keys / MASTER_KEY_FILE).exists() or not root.exists():
+        if not (keys / MASTER_KEY_FILE).exists():
             return lake.SCHEMA.empty_table()
+        root = lake.open_lake(self.settings)  # a folder or S3; a missing one lists empty
         sealed = lake.sealed_batch_ids(root)
         # Files of an erased patient are skipped (their key is gone), not an error.
         return lake.read_patient(

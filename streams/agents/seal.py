@@ -28,7 +28,7 @@ from streams.agents.ports import (
     event_headers,
     event_origin,
 )
-from streams.ledger import mark_produced, unproduced
+from streams.ledger import Folder, mark_produced, unproduced
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import CleanRecord, SealOutcome, SealProcessDied, exit_like
 from vitalproof.crashpoints import crashpoint
@@ -66,7 +66,7 @@ class SealAgent:
         self,
         *,
         sealer: Sealer,
-        batches_dir: Path,
+        batches_dir: Path | Folder,
         outputs: SealOutputs,
         batching: BatchSettings,
     ) -> None:

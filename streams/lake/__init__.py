@@ -35,7 +35,7 @@ if TYPE_CHECKING:
         read_reading_ids,
         sealed_batch_ids,
     )
-    from streams.lake.storage import resolve_fs
+    from streams.lake.storage import LakeRoot, open_lake, resolve_fs
     from streams.lake.table import (
         FILE_SCHEMA,
         SCHEMA,
@@ -64,6 +64,8 @@ _FRONT = {
     "read_patient": "read",
     "read_reading_ids": "read",
     "sealed_batch_ids": "read",
+    "LakeRoot": "storage",
+    "open_lake": "storage",
     "resolve_fs": "storage",
     "FILE_SCHEMA": "table",
     "SCHEMA": "table",
@@ -84,6 +86,7 @@ __all__ = [
     "KmsBridge",
     "LakeError",
     "LakeKeyUnavailable",
+    "LakeRoot",
     "LakeSpansDates",
     "WrittenFile",
     "build_table",
@@ -92,6 +95,7 @@ __all__ = [
     "hex_ids",
     "lake_stats",
     "list_patient_files",
+    "open_lake",
     "patient_summaries",
     "read_patient",
     "read_reading_ids",

@@ -29,7 +29,7 @@ from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
 from streams.lake.errors import LakeError, LakeKeyUnavailable
 from streams.lake.keystore import KeyErased, KeystoreError, Kms
 from streams.lake.layout import BATCHES_DIR, patient_dir
-from streams.lake.storage import _files, resolve_fs
+from streams.lake.storage import LakeRoot, _files, _open_for_reading, resolve_fs
 from streams.lake.table import ID_SOURCE_COLUMNS, SCHEMA, _upgrade, derive_reading_ids, hex_ids
 
 __all__ = [
@@ -55,7 +55,7 @@ def _to_us(t: dt.datetime | int | None) -> int | None:
     return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
 
 
-def sealed_batch_ids(root: str | Path, *, fs: pafs.FileSystem | None = None) -> set[str]:
+def sealed_batch_ids(root: str | Path | LakeRoot, *, fs: pafs.FileSystem | None = None) -> set[str]:
     """Batches whose manifest exists: the sealer's commit point.
 
     A worker killed after writing a batch's files but before its manifest leaves files that
@@ -76,7 +76,7 @@ def _in_batches(path: str, batches: Collection[str] | None) -> bool:
 
 
 def list_patient_files(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     patient_id: str,
     *,
     fs: pafs.FileSystem | None = None,
@@ -118,7 +118,7 @@ def _read_file(
     factory, bridge = _crypto(kms)
     props = factory.file_decryption_properties(_KMS_CONFIG, pe.DecryptionConfiguration())
     try:
-        with fs.open_input_file(path) as f:
+        with _open_for_reading(fs, path) as f:
             # use_threads=False, and the factory's caches (which hold our Python KMS client)
             # emptied at once: a KMS client left for C++ to release at interpreter exit
             # occasionally aborted the process ("terminate called without an active
@@ -147,7 +147,7 @@ def _read_file(
 
 
 def read_reading_ids(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     path: str,
     kms: Kms,
     patient_id: str,
@@ -161,7 +161,7 @@ def read_reading_ids(
 
 
 def read_patient(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     patient_id: str,
     kms: Kms,
     start: dt.datetime | int | None = None,
@@ -215,7 +215,7 @@ def read_patient(
 
 
 def lake_stats(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     kms: Kms,
     *,
     fs: pafs.FileSystem | None = None,
@@ -258,7 +258,7 @@ def lake_stats(
 
 
 def patient_summaries(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     kms: Kms,
     *,
     fs: pafs.FileSystem | None = None,

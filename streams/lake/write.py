@@ -26,9 +26,8 @@ from streams.lake.crypto import _file_key_id, encryption_properties
 from streams.lake.errors import LakeError, LakeSpansDates
 from streams.lake.keystore import Kms
 from streams.lake.layout import _check_name, file_path
-from streams.lake.storage import _existing, resolve_fs
+from streams.lake.storage import LakeRoot, _existing, resolve_fs
 from streams.lake.table import FILE_SCHEMA, sort_for_file, split_by_date, split_by_patient
-from vitalproof.durable import publish_new
 
 __all__ = [
     "WrittenFile",
@@ -114,7 +113,7 @@ def encode_parquet(table: pa.Table, *, kms: Kms | None, key_id: str | None = Non
 
 
 def write_patient_file(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     batch_id: str,
     patient_id: str,
     table: pa.Table,
@@ -138,7 +137,7 @@ def write_patient_file(
 
 
 def write_patient_files(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     batch_id: str,
     patient_id: str,
     table: pa.Table,
@@ -159,7 +158,7 @@ def write_patient_files(
 
 
 def write_batch(
-    root: str | Path,
+    root: str | Path | LakeRoot,
     batch_id: str,
     table: pa.Table,
     kms: Kms,
@@ -193,14 +192,8 @@ def _write_one(
     if existing is None:
         key_id = kms.current_key_id(patient_id)
         data = encode_parquet(rows, kms=kms, key_id=key_id)
-        if isinstance(fs, pafs.LocalFileSystem):
-            created = publish_new(path, data, mode=0o640)
-        else:
-            # Object stores publish a PUT atomically on close; no temp-and-rename needed.
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-            created = True
+        # Local: temp file, fsync, link; S3: one PUT, visible only once complete.
+        created = LakeRoot(fs, base, base).publish_new(rel, data, mode=0o640)
         if created:
             digest = hashlib.sha256(data).hexdigest()
             return WrittenFile(rel, digest, rows.num_rows, key_id, len(data), True)

@@ -127,8 +127,9 @@ def lake_read(
         if fmt == "parquet" and (output is None or output == "-"):
             raise UsageError("--format parquet writes a file: give -o PATH")
         try:
-            sealed = lake.sealed_batch_ids(settings.lake_dir)
-            files = lake.list_patient_files(settings.lake_dir, patient, batches=sealed)
+            root = lake.open_lake(settings)
+            sealed = lake.sealed_batch_ids(root)
+            files = lake.list_patient_files(root, patient, batches=sealed)
         except lake.LakeError as e:
             raise UsageError(str(e)) from None
     except UsageError as e:
@@ -136,14 +137,14 @@ def lake_read(
         return EXIT_BAD_INPUT
 
     if not files:
-        _error(f"unknown patient {patient!r}: no files in {settings.lake_dir}")
+        _error(f"unknown patient {patient!r}: no files in {root}")
         return EXIT_FAILED
     kms = _keystore(settings)
     if kms is None:
         _error(f"no keystore at {settings.paths.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
         return EXIT_FAILED
 
-    table = lake.read_patient(settings.lake_dir, patient, kms, lo, hi, wanted, batches=sealed)
+    table = lake.read_patient(root, patient, kms, lo, hi, wanted, batches=sealed)
     skipped = export.Skipped()
     with _sink(output) as sink:
         if fmt == "csv":
@@ -172,7 +173,7 @@ def lake_read(
     return 0
 
 
-def _patients(root: Path, kms: LocalKeystore) -> list[dict[str, object]]:
+def _patients(root: lake.LakeRoot, kms: LocalKeystore) -> list[dict[str, object]]:
     """Each patient's readings and first and last device time (ISO 8601, UTC)."""
 
     def iso(us: int | None) -> str | None:
@@ -209,8 +210,12 @@ def _point_at_namespaces(settings: Settings) -> None:
 
 def lake_stats(settings: Settings, *, as_json: bool = False) -> int:
     """Counts over the whole lake (this namespace): one JSON object with ``--json``."""
-    root = settings.lake_dir
-    has_files = any(root.rglob("*.parquet")) if root.is_dir() else False
+    try:
+        root = lake.open_lake(settings)
+        has_files = bool(root.files())
+    except (lake.LakeError, OSError) as e:
+        _error(f"cannot list the lake {settings.lake_uri}: {e}")
+        return EXIT_FAILED
     kms = _keystore(settings)
     if has_files and kms is None:
         _error(f"no keystore at {settings.paths.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")

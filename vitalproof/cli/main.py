@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,19 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from vitalproof.devstack import StackManager, kafka
+    from vitalproof.devstack import StackManager, kafka, seaweedfs
 
     if args.action == "fetch":
         libs = kafka.resolve_libs(settings)
         print(f"kafka jars: {libs}")
+        if args.s3:
+            started = time.monotonic()
+            weed = seaweedfs.build_weed()
+            print(f"seaweedfs weed: {weed} ({time.monotonic() - started:.0f} s)")
         return 0
     manager = StackManager(settings)
     if args.action == "up":
-        status = manager.up(chain=args.chain or settings.chain.kind)
+        status = manager.up(chain=args.chain or settings.chain.kind, s3=args.s3)
     elif args.action == "down":
         manager.down()
         status = manager.status()
@@ -58,6 +63,12 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{part.name:<10} {state:<8} {part.address:<24} pid {part.pid or '-'}")
         if not status.parts:
             print("stack: nothing running")
+        if args.action == "up" and args.s3:
+            print(
+                f"lake on S3: VITALPROOF_LAKE={seaweedfs.lake_uri(settings)} "
+                f"VITALPROOF_S3_ENDPOINT={seaweedfs.endpoint(settings)} (keys in "
+                f"{settings.secrets_dir})"
+            )
     return 0 if args.action == "down" or status.healthy else EXIT_FAILED
 
 
@@ -354,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--chain", choices=["embedded", "anvil"], help="with up: also start Anvil (anvil)"
+    )
+    s.add_argument(
+        "--s3",
+        action="store_true",
+        help="with up: also start SeaweedFS (the lake on S3); with fetch: build its weed",
     )
     s.add_argument("--json", action="store_true", help="status as one JSON object")
     s.set_defaults(handler=cmd_stack)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from vitalproof.errors import UsageError
 from vitalproof.registry import is_valid_id
@@ -44,24 +43,27 @@ class NamespaceSummary:
 def list_namespaces(settings: Settings) -> list[NamespaceSummary]:
     """Namespaces with sealed batches in this home, newest first (from the manifests: no
     key is needed and nothing is decrypted)."""
+    from streams.lake.storage import open_lake_base
     from vitalproof.manifest import BatchManifest
 
-    root = settings.paths.home / "lake"
+    base = open_lake_base(settings)  # <home>/lake, or VITALPROOF_LAKE's folder or S3 prefix
     out = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        manifests = sorted((folder / "_batches").glob("*.json"))
+    for namespace in base.folders():
+        batches = base.child(f"{namespace}/_batches")
+        manifests = batches.names(".json")
         if not manifests:
             continue
         rows, patients, newest = 0, set(), 0.0
-        for path in manifests:
+        for name in manifests:
             try:
-                m = BatchManifest.model_validate_json(path.read_bytes())
+                m = BatchManifest.model_validate_json(batches.read(name) or b"")
             except ValueError:
                 continue
             rows += m.rows
             patients.update(m.patients)
-            newest = max(newest, path.stat().st_mtime)
-        out.append(NamespaceSummary(folder.name, len(manifests), rows, len(patients), newest))
+            mtime = batches.fs.get_file_info(batches.path(name)).mtime
+            newest = max(newest, mtime.timestamp() if mtime else 0.0)
+        out.append(NamespaceSummary(namespace, len(manifests), rows, len(patients), newest))
     return sorted(out, key=lambda n: -n.newest)
 
 
@@ -73,7 +75,7 @@ def cmd_namespaces(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps([asdict(n) for n in found], separators=(",", ":")))
         return 0
     if not found:
-        print(f"no namespace holds sealed data under {Path(settings.paths.home) / 'lake'}")
+        print(f"no namespace holds sealed data under {settings.lake_base}")
         return 0
     for n in found:
         when = dt.datetime.fromtimestamp(n.newest, dt.UTC).isoformat(timespec="seconds")

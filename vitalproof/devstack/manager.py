@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vitalproof.devstack import anvil, kafka, mosquitto, procs
+from vitalproof.devstack import anvil, kafka, mosquitto, procs, seaweedfs
 from vitalproof.errors import StackError
 from vitalproof.settings import Settings
 
-PartName = Literal["kafka", "mosquitto", "anvil"]
+PartName = Literal["kafka", "mosquitto", "anvil", "seaweedfs"]
 LocalChain = Literal["embedded", "anvil", "rpc"]
 
 
@@ -76,6 +76,16 @@ PARTS: dict[PartName, _Part] = {
         anvil.healthy,
         anvil.STOP_TIMEOUT_S,
     ),
+    "seaweedfs": _Part(
+        "seaweedfs",
+        seaweedfs.state_path,
+        seaweedfs.log_path,
+        lambda s: f"127.0.0.1:{s.devstack.s3_port}",
+        lambda _settings: seaweedfs.find_weed(),
+        seaweedfs.start,
+        seaweedfs.healthy,
+        seaweedfs.STOP_TIMEOUT_S,
+    ),
 }
 
 
@@ -111,6 +121,10 @@ class StackStatus:
         return self.parts.get("anvil")
 
     @property
+    def seaweedfs(self) -> PartStatus | None:
+        return self.parts.get("seaweedfs")
+
+    @property
     def healthy(self) -> bool:
         """Every reported part runs and answers."""
         return bool(self.parts) and all(p.running and p.healthy for p in self.parts.values())
@@ -127,7 +141,8 @@ class StackStatus:
 
 
 class StackManager:
-    """Start, inspect and stop Kafka, Mosquitto and (for ``chain='anvil'``) Anvil."""
+    """Start, inspect and stop Kafka, Mosquitto, (for ``chain='anvil'``) Anvil and (with
+    ``s3=True``) SeaweedFS."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -152,10 +167,12 @@ class StackManager:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _wanted(self, chain: LocalChain) -> list[PartName]:
+    def _wanted(self, chain: LocalChain, s3: bool) -> list[PartName]:
         names: list[PartName] = ["mosquitto", "kafka"]
         if chain == "anvil":
             names.append("anvil")
+        if s3:
+            names.append("seaweedfs")
         return names
 
     def _live_state(self, part: _Part) -> procs.ProcState | None:
@@ -170,7 +187,7 @@ class StackManager:
             return None
         return state
 
-    def up(self, chain: LocalChain | None = None) -> StackStatus:
+    def up(self, chain: LocalChain | None = None, *, s3: bool = False) -> StackStatus:
         """Start what is not running yet and return once every part answers.
 
         Idempotent: parts whose recorded pid is alive are left alone (and waited for, in
@@ -178,7 +195,7 @@ class StackManager:
         anything starts; if a part fails, parts started by this call are stopped again.
         """
         chain = chain or self.settings.chain.kind
-        wanted = self._wanted(chain)
+        wanted = self._wanted(chain, s3)
         with self._lock():
             to_start: list[_Part] = []
             for name in wanted:
@@ -241,7 +258,7 @@ class StackManager:
         """
         with self._lock():
             errors: list[str] = []
-            order: tuple[PartName, ...] = ("anvil", "kafka", "mosquitto")
+            order: tuple[PartName, ...] = ("seaweedfs", "anvil", "kafka", "mosquitto")
             for name in order:
                 try:
                     self._stop(PARTS[name])
@@ -253,11 +270,13 @@ class StackManager:
     def status(self) -> StackStatus:
         """What runs and answers now; Anvil only if recorded or selected by settings."""
         report = StackStatus(stack_dir=str(self.stack_dir))
-        order: tuple[PartName, ...] = ("mosquitto", "kafka", "anvil")
+        order: tuple[PartName, ...] = ("mosquitto", "kafka", "anvil", "seaweedfs")
         for name in order:
             part = PARTS[name]
             state = self._live_state(part)
             if name == "anvil" and state is None and self.settings.chain.kind != "anvil":
+                continue
+            if name == "seaweedfs" and state is None:  # only when `up --s3` started it
                 continue
             report.parts[name] = self._part_status(name, state)
         return report
