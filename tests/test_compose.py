@@ -42,8 +42,6 @@ def interpolate(value: str, env: dict[str, str]) -> str:
 
 #: Names the S3 lake's settings will have (another branch adds them, h/s3). Until they are
 #: settings, compose may use them; once they are, they are checked like every other name.
-PENDING_S3_SECRETS = {"VITALPROOF_S3_ACCESS_KEY", "VITALPROOF_S3_SECRET_KEY"}
-PENDING_S3 = {"VITALPROOF_LAKE", "VITALPROOF_S3_ENDPOINT"} | PENDING_S3_SECRETS
 
 
 def setting_names() -> set[str]:
@@ -238,20 +236,14 @@ def test_cluster_names_are_real_settings_and_secrets_come_as_files():
     doc = load()
     cluster = profile("cluster")
     real = setting_names()
-    pending = PENDING_S3 - real
-    lake_settings = {n for n in real if n.startswith(("VITALPROOF_S3_", "VITALPROOF_LAKE"))}
-    assert not lake_settings or not pending, (
-        f"the S3 lake's settings landed ({sorted(lake_settings)}): rename compose's "
-        f"placeholders {sorted(pending)} to them and drop them from PENDING_S3"
-    )
     for name, service in vitalproof_services(cluster).items():
-        unknown = set(service["environment"]) - real - pending
+        unknown = set(service["environment"]) - real
         assert not unknown, f"{name}: {unknown} are not settings"
-        in_env = set(service["environment"]) & (secret_names() | PENDING_S3_SECRETS)
+        in_env = set(service["environment"]) & secret_names()
         assert not in_env, f"{name}: secrets {in_env} in the environment, not files"
         assert service["environment"]["VITALPROOF_SECRETS_DIR"] == "/run/secrets"
         for secret in service.get("secrets", []):
-            assert secret in (secret_names() | pending), f"{name}: secret {secret} is no setting"
+            assert secret in secret_names(), f"{name}: secret {secret} is no setting"
             assert secret in doc["secrets"]
     for secret in doc["secrets"].values():
         assert secret["file"].startswith("./secrets/"), "secrets stay outside git"
@@ -260,7 +252,7 @@ def test_cluster_names_are_real_settings_and_secrets_come_as_files():
 def test_deploy_doc_names_only_real_settings():
     doc = (ROOT / "docs" / "deploy.md").read_text()
     named = set(re.findall(r"VITALPROOF_[A-Z0-9_]*[A-Z0-9]", doc))
-    unknown = named - setting_names() - PENDING_S3
+    unknown = named - setting_names()
     assert not unknown, f"docs/deploy.md names {sorted(unknown)}, which are not settings"
     cluster = profile("cluster")
     for name in cluster:
