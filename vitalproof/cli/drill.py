@@ -55,6 +55,14 @@ WORKER_ENV = {"BROKER_SESSION_TIMEOUT": "6.0", "BROKER_HEARTBEAT_INTERVAL": "1.0
 INFRA = ("kafka", "mosquitto", "anvil")
 
 
+def known_drill(drill: str) -> bool:
+    """One of :data:`DRILLS`, or ``kill-A+B+...``: each kill hits one of the parts at random."""
+    if drill in DRILLS:
+        return True
+    parts = drill.removeprefix("kill-").split("+") if drill.startswith("kill-") else []
+    return bool(parts) and all(p in PARTS for p in parts)
+
+
 @dataclass
 class DrillResult:
     """What one drill did and what the checks found (a row of docs/reliability.md)."""
@@ -320,13 +328,14 @@ class DrillPlan:
     proofs: int = 20
     settle_timeout_s: float = 180.0
     seed: int | None = None
+    serve: bool = True  # run the clinician service too (always when a drill kills it)
 
 
 def run_drill(
     base: Settings, drill: str, plan: DrillPlan, log: Callable[[str], None]
 ) -> DrillResult:
     """Run ``drill`` on the stack of ``base`` (which must be up, with Anvil) and check it."""
-    if drill not in DRILLS:
+    if not known_drill(drill):
         raise ValueError(f"unknown drill {drill!r} (known: {', '.join(DRILLS)})")
     from vitalproof.cli.demo import _enroll
     from vitalproof.devstack import StackManager, ensure_topics
@@ -397,8 +406,9 @@ async def _drive(
     sup.start("worker")
     sup.start("collector", collector_rs)
     sup.start("anchor")
-    sup.start("serve")
-    await _wait_serve(sup, 90)
+    if plan.serve or "serve" in drill:
+        sup.start("serve")
+        await _wait_serve(sup, 90)
     record = rs.paths.home / "runs" / f"{rs.namespace}.truth.jsonl"
     stop_watch = asyncio.Event()
     watch = asyncio.create_task(sup.watch(stop_watch))
@@ -460,7 +470,7 @@ async def _harm(
 
     span = plan.duration_s
     if drill.startswith("kill-"):
-        part = drill.removeprefix("kill-")
+        parts = drill.removeprefix("kill-").split("+")
         # Kill moments spread over the run: one in each of `kills` equal slices.
         slices = [span * i / plan.kills for i in range(plan.kills + 1)]
         start = time.monotonic()
@@ -468,6 +478,7 @@ async def _harm(
             at = rng.uniform(lo + 0.15 * (hi - lo), hi - 0.3 * (hi - lo))
             await asyncio.sleep(max(0.0, at - (time.monotonic() - start)))
             down_s = rng.uniform(0.5, 3.0)
+            part = rng.choice(parts)
             if part in INFRA:
                 pid = await asyncio.to_thread(manager.kill, part)
                 note(f"SIGKILL {part} (pid {pid}), restart after {down_s:.1f} s")
@@ -781,7 +792,11 @@ def markdown_table(results: list[DrillResult]) -> str:
 def add_parser(sub: Any) -> None:
     d = sub.add_parser("drill", help="chaos drills of the whole pipeline under load")
     d.add_argument(
-        "drills", nargs="*", help=f"which (default: all): {', '.join(DRILLS)}", metavar="DRILL"
+        "drills",
+        nargs="*",
+        metavar="DRILL",
+        help=f"which (default: all): {', '.join(DRILLS)}; or kill-A+B+...: each kill hits"
+        " one of the parts at random",
     )
     d.add_argument("--devices", type=int, default=200, help="simulated devices (default 200)")
     d.add_argument("--rate", type=float, default=0.5, help="messages per device per second")
@@ -797,7 +812,7 @@ def add_parser(sub: Any) -> None:
 def cmd_drill(args: Any, settings: Settings) -> int:
     import sys
 
-    unknown = [d for d in args.drills if d not in DRILLS]
+    unknown = [d for d in args.drills if not known_drill(d)]
     if unknown:
         print(f"error: unknown drill {unknown[0]!r} (known: {', '.join(DRILLS)})", file=sys.stderr)
         return 2
