@@ -94,6 +94,7 @@ class DrillResult:
     heads_not_on_chain: int = 0
     proofs_verified: int = 0
     proofs_failed: int = 0
+    privacy_unexpected: int | None = None  # plaintext ids/values found (None: not scanned)
     settle_s: float = 0.0
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -117,6 +118,7 @@ class DrillResult:
             and self.heads_not_on_chain == 0
             and self.proofs_verified > 0
             and self.proofs_failed == 0
+            and not self.privacy_unexpected
             and not self.errors
         )
 
@@ -328,6 +330,7 @@ class DrillPlan:
     proofs: int = 20
     settle_timeout_s: float = 180.0
     seed: int | None = None
+    privacy: bool = True  # run the privacy scan of the drill's namespace after its checks
     serve: bool = True  # run the clinician service too (always when a drill kills it)
 
 
@@ -448,6 +451,8 @@ async def _drive(
             result.errors.append(f"the clinician service is not ready after the drill: {status}")
     sup.stop_all()
     await asyncio.to_thread(check, rs, record, result, plan.proofs, rng)
+    if plan.privacy:
+        await asyncio.to_thread(check_privacy, rs, result, rng)
 
 
 async def _harm(
@@ -613,6 +618,19 @@ def check(
     check_anchors(rs, result)
     check_proofs(rs, result, proofs, rng)
     return result
+
+
+def check_privacy(rs: Settings, result: DrillResult, rng: random.Random) -> None:
+    """The privacy scan of the drill's namespace (chain and state folder)."""
+    from vitalproof.cli.privacy import scan
+
+    report = scan(rs, rpc_url=rs.chain.rpc_url, rng=rng, only_namespace=True)
+    result.privacy_unexpected = len(report.unexpected)
+    if not report.ok:
+        result.errors.append(
+            f"privacy scan: {len(report.unexpected)} unexpected findings, enumeration matches "
+            f"{report.enumeration_matches}, e.g. {report.unexpected[:1]}"
+        )
 
 
 def check_readings(rs: Settings, record: Path, result: DrillResult) -> None:
@@ -805,6 +823,7 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--outage", type=float, default=60.0, help="seconds Kafka stays stopped")
     d.add_argument("--hold", type=float, default=20.0, help="seconds a full disk/partition lasts")
     d.add_argument("--seed", type=int, help="random seed (kill moments, fleet)")
+    d.add_argument("--no-privacy", action="store_true", help="skip the privacy scan per drill")
     d.add_argument("-o", "--output", type=Path, help="write the results as JSON here")
     d.set_defaults(handler=cmd_drill)
 
@@ -824,6 +843,7 @@ def cmd_drill(args: Any, settings: Settings) -> int:
         outage_s=args.outage,
         hold_s=args.hold,
         seed=args.seed,
+        privacy=not args.no_privacy,
     )
 
     def log(line: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vitalproof import crashpoints, hashing
-from vitalproof.cli import audit, consent, drill, patients
+from vitalproof.cli import audit, consent, drill, patients, privacy
 from vitalproof.errors import ConfigError, UsageError, VitalproofError
 from vitalproof.settings import Settings
 
@@ -425,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     consent.add_parser(sub)
     drill.add_parser(sub)
+    privacy.add_parser(sub)
     audit.add_parser(sub)
     patients.add_parser(sub)
 
