@@ -282,10 +282,6 @@ def _acl_text(settings: Settings) -> str:
     return "\n".join([header, *(user if ln == ACL_COLLECTOR_LINE else ln for ln in lines)]) + "\n"
 
 
-#: Changes (messages queued, subscriptions) between two saves of Mosquitto's persistence.
-AUTOSAVE_CHANGES = 1
-
-
 def _config_text(settings: Settings) -> str:
     base = mosquitto_dir(settings)
     lines = [
@@ -297,12 +293,7 @@ def _config_text(settings: Settings) -> str:
         f"listener {settings.mqtt.port} {settings.mqtt.host}",
         "persistence true",
         f"persistence_location {base / 'data'}",
-        # Save the in-memory state (sessions, subscriptions, queued QoS 1 messages) after
-        # every change, not every 60 s: a SIGKILLed broker restarts from its last save, and
-        # with a 60 s interval it forgot the collector's subscription and the messages it
-        # had already PUBACKed to devices (the kill-mosquitto drill lost 13 % of a minute).
-        "autosave_on_changes true",
-        f"autosave_interval {AUTOSAVE_CHANGES}",
+        "autosave_interval 60",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         # The collector acks only after Kafka acked: with mosquitto's default of 20 unacked
         # messages per client it would idle waiting on Kafka round trips.
