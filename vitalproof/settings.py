@@ -232,7 +232,9 @@ class MqttSettings(_Group):
         default=None, description="CA bundle the collector verifies the broker's certificate with"
     )
     share_group: str = Field(
-        default="collectors", description="collectors in one group share $share/<group>/..."
+        default="collectors",
+        description="collectors in one group share $share/<group>/...; empty: one collector"
+        " subscribes plainly (a Mosquitto crash then loses nothing: 2.0 forgets shared ones)",
     )
 
 

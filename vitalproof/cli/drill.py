@@ -348,7 +348,9 @@ def run_drill(
     rs = base.evolve(
         kafka={"topic_prefix": f"drill-{run_id}."},
         gateway={"id": f"gw-drill-{run_id}"},
-        mqtt={"share_group": f"collectors-{run_id}"},
+        # one collector, subscribing plainly: the setting under which a broker crash loses
+        # nothing (see MqttSettings.share_group)
+        mqtt={"share_group": ""},
         batching={"max_age_s": 2.0},
         chain={"kind": "anvil", "rpc_url": manager.rpc_url, "anchor_period_s": 4.0},
     )
@@ -450,6 +452,7 @@ async def _drive(
         if status.get("fanout") != "ready":
             result.errors.append(f"the clinician service is not ready after the drill: {status}")
     sup.stop_all()
+    await asyncio.to_thread(end_collector_session, rs)
     await asyncio.to_thread(check, rs, record, result, plan.proofs, rng)
     if plan.privacy:
         await asyncio.to_thread(check_privacy, rs, result, rng)
@@ -525,6 +528,30 @@ async def _harm(
             note("partition healed")
     elif drill == "clock-steps":
         note(f"device clocks step and drift ({CLOCK_FAULTS})")
+
+
+def end_collector_session(rs: Settings) -> None:
+    """End the drill's collector session on the broker (clean start, expiry 0): otherwise
+    its plain subscription outlives the drill and Mosquitto queues every later message of
+    every device for it, saving that queue at each change."""
+    import paho.mqtt.client as mqtt
+
+    from vitalproof.devstack import collector_credentials
+
+    user, password = collector_credentials(rs)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"vitalproof-collector-{rs.gateway.id}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.username_pw_set(user, password)
+    client.connect(rs.mqtt.host, rs.mqtt.port, clean_start=True)  # expiry 0 by default
+    client.loop_start()
+    try:
+        time.sleep(0.5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def _enospc_reported(sup: Supervisor) -> bool:

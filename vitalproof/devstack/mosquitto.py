@@ -293,7 +293,10 @@ def _config_text(settings: Settings) -> str:
         f"listener {settings.mqtt.port} {settings.mqtt.host}",
         "persistence true",
         f"persistence_location {base / 'data'}",
-        "autosave_interval 60",
+        # Save sessions, subscriptions and queued messages after every change, not every
+        # 60 s: a SIGKILLed broker restarts from its last save (the kill-mosquitto drill).
+        "autosave_on_changes true",
+        "autosave_interval 1",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         # The collector acks only after Kafka acked: with mosquitto's default of 20 unacked
         # messages per client it would idle waiting on Kafka round trips.
