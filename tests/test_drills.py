@@ -28,7 +28,7 @@ def test_worker_collector_and_anchor_killed_under_load_lose_nothing(
 ) -> None:
     plan = DrillPlan(
         devices=200, rate_hz=0.5, duration_s=20.0, kills=3, proofs=10, serve=False, privacy=False,
-        settle_timeout_s=60.0, seed=random.randrange(2**31),
+        settle_timeout_s=120.0, seed=random.randrange(2**31),
     )  # fmt: skip
     lines: list[str] = []
     result = run_drill(anvil_settings, "kill-worker+collector+anchor", plan, lines.append)
