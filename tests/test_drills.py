@@ -11,13 +11,24 @@ figures are in docs/reliability.md.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from vitalproof.cli.drill import DrillPlan, DrillResult, check_readings, run_drill
+from tests.test_pipeline import collector_running, enroll
+from vitalproof.cli.drill import (
+    DrillPlan,
+    DrillResult,
+    check_readings,
+    end_collector_session,
+    run_drill,
+)
+from vitalproof.devstack import StackManager
 from vitalproof.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -63,3 +74,43 @@ def _with_unsealed_reading(record: Path, out: Path) -> Path:
     doc["malformed"] = False
     out.write_text("\n".join([*lines, json.dumps(doc)]) + "\n")
     return out
+
+
+def test_a_single_collector_keeps_what_a_sigkilled_mosquitto_acknowledged(
+    kafka_topics: Settings, stack: StackManager
+) -> None:
+    """The kill-mosquitto drill's finding, pinned: with ``share_group=""`` the collector's
+    plain subscription is saved with every change, so messages that devices publish (and
+    Mosquitto PUBACKs) after the broker was SIGKILLed and restarted, while the collector is
+    away, wait in its restored session instead of matching no one."""
+    settings = kafka_topics.evolve(mqtt={"share_group": ""})
+    (device, password), *_ = enroll(settings, 1, prefix=f"dv-{settings.namespace}")
+
+    async def collector_once(expect: int) -> int:
+        async with collector_running(settings) as collector:
+            for _ in range(100):
+                if collector.stats.acked >= expect:
+                    break
+                await asyncio.sleep(0.1)
+            return collector.stats.acked
+
+    try:
+        asyncio.run(collector_once(0))  # subscribes, then leaves: its session stays
+        time.sleep(1.0)
+        assert stack.kill("mosquitto") is not None
+        stack.start("mosquitto")
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5
+        )
+        client.username_pw_set(device, password)
+        client.connect(settings.mqtt.host, settings.mqtt.port)
+        client.loop_start()
+        infos = [client.publish(f"devices/{device}/vitals", b"{}", qos=1) for _ in range(20)]
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published()  # Mosquitto acknowledged each one
+        client.disconnect()
+        client.loop_stop()
+        assert asyncio.run(collector_once(20)) == 20, "messages acknowledged by Mosquitto lost"
+    finally:
+        end_collector_session(settings)
