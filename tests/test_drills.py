@@ -79,11 +79,15 @@ def _with_unsealed_reading(record: Path, out: Path) -> Path:
 def test_a_single_collector_keeps_what_a_sigkilled_mosquitto_acknowledged(
     kafka_topics: Settings, stack: StackManager
 ) -> None:
-    """The kill-mosquitto drill's finding, pinned: with ``share_group=""`` the collector's
-    plain subscription is saved with every change, so messages that devices publish (and
+    """The kill-mosquitto drill's finding, pinned: with ``share_group=""`` and the broker
+    saving after every change (``devstack.mqtt_autosave_changes=1``) the collector's plain
+    subscription is on disk, so messages that devices publish (and
     Mosquitto PUBACKs) after the broker was SIGKILLed and restarted, while the collector is
     away, wait in its restored session instead of matching no one."""
     settings = kafka_topics.evolve(mqtt={"share_group": ""})
+    durable = StackManager(settings.evolve(devstack={"mqtt_autosave_changes": 1}))
+    durable.stop("mosquitto")
+    durable.start("mosquitto")  # saving after every change: what the drill runs with
     (device, password), *_ = enroll(settings, 1, prefix=f"dv-{settings.namespace}")
 
     async def collector_once(expect: int) -> int:
@@ -97,8 +101,8 @@ def test_a_single_collector_keeps_what_a_sigkilled_mosquitto_acknowledged(
     try:
         asyncio.run(collector_once(0))  # subscribes, then leaves: its session stays
         time.sleep(1.0)
-        assert stack.kill("mosquitto") is not None
-        stack.start("mosquitto")
+        assert durable.kill("mosquitto") is not None
+        durable.start("mosquitto")
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5
         )
@@ -114,3 +118,5 @@ def test_a_single_collector_keeps_what_a_sigkilled_mosquitto_acknowledged(
         assert asyncio.run(collector_once(20)) == 20, "messages acknowledged by Mosquitto lost"
     finally:
         end_collector_session(settings)
+        stack.stop("mosquitto")
+        stack.start("mosquitto")  # the session's own config back

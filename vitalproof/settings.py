@@ -310,6 +310,12 @@ class DevStackSettings(_Group):
         default=None,
         description="local broker: also listen with TLS on this port (needs the two files below)",
     )
+    mqtt_autosave_changes: int = Field(
+        default=0,
+        ge=0,
+        description="local broker: save its state after this many changes (1: a SIGKILL loses"
+        " nothing, at ~1/10 of the throughput); 0: every 60 s",
+    )
     mqtt_tls_certfile: Path | None = Field(default=None, description="local broker: TLS cert")
     mqtt_tls_keyfile: Path | None = Field(default=None, description="local broker: TLS key")
 

@@ -366,11 +366,22 @@ def run_drill(
         creds = _enroll(rs, [f"dv-{run_id}-{i:04d}" for i in range(plan.devices)])
         if disk is not None:
             disk.mount()
+        if "mosquitto" in drill and not base.devstack.mqtt_autosave_changes:
+            # Mosquitto kept to what it acknowledged: saving after every change (a setting,
+            # as it costs throughput); the base config comes back after the drill.
+            manager = StackManager(base.evolve(devstack={"mqtt_autosave_changes": 1}))
+            manager.stop("mosquitto")
+            manager.start("mosquitto")
+            result.notes.append("Mosquitto restarted with mqtt_autosave_changes=1 for the drill")
         asyncio.run(_drive(rs, drill, plan, rng, sup, manager, disk, creds, result, log))
     except Exception as exc:  # the drill's own failure is a finding, not a crash of the CLI
         result.errors.append(f"{type(exc).__name__}: {exc}"[:500])
     finally:
         sup.stop_all()
+        if manager.settings is not base:  # the broker's own config back
+            with contextlib.suppress(Exception):
+                manager.stop("mosquitto")
+            manager = StackManager(base)
         for part in INFRA:  # a drill never leaves the stack down
             with contextlib.suppress(Exception):
                 manager.start(part)  # type: ignore[arg-type]
