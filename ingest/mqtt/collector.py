@@ -238,7 +238,13 @@ class MqttCollector:
             self._connect_error = f"MQTT broker refused the collector: {reason}"
             self._connected.set()
             return
-        topic = f"$share/{self.settings.mqtt.share_group}/{DEVICE_TOPIC_FILTER}"
+        # A shared subscription spreads devices over collectors, but Mosquitto 2.0 does not
+        # restore it after a crash: messages published before the collector resubscribes
+        # match no one and are dropped after their PUBACK (the kill-mosquitto drill lost
+        # 13 %). A single collector (share_group "") subscribes plainly: its session, saved
+        # with every change, survives the broker's SIGKILL.
+        group = self.settings.mqtt.share_group
+        topic = f"$share/{group}/{DEVICE_TOPIC_FILTER}" if group else DEVICE_TOPIC_FILTER
         if self._leaving:
             client.unsubscribe(topic)  # what the session holds still comes
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vitalproof import crashpoints, hashing
-from vitalproof.cli import audit, consent, patients
+from vitalproof.cli import audit, consent, drill, patients, privacy
 from vitalproof.errors import ConfigError, UsageError, VitalproofError
 from vitalproof.settings import Settings
 
@@ -504,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     lk.set_defaults(handler=cmd_lake)
 
     consent.add_parser(sub)
+    drill.add_parser(sub)
+    privacy.add_parser(sub)
     audit.add_parser(sub)
     patients.add_parser(sub)
 

@@ -250,6 +250,19 @@ class StackManager:
         with self._lock():
             self._stop(PARTS[name])
 
+    def kill(self, name: PartName) -> int | None:
+        """SIGKILL one part's process group, as a crash would (the chaos drills): no flush,
+        no clean shutdown. Returns the pid killed (None if it was not running); the state
+        record is removed so :meth:`start` brings it back on its data."""
+        with self._lock():
+            part = PARTS[name]
+            state = self._live_state(part)
+            if state is None:
+                return None
+            procs.kill_group(state.pid)
+            part.state_path(self.settings).unlink(missing_ok=True)
+            return state.pid
+
     def down(self) -> None:
         """Stop every part this stack folder records, process groups included.
 

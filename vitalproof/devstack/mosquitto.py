@@ -282,6 +282,13 @@ def _acl_text(settings: Settings) -> str:
     return "\n".join([header, *(user if ln == ACL_COLLECTOR_LINE else ln for ln in lines)]) + "\n"
 
 
+def _autosave_lines(settings: Settings) -> list[str]:
+    changes = settings.devstack.mqtt_autosave_changes
+    if changes:
+        return ["autosave_on_changes true", f"autosave_interval {changes}"]
+    return ["autosave_interval 60"]
+
+
 def _config_text(settings: Settings) -> str:
     base = mosquitto_dir(settings)
     lines = [
@@ -293,7 +300,10 @@ def _config_text(settings: Settings) -> str:
         f"listener {settings.mqtt.port} {settings.mqtt.host}",
         "persistence true",
         f"persistence_location {base / 'data'}",
-        "autosave_interval 60",
+        # A SIGKILLed broker restarts from its last save: saving after every change loses
+        # nothing it acknowledged (the kill-mosquitto drill) but cut collector_bench from
+        # 12-54k to 1.6k msg/s, so it is a setting (devstack.mqtt_autosave_changes).
+        *_autosave_lines(settings),
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         # The collector acks only after Kafka acked: with mosquitto's default of 20 unacked
         # messages per client it would idle waiting on Kafka round trips.

@@ -292,6 +292,26 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def kill_group(pid: int, *, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid``'s process group at once (no SIGTERM first) and reap it: a crash."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        _reap(pid)
+        return
+    if pgid == pid and pgid != os.getpgrp():
+        _signal_group(pgid, signal.SIGKILL)
+    else:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _reap(pid)
+    if pid_alive(pid):
+        raise StackError(f"process {pid} survived SIGKILL")
+
+
 def terminate(pid: int, *, timeout: float = 15.0) -> None:
     """Stop ``pid`` and its process group: SIGTERM, wait ``timeout``, then SIGKILL.
 
