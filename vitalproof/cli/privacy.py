@@ -388,10 +388,16 @@ def enumeration_attack(
             rid = bytes(row["reading_id"]).hex()
         bundle = view.bundle(rid, row | {"reading_id": rid})
         m = BatchManifest.model_validate_json(
-            (view.root / BATCHES_DIR / f"{bundle.batch.batch_id}.json").read_bytes()
+            view._file(f"{BATCHES_DIR}/{bundle.batch.batch_id}.json")
         )
-        raw = (view.root / m.leaves_path).read_bytes()
-        leaves = {raw[i : i + 32] for i in range(0, len(raw), 32)}
+        if m.leaves_path is not None:  # tree version 1: every leaf kept beside the lake
+            raw = view._file(m.leaves_path)
+            leaves = {raw[i : i + 32] for i in range(0, len(raw), 32)}
+        else:  # version 2: the patient roots on disk, and the leaves a bundle reveals
+            patient = str(row["patient_id"])
+            roots = [bytes.fromhex(r) for r in m.patient_roots or []]
+            mine = roots[m.patients.index(patient)]
+            leaves = set(roots) | set(view.patient_leaves(m, patient, mine))
         reading = bundle.reading
         control &= leaf_hash_salted(bytes.fromhex(bundle.salt), reading.canonical_bytes()) in leaves
         fields = reading.model_dump()
