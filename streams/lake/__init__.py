@@ -27,7 +27,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from streams.lake.compact import CompactionBusy, CompactReport, compact
+    from streams.lake.compact import CompactionBusy, CompactReport, compact_lake
     from streams.lake.crypto import KmsBridge
     from streams.lake.errors import LakeError, LakeKeyUnavailable, LakeSpansDates
     from streams.lake.read import (
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 _FRONT = {
     "CompactReport": "compact",
     "CompactionBusy": "compact",
-    "compact": "compact",
+    "compact_lake": "compact",
     "KmsBridge": "crypto",
     "LakeError": "errors",
     "LakeKeyUnavailable": "errors",
@@ -100,7 +100,7 @@ __all__ = [
     "LakeSpansDates",
     "WrittenFile",
     "build_table",
-    "compact",
+    "compact_lake",
     "derive_reading_ids",
     "encode_parquet",
     "hex_ids",

@@ -316,7 +316,9 @@ def lake_compact(
             report = lake.CompactReport()
         else:
             try:
-                report = lake.compact(root, kms, patient_id=patient, before=day, settle_s=settle)
+                report = lake.compact_lake(
+                    root, kms, patient_id=patient, before=day, settle_s=settle
+                )
             except lake.CompactionBusy as e:
                 if not watch:
                     raise
