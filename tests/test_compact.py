@@ -13,6 +13,7 @@ finishes. Sealing and reading go on while it runs.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -471,3 +472,33 @@ def test_any_plan_of_batches_keeps_every_row(
     for (p, d), n in days.items():
         key = (f"patient_id={p}", f"date={d.isoformat()}")
         assert files[key] == (1 if inputs[key] == 1 else -(-n // max_rows))
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_the_command_watches_and_refuses_bad_input_in_one_line(
+    world: tuple[Settings, Before],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, before = world
+    from vitalproof.cli.main import main
+
+    monkeypatch.setenv("VITALPROOF_HOME", str(settings.paths.home))
+    for args, what in [
+        (["--before", "yesterday"], "--before 'yesterday' is not a date"),
+        (["--every", "0", "--watch"], "--every 0: must be > 0"),
+        (["--settle", "-1"], "--settle -1: must be >= 0"),
+        (["--patient", "../x"], "patient id '../x' is not a safe path segment"),
+    ]:
+        assert main(["lake", "compact", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0], err
+
+    # two rounds of the watch loop: the first merges everything old enough, the second nothing
+    code = lake_compact(settings, watch=True, every_s=0.05, settle_s=0, as_json=True, rounds=2)
+    assert code == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["groups"] == 6 and first["files_out"] == 6 and second["groups"] == 0
+    assert sorted(visible_ids(settings)) == before.ids

@@ -296,16 +296,36 @@ def lake_compact(
         _error(str(e))
         return EXIT_BAD_INPUT
     settle = settle_s if settle_s is not None else (300.0 if watch else 0.0)
-    root = settings.lake_dir
-    stop = False
+    _flag = [False]
 
     def _stop(_sig: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
+        _flag[0] = True
 
-    if watch:
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+    if not watch:
+        return _compact_rounds(settings, patient, day, settle, False, every_s, as_json, 1, _flag)
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _compact_rounds(
+            settings, patient, day, settle, True, every_s, as_json, rounds, _flag
+        )
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _compact_rounds(
+    settings: Settings,
+    patient: str | None,
+    day: str | None,
+    settle: float,
+    watch: bool,
+    every_s: float,
+    as_json: bool,
+    rounds: int | None,
+    stopped: list[bool],
+) -> int:
+    """The rounds of :func:`lake_compact` (``stopped[0]``: a signal asked to stop)."""
+    root = settings.lake_dir
     done = 0
     while True:
         kms = _keystore(settings)
@@ -329,10 +349,10 @@ def lake_compact(
         else:
             print(_compact_line(report), file=sys.stderr if watch else sys.stdout, flush=True)
         done += 1
-        if not watch or stop or (rounds is not None and done >= rounds):
+        if not watch or stopped[0] or (rounds is not None and done >= rounds):
             return 0
         deadline = time.monotonic() + every_s
-        while not stop and time.monotonic() < deadline:
+        while not stopped[0] and time.monotonic() < deadline:
             time.sleep(min(0.2, every_s))
-        if stop:
+        if stopped[0]:
             return 0
