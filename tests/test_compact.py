@@ -502,3 +502,21 @@ def test_the_command_watches_and_refuses_bad_input_in_one_line(
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert first["groups"] == 6 and first["files_out"] == 6 and second["groups"] == 0
     assert sorted(visible_ids(settings)) == before.ids
+
+
+def test_the_sealer_still_remembers_readings_that_were_merged(
+    world: tuple[Settings, Before],
+) -> None:
+    """A replay after a restart (the same readings under new offsets) must not be sealed
+    twice: the sealer reloads its memory of recent ids from the compacted files too."""
+    settings, before = world
+    compact_lake(settings.lake_dir, kms_of(settings))
+    sealer = Sealer(settings.lake_dir, kms_of(settings))
+    assert sealer.recent.seen(before.ids) == set(before.ids)
+    start = MIDNIGHT - 9 * 10_000_000  # the first batch's readings again, at offset 500
+    replay = [
+        Pending(settings.kafka.topic_clean, p, 500, _batch(pt, start, 4, 0))
+        for p, pt in enumerate(PATIENTS)
+    ]
+    assert sealer.seal(replay) is None
+    assert sorted(visible_ids(settings)) == before.ids
