@@ -187,6 +187,7 @@ def main() -> None:
     try:
         samples, seal_s = seal_all(work, args.patients, args.minutes, args.window)
         files_before, lake_before = du(root, "*.parquet")
+        _, stored_before = du(root)
         kms = LocalKeystore(work / "keys")
         cpu0 = time.process_time()
         report = compact_lake(root, kms)
@@ -210,6 +211,7 @@ def main() -> None:
             "files_after": files_after,
             "lake_bytes_per_sample_before": round(lake_before / samples, 2),
             "lake_bytes_per_sample_after": round(lake_after / samples, 2),
+            "stored_bytes_per_sample_before": round(stored_before / samples, 2),
             "stored_bytes_per_sample_after": round(stored / samples, 2),
             "manifest_bytes_per_sample": round(manifests / samples, 2),
             "leaves_bytes_per_sample": round(leaves / samples, 2),
