@@ -338,6 +338,7 @@ def _compact_group(
     report.unreadable_files += unreadable
     if len(read) < 2:
         return
+    bytes_in = sum(i.size or 0 for i in fs.get_file_info([f"{base}/{r}" for r in read]))
     key_id = _newest_key(keys, patient_id)
     table = _merge(tables)
     cid = f"{time.time_ns() // 1000:x}{secrets.token_hex(4)}"
@@ -375,14 +376,12 @@ def _compact_group(
     )
     _put_atomic(fs, f"{base}/{record_path(patient_id, cid)}", record.to_json_bytes())
     crashpoint("compact_after_commit")
-    sizes = {i.path[len(base) + 1 :]: i.size or 0 for i in fs.get_file_info(
-        [f"{base}/{r}" for r in read])}  # fmt: skip
     _finish(fs, base, record, state)
     report.groups += 1
     report.files_in += len(read)
     report.files_out += len(outputs)
     report.rows += table.num_rows
-    report.bytes_in += sum(sizes.values())
+    report.bytes_in += bytes_in
     report.bytes_out += sum(o.bytes for o in outputs)
 
 
