@@ -496,6 +496,11 @@ def test_the_command_watches_and_refuses_bad_input_in_one_line(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and what in err[0], err
 
+    # a namespace with no lake: nothing to do, and no folder made for it
+    empty = settings.evolve(kafka={"topic_prefix": "nothing-here."})
+    assert lake_compact(empty) == 0 and not empty.lake_dir.exists()
+    assert capsys.readouterr().out.strip() == "nothing to compact"
+
     # two rounds of the watch loop: the first merges everything old enough, the second nothing
     code = lake_compact(settings, watch=True, every_s=0.05, settle_s=0, as_json=True, rounds=2)
     assert code == 0

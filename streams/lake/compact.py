@@ -409,6 +409,8 @@ def compact_lake(
     fs, base = resolve_fs(root, fs)
     t0 = time.perf_counter()
     report = CompactReport()
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return report  # no lake (yet): nothing to merge, and no folder made for it
     with _lock(fs, base):
         report.recovered = recover(base, fs=fs)
         sealed = sealed_batch_ids(base, fs=fs)  # before listing: later batches wait
