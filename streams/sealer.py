@@ -17,11 +17,13 @@ sealed but never produced (crash in between) is produced again at start (an outb
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -71,8 +73,10 @@ class Sealer:
         ``vitals.raw`` offsets normalizes those records again after the restart; normalize's
         own memory of recent ids died with it, so the copies reach the sealer in a *later*
         batch. Files of erased patients cannot be read and are skipped (nothing of theirs can
-        be resealed under their old keys anyway).
+        be resealed under their old keys anyway). A file merged by compaction is read from
+        the compacted file that holds its batch's rows now.
         """
+        merged: dict[str, Any] = {}
         for manifest in sorted(manifests, key=lambda m: m.sealed_at_us, reverse=True):
             if self.recent.full:
                 break
@@ -82,6 +86,14 @@ class Sealer:
                     ids.extend(
                         lake.read_reading_ids(self.lake_root, f.path, self.kms, f.patient_id)
                     )
+                except lake.LakeFileVanished:
+                    with contextlib.suppress(lake.LakeError):
+                        ids.extend(
+                            lake.merged_reading_ids(
+                                self.lake_root, f.path, manifest.batch_id, self.kms,
+                                f.patient_id, cache=merged,
+                            )
+                        )  # fmt: skip
                 except lake.LakeError:
                     continue
             self.recent.add_oldest(ids)

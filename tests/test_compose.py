@@ -123,6 +123,9 @@ def test_services_use_real_settings_fields_and_topics():
     assert doc["services"]["collector"]["command"] == ["collect"]
     assert doc["services"]["worker"]["command"] == ["worker"]
     assert doc["services"]["anchor"]["command"][:2] == ["anchor", "run"]
+    compactor = doc["services"]["compactor"]
+    assert compactor["command"][:3] == ["lake", "compact", "--watch"]
+    assert compactor["environment"] == doc["services"]["worker"]["environment"]
 
 
 # -- the cluster profile ----------------------------------------------------------------------
@@ -146,7 +149,9 @@ def test_profiles_split_the_file_in_two():
     services = load()["services"]
     assert all(v.get("profiles") for v in services.values()), "every service is in a profile"
     local, cluster = profile("local"), profile("cluster")
-    assert set(local) == {"kafka", "mosquitto", "anvil", "collector", "worker", "anchor"}
+    assert set(local) == {
+        "kafka", "mosquitto", "anvil", "collector", "worker", "compactor", "anchor"
+    }  # fmt: skip
     assert not {"kafka", "anvil"} & set(cluster), "the cluster runs no local broker or chain"
 
 
@@ -213,6 +218,10 @@ def test_collectors_and_workers_scale():
     assert worker["deploy"]["replicas"] >= 2
     assert "VITALPROOF_GATEWAY_ID" not in worker["environment"]
     assert worker["deploy"]["replicas"] <= cluster_settings(worker).kafka.partitions
+    (compactor,) = [
+        v for v in cluster.values() if v.get("command", [""])[:2] == ["lake", "compact"]
+    ]
+    assert compactor.get("deploy", {}).get("replicas", 1) == 1, "one compactor per object store"
 
 
 def test_the_lake_is_on_seaweedfs_s3_and_the_chain_is_external():

@@ -11,6 +11,8 @@ The package's rooms:
 * :mod:`~streams.lake.crypto`: Parquet modular encryption through that interface;
 * :mod:`~streams.lake.write`: sealing a batch's files; :mod:`~streams.lake.read`: reading,
   listing and counting them;
+* :mod:`~streams.lake.compact`: merging a patient-day's files, committed by the records of
+  :mod:`~streams.lake.records`;
 * :mod:`~streams.lake.export`: plaintext exports (CSV, JSON lines, Parquet, FHIR, Open mHealth).
 
 The names below are the lake's front: ``from streams import lake`` then ``lake.read_patient``,
@@ -25,11 +27,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from streams.lake.compact import CompactionBusy, CompactReport, compact_lake
     from streams.lake.crypto import KmsBridge
     from streams.lake.errors import LakeError, LakeKeyUnavailable, LakeSpansDates
     from streams.lake.read import (
+        LakeFileVanished,
         lake_stats,
         list_patient_files,
+        merged_reading_ids,
         patient_summaries,
         read_patient,
         read_reading_ids,
@@ -54,12 +59,17 @@ if TYPE_CHECKING:
 
 #: Front name -> the module of the package that defines it.
 _FRONT = {
+    "CompactReport": "compact",
+    "CompactionBusy": "compact",
+    "compact_lake": "compact",
     "KmsBridge": "crypto",
     "LakeError": "errors",
     "LakeKeyUnavailable": "errors",
     "LakeSpansDates": "errors",
+    "LakeFileVanished": "read",
     "lake_stats": "read",
     "list_patient_files": "read",
+    "merged_reading_ids": "read",
     "patient_summaries": "read",
     "read_patient": "read",
     "read_reading_ids": "read",
@@ -83,18 +93,23 @@ _FRONT = {
 __all__ = [
     "FILE_SCHEMA",
     "SCHEMA",
+    "CompactReport",
+    "CompactionBusy",
     "KmsBridge",
     "LakeError",
+    "LakeFileVanished",
     "LakeKeyUnavailable",
     "LakeRoot",
     "LakeSpansDates",
     "WrittenFile",
     "build_table",
+    "compact_lake",
     "derive_reading_ids",
     "encode_parquet",
     "hex_ids",
     "lake_stats",
     "list_patient_files",
+    "merged_reading_ids",
     "open_lake",
     "patient_summaries",
     "read_patient",

@@ -1,7 +1,12 @@
 """Reading the lake back: listing, decrypting, filtering by time and metric, counting.
 
 A batch is sealed once its manifest exists: readers that must not see the files of a batch
-whose sealer died before its manifest pass ``batches=sealed_batch_ids(root)``. A file whose
+whose sealer died before its manifest pass ``batches=sealed_batch_ids(root)``. Compaction
+(:mod:`streams.lake.compact`) merges files; which files a reader sees then follows from the
+committed compaction records (:mod:`streams.lake.records`): never both a merged file and its
+inputs, never neither. A reader lists the records, the files, then the records again, and
+starts over if a compaction committed meanwhile; a file deleted between the listing and its
+reading (its compaction committed later) makes the reader start over too. A file whose
 patient key is erased, unknown or does not unwrap raises
 :class:`~streams.lake.errors.LakeKeyUnavailable` naming the file: that is how an erased
 patient's data looks from here ("Patient keys" in docs/invariants.md).
@@ -15,9 +20,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,19 +33,31 @@ import pyarrow.parquet.encryption as pe
 from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
 from streams.lake.errors import LakeError, LakeKeyUnavailable
 from streams.lake.keystore import KeyErased, KeystoreError, Kms
-from streams.lake.layout import BATCHES_DIR, patient_dir
+from streams.lake.layout import BATCHES_DIR, COMPACTED_PREFIX, patient_dir
+from streams.lake.records import CompactionState, load_state, record_names
 from streams.lake.storage import LakeRoot, _files, _open_for_reading, resolve_fs
 from streams.lake.table import ID_SOURCE_COLUMNS, SCHEMA, _upgrade, derive_reading_ids, hex_ids
 
 __all__ = [
+    "LakeFileVanished",
     "lake_stats",
     "list_patient_files",
+    "merged_reading_ids",
     "read_patient",
     "read_reading_ids",
     "sealed_batch_ids",
 ]
 
 _US_PER_DAY = 86_400_000_000
+T = TypeVar("T")
+
+#: How often a reader starts over because a compaction committed under it (each retry means
+#: another compaction committed within one read: with one compactor, 2-3 is already rare).
+_ATTEMPTS = 8
+
+
+class LakeFileVanished(LakeError):
+    """A listed file was gone when opened: a compaction deleted it (the reader starts over)."""
 
 
 def _date_of_us(us: int) -> str:
@@ -71,8 +88,24 @@ def sealed_batch_ids(root: str | Path | LakeRoot, *, fs: pafs.FileSystem | None 
     }
 
 
-def _in_batches(path: str, batches: Collection[str] | None) -> bool:
-    return batches is None or path.rsplit("/", 1)[-1].removesuffix(".parquet") in batches
+def _visible_files(
+    fs: pafs.FileSystem, base: str, patient_id: str | None, batches: Collection[str] | None
+) -> tuple[list[pafs.FileInfo], CompactionState]:
+    """The files of one patient (None: all) a reader sees now, and the records it saw.
+
+    Records, then files, then records again: if a compaction committed (or a record was
+    settled or removed) in between, the listing may mix before and after, so start over.
+    """
+    folder = base if patient_id is None else f"{base}/{patient_dir(patient_id)}"
+    for _ in range(_ATTEMPTS):
+        state = load_state(fs, base, patient_id)
+        infos = _files(fs, folder)
+        if record_names(fs, base, patient_id) == state.names:
+            break
+    else:
+        raise LakeError(f"{base}: compactions kept committing while listing; try again")
+    rel = len(base) + 1
+    return [i for i in infos if state.visible(i.path[rel:], batches)], state
 
 
 def list_patient_files(
@@ -87,15 +120,14 @@ def list_patient_files(
     """Files of one patient whose date folder overlaps [start, end), without decrypting.
 
     ``batches``: only files of these batch ids (see :func:`sealed_batch_ids`); None: all.
+    Files merged by a committed compaction are listed as its outputs, never as themselves.
     """
     fs, base = resolve_fs(root, fs)
     lo, hi = _to_us(start), _to_us(end)
     first = None if lo is None else _date_of_us(lo)
     last = None if hi is None else _date_of_us(hi - 1)
     out = []
-    for info in _files(fs, f"{base}/{patient_dir(patient_id)}"):
-        if not _in_batches(info.path, batches):
-            continue
+    for info in _visible_files(fs, base, patient_id, batches)[0]:
         m = re.search(r"/date=(\d{4}-\d{2}-\d{2})/", info.path)
         date = m.group(1) if m else None
         if date is not None and (
@@ -135,6 +167,8 @@ def _read_file(
         key = _key_id_from_ref(bridge.keys_used[-1], patient_id) if bridge.keys_used else None
         raise LakeKeyUnavailable(path, key, e) from None
     except (OSError, pa.ArrowException) as e:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise LakeFileVanished(f"{path} was deleted while being read") from None
         raise LakeError(f"cannot read {path}: {e}") from None
     finally:
         factory.remove_cache_entries_for_all_tokens()
@@ -160,6 +194,47 @@ def read_reading_ids(
     return hex_ids(table["reading_id"]).to_pylist()
 
 
+def _retrying(what: str, attempt: Callable[[], T]) -> T:
+    """``attempt()``, started over when a file it listed vanished (a compaction's deletion)."""
+    for _ in range(_ATTEMPTS):
+        try:
+            return attempt()
+        except LakeFileVanished:
+            continue
+    raise LakeError(f"{what}: files kept vanishing under compaction; try again")
+
+
+def merged_reading_ids(
+    root: str | Path | LakeRoot,
+    path: str,
+    batch_id: str,
+    kms: Kms,
+    patient_id: str,
+    *,
+    cache: dict[str, pa.Table],
+    fs: pafs.FileSystem | None = None,
+) -> list[str]:
+    """The reading ids (hex) of ``batch_id`` in the compacted files that took in the file at
+    ``path`` (deleted by the compaction): the sealer's memory of recent ids, reloaded.
+
+    ``cache``: compacted file -> its (reading_id, batch_id) columns, shared by the calls of
+    one reload, so each merged file is decrypted once.
+    """
+    fs, base = resolve_fs(root, fs)
+    folder = path.rsplit("/", 1)[0] + "/"
+    out: list[str] = []
+    for info in _visible_files(fs, base, patient_id, None)[0]:
+        rel = info.path[len(base) + 1 :]
+        if not rel.startswith(folder) or not info.base_name.startswith(COMPACTED_PREFIX):
+            continue
+        if rel not in cache:
+            cache[rel] = _read_file(fs, info.path, kms, patient_id, ["reading_id", "batch_id"])
+        t = cache[rel]
+        hit = t.filter(pc.equal(pc.cast(t["batch_id"], pa.string()), batch_id))
+        out.extend(hex_ids(hit["reading_id"]).to_pylist())
+    return out
+
+
 def read_patient(
     root: str | Path | LakeRoot,
     patient_id: str,
@@ -176,7 +251,7 @@ def read_patient(
 
     Decrypts every file in the date folders the range touches; a file whose key is erased or
     unknown raises :class:`LakeKeyUnavailable` naming that file. Returns rows in file order
-    (date, batch, metric, time) with the lake's :data:`SCHEMA`.
+    (date, file name, metric, time) with the lake's :data:`SCHEMA`.
 
     ``erased``: when given, a file whose key was *erased* (:class:`KeyErased`) is skipped and
     its path appended here instead: for readers over many patients (proof export) that must
@@ -186,32 +261,44 @@ def read_patient(
     fs, base = resolve_fs(root, fs)
     lo, hi = _to_us(start), _to_us(end)
     wanted = None if metrics is None else pa.array(sorted(set(metrics)), pa.string())
-    parts = []
-    for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi, batches=batches):
-        try:
-            t = _read_file(fs, path, kms, patient_id)
-        except LakeKeyUnavailable as e:
-            if erased is None or not isinstance(e.cause, KeyErased):
-                raise
-            erased.append(path)
-            continue
-        mask = None
-        if lo is not None or hi is not None:
-            ts = pc.cast(t["device_time"], pa.int64())
-            if lo is not None:
-                mask = pc.greater_equal(ts, lo)
-            if hi is not None:
-                upper = pc.less(ts, hi)
-                mask = upper if mask is None else pc.and_(mask, upper)
-        if wanted is not None:
-            m = pc.is_in(pc.cast(t["metric"], pa.string()), value_set=wanted)
-            mask = m if mask is None else pc.and_(mask, m)
-        if mask is not None:
-            t = t.filter(mask)
-        parts.append(t)
-    if not parts:
-        return SCHEMA.empty_table()
-    return pa.concat_tables(parts)
+
+    def attempt() -> pa.Table:
+        skipped: list[str] = []
+        parts = []
+        for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi, batches=batches):
+            try:
+                t = _read_file(fs, path, kms, patient_id)
+            except LakeKeyUnavailable as e:
+                if erased is None or not isinstance(e.cause, KeyErased):
+                    raise
+                skipped.append(path)
+                continue
+            mask = None
+            if lo is not None or hi is not None:
+                ts = pc.cast(t["device_time"], pa.int64())
+                if lo is not None:
+                    mask = pc.greater_equal(ts, lo)
+                if hi is not None:
+                    upper = pc.less(ts, hi)
+                    mask = upper if mask is None else pc.and_(mask, upper)
+            if wanted is not None:
+                m = pc.is_in(pc.cast(t["metric"], pa.string()), value_set=wanted)
+                mask = m if mask is None else pc.and_(mask, m)
+            if mask is not None:
+                t = t.filter(mask)
+            parts.append(t)
+        if erased is not None:
+            erased.extend(skipped)
+        if not parts:
+            return SCHEMA.empty_table()
+        return pa.concat_tables(parts)
+
+    return _retrying(f"reading patient {patient_id}", attempt)
+
+
+def _patient_of(path: str) -> str:
+    m = re.search(r"/patient_id=([^/]+)/", path)
+    return m.group(1) if m else "?"
 
 
 def lake_stats(
@@ -224,37 +311,46 @@ def lake_stats(
     """Counts for operators and tests: readings, distinct ids, duplicates, batches, bytes.
 
     Files that cannot be decrypted (erased patients) are counted in ``unreadable_files`` and
-    ``bytes_on_disk`` but not in the reading counts.
+    ``bytes_on_disk`` but not in the reading counts. A compacted file holds many batches: its
+    ``batch_id`` column says which.
     """
     fs, base = resolve_fs(root, fs)
-    infos = [i for i in _files(fs, base) if _in_batches(i.path, batches)]
-    readings = unreadable = 0
-    ids: list[pa.Array] = []
-    batch_ids: set[str] = set()
-    patients: set[str] = set()
-    for info in infos:
-        m = re.search(r"/patient_id=([^/]+)/", info.path)
-        patient = m.group(1) if m else "?"
-        patients.add(patient)
-        batch_ids.add(info.base_name.removesuffix(".parquet"))
-        try:
-            t = _read_file(fs, info.path, kms, patient, columns=["reading_id"])
-        except LakeKeyUnavailable:
-            unreadable += 1
-            continue
-        readings += t.num_rows
-        ids.extend(t["reading_id"].chunks)
-    distinct = len(pc.unique(pa.concat_arrays(ids))) if ids else 0
-    return {
-        "readings": readings,
-        "distinct_reading_ids": distinct,
-        "duplicates": readings - distinct,
-        "batches": len(batch_ids),
-        "patients": len(patients),
-        "files": len(infos),
-        "unreadable_files": unreadable,
-        "bytes_on_disk": sum(i.size or 0 for i in infos),
-    }
+
+    def attempt() -> dict[str, int]:
+        infos, _ = _visible_files(fs, base, None, batches)
+        readings = unreadable = 0
+        ids: list[pa.Array] = []
+        batch_ids: set[str] = set()
+        patients: set[str] = set()
+        for info in infos:
+            patient = _patient_of(info.path)
+            patients.add(patient)
+            merged = info.base_name.startswith(COMPACTED_PREFIX)
+            if not merged:
+                batch_ids.add(info.base_name.removesuffix(".parquet"))
+            cols = ["reading_id", "batch_id"] if merged else ["reading_id"]
+            try:
+                t = _read_file(fs, info.path, kms, patient, columns=cols)
+            except LakeKeyUnavailable:
+                unreadable += 1
+                continue
+            if merged:
+                batch_ids.update(pc.unique(pc.cast(t["batch_id"], pa.string())).to_pylist())
+            readings += t.num_rows
+            ids.extend(t["reading_id"].chunks)
+        distinct = len(pc.unique(pa.concat_arrays(ids))) if ids else 0
+        return {
+            "readings": readings,
+            "distinct_reading_ids": distinct,
+            "duplicates": readings - distinct,
+            "batches": len(batch_ids),
+            "patients": len(patients),
+            "files": len(infos),
+            "unreadable_files": unreadable,
+            "bytes_on_disk": sum(i.size or 0 for i in infos),
+        }
+
+    return _retrying(f"counting {base}", attempt)
 
 
 def patient_summaries(
@@ -267,27 +363,28 @@ def patient_summaries(
     """Per patient: readings and the first and last device time (µs), sorted by id; the
     files of an erased patient count as ``unreadable_files`` instead."""
     fs, base = resolve_fs(root, fs)
-    out: dict[str, dict[str, Any]] = {}
-    for info in _files(fs, base):
-        if not _in_batches(info.path, batches):
-            continue
-        m = re.search(r"/patient_id=([^/]+)/", info.path)
-        patient = m.group(1) if m else "?"
-        row = out.setdefault(
-            patient,
-            {"patient_id": patient, "readings": 0, "first_us": None, "last_us": None,
-             "unreadable_files": 0},
-        )  # fmt: skip
-        try:
-            t = _read_file(fs, info.path, kms, patient, columns=["device_time"])
-        except LakeKeyUnavailable:
-            row["unreadable_files"] += 1
-            continue
-        if t.num_rows == 0:
-            continue
-        ts = pc.cast(t["device_time"], pa.int64())
-        lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
-        row["readings"] += t.num_rows
-        row["first_us"] = lo if row["first_us"] is None else min(row["first_us"], lo)
-        row["last_us"] = hi if row["last_us"] is None else max(row["last_us"], hi)
-    return [out[p] for p in sorted(out)]
+
+    def attempt() -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for info in _visible_files(fs, base, None, batches)[0]:
+            patient = _patient_of(info.path)
+            row = out.setdefault(
+                patient,
+                {"patient_id": patient, "readings": 0, "first_us": None, "last_us": None,
+                 "unreadable_files": 0},
+            )  # fmt: skip
+            try:
+                t = _read_file(fs, info.path, kms, patient, columns=["device_time"])
+            except LakeKeyUnavailable:
+                row["unreadable_files"] += 1
+                continue
+            if t.num_rows == 0:
+                continue
+            ts = pc.cast(t["device_time"], pa.int64())
+            lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
+            row["readings"] += t.num_rows
+            row["first_us"] = lo if row["first_us"] is None else min(row["first_us"], lo)
+            row["last_us"] = hi if row["last_us"] is None else max(row["last_us"], hi)
+        return [out[p] for p in sorted(out)]
+
+    return _retrying(f"summing up {base}", attempt)

@@ -79,18 +79,23 @@ class WrittenFile:
     created: bool  # False: the file existed already (a replay) and was kept
 
 
-def encode_parquet(table: pa.Table, *, kms: Kms | None, key_id: str | None = None) -> bytes:
+def encode_parquet(
+    table: pa.Table, *, kms: Kms | None, key_id: str | None = None, presorted: bool = False
+) -> bytes:
     """The bytes of one lake file (sorted, zstd, encrypted under ``key_id`` unless kms=None).
 
     ``kms=None`` writes plaintext; only benchmarks use it. Pure apart from the KMS call, so
-    the writer can hash and fsync what it is about to publish.
+    the writer can hash and fsync what it is about to publish. ``presorted``: the rows are
+    already in :func:`~streams.lake.table.sort_for_file` order (compaction sorts a
+    patient-day once, then cuts it into files).
     """
     props = None
     if kms is not None:
         if key_id is None:
             raise LakeError("encrypting needs a key id")
         props = encryption_properties(kms, key_id)
-    table = sort_for_file(table)
+    if not presorted:
+        table = sort_for_file(table)
     if "reading_id" in table.column_names:
         table = table.drop_columns(["reading_id"])
     sink = pa.BufferOutputStream()

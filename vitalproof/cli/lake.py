@@ -1,9 +1,11 @@
-"""`vitalproof lake read` and `vitalproof lake stats`: the lake for people and scripts.
+"""`vitalproof lake read|stats|compact`: the lake for people and scripts.
 
 ``read`` decrypts one patient's files with the local keystore and exports them through
-:mod:`streams.lake.export`; ``stats`` counts the whole lake. Both are read-only: they never create
-a keystore (opening :class:`LocalKeystore` on a missing folder would mint a new master key
-that decrypts nothing and then sits next to the lake as if it belonged to it).
+:mod:`streams.lake.export`; ``stats`` counts the whole lake; ``compact`` merges each
+patient-day's files (:mod:`streams.lake.compact`), once or, with ``--watch``, every
+``--every`` seconds as its own small process. ``read`` and ``stats`` are read-only: they
+never create a keystore (opening :class:`LocalKeystore` on a missing folder would mint a new
+master key that decrypts nothing and then sits next to the lake as if it belonged to it).
 
 Exit codes follow :mod:`vitalproof.cli`: 0 done, 1 failed (unknown patient, missing keys,
 undecryptable file), 2 malformed input (bad time, unknown metric, parquet without ``-o``).
@@ -17,7 +19,9 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -244,3 +248,116 @@ def lake_stats(settings: Settings, *, as_json: bool = False) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def parse_date(text: str) -> str:
+    """``--before``: a UTC date, ``YYYY-MM-DD``."""
+    try:
+        return dt.date.fromisoformat(text.strip()).isoformat()
+    except ValueError:
+        raise UsageError(f"--before {text!r} is not a date (YYYY-MM-DD, UTC)") from None
+
+
+def _compact_line(report: lake.CompactReport) -> str:
+    if not report.groups:
+        return "nothing to compact"
+    return (
+        f"compacted {report.groups} patient-days: {report.files_in:,} files -> "
+        f"{report.files_out:,} ({report.rows:,} rows, {report.bytes_in:,} -> "
+        f"{report.bytes_out:,} bytes) in {report.seconds:.2f} s"
+    )
+
+
+def lake_compact(
+    settings: Settings,
+    *,
+    patient: str | None = None,
+    before: str | None = None,
+    settle_s: float | None = None,
+    watch: bool = False,
+    every_s: float = 600.0,
+    as_json: bool = False,
+    rounds: int | None = None,
+) -> int:
+    """Merge each patient-day's files; with ``watch``, again every ``every_s`` seconds.
+
+    Once: every sealed file counts (``settle_s`` 0) unless ``--settle`` says otherwise;
+    watching, only files older than ``settle_s`` (default 300 s), so the sealer's newest
+    files are merged in a few large steps. SIGTERM or SIGINT end the loop between rounds
+    (a round killed mid-way is finished by the next run: the compaction is crash-safe).
+    ``rounds``: stop after that many (tests).
+    """
+    if every_s <= 0:
+        _error(f"--every {every_s:g}: must be > 0 seconds")
+        return EXIT_BAD_INPUT
+    if settle_s is not None and settle_s < 0:
+        _error(f"--settle {settle_s:g}: must be >= 0 seconds")
+        return EXIT_BAD_INPUT
+    try:
+        day = None if before is None else parse_date(before)
+        if patient is not None:
+            lake.list_patient_files(settings.lake_dir, patient)  # checks the name
+    except (UsageError, lake.LakeError) as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    settle = settle_s if settle_s is not None else (300.0 if watch else 0.0)
+    _flag = [False]
+
+    def _stop(_sig: int, _frame: object) -> None:
+        _flag[0] = True
+
+    if not watch:
+        return _compact_rounds(settings, patient, day, settle, False, every_s, as_json, 1, _flag)
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _compact_rounds(
+            settings, patient, day, settle, True, every_s, as_json, rounds, _flag
+        )
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _compact_rounds(
+    settings: Settings,
+    patient: str | None,
+    day: str | None,
+    settle: float,
+    watch: bool,
+    every_s: float,
+    as_json: bool,
+    rounds: int | None,
+    stopped: list[bool],
+) -> int:
+    """The rounds of :func:`lake_compact` (``stopped[0]``: a signal asked to stop)."""
+    root = settings.lake_dir
+    done = 0
+    while True:
+        kms = _keystore(settings)
+        if kms is None:
+            if not watch:
+                _error(f"no keystore at {settings.paths.keys_dir}: nothing sealed to compact")
+                return EXIT_FAILED
+            report = lake.CompactReport()
+        else:
+            try:
+                report = lake.compact_lake(
+                    root, kms, patient_id=patient, before=day, settle_s=settle
+                )
+            except lake.CompactionBusy as e:
+                if not watch:
+                    raise
+                print(f"{e}; next round in {every_s:g} s", file=sys.stderr)
+                report = lake.CompactReport()
+        if as_json:
+            print(json.dumps(report.to_json_dict(), separators=(",", ":")), flush=True)
+        else:
+            print(_compact_line(report), file=sys.stderr if watch else sys.stdout, flush=True)
+        done += 1
+        if not watch or stopped[0] or (rounds is not None and done >= rounds):
+            return 0
+        deadline = time.monotonic() + every_s
+        while not stopped[0] and time.monotonic() < deadline:
+            time.sleep(min(0.2, every_s))
+        if stopped[0]:
+            return 0

@@ -320,10 +320,20 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_lake(args: argparse.Namespace, settings: Settings) -> int:
-    from vitalproof.cli.lake import lake_read, lake_stats
+    from vitalproof.cli.lake import lake_compact, lake_read, lake_stats
 
     if args.action == "stats":
         return lake_stats(settings, as_json=args.json)
+    if args.action == "compact":
+        return lake_compact(
+            settings,
+            patient=args.patient,
+            before=args.before,
+            settle_s=args.settle,
+            watch=args.watch,
+            every_s=args.every,
+            as_json=args.json,
+        )
     return lake_read(
         settings,
         patient=args.patient,
@@ -485,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rpc", help="any Ethereum JSON-RPC endpoint")
     v.set_defaults(handler=cmd_verify)
 
-    lk = sub.add_parser("lake", help="read and count the sealed, encrypted lake")
+    lk = sub.add_parser("lake", help="read, count and compact the sealed, encrypted lake")
     lksub = lk.add_subparsers(dest="action", required=True)
     lr = lksub.add_parser("read", help="decrypt and export one patient's readings")
     lr.add_argument("--patient", required=True, help="whose readings")
@@ -501,6 +511,25 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("-o", "--output", help="file to write (default: stdout; parquet needs -o)")
     lst = lksub.add_parser("stats", help="readings, duplicates, batches, patients, bytes")
     lst.add_argument("--json", action="store_true", help="as one JSON object")
+    lc = lksub.add_parser(
+        "compact", help="merge each patient-day's files into few (crash-safe, online)"
+    )
+    lc.add_argument("--patient", help="only this patient's files (default: every patient)")
+    lc.add_argument("--before", metavar="DATE", help="only UTC days before DATE (YYYY-MM-DD)")
+    lc.add_argument(
+        "--settle",
+        type=float,
+        metavar="SECONDS",
+        help="only files written at least this long ago (default 0; with --watch 300)",
+    )
+    lc.add_argument(
+        "--watch", action="store_true", help="keep running: a round every --every seconds"
+    )
+    lc.add_argument(
+        "--every", type=float, default=600.0, metavar="SECONDS",
+        help="seconds between rounds with --watch (default 600)",
+    )  # fmt: skip
+    lc.add_argument("--json", action="store_true", help="one JSON object per round")
     lk.set_defaults(handler=cmd_lake)
 
     consent.add_parser(sub)
@@ -520,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.register(sub)
     namespaces.register(sub)
-    for parser in (pe, lr, lst):
+    for parser in (pe, lr, lst, lc):
         namespaces.add_option(parser)
     return p
 
