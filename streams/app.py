@@ -94,7 +94,7 @@ def new_app(settings: Settings) -> faust.App:
         datadir=str(datadir),
         web_enabled=False,
         topic_partitions=settings.kafka.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka.replication_factor,  # its own topics too
         broker_commit_interval=1.0,
         # A worker killed with -9 keeps its partitions until the group notices: 10 s, not
         # Faust's 60 s, before a restarted or surviving worker takes over.
