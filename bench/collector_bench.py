@@ -270,12 +270,14 @@ def publisher_main(config_path: str) -> None:
 # -- the benchmark --------------------------------------------------------------------------
 
 
-def make_payloads(devices: list[tuple[str, str]], seconds: int, tick_s: float) -> dict[str, list]:
+def make_payloads(
+    devices: list[tuple[str, str]], seconds: int, tick_s: float, accel_hz: int = 50
+) -> dict[str, list]:
     """Per device: binary payloads of ``seconds`` of device time, one per ``tick_s``."""
     out: dict[str, list] = {}
     step = round(tick_s * 1e6)
     for device_id, _ in devices:
-        sim = SimDevice(device_id, 1, "adult", T0, accel_hz=50)
+        sim = SimDevice(device_id, 1, "adult", T0, accel_hz=accel_hz)
         msgs = []
         for k in range(1, round(seconds / tick_s) + 1):
             batch = sim.tick(T0 + k * step - 1)
