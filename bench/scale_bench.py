@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,8 @@ def run_one(args: argparse.Namespace, base: Any, n: int) -> dict[str, float]:
     registry = Registry(settings.paths.registry_path)
     enrolled = sb.enrolled_us(msgs)
     for d in sorted({m.device_id for m in msgs}):
-        registry.enroll(d, f"pt-{d[4:]}", enrolled_us=enrolled)
+        if registry.lookup(d) is None:  # one registry for the home: the same fleet each run
+            registry.enroll(d, f"pt-{d[4:]}", enrolled_us=enrolled)
     ensure_topics(settings, settings.kafka.pipeline_topics, args.partitions)
     asyncio.run(sb.prefill(settings, msgs))
     del msgs
@@ -101,6 +103,7 @@ def run_one(args: argparse.Namespace, base: Any, n: int) -> dict[str, float]:
         (int(m["rows"]) for m in seen.values() if int(m["sealed_at_us"]) == sealed_at[0]),
         default=0,
     )
+    console.print(f"  sealed {rows:,} of {total:,} in {elapsed:.1f} s, CPU {sum(cpu):.1f} s")
     return {
         "workers": n,
         "sealed": rows,
@@ -161,7 +164,7 @@ def main() -> None:
             f"{r['cpu_per_m']:.1f}",
             f"{r['batches']}",
         )
-    console.print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
