@@ -234,8 +234,11 @@ class SealAgent:
                 await pipe.submitted.wait()
             chunk = pipe.in_flight[0]
             outcome = await self.sealer.outcome()
-            pipe.in_flight.popleft()
             await self._finish_batch(stream, chunk, outcome)
+            # Only now: a rebalance waits until nothing is in flight, i.e. until the last
+            # batch's manifest is on Kafka and marked produced (its next owner must not
+            # find it unproduced and produce it a second time).
+            pipe.in_flight.popleft()
             pipe.slots.release()
             pipe.sealed.set()
 
