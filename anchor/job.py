@@ -11,6 +11,12 @@ Other append-only logs ride along: ``checkpoints`` (a callable handed in by the 
 the audit log's ``clinic.audit.CheckpointSource``) returns entries shaped like batches,
 ``(id, root, size)``, which are appended to the same Merkle log just before each anchor, so
 one transaction commits to both. This package stays independent of clinic: it sees tuples.
+
+Several candidates (``vitalproof anchor run`` on several hosts): :meth:`AnchorJob.lead`. One
+of them holds the lease (:mod:`anchor.leader`) and runs the job; its log entries go to
+``vitals.anchor-log`` before its own log, so the next leader replays them, adopts the head
+the contract holds (never anchoring a head that is already there, nor one that skips
+entries), and goes on from the group's committed offsets of ``vitals.batches``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from aiokafka import AIOKafkaConsumer
 
 from anchor.chain import AnchorReceipt, Chain
 from anchor.errors import AnchorError
-from anchor.log import MerkleLog
+from anchor.leader import (
+    LEASE_HEARTBEAT_MS,
+    LEASE_SESSION_TIMEOUT_MS,
+    LEASE_TOPIC,
+    LOG_TOPIC,
+    Lease,
+    LogReplica,
+)
+from anchor.log import LogEntry, MerkleLog
 from anchor.txmanager import TxManager
 from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
@@ -71,6 +85,8 @@ class AnchorJob:
         self.tx = TxManager(chain, outbox, confirmations=confirmations)
         self.tx.resume()
         self.receipts: list[AnchorReceipt] = []
+        self.replica: LogReplica | None = None
+        """While leading among candidates: where entries go before the local log."""
 
     @classmethod
     def from_settings(
@@ -98,15 +114,28 @@ class AnchorJob:
             bootstrap_servers=self.settings.kafka.bootstrap,
             group_id=f"vitalproof-anchor-{self.settings.namespace}",
             enable_auto_commit=False,
+            # A killed leader's partitions go to the next one as soon as its lease does.
+            session_timeout_ms=LEASE_SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=LEASE_HEARTBEAT_MS,
             auto_offset_reset="earliest",
         )
+
+    async def _append(self, entry_id: str, root: bytes, size: int) -> int:
+        """Append one entry; while leading among candidates, to the shared log topic first
+        (a known id is only checked: idempotent by id, as :meth:`MerkleLog.append`)."""
+        if self.replica is not None and self.log.index_of(entry_id) is None:
+            await self.replica.publish(self.log.size, LogEntry(entry_id, root, size))
+        return self.log.append(entry_id, root, size)
 
     async def _consume_for(self, consumer: AIOKafkaConsumer, seconds: float) -> int:
         added = 0
         batches = await consumer.getmany(timeout_ms=int(seconds * 1000))
         for records in batches.values():
             for record in records:
-                self.add_manifest(record.value or b"")
+                manifest = BatchManifest.model_validate_json(record.value or b"")
+                await self._append(
+                    manifest.batch_id, bytes.fromhex(manifest.merkle_root), manifest.rows
+                )
                 added += 1
         if added:
             await consumer.commit()  # only after the log appends are fsync'd
@@ -173,10 +202,69 @@ class AnchorJob:
 
     # -- anchoring ----------------------------------------------------------------------
 
-    def anchor_once(self) -> AnchorReceipt | None:
-        """Anchor the log's current head (with fresh checkpoints) if it grew since the last
-        anchor; else None."""
-        self.add_checkpoints()
+    async def _add_checkpoints_shared(self) -> int:
+        """:meth:`add_checkpoints` through :meth:`_append` (while leading among candidates)."""
+        if self.checkpoints is None:
+            return 0
+        before = self.log.size
+        try:
+            for entry_id, root, size in self.checkpoints():
+                await self._append(entry_id, root, size)
+        except VitalproofError:
+            log.exception("checkpoint source failed; anchoring the batches without it")
+        return self.log.size - before
+
+    def adopt_chain_head(self, *, pending_timeout_s: float = 120.0) -> None:
+        """Take the contract's head as this log's last anchored one, if it is newer.
+
+        A new leader must neither anchor again what its predecessor anchored (the contract
+        would revert a size that does not grow; a retry would only burn gas) nor anchor over
+        entries it lacks. So: wait until no transaction of the submitter is pending (a
+        predecessor's anchor may be on its way), read the head, check this log holds it
+        (same root at that size: no gap, no fork) and record it with its receipt, found
+        from the ``Anchored`` event of the head's block.
+        """
+        w3, me = self.chain.w3, self.chain.account.address
+        deadline = time.monotonic() + pending_timeout_s
+        while w3.eth.get_transaction_count(me, "pending") > w3.eth.get_transaction_count(
+            me, "latest"
+        ):
+            if time.monotonic() > deadline:
+                raise AnchorError(f"a transaction of {me} stayed pending {pending_timeout_s:g} s")
+            time.sleep(0.5)
+        head = self.chain.head()
+        if head.tree_size == 0:
+            return
+        last = self.log.last_anchored()
+        if last is not None and last.tree_size >= head.tree_size:
+            return
+        if self.log.size < head.tree_size:
+            raise AnchorError(
+                f"the contract anchors {head.tree_size} entries, this log holds {self.log.size}: "
+                f"entries are missing from {LOG_TOPIC}"
+            )
+        if self.log.root(head.tree_size) != head.root:
+            raise AnchorError(
+                f"the contract's root at size {head.tree_size} is not this log's: two histories"
+            )
+        events = self.chain.contract.events.Anchored.get_logs(
+            from_block=head.block_number, to_block=head.block_number
+        )
+        for event in events:
+            if int(event["args"]["treeSize"]) == head.tree_size:
+                receipt = self.chain.anchor_receipt(bytes(event["transactionHash"]))
+                self.log.record_anchor(head.tree_size, head.root, receipt.to_json_dict())
+                log.info("adopted the anchored head %d from %s", head.tree_size, receipt.tx_hash)
+                return
+        raise AnchorError(
+            f"no Anchored event of size {head.tree_size} in block {head.block_number}"
+        )
+
+    def anchor_once(self, *, checkpoints: bool = True) -> AnchorReceipt | None:
+        """Anchor the log's current head (with fresh checkpoints unless the caller added
+        them) if it grew since the last anchor; else None."""
+        if checkpoints:
+            self.add_checkpoints()
         size = self.log.size
         last = self.log.last_anchored()
         if last is not None:
@@ -221,3 +309,75 @@ class AnchorJob:
         finally:
             await consumer.stop()
         return self.receipts
+
+    # -- several candidates ---------------------------------------------------------------
+
+    async def lead(
+        self,
+        *,
+        period_s: float,
+        duration_s: float | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> list[AnchorReceipt]:
+        """Be one of the candidates: wait for the lease, then run the job while holding it
+        (:meth:`_lead`); give it up cleanly on a rebalance, wait for it again."""
+        k = self.settings.kafka
+        group = f"vitalproof-anchor-lease-{self.settings.namespace}"
+        lease = Lease(k.bootstrap, k.topic(LEASE_TOPIC), group)
+        replica = LogReplica(k.bootstrap, k.topic(LOG_TOPIC))
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+
+        def stopped() -> bool:
+            return (stop is not None and stop.is_set()) or (
+                deadline is not None and time.monotonic() >= deadline
+            )
+
+        await replica.start()
+        await lease.start()
+        try:
+            while not stopped():
+                if await lease.wait_leader(1.0):
+                    await self._lead(lease, replica, period_s, stopped)
+        finally:
+            await lease.stop()
+            await replica.stop()
+        return self.receipts
+
+    async def _lead(
+        self, lease: Lease, replica: LogReplica, period_s: float, stopped: Callable[[], bool]
+    ) -> None:
+        """One term as leader: catch up from the shared log, adopt the chain's head, then
+        consume and anchor once per period; every step under the lease's lock, and only
+        while the lease is held."""
+        self.replica = replica
+        try:
+            async with lease.work:
+                if not lease.is_leader:
+                    return
+                added = await replica.catch_up(self.log)
+                await asyncio.to_thread(self.adopt_chain_head)
+                log.info("leading: %d entries caught up, log size %d", added, self.log.size)
+            consumer = self._consumer()
+            await consumer.start()
+            next_anchor = time.monotonic() + period_s
+            try:
+                while not stopped():
+                    await lease.poll()
+                    async with lease.work:
+                        if not lease.is_leader:
+                            return
+                        await self._consume_for(consumer, 0.5)
+                        if time.monotonic() >= next_anchor:
+                            await self._add_checkpoints_shared()
+                            await asyncio.to_thread(self.anchor_once, checkpoints=False)
+                            next_anchor = time.monotonic() + period_s
+                async with lease.work:  # stopping: a last anchor, as run() makes
+                    if lease.is_leader:
+                        while await self._consume_for(consumer, 0.5):
+                            pass
+                        await self._add_checkpoints_shared()
+                        await asyncio.to_thread(self.anchor_once, checkpoints=False)
+            finally:
+                await consumer.stop()
+        finally:
+            self.replica = None

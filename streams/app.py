@@ -8,11 +8,13 @@ per-event overhead is paid per message, never per sample. Sealing runs in a chil
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any, cast
 
 import faust
+from faust.types import TP
 
 from streams import changelog
 from streams.agents import NormalizeAgent, SealAgent
@@ -20,6 +22,7 @@ from streams.agents.ports import Sent, TakeStream
 from streams.dedupe import DedupeWindows
 from streams.lake.layout import BATCHES_DIR
 from streams.ledger import Folder
+from streams.published import published_ids
 from streams.seal_process import SealProcess
 from vitalproof.registry import Registry
 from vitalproof.settings import Settings
@@ -45,18 +48,29 @@ def create_app(settings: Settings) -> faust.App:
         dedupe=_raw_topic(app, k.topic("vitals.dedupe"), compacting=True, partitions=k.partitions),
     )
 
+    group = _Members(topics)
+
     @app.agent(topics.raw_topic)
     async def normalize_agent(stream: faust.StreamT[Any]) -> None:
+        await topics.dedupe_topic.declare()
         agent = NormalizeAgent(
             lookup=Registry(settings.paths.registry_path).lookup,
-            dedupe=await _restore_dedupe(settings, topics.dedupe_topic),
+            # Empty: each raw partition's part of the changelog is read when it is assigned.
+            dedupe=DedupeWindows(
+                retain=settings.dedupe.retain_windows, max_ids=settings.dedupe.max_ids
+            ),
             outputs=topics,
             max_messages=settings.batching.max_messages,
+            changelog=lambda: changelog.read_all(
+                settings.kafka.bootstrap, topics.dedupe_topic.get_topic_name()
+            ),
         )
+        group.joined(agent)
         await agent.run(cast(TakeStream, stream))
 
     @app.agent(topics.clean_topic)
     async def seal_agent(stream: faust.StreamT[Any]) -> None:
+        batches = topics.batches_topic.get_topic_name()
         agent = SealAgent(
             sealer=SealProcess(
                 settings.lake_uri if settings.lake.remote else settings.lake_dir,
@@ -65,8 +79,21 @@ def create_app(settings: Settings) -> faust.App:
             batches_dir=_batches_dir(settings),
             outputs=topics,
             batching=settings.batching,
+            published=lambda ids, since_ms: published_ids(
+                settings.kafka.bootstrap, batches, ids, since_ms
+            ),
         )
+        group.joined(agent)
         await agent.run(cast(TakeStream, stream))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **_: Any) -> None:
+        await group.revoked()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, /, *args: Any, signal: Any, **_: Any) -> None:
+        (assigned,) = args  # the signal's one argument: this worker's partitions now
+        await group.assigned(set(assigned))
 
     return app
 
@@ -159,10 +186,41 @@ class _Topics:
         return await self.batches_topic.send(key=batch_id.encode(), value=manifest_json)
 
 
-async def _restore_dedupe(settings: Settings, topic: faust.TopicT) -> DedupeWindows:
-    """The dedupe memory as the compacted changelog left it (the whole topic, read once)."""
-    await topic.declare()
-    dedupe = DedupeWindows(retain=settings.dedupe.retain_windows, max_ids=settings.dedupe.max_ids)
-    dedupe.load(await changelog.read_all(settings.kafka.bootstrap, topic.get_topic_name()))
-    log.info("dedupe: %d reading ids in windows %s from the changelog", len(dedupe), dedupe.windows)
-    return dedupe
+class _Members:
+    """The two agents of this worker, as the group's rebalances reach them.
+
+    Faust calls the revoke signal before the group reassigns partitions and waits for it:
+    both agents finish what they handed on (so the next owner of a partition finds it
+    durable), and the assignment then hands each agent its partitions, whose memory it
+    adopts (normalize: the dedupe changelog; seal: the lake's manifests) before it goes on.
+    """
+
+    def __init__(self, topics: _Topics) -> None:
+        self.raw = topics.raw_topic.get_topic_name()
+        self.clean = topics.clean_topic.get_topic_name()
+        self.normalize: NormalizeAgent | None = None
+        self.seal: SealAgent | None = None
+        self.started = asyncio.Event()  # both agents exist
+
+    def joined(self, agent: NormalizeAgent | SealAgent) -> None:
+        if isinstance(agent, NormalizeAgent):
+            self.normalize = agent
+        else:
+            self.seal = agent
+        if self.normalize is not None and self.seal is not None:
+            self.started.set()
+
+    async def revoked(self) -> None:
+        started = [a for a in (self.normalize, self.seal) if a is not None]
+        await asyncio.gather(*(agent.on_revoked() for agent in started))
+
+    async def assigned(self, assigned: set[TP]) -> None:
+        await self.started.wait()
+        normalize, seal = self.normalize, self.seal
+        assert normalize is not None and seal is not None
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        log.info("assigned %s", sorted(tps))
+        await asyncio.gather(
+            normalize.on_assigned({tp for tp in tps if tp[0] == self.raw}),
+            seal.on_assigned({tp for tp in tps if tp[0] == self.clean}),
+        )

@@ -18,7 +18,7 @@ from streams.dedupe import Record
 
 async def read_all(bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> list[Record]:
     """Every record of ``topic`` up to its end at call time, partition by partition in order."""
-    tps = [TopicPartition(topic, p) for p in await _partitions(bootstrap, topic, timeout_s)]
+    tps = [TopicPartition(topic, p) for p in await partitions(bootstrap, topic, timeout_s)]
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -44,7 +44,7 @@ async def read_all(bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> li
         await consumer.stop()
 
 
-async def _partitions(bootstrap: str, topic: str, timeout_s: float) -> list[int]:
+async def partitions(bootstrap: str, topic: str, timeout_s: float) -> list[int]:
     """The topic's partitions once each has a leader (a topic created just now has none)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

@@ -292,6 +292,35 @@ class DedupeWindows:
         self._expire()
         self._enforce_budget()
 
+    def adopt(self, records: Iterable[Record], partitions: set[int]) -> int:
+        """Add what the changelog (read from its start) holds for raw ``partitions``, just
+        assigned to this worker, under keys not known here yet; the number of keys added.
+
+        Why: in a group of workers a raw partition moves on a rebalance, and its previous
+        owner wrote changelog records after this worker last read the topic. The keys are
+        by raw partition, so the new owner picks exactly those up. A key known already keeps
+        what is held for it (a replay may rewrite a key with fewer ids, never with ids the
+        first record lacked and whose clean records were not durable).
+        """
+        known = {k for keys in self._keys.values() for k in keys}
+        known.update(key for key, _packs in self._pending.values())
+        fresh = [
+            (key, value)
+            for key, value in records
+            if key not in known and _parse_partition(key) in partitions
+        ]
+        before = sum(len(keys) for keys in self._keys.values())
+        self.load(fresh)
+        return sum(len(keys) for keys in self._keys.values()) - before
+
+    def forget(self, partitions: set[int]) -> None:
+        """Stop tracking the changelog keys of raw ``partitions`` (revoked from this worker):
+        their new owner tombstones them when their windows expire, and this worker's budget
+        never evicts another's records. The ids stay held until their window goes: a stale
+        "seen" is still true, so it drops nothing genuine."""
+        for window, keys in self._keys.items():
+            self._keys[window] = [k for k in keys if _parse_partition(k) not in partitions]
+
     # -- internals ----------------------------------------------------------------------
 
     def _window_of(self, batch: SampleBatch) -> int:
@@ -390,6 +419,20 @@ def _parse_key(key: bytes) -> int:
         if not sep:
             raise ValueError
         return int(window)
+    except ValueError:
+        raise ChangelogError(
+            f"changelog key {key!r} is not <window>/<partition>:<offset>[/<device>]"
+        ) from None
+
+
+def _parse_partition(key: bytes) -> int:
+    """The raw partition of a changelog key ``<window>/<partition>:<offset>[/<device>]``."""
+    _window, _sep, rest = key.partition(b"/")
+    part, sep, _offset = rest.partition(b":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(part)
     except ValueError:
         raise ChangelogError(
             f"changelog key {key!r} is not <window>/<partition>:<offset>[/<device>]"

@@ -152,6 +152,12 @@ class SealProcess:
         if reply != ("ready", None):
             raise SealProcessError(f"unexpected first message from the seal process: {reply!r}")
 
+    async def adopt(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Have the child rebuild its memory of ``partitions`` (just assigned to this worker)
+        from the lake before it seals anything more. No reply: requests are handled in
+        order, so every batch submitted later is sealed with that memory."""
+        await asyncio.to_thread(self._send_message, ("adopt", list(partitions)))
+
     async def seal(self, records: list[CleanRecord]) -> SealOutcome:
         """Seal ``records`` in the child and wait for the outcome (nothing else in flight)."""
         await self.submit(records)
@@ -171,9 +177,12 @@ class SealProcess:
         return reply
 
     def _send(self, records: list[CleanRecord]) -> None:
+        self._send_message(records)
+
+    def _send_message(self, message: object) -> None:
         conn = self._require_conn()
         try:
-            conn.send(records)
+            conn.send(message)
         except OSError:
             raise self._died() from None
 
@@ -259,7 +268,8 @@ def serve(conn: Connection, lake_dir: Path | str, keys_dir: Path) -> int:
             if isinstance(lake_dir, str)
             else lake_dir
         )
-        sealer = Sealer(root, LocalKeystore(keys_dir))
+        # Partitions are adopted as the worker is assigned them (see SealProcess.adopt).
+        sealer = Sealer(root, LocalKeystore(keys_dir), adopt_all=False)
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return 1
@@ -272,6 +282,13 @@ def serve(conn: Connection, lake_dir: Path | str, keys_dir: Path) -> int:
             records = conn.recv()
         except EOFError:
             return 0
+        if isinstance(records, tuple) and records[0] == "adopt":
+            try:
+                sealer.adopt(records[1])
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+                return 1
+            continue
         started = time.monotonic()
         try:
             outcome = seal_records(sealer, records)

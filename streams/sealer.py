@@ -52,34 +52,81 @@ class Pending:
 
 
 class Sealer:
-    def __init__(self, lake_root: Path | LakeRoot, kms: Kms, *, recent_ids: int = 300_000) -> None:
+    """Seals batches into the lake, and remembers, per ``vitals.clean`` partition, what is
+    sealed already: the highest offset covered (the ledger) and the reading ids of the newest
+    batches (:class:`RecentlySealed`).
+
+    Why per partition: in a group of workers a partition moves from one worker to another
+    on a rebalance, and the worker that takes it over must know what the previous owner
+    sealed from it, up to its last manifest. The manifests in the lake (shared storage, S3
+    at scale) are that memory; :meth:`adopt` rebuilds it for the partitions a worker was
+    just given, after the previous owner finished its batches (the rebalance waits for it).
+    """
+
+    def __init__(
+        self,
+        lake_root: Path | LakeRoot,
+        kms: Kms,
+        *,
+        recent_ids: int = 300_000,
+        adopt_all: bool = True,
+    ) -> None:
         self.lake_root = as_root(lake_root)
         self.kms = kms
         self.batches_dir = self.lake_root.child(BATCHES_DIR)
         self.batches_dir.mkdir()
+        self.recent_ids = recent_ids
         self._high_water: dict[tuple[str, int], int] = {}
+        self._recent: dict[tuple[str, int], RecentlySealed] = {}
+        self.replayed = 0
+        """Readings dropped because a recent batch had sealed them already."""
+        # The worker's seal process adopts the partitions it is assigned instead, when it
+        # learns them; a sealer on its own remembers every partition the lake holds.
+        self.adopt(None if adopt_all else ())
+
+    def adopt(self, partitions: Iterable[tuple[str, int]] | None) -> None:
+        """Rebuild the memory of ``partitions`` (every partition if ``None``) from the
+        manifests the lake holds now: a partition just assigned to this worker may have been
+        sealed from by another one since this worker last held it."""
         manifests = self.manifests()
         for manifest in manifests:
             self._advance(manifest.covers)
-        self.recent = RecentlySealed(recent_ids)
-        self.replayed = 0
-        """Readings dropped because a recent batch had sealed them already."""
-        self._load_recent(manifests)
+        if partitions is None:
+            wanted = {(c.topic, c.partition) for m in manifests for c in m.covers}
+        else:
+            wanted = set(partitions)
+        for key in wanted:
+            self._recent[key] = RecentlySealed(self.recent_ids)
+        self._load_recent(manifests, wanted)
 
-    def _load_recent(self, manifests: Sequence[BatchManifest]) -> None:
+    def recent(self, partition: tuple[str, int]) -> RecentlySealed:
+        """The memory of recently sealed ids of one ``(topic, partition)``."""
+        memory = self._recent.get(partition)
+        if memory is None:
+            memory = self._recent[partition] = RecentlySealed(self.recent_ids)
+        return memory
+
+    def _load_recent(
+        self, manifests: Sequence[BatchManifest], partitions: set[tuple[str, int]]
+    ) -> None:
         """Remember the reading ids of the newest batches, so a replay cannot seal them twice.
 
         A worker killed after producing to ``vitals.clean`` but before committing its
         ``vitals.raw`` offsets normalizes those records again after the restart; normalize's
         own memory of recent ids died with it, so the copies reach the sealer in a *later*
-        batch. Files of erased patients cannot be read and are skipped (nothing of theirs can
-        be resealed under their old keys anyway). A file merged by compaction is read from
-        the compacted file that holds its batch's rows now.
+        batch, in the same partition (``vitals.clean`` is keyed by patient). Files of erased
+        patients cannot be read and are skipped (nothing of theirs can be resealed under
+        their old keys anyway). A file merged by compaction is read from the compacted file
+        that holds its batch's rows now.
         """
         merged: dict[str, Any] = {}
         for manifest in sorted(manifests, key=lambda m: m.sealed_at_us, reverse=True):
-            if self.recent.full:
-                break
+            keys = {(c.topic, c.partition) for c in manifest.covers} & partitions
+            memories = [self._recent[k] for k in keys if not self._recent[k].full]
+            if not memories:
+                if all(self._recent[k].full for k in partitions):
+                    break
+                continue
             ids: list[str] = []
             for f in manifest.files:
                 try:
@@ -96,7 +143,8 @@ class Sealer:
                         )  # fmt: skip
                 except lake.LakeError:
                     continue
-            self.recent.add_oldest(ids)
+            for memory in memories:
+                memory.add_oldest(ids)
 
     # -- ledger -------------------------------------------------------------------------
 
@@ -135,7 +183,8 @@ class Sealer:
 
         crashpoint("before_files")
         # Ids sealed by a recent batch (a replay after a crash): one lookup for the batch.
-        replayed = self.recent.seen([rid for p in fresh for rid in p.batch.reading_id])
+        memories = [self.recent((c.topic, c.partition)) for c in covers]
+        replayed = _seen_in(memories, [rid for p in fresh for rid in p.batch.reading_id])
         by_patient = group_by_patient([p.batch for p in fresh], already=replayed)
         patient_roots: list[bytes] = []
         patient_sizes: list[int] = []
@@ -204,7 +253,8 @@ class Sealer:
         self.batches_dir.write(manifest_name, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)
-        self.recent.add(sealed_ids)
+        for memory in memories:
+            memory.add(sealed_ids)
         return manifest
 
 
@@ -227,6 +277,14 @@ def canonical_order(table: pa.Table) -> pa.Array:
         }
     )
     return pc.sort_indices(key, [(c, "ascending") for c in ("m", "t", "d", "s")])
+
+
+def _seen_in(memories: Sequence[RecentlySealed], ids: Sequence[str]) -> set[str]:
+    """The ids that any of the partitions' memories holds (a batch normally covers one)."""
+    seen: set[str] = set()
+    for memory in memories:
+        seen |= memory.seen(ids)
+    return seen
 
 
 def _covers(items: Sequence[Pending]) -> list[OffsetRange]:

@@ -5,13 +5,17 @@ It takes raw records in bulk, sends everything a take produced without waiting, 
 of it at once (one round trip per take, not per message), and only then writes the dedupe
 changelog and acks ("Nothing is lost": a changelog entry without its clean record would drop a
 reading forever).
+
+In a group of workers, a rebalance waits until the take in hand is durable and acked
+(:meth:`NormalizeAgent.on_revoked`); a raw partition then assigned to this worker brings its
+dedupe memory along from the changelog (:meth:`NormalizeAgent.on_assigned`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from streams.agents.ports import (
     Event,
@@ -23,7 +27,7 @@ from streams.agents.ports import (
     event_origin,
 )
 from streams.clock import ClockEstimator
-from streams.dedupe import DedupeWindows
+from streams.dedupe import DedupeWindows, Record
 from streams.normalize import Rejection, normalize
 from streams.sequence import SequenceTracker
 from vitalproof import memory
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: Which patient a device belongs to (the registry's lookup).
 Lookup = Callable[[str], Device | None]
+
+#: The dedupe changelog as it is now, read from its start (for the partitions just assigned).
+ChangelogReader = Callable[[], Awaitable[list[Record]]]
 
 #: Raw records normalized per take (at most), and how long a take waits to fill up.
 NORMALIZE_TAKE = 1000
@@ -58,6 +65,7 @@ class NormalizeAgent:
         max_messages: int,
         sequences: SequenceTracker | None = None,
         clocks: ClockEstimator | None = None,
+        changelog: ChangelogReader | None = None,
     ) -> None:
         self.lookup = lookup
         self.dedupe = dedupe
@@ -67,14 +75,61 @@ class NormalizeAgent:
         # A take never spans more raw records than a batch may: bundles stay within what
         # one batch would have covered message by message.
         self.per_take = min(NORMALIZE_TAKE, max_messages)
+        self.changelog = changelog
+        """``None``: a lone agent owning every partition; else how to read the changelog
+        when partitions are assigned (the agent is in a group)."""
+        self.assigned: set[tuple[str, int]] = set()
+        self._accepting = asyncio.Event()
+        if changelog is None:
+            self._accepting.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def run(self, stream: TakeStream) -> None:
-        async for events in stream.noack_take(self.per_take, within=NORMALIZE_WITHIN_S):
-            await self.process(events)
-            for event in events:
-                await stream.ack(event)
-            del events
+        async for taken in stream.noack_take(self.per_take, within=NORMALIZE_WITHIN_S):
+            events = await self._mine(taken)
+            if not events:
+                continue
+            self._idle.clear()
+            try:
+                await self.process(events)
+                for event in events:
+                    await stream.ack(event)
+            finally:
+                self._idle.set()
+            del events, taken
             memory.trim()  # a take's objects are garbage now: ~5 ms to return their pages
+
+    async def _mine(self, events: list[Event]) -> list[Event]:
+        """The events of a take to normalize, once no rebalance is under way: those of this
+        worker's partitions (a take may hold records fetched before the rebalance, which
+        the partition's owner consumes again from the committed offset)."""
+        if self.changelog is None:
+            return events
+        await self._accepting.wait()
+        return [e for e in events if (e.message.topic, e.message.partition) in self.assigned]
+
+    # -- rebalances ---------------------------------------------------------------------
+
+    async def on_revoked(self) -> None:
+        """Before the group reassigns partitions: no new take starts, and the one in hand
+        finishes (its clean records and changelog durable), so the next owner of each of its
+        partitions finds that changelog when it reads the topic."""
+        self._accepting.clear()
+        await self._idle.wait()
+
+    async def on_assigned(self, assigned: set[tuple[str, int]]) -> None:
+        """This worker's raw partitions now: the changelog records of the new ones join the
+        dedupe memory (those of partitions gone stop being tracked); then takes resume."""
+        newly = {p for _t, p in assigned - self.assigned}
+        gone = {p for _t, p in self.assigned - assigned}
+        self.assigned = set(assigned)
+        if gone:
+            self.dedupe.forget(gone)
+        if newly and self.changelog is not None:
+            added = self.dedupe.adopt(await self.changelog(), newly)
+            log.info("dedupe: partitions %s adopted, %d changelog keys added", sorted(newly), added)
+        self._accepting.set()
 
     async def process(self, events: Sequence[Event]) -> None:
         """One take, durable on return: clean bundles, DLQ records and events acknowledged by

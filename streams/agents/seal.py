@@ -7,6 +7,14 @@ batch waits: back pressure), the cutter hands due batches to the seal process (a
 :data:`SEAL_DEPTH` at once), the collector takes their outcomes in order, produces and acks.
 A manifest is marked produced in the ledger only after Kafka acknowledged it, so a restart
 sends again exactly what was not ("Nothing is lost", "Effectively once").
+
+In a group of workers (:meth:`SealAgent.on_revoked`, :meth:`SealAgent.on_assigned`): each
+batch covers one ``vitals.clean`` partition, so it has one owner. On a rebalance the agent
+stops handing batches over, drops what it buffered (not acked: the next owner consumes it
+again) and waits until every batch handed over is produced and acked, before the rebalance
+goes on; on an assignment the seal process adopts the new partitions' memory from the lake
+and the agent produces their unproduced manifests (a previous owner killed between its
+manifest and the produce), unless ``vitals.batches`` already holds them.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -32,6 +40,7 @@ from streams.ledger import Folder, mark_produced, unproduced
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import CleanRecord, SealOutcome, SealProcessDied, exit_like
 from vitalproof.crashpoints import crashpoint
+from vitalproof.manifest import BatchManifest
 from vitalproof.settings import BatchSettings
 from vitalproof.wire import clean
 
@@ -56,7 +65,14 @@ class Sealer(Protocol):
 
     async def outcome(self) -> SealOutcome: ...
 
+    async def adopt(self, partitions: Sequence[tuple[str, int]]) -> None: ...
+
     def close(self) -> None: ...
+
+
+#: The ids among the given batch ids that ``vitals.batches`` holds from the given time (ms)
+#: on: only asked after a previous owner died with manifests unproduced.
+PublishedCheck = Callable[[set[str], int], Awaitable[set[str]]]
 
 
 class SealAgent:
@@ -69,22 +85,92 @@ class SealAgent:
         batches_dir: Path | Folder,
         outputs: SealOutputs,
         batching: BatchSettings,
+        published: PublishedCheck | None = None,
     ) -> None:
         self.sealer = sealer
         self.batches_dir = batches_dir
         self.outputs = outputs
         self.batching = batching
+        self.published = published
+        """``None``: a lone agent that owns every partition (no rebalance signals); else the
+        check of ``vitals.batches`` for manifests a previous owner may have produced."""
+        self.assigned: set[tuple[str, int]] = set()
+        self._accepting = asyncio.Event()
+        if published is None:
+            self._accepting.set()
+        self._ready = asyncio.Event()
+        self._buffer: SealBuffer[Event] | None = None
+        self._pipe = _SealPipe()
 
     async def run(self, stream: TakeStream) -> None:
-        # The child loads the ledger and recent ids while the outbox is produced here.
+        # The child loads the ledger while the outbox is produced here (a lone agent; in a
+        # group each partition's outbox is produced when it is assigned).
         self.sealer.start()
         try:
-            for unsent in unproduced(self.batches_dir):
-                await self._produce_manifest(unsent.batch_id, unsent.to_json_bytes())
+            if self.published is None:
+                for unsent in unproduced(self.batches_dir):
+                    await self._produce_manifest(unsent.batch_id, unsent.to_json_bytes())
             await fatal_on_error(self.sealer.ready())
+            self._ready.set()
             await self._consume_into_buffer(stream)
         finally:
             self.sealer.close()
+
+    # -- rebalances ---------------------------------------------------------------------
+
+    async def on_revoked(self) -> None:
+        """Before the group reassigns partitions: nothing more is handed to the seal process,
+        the buffer is dropped (its records were not acked), and every batch handed over is
+        produced and acked, so the next owner finds its manifest in the lake."""
+        self._accepting.clear()
+        if self._buffer is not None:
+            while len(self._buffer):
+                self._buffer.pop_batch()
+        pipe = self._pipe
+        while pipe.in_flight:
+            pipe.sealed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pipe.sealed.wait(), 1.0)
+
+    async def on_assigned(self, assigned: set[tuple[str, int]]) -> None:
+        """This worker's ``vitals.clean`` partitions now: the seal process adopts the new
+        ones' memory from the lake, their unproduced manifests are produced, then records
+        are taken again."""
+        newly = sorted(assigned - self.assigned)
+        self.assigned = set(assigned)
+        await self._ready.wait()
+        if newly:
+            await fatal_on_error(self.sealer.adopt(newly))
+            await self._produce_outbox(set(newly))
+        self._accepting.set()
+
+    async def _produce_outbox(self, partitions: set[tuple[str, int]]) -> None:
+        """Manifests of ``partitions`` sealed but never marked produced: their sealer died
+        between the manifest and the produce, or between Kafka's ack and the mark; in the
+        second case ``vitals.batches`` holds them already and they are only marked."""
+        mine = [m for m in unproduced(self.batches_dir) if _owner(m) in partitions]
+        if not mine:
+            return
+        assert self.published is not None
+        since_ms = min(m.sealed_at_us for m in mine) // 1000 - PUBLISHED_MARGIN_MS
+        there = await self.published({m.batch_id for m in mine}, since_ms)
+        for m in mine:
+            if m.batch_id in there:
+                mark_produced(self.batches_dir, m.batch_id)
+            else:
+                await self._produce_manifest(m.batch_id, m.to_json_bytes())
+        log.info(
+            "outbox of %s: %d manifests, %d already on Kafka", partitions, len(mine), len(there)
+        )
+
+    async def _takes(self, events: list[Event]) -> list[Event]:
+        """The events of a take this worker may seal, once no rebalance is under way: those
+        of its partitions (a take can hold records fetched before the rebalance)."""
+        if self.published is None:
+            return events
+        await self._accepting.wait()
+        assigned = self.assigned
+        return [e for e in events if (e.message.topic, e.message.partition) in assigned]
 
     async def _consume_into_buffer(self, stream: TakeStream) -> None:
         batching = self.batching
@@ -94,11 +180,15 @@ class SealAgent:
             max_age_s=batching.max_age_s,
             rows_of=_count_hint,
         )
-        pipe = _SealPipe()
+        self._buffer = buffer
+        pipe = self._pipe
         cutting = asyncio.create_task(fatal_on_error(self._cut_loop(buffer, pipe)))
         collecting = asyncio.create_task(fatal_on_error(self._collect_loop(stream, pipe)))
         try:
-            async for events in stream.noack_take(SEAL_TAKE, within=SEAL_TAKE_WITHIN_S):
+            async for taken in stream.noack_take(SEAL_TAKE, within=SEAL_TAKE_WITHIN_S):
+                events = await self._takes(taken)
+                if not events:
+                    continue
                 buffer.add(events, time.monotonic())
                 pipe.arrived.set()
                 # Back pressure: while a whole batch waits behind the ones in the seal
@@ -119,16 +209,21 @@ class SealAgent:
                 await asyncio.wait_for(pipe.arrived.wait(), buffer.seconds_left(time.monotonic()))
             pipe.arrived.clear()
             while buffer.ready(time.monotonic()):
-                await pipe.slots.acquire()
-                chunk = buffer.pop_batch()
-                pipe.in_flight.append(chunk)
-                pipe.submitted.set()
-                await self.sealer.submit(
-                    [
-                        (e.message.topic, e.message.partition, e.message.offset, e.value or b"")
-                        for e in chunk
-                    ]
-                )
+                # One batch per partition: each batch then has one owner, whose memory of
+                # what was sealed moves with the partition (see streams.sealer).
+                for chunk in _by_partition(buffer.pop_batch()):
+                    await pipe.slots.acquire()
+                    if not self._accepting.is_set():
+                        pipe.slots.release()  # revoked meanwhile: the next owner seals it
+                        continue
+                    pipe.in_flight.append(chunk)
+                    pipe.submitted.set()
+                    await self.sealer.submit(
+                        [
+                            (e.message.topic, e.message.partition, e.message.offset, e.value or b"")
+                            for e in chunk
+                        ]
+                    )
 
     async def _collect_loop(self, stream: TakeStream, pipe: _SealPipe) -> None:
         """Each batch's outcome, in the order they were handed over: its rejects to the DLQ,
@@ -139,8 +234,11 @@ class SealAgent:
                 await pipe.submitted.wait()
             chunk = pipe.in_flight[0]
             outcome = await self.sealer.outcome()
-            pipe.in_flight.popleft()
             await self._finish_batch(stream, chunk, outcome)
+            # Only now: a rebalance waits until nothing is in flight, i.e. until the last
+            # batch's manifest is on Kafka and marked produced (its next owner must not
+            # find it unproduced and produce it a second time).
+            pipe.in_flight.popleft()
             pipe.slots.release()
             pipe.sealed.set()
 
@@ -183,6 +281,25 @@ class _SealPipe:
         self.arrived = asyncio.Event()  # records were added to the buffer
         self.submitted = asyncio.Event()  # a batch was handed over
         self.sealed = asyncio.Event()  # a batch was acked
+
+
+#: How long before a manifest's seal time ``vitals.batches`` is searched for it (the clocks of
+#: the sealing host and of the producer that stamped the record may differ that much).
+PUBLISHED_MARGIN_MS = 60_000
+
+
+def _owner(manifest: BatchManifest) -> tuple[str, int]:
+    """The partition whose owner produces a manifest: its first (and normally only) one."""
+    first = manifest.covers[0]
+    return (first.topic, first.partition)
+
+
+def _by_partition(events: list[Event]) -> list[list[Event]]:
+    """``events`` split per (topic, partition), in order within each."""
+    parts: dict[tuple[str, int], list[Event]] = {}
+    for e in events:
+        parts.setdefault((e.message.topic, e.message.partition), []).append(e)
+    return list(parts.values())
 
 
 def _count_hint(event: Event) -> int:

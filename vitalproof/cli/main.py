@@ -236,7 +236,8 @@ def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
             _print_json(receipt.to_json_dict() if receipt else None)
             return 0
         period = args.period or settings.chain.anchor_period_s
-        asyncio.run(job.run(period_s=period, duration_s=args.duration))
+        # One leader among however many candidates run (anchor.leader: a Kafka lease).
+        asyncio.run(job.lead(period_s=period, duration_s=args.duration))
         return 0
     finally:
         job.close()
