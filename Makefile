@@ -63,8 +63,11 @@ fetch: fetch-start
 demo: install
 	$(VP) demo
 
+# Two processes (pytest-xdist), each with its own session stack on free ports: most of the
+# suite waits on brokers and chains, so two share the two cores well. A file stays in one
+# process (--dist loadfile), so module-scoped fixtures (the browser) are made once.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The dashboard's browser tests, saving their screenshots of each view into docs/img.
 screenshots: install

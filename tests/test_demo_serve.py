@@ -61,8 +61,8 @@ def test_demo_serve_leaves_the_dashboard_with_working_sign_in_links(
     assert proc.returncode == 0, out.read_text()[-3000:]
 
 
-FEED = "window.vitalproofChart.feed"
-HR = "window.vitalproofChart.panels.get('heart_rate')"
+FEED = "window.vitalproofChart?.feed"
+HR = "window.vitalproofChart?.panels?.get('heart_rate')"
 
 
 def chart_fills_live_and_a_drop_leaves_no_hole(page: Page) -> None:
