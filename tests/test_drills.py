@@ -53,7 +53,9 @@ def test_worker_collector_and_anchor_killed_under_load_lose_nothing(
     assert result.malformed_sent > 0 and result.dlq_missing == 0, story
     assert result.dlq_without_reason == 0, story
     assert result.batches_not_in_log == 0 and result.log_entries_twice == 0, story
-    assert result.anchors_on_chain >= 2 and result.heads_inconsistent == 0, story
+    # At least one anchor: a killed anchor job's successor waits out the lease (6 s) and a
+    # period, so on a loaded machine one anchor may cover every batch of the run.
+    assert result.anchors_on_chain >= 1 and result.heads_inconsistent == 0, story
     assert result.heads_not_on_chain == 0, story
     assert result.proofs_verified == 10 and result.proofs_failed == 0, story
     assert result.ok, story
