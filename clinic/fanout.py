@@ -74,7 +74,10 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             got = await consumer.getmany(timeout_ms=200, max_records=500)
-            hub.fanout_ready = bool(consumer.assignment())
+            if not hub.fanout_ready:
+                hub.fanout_ready = await _positioned(consumer)
+            elif not consumer.assignment():
+                hub.fanout_ready = False
             for tp, records in got.items():
                 if not records:
                     continue
@@ -88,6 +91,17 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
     finally:
         with contextlib.suppress(Exception):
             await consumer.stop()
+
+
+async def _positioned(consumer: AIOKafkaConsumer) -> bool:
+    """Ready only once every assigned partition has a position: an assignment alone is not
+    enough, because "latest" is resolved lazily, and a reading produced before it is resolved
+    would be skipped by a fan-out that already said it was ready (a subscriber that started
+    watching then would miss it)."""
+    assigned = consumer.assignment()
+    for tp in assigned:
+        await consumer.position(tp)
+    return bool(assigned)
 
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
