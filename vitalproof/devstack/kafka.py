@@ -251,31 +251,18 @@ def start(settings: Settings) -> procs.ProcState:
         if procs.port_open(host, p):
             raise StackError(f"port {host}:{p} is already in use by another process (Kafka)")
     argv = [java, *_jvm_args(settings, log4j), "-cp", f"{libs}/*", "kafka.Kafka", str(server)]
-    log = log_path(settings)
-    proc = procs.spawn(argv, log_path=log, cwd=kafka_dir(settings))
-    state = procs.ProcState(
-        pid=proc.pid,
-        started=procs.start_time(proc.pid),
+    return procs.start_daemon(
+        "Kafka",
+        argv,
+        log_path=log_path(settings),
+        state_path=state_path(settings),
         address=settings.kafka.bootstrap,
-        argv=argv,
-        log=str(log),
+        ready=lambda: metadata_ok(settings.kafka.bootstrap),
+        cwd=kafka_dir(settings),
+        timeout=READY_TIMEOUT_S,
+        interval=0.3,
+        failure_log=kafka_dir(settings) / "logs" / "server.log",
     )
-    state.save(state_path(settings))
-    try:
-        procs.wait_ready(
-            "Kafka",
-            lambda: metadata_ok(settings.kafka.bootstrap),
-            pid=proc.pid,
-            log_path=log,
-            timeout=READY_TIMEOUT_S,
-            interval=0.3,
-        )
-    except StackError as exc:
-        procs.terminate(proc.pid, timeout=5)
-        state_path(settings).unlink(missing_ok=True)
-        extra = procs.log_tail(kafka_dir(settings) / "logs" / "server.log", 25)
-        raise StackError(f"{exc}\n{extra}" if extra else str(exc)) from None
-    return state
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
