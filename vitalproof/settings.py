@@ -407,7 +407,8 @@ class DevStackSettings(_Group):
 
 
 class RuntimeSettings(_Group):
-    """Switches for benchmarks and crash tests, applied once by the process's entry point."""
+    """Switches for benchmarks and crash tests, applied once by the process's entry point,
+    and how long-running parts wait out an unreachable dependency (:mod:`vitalproof.retry`)."""
 
     model_config = _config("VITALPROOF_")
 
@@ -416,6 +417,15 @@ class RuntimeSettings(_Group):
     )
     crash_at: str | None = Field(
         default=None, description="crash tests: SIGKILL at this crash point (NAME or NAME:N)"
+    )
+    retry_min_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="waiting out an unreachable Kafka (collector), chain (anchor job) or a full"
+        " lake disk (worker): the first pause between tries, doubled after each failure",
+    )
+    retry_max_s: float = Field(
+        default=30.0, gt=0, description="... up to this many seconds between tries"
     )
 
 
