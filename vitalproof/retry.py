@@ -60,11 +60,11 @@ class Backoff:
             raise ValueError("backoff needs factor >= 1 and 0 <= jitter <= 1")
 
     @classmethod
-    def from_settings(cls, runtime: RuntimeSettings, **kwargs: float) -> Backoff:
+    def from_settings(cls, runtime: RuntimeSettings, *, factor: float = 2.0) -> Backoff:
         """``VITALPROOF_RETRY_MIN_S`` .. ``VITALPROOF_RETRY_MAX_S`` (a max below the min is
         raised to it: a setting of one alone never makes the pair invalid)."""
         lo = runtime.retry_min_s
-        return cls(min_s=lo, max_s=max(lo, runtime.retry_max_s), **kwargs)
+        return cls(min_s=lo, max_s=max(lo, runtime.retry_max_s), factor=factor)
 
     def peek(self) -> float:
         """The pause the next :meth:`failed` would return (without jitter)."""
