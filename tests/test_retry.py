@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vitalproof.retry import Backoff, Outage, disk_full
+from vitalproof.retry import Backoff, Outage, RepeatFilter, disk_full
 from vitalproof.settings import RuntimeSettings
 
 
@@ -106,3 +106,19 @@ def test_the_disk_full_policy_knows_enospc_in_its_several_shapes() -> None:
     assert disk_full(OSError("Error writing bytes to file. Detail: [errno 28] No space left"))
     assert disk_full(OSError(errno.EACCES, "Permission denied")) is None
     assert disk_full(ValueError("No space left on device")) is None
+
+
+def test_the_repeat_filter_lets_one_of_each_message_through_per_interval() -> None:
+    clock = Clock()
+    quiet = RepeatFilter(every_s=30, clock=clock)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka", logging.ERROR, "x", 1, msg, ("n1",), None)
+
+    passed = [quiet.filter(record("Unable connect to node %s")) for _ in range(1000)]
+    assert passed.count(True) == 1
+    assert quiet.filter(record("Unable to update metadata from %s"))  # another message
+    clock.t += 31
+    again = record("Unable connect to node %s")
+    assert quiet.filter(again)
+    assert again.getMessage() == "Unable connect to node n1 (999 more like it in the last 30 s)"

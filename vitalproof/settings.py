@@ -385,6 +385,14 @@ class DevStackSettings(_Group):
     kafka_libs: Path | None = Field(
         default=None, description="a folder of Kafka jars to use instead of resolving them"
     )
+    kafka_proxied_port: int | None = Field(
+        default=None,
+        description="local broker: also listen on this port, advertised as the next setting's:"
+        " a TCP proxy there forwarding here sits in its clients' path (the kafka-partition drill)",
+    )
+    kafka_proxied_advertised_port: int | None = Field(
+        default=None, description="local broker: the port that listener advertises (the proxy's)"
+    )
     anvil_port: int = Field(default=18545, description="local Anvil: JSON-RPC port")
     s3_port: int = Field(default=18333, description="local SeaweedFS (`stack up --s3`): S3 port")
     s3_bucket: str = Field(default="vitalproof", description="local SeaweedFS: the lake's bucket")

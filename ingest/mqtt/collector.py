@@ -45,7 +45,7 @@ from ingest.mqtt.client import FastClient
 from vitalproof.errors import VitalproofError
 from vitalproof.mqtt_loop import MqttLoop
 from vitalproof.raw import H_RECEIVED, RawRecord
-from vitalproof.retry import Backoff, Outage
+from vitalproof.retry import Backoff, Outage, RepeatFilter
 from vitalproof.schema import CONTENT_TYPE_JSON, Transport
 from vitalproof.settings import Settings
 
@@ -62,6 +62,9 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
 # every message forwarded is acked. Mosquitto sends what a session holds as soon as the
 # Receive Maximum allows, so a second of silence with nothing in flight means nothing is left.
 LEAVE_QUIET_S = 1.0
+#: The loggers aiokafka's client, connections and sender log through (a logger's filter
+#: does not see its children's records).
+AIOKAFKA_LOGGERS = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.sender")
 
 
 class CollectorError(VitalproofError):
@@ -343,6 +346,9 @@ class MqttCollector:
             )
 
         # Leaving the block sends the queued PUBACKs, then DISCONNECT (2 s at most).
+        quiet = RepeatFilter()  # aiokafka logs each failed connect while Kafka is away
+        for name in AIOKAFKA_LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         async with MqttLoop(close_timeout_s=2.0) as mqtt_loop:
             mqtt_loop.attach(self._client, self._on_readable)
             try:
@@ -374,6 +380,8 @@ class MqttCollector:
                     log.warning("stopped before the session was drained; it is kept")
             finally:
                 self._closing = True
+                for name in AIOKAFKA_LOGGERS:
+                    logging.getLogger(name).removeFilter(quiet)
         return self.stats
 
     async def _kafka_producer(
@@ -407,6 +415,8 @@ class MqttCollector:
         the session meanwhile, so devices never block.
         """
         self.stats.kafka, self.stats.kafka_outages = "waiting", self.kafka_outage.outages
+        for f in self._ledger.futures():  # their errors are known: not "never retrieved"
+            f.add_done_callback(_retrieve)
         self._ledger = AckLedger()  # late answers of the old producer ack nothing
         self._inbox = []
         self._failure = None
@@ -555,6 +565,11 @@ class MqttCollector:
         self._ack_ready()
         if self._failure is not None:
             raise self._failure
+
+
+def _retrieve(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _sleep_unless(stop: asyncio.Event | None, deadline: float | None, seconds: float) -> None:
