@@ -227,6 +227,9 @@ class PausableProxy:
         self.target = (target_host, target_port)
         self.port = port
         self.partitioned = asyncio.Event()
+        self.connections = 0
+        self.bytes_passed = 0
+        """What went through: a proxy nobody used would make the drill prove nothing."""
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -241,6 +244,7 @@ class PausableProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        self.connections += 1
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -250,6 +254,7 @@ class PausableProxy:
                         if dst.is_closing():
                             return
                     dst.write(data)
+                    self.bytes_passed += len(data)
                     await dst.drain()
             dst.close()
 
@@ -452,6 +457,11 @@ async def _drive(
         proxy = PausableProxy(host, ds.kafka_proxied_port, ds.kafka_proxied_advertised_port)
         await proxy.start()
         collector_rs = rs.evolve(kafka={"bootstrap": f"{host}:{proxy.port}"})
+        # The point of the second listener: after bootstrap, clients are sent back to it.
+        advertised = await _advertised_brokers(collector_rs.kafka.bootstrap)
+        result.notes.append(f"Kafka advertises {advertised} to the collector's clients")
+        if advertised != [f"{host}:{proxy.port}"]:
+            raise RuntimeError(f"Kafka advertises {advertised}, not the proxy's port {proxy.port}")
     sup.start("worker")
     sup.start("collector", collector_rs)
     sup.start("anchor")
@@ -491,6 +501,11 @@ async def _drive(
         await watch
         if proxy is not None:
             await proxy.close()
+            result.notes.append(
+                f"the proxy carried {proxy.connections} connections, {proxy.bytes_passed} bytes"
+            )
+            if not proxy.bytes_passed:
+                result.errors.append("nothing went through the proxy: the partition cut nothing")
     if "serve" in sup.children:
         status = await asyncio.to_thread(_serve_status, sup.serve_port)
         if status.get("fanout") != "ready":
@@ -500,6 +515,18 @@ async def _drive(
     await asyncio.to_thread(check, rs, record, result, plan.proofs, rng)
     if plan.privacy:
         await asyncio.to_thread(check_privacy, rs, result, rng)
+
+
+async def _advertised_brokers(bootstrap: str) -> list[str]:
+    """The broker addresses Kafka's metadata gives a client that bootstrapped at ``bootstrap``."""
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        return sorted(f"{b.host}:{b.port}" for b in client.cluster.brokers())
+    finally:
+        await client.close()
 
 
 async def _harm(
