@@ -17,6 +17,12 @@ of them holds the lease (:mod:`anchor.leader`) and runs the job; its log entries
 ``vitals.anchor-log`` before its own log, so the next leader replays them, adopts the head
 the contract holds (never anchoring a head that is already there, nor one that skips
 entries), and goes on from the group's committed offsets of ``vitals.batches``.
+
+An unreachable chain node does not stop the job (:meth:`AnchorJob._on_chain`): it goes on
+logging manifests, puts the anchor off with a bounded exponential backoff
+(:mod:`vitalproof.retry`), one line when the node goes and one when it is back, and resumes
+as a restart would (outbox re-broadcast, the contract's head adopted), so nothing is
+anchored twice.
 """
 
 from __future__ import annotations

@@ -388,7 +388,7 @@ class DevStackSettings(_Group):
     kafka_proxied_port: int | None = Field(
         default=None,
         description="local broker: also listen on this port, advertised as the next setting's:"
-        " a TCP proxy there forwarding here sits in its clients' path (the kafka-partition drill)",
+        " a TCP proxy there forwarding here sits in its clients' path (the partition-kafka drill)",
     )
     kafka_proxied_advertised_port: int | None = Field(
         default=None, description="local broker: the port that listener advertises (the proxy's)"

@@ -18,6 +18,12 @@ Everything runs on the asyncio loop, paho included: its socket is driven by
 and each time its socket is readable, every complete packet in it is read at once. A burst of
 messages read from the socket is handed to Kafka as one record batch per partition
 (:class:`ingest.kafka_sink.BurstSender`) and acknowledged, in order, when its batches are.
+
+Kafka away (it cannot be bootstrapped, or a produce failed with a retriable error) does not
+stop the collector (:meth:`MqttCollector.run`): it acknowledges nothing more, leaves the
+broker (the session keeps what was unacked, and queues what comes meanwhile) and tries a
+fresh producer with a bounded exponential backoff (:mod:`vitalproof.retry`), saying so once
+when Kafka goes and once when the first produce after it is acknowledged.
 """
 
 from __future__ import annotations
