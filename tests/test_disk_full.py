@@ -18,13 +18,19 @@ from streams.seal_process import SealProcess
 from tests.test_seal_process import records
 from vitalproof.manifest import BatchManifest
 
+pytestmark = pytest.mark.integration  # a real filesystem of its own: mount, as root
+
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs of its own (the drill's ``disk-full`` does the same to the lake)."""
     path = tmp_path / "lake"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:  # the disk-full drill needs the same: fail, never skip
+        pytest.fail(f"cannot mount a tmpfs (root needed): {mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:
