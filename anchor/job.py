@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
+from requests.exceptions import RequestException
 
 from anchor.chain import AnchorReceipt, Chain
 from anchor.errors import AnchorError
@@ -61,11 +62,12 @@ CheckpointProvider = Callable[[], Iterable[tuple[str, bytes, int]]]
 
 def chain_unreachable(chain: Chain | None) -> ErrorPolicy:
     """The anchor job's error policy: worth waiting for are a node that cannot be reached
-    (connection refused or reset, timeouts: requests' errors are ``OSError``s) and an anchor
-    that did not become final while the node is unreachable; anything else is raised."""
+    (connection refused or reset, timeouts: the HTTP provider's ``requests`` errors) and an
+    anchor that did not become final while the node is unreachable; anything else (a full
+    local disk, a reverted anchor, two histories) is raised."""
 
     def policy(exc: BaseException) -> str | None:
-        if isinstance(exc, OSError):
+        if isinstance(exc, RequestException | ConnectionError | TimeoutError):
             return f"unreachable ({type(exc).__name__}: {str(exc)[:160]})"
         if isinstance(exc, AnchorError) and chain is not None and not _reachable(chain):
             return f"unreachable while an anchor waited to be final ({exc})"
