@@ -25,6 +25,7 @@ from streams.ledger import Folder
 from streams.published import published_ids
 from streams.seal_process import SealProcess
 from vitalproof.registry import Registry
+from vitalproof.retry import Backoff
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def create_app(settings: Settings) -> faust.App:
             published=lambda ids, since_ms: published_ids(
                 settings.kafka.bootstrap, batches, ids, since_ms
             ),
+            backoff=lambda: Backoff.from_settings(settings.runtime),
         )
         group.joined(agent)
         await agent.run(cast(TakeStream, stream))
