@@ -180,15 +180,15 @@ async def events_after(
     replayer: Replayer, sub: Subscription, since: int, until: int, limit: int = HOLD
 ) -> list[Event]:
     """Events ``since+1 .. until``, at most ``limit``: the held ones, and before them what
-    is no longer held, read back from Kafka (:class:`clinic.fanout.Replayer`; raises
-    :class:`Gone` naming what Kafka no longer has)."""
+    is no longer held, read back from Kafka or, past its retention, from the lake
+    (:class:`clinic.fanout.Replayer`; raises :class:`Gone` naming what neither has)."""
     try:
         return [e for e in sub.since(since) if e.number <= until][:limit]
     except Behind as behind:
         end = min(behind.last, until)
         out = await replayer.replay(sub, since, end, limit)
-    if len(out) >= limit or end >= until:
-        return out
+    if len(out) >= limit or end >= until or not out or out[-1].number < end:
+        return out  # full, or up to a gone segment (asked for again, it is the 410)
     try:
         rest = [e for e in sub.since(end) if e.number <= until]
     except Behind:  # what is held moved on meanwhile: the client asks again from here
@@ -199,8 +199,8 @@ async def events_after(
 @router.get("/fhir/Subscription/{sub_id}/$events")
 async def events(request: Request, sub_id: str, who: Who) -> JSONResponse:
     """The events ``eventsSinceNumber+1 .. eventsUntilNumber`` (at most 10,000: ask again
-    from the last one for more), from what is held or else from Kafka; 410 naming them if
-    they are gone from both."""
+    from the last one for more), from what is held or else from Kafka or the lake; 410
+    naming them if they are gone from both."""
     hub = hub_of(request)
     try:
         sub = hub.get(sub_id, who)
@@ -229,9 +229,9 @@ def _still_allowed(hub: Hub, sub: Subscription, events: list[Event]) -> list[Eve
 async def _follow(
     hub: Hub, replayer: Replayer, sub: Subscription, since: int, heartbeat_s: float
 ) -> AsyncIterator[tuple[str, list[Event]]]:
-    """(kind, events) from event ``since`` on: those no longer held first (from Kafka, a
-    page at a time), then held ones, then live; a heartbeat when idle; ends once the
-    subscription is closed (raises :class:`Gone` if what it missed is gone from Kafka too)."""
+    """(kind, events) from event ``since`` on: those no longer held first (from Kafka or the
+    lake, a page at a time), then held ones, then live; a heartbeat when idle; ends once the
+    subscription is closed (raises :class:`Gone` if what it missed is gone from both)."""
     cursor = since
     while True:
         sub.wake.clear()
