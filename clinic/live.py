@@ -101,6 +101,19 @@ class Event:
         return bool(self.metric)
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How a subscription's notifications are shaped and paced (FHIR R5 Subscription's
+    ``content``, ``channelType``, ``heartbeatPeriod``, ``maxCount``, ``topic``); the
+    compact JSON form for charts by default."""
+
+    content: str = "compact"  # compact | empty | id-only | full-resource
+    channel: str | None = None  # websocket | sse; None: either
+    heartbeat_s: float | None = None
+    max_count: int | None = None
+    topic: str | None = None  # the R5 topic's canonical URL (None: a compact subscription)
+
+
 @dataclass
 class Subscription:
     id: str
@@ -117,6 +130,7 @@ class Subscription:
     connections: int = 0
     idle_since: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    delivery: Delivery = field(default_factory=Delivery)
 
     def wants(self, patient_id: str, metric: str) -> bool:
         return self.wants_patient(patient_id) and (self.metrics is None or metric in self.metrics)
@@ -197,6 +211,7 @@ class Hub:
         principal: Principal,
         patients: Iterable[str] | None,
         metrics: Iterable[str] | None,
+        delivery: Delivery | None = None,
     ) -> Subscription:
         if principal.role is Role.OPERATOR:
             raise SubscriptionError("the operator role sees pipeline health, not live vitals")
@@ -249,6 +264,7 @@ class Hub:
             metrics=chosen,
             created=self.clock(),
             idle_since=self.clock(),
+            delivery=delivery or Delivery(),
         )
         self.subscriptions[sub.id] = sub
         self._targets.clear()
