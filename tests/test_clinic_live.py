@@ -242,6 +242,122 @@ def test_two_clinicians_get_exactly_their_consented_readings_and_resume_without_
     assert closed_at - got["revoked_at"] < 2.0  # the target is 1 s: bench/clinic_bench.py
 
 
+def test_an_r5_subscription_over_websocket_gets_handshake_paged_full_resources_and_ends(
+    live: Live,
+) -> None:
+    """An R5 Subscription (topic, filterBy patient and LOINC code, websocket, full-resource,
+    maxCount 25, heartbeatPeriod 1) through the real service: created as an R5 resource, read
+    back, listed; the connection gets a handshake, then notifications of at most 25 events
+    that validate as R5 Bundles, numbered 1, 2, 3, ... with Observation foci of exactly the
+    consented readings, then heartbeats; ``$status`` counts them; ``$events`` with
+    ``content=id-only`` gives the foci without resources; DELETE ends the stream with the
+    reason and the subscription is gone."""
+    from fhir.resources.bundle import Bundle
+    from fhir.resources.subscription import Subscription as R5Subscription
+
+    with ConsentStore(live.settings.paths.consent_path) as store:
+        store.grant(
+            patient_id="pt-1", grantee=DR_A, metrics=frozenset({ALL_VITALS}),
+            purpose="TREAT", actor="Patient/pt-1",
+        )  # fmt: skip
+    headers = live.headers(DR_A)
+    body = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "topic": "urn:vitalproof:SubscriptionTopic:vital-signs",
+        "filterBy": [
+            {"resourceType": "Observation", "filterParameter": "patient", "value": "Patient/pt-1"},
+            {"filterParameter": "code", "value": "http://loinc.org|8867-4"},
+        ],
+        "channelType": {
+            "system": "http://terminology.hl7.org/CodeSystem/subscription-channel-type",
+            "code": "websocket",
+        },
+        "content": "full-resource",
+        "heartbeatPeriod": 1,
+        "maxCount": 25,
+    }
+    topic = httpx.get(live.url + "/fhir/SubscriptionTopic/vital-signs")
+    assert topic.status_code == 200 and topic.json()["url"] == body["topic"]
+    bad = httpx.post(live.url + "/fhir/Subscription", json=body | {"maxCount": 0}, headers=headers)
+    assert bad.status_code == 422
+    assert bad.json()["issue"][0]["diagnostics"].startswith("Subscription.maxCount")
+    r = httpx.post(live.url + "/fhir/Subscription", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    R5Subscription.model_validate(created)
+    sub = created["id"]
+    assert r.headers["location"].endswith(f"/fhir/Subscription/{sub}")
+    assert created["status"] == "active" and created["maxCount"] == 25
+    assert httpx.get(r.headers["location"], headers=headers).json() == created
+    listed = httpx.get(live.url + "/fhir/Subscription", headers=headers).json()
+    assert [e["resource"]["id"] for e in listed["entry"]] == [sub]
+    t0 = int(time.time() * 1e6)
+    batches = [bundle(p, f"dev-{p}", 0, 60, t0) for p in ("pt-1", "pt-2")]
+    want = [
+        rid
+        for rid, m in zip(batches[0].reading_id, batches[0].metric, strict=True)
+        if m == "heart_rate"
+    ]
+    token = headers["Authorization"].split()[1]
+
+    async def go() -> dict[str, Any]:
+        got: dict[str, Any] = {"kinds": [], "numbers": [], "foci": [], "bundles": []}
+        async with websockets.connect(f"{created['endpoint']}?access_token={token}") as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            got["kinds"].append(first["entry"][0]["resource"]["type"])
+            await produce(live.settings, batches)
+            while len(got["numbers"]) < len(want) or "heartbeat" not in got["kinds"][1:]:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                status = msg["entry"][0]["resource"]
+                got["kinds"].append(status["type"])
+                if status["type"] == "event-notification":
+                    got["bundles"].append(msg)
+                    events = status["notificationEvent"]
+                    got["numbers"].extend(int(e["eventNumber"]) for e in events)
+                    got["foci"].extend(e["focus"]["reference"] for e in events)
+            async with httpx.AsyncClient(base_url=live.url, headers=headers) as client:
+                status_r = await client.get(f"/fhir/Subscription/{sub}/$status")
+                got["status"] = status_r.json()
+                ids_r = await client.get(
+                    f"/fhir/Subscription/{sub}/$events",
+                    params={"eventsSinceNumber": 0, "content": "id-only"},
+                )
+                got["ids_only"] = ids_r.json()
+                deleted = await client.delete(f"/fhir/Subscription/{sub}")
+            assert deleted.status_code == 200, deleted.text
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            except websockets.ConnectionClosed:
+                pass
+            got["close"] = (ws.close_code, ws.close_reason)
+        return got
+
+    got = asyncio.run(go())
+    assert got["kinds"][0] == "handshake"
+    assert got["numbers"] == list(range(1, len(want) + 1))
+    assert got["foci"] == [f"Observation/{rid}" for rid in want]
+    assert len(got["bundles"]) >= 3  # 60 events, at most 25 a notification
+    for msg in got["bundles"]:
+        Bundle.model_validate(msg)
+        assert len(msg["entry"]) - 1 == len(msg["entry"][0]["resource"]["notificationEvent"])
+        assert len(msg["entry"]) - 1 <= 25
+        for entry in msg["entry"][1:]:
+            assert entry["resource"]["resourceType"] == "Observation"
+            assert entry["resource"]["subject"]["reference"] == "Patient/pt-1"
+    (status,) = [e["resource"] for e in got["status"]["entry"]]
+    assert status["type"] == "query-status"
+    assert status["eventsSinceSubscriptionStart"] == str(len(want))
+    ids_only = got["ids_only"]
+    assert len(ids_only["entry"]) == 1  # the status alone: no resources
+    foci = [e["focus"]["reference"] for e in ids_only["entry"][0]["resource"]["notificationEvent"]]
+    assert foci == [f"Observation/{rid}" for rid in want]
+    assert got["close"] == (4403, "deleted by its subscriber")
+    gone = httpx.get(live.url + f"/fhir/Subscription/{sub}", headers=headers)
+    assert gone.status_code == 404 and gone.json()["resourceType"] == "OperationOutcome"
+
+
 def test_events_no_longer_held_come_back_from_kafka_then_the_lake_and_what_neither_has_is_named(
     live: Live,
 ) -> None:
