@@ -212,8 +212,15 @@ class Replayer:
         for g in segments:
             tp = TopicPartition(g.source.topic, g.source.partition)
             try:
-                readings = await self._readings(sub, g, read[tp], starts[tp])
-                out.extend(self._events(sub, g, starts[tp], readings, since, until))
+                try:
+                    readings = await self._readings(sub, g, read[tp], starts[tp])
+                    out.extend(self._events(sub, g, starts[tp], readings, since, until))
+                except Gone:
+                    if g.source.first_offset >= starts[tp]:
+                        raise
+                    self.lake.relist()  # a batch sealed since the lake was listed: once more
+                    readings = await self._readings(sub, g, read[tp], starts[tp])
+                    out.extend(self._events(sub, g, starts[tp], readings, since, until))
             except Gone:
                 if out:  # what came back before it; the client asks again from there
                     return out

@@ -18,6 +18,8 @@ of a reading sealed before (a replay of the worker after a crash).
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +38,9 @@ from vitalproof.settings import Settings
 
 #: Patients' rows of batches kept decoded, for the next page of one replay.
 CACHED = 32
+#: Seconds the list of manifests is trusted before the lake is listed again (sooner when no
+#: known batch covers what is asked for).
+MANIFESTS_TTL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,21 +62,35 @@ class LakeReplay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._manifests: dict[str, BatchManifest] = {}
+        self._listed = -MANIFESTS_TTL_S
         self._rows: OrderedDict[tuple[str, str], list[LakeReading]] = OrderedDict()
+        self._lock = threading.Lock()  # replays of two requests run in two threads
 
     def batches(self, topic: str, partition: int, lo: int, hi: int) -> list[BatchManifest]:
         """The sealed batches whose covers meet offsets ``lo..hi`` of the partition."""
+
+        def meeting() -> list[BatchManifest]:
+            return [
+                m
+                for m in self._manifests.values()
+                if any(
+                    c.topic == topic and c.partition == partition and c.first <= hi and c.last >= lo
+                    for c in m.covers
+                )
+            ]
+
+        found = meeting()
+        if found and time.monotonic() - self._listed < MANIFESTS_TTL_S:  # else relist
+            return found
         root = lake.open_lake(self.settings)
-        for m in read_manifests(root.child(BATCHES_DIR)):  # new batches since the last call
+        for m in read_manifests(root.child(BATCHES_DIR)):  # new batches since the last list
             self._manifests.setdefault(m.batch_id, m)
-        return [
-            m
-            for m in self._manifests.values()
-            if any(
-                c.topic == topic and c.partition == partition and c.first <= hi and c.last >= lo
-                for c in m.covers
-            )
-        ]
+        self._listed = time.monotonic()
+        return meeting()
+
+    def relist(self) -> None:
+        """List the manifests again at the next call (a batch may have been sealed since)."""
+        self._listed = -MANIFESTS_TTL_S
 
     def readings(
         self, topic: str, partition: int, lo: int, hi: int, patients: Iterable[str]
@@ -79,7 +98,12 @@ class LakeReplay:
         """The readings of ``patients`` sealed from offsets ``lo..hi``, in delivery order."""
         if not (self.settings.paths.keys_dir / MASTER_KEY_FILE).exists():
             return []
-        wanted = set(patients)
+        with self._lock:
+            return self._readings_of(topic, partition, lo, hi, set(patients))
+
+    def _readings_of(
+        self, topic: str, partition: int, lo: int, hi: int, wanted: set[str]
+    ) -> list[LakeReading]:
         out: list[LakeReading] = []
         for m in self.batches(topic, partition, lo, hi):
             for patient in sorted(wanted & set(m.patients)):
