@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -223,10 +224,20 @@ def _position_columns(
     return {
         "clean_partition": _repeat(pa.array([p.partition for p in positions], pa.int32()), counts),
         "clean_offset": _repeat(pa.array([p.offset for p in positions], pa.int64()), counts),
-        "clean_index": pa.array(
-            list(itertools.chain.from_iterable(p.index for p in positions)), pa.int32()
-        ),
+        "clean_index": pa.array(_indices([p.index for p in positions]), pa.int32()),
     }
+
+
+def _indices(parts: Sequence[Sequence[int]]) -> np.ndarray[Any, np.dtype[np.int32]]:
+    """The indices concatenated; ranges (the norm: nothing deduplicated) without a Python
+    int per reading."""
+    arrays = [
+        np.arange(p.start, p.stop, dtype=np.int32)
+        if isinstance(p, range)
+        else np.asarray(p, dtype=np.int32)
+        for p in parts
+    ]
+    return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
 
 
 def table_from_batches(
