@@ -54,6 +54,19 @@ def test_rows_keep_their_record_and_place_across_batches_and_deduplication(
     assert _rows(tmp_path, "pat-2") == [(0, 7, 0, 0), (0, 7, 1, 1)]
 
 
+def test_compaction_keeps_every_rows_position(tmp_path: Path) -> None:
+    kms = LocalKeystore(tmp_path / "keys")
+    sealer = Sealer(tmp_path, kms)
+    for k in range(3):  # three batches of one patient-day: compaction merges their files
+        b = batch("dev-1", "pat-1", 4, seq0=10 * k)
+        assert sealer.seal([Pending("vitals.clean", 1, 5 + k, b)]) is not None
+    before = _rows(tmp_path, "pat-1")
+    report = lake.compact_lake(tmp_path, kms)
+    assert (report.files_in, report.files_out) == (3, 1), report
+    assert _rows(tmp_path, "pat-1") == before
+    assert [r[1] for r in before] == [5] * 4 + [6] * 4 + [7] * 4
+
+
 def test_rows_built_without_positions_have_null_positions() -> None:
     t = build_table([batch("dev-1", "pat-1", 3)], "b-1")
     for name in ("clean_partition", "clean_offset", "clean_index"):
