@@ -2,7 +2,7 @@
 its arrival on a clinician's WebSocket, through the real Kafka and `vitalproof serve`.
 
     .venv/bin/python bench/fanout_latency_bench.py [--rates 1000,5000,20000] [--seconds 15]
-        [--subscribers 20] [--patients 100] [--per-bundle 20] [--json]
+        [--subscribers 20] [--patients 100] [--per-bundle 20] [--no-compression] [--json]
 
 Starts its own Kafka (free ports, tmp home) and the service as deployed (its own process);
 grants each of ``--subscribers`` clinicians all vital signs of ``--patients / --subscribers``
@@ -134,7 +134,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
         async def watch(k: int) -> None:
             uri = url.replace("http", "ws", 1) + f"/stream/ws/{subs[k]}?access_token={tokens[k]}"
-            async with websockets.connect(uri, max_size=None, open_timeout=60) as ws:
+            compression = None if args.no_compression else "deflate"
+            async with websockets.connect(
+                uri, max_size=None, open_timeout=60, compression=compression
+            ) as ws:
                 async for text in ws:
                     now_us = time.time() * 1e6
                     for entry in json.loads(text)["entry"][1:]:
@@ -172,7 +175,12 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*watchers, return_exceptions=True)
     finally:
         processes.stop(serve)
-    return {"subscribers": len(clinicians), "patients": len(patients), "runs": results}
+    return {
+        "subscribers": len(clinicians),
+        "patients": len(patients),
+        "compression": not args.no_compression,
+        "runs": results,
+    }
 
 
 def main() -> None:
@@ -182,6 +190,9 @@ def main() -> None:
     p.add_argument("--subscribers", type=int, default=20, help="clinicians connected at once")
     p.add_argument("--patients", type=int, default=100)
     p.add_argument("--per-bundle", type=int, default=20, help="readings per clean record")
+    p.add_argument(
+        "--no-compression", action="store_true", help="no permessage-deflate on the sockets"
+    )
     p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
     args = p.parse_args()
     try:
