@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from clinic import device_events
@@ -63,14 +63,13 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
 
     events_topic = settings.kafka.topic_events
     consumer = AIOKafkaConsumer(
-        settings.kafka.topic_clean,
-        events_topic,
         bootstrap_servers=settings.kafka.bootstrap,
         group_id=group_id(settings),
         auto_offset_reset="latest",
         enable_auto_commit=True,
         max_partition_fetch_bytes=256 * 1024,
     )
+    consumer.subscribe([settings.kafka.topic_clean, events_topic], listener=_Rebalance(hub))
     await consumer.start()
     try:
         while not stop.is_set():
@@ -94,14 +93,37 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
             await consumer.stop()
 
 
+class _Rebalance(ConsumerRebalanceListener):
+    """Says when the fan-out's partitions move (each move is a moment where readings could
+    be skipped if a partition had no committed offset yet), and counts the moves."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            log.info("fan-out: partitions revoked: %s", _tps(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("fan-out: partitions assigned: %s", _tps(assigned))
+
+
+def _tps(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(tps)) or "none"
+
+
 async def _positioned(consumer: AIOKafkaConsumer) -> bool:
     """Ready only once every assigned partition has a position: an assignment alone is not
     enough, because "latest" is resolved lazily, and a reading produced before it is resolved
     would be skipped by a fan-out that already said it was ready (a subscriber that started
     watching then would miss it)."""
     assigned = consumer.assignment()
-    for tp in assigned:
-        await consumer.position(tp)
+    at = {tp: await consumer.position(tp) for tp in assigned}
+    if at:
+        log.info(
+            "fan-out: ready at %s",
+            ", ".join(f"{t.topic}/{t.partition}@{o}" for t, o in sorted(at.items())),
+        )
     return bool(assigned)
 
 

@@ -291,6 +291,7 @@ async def _run(
     summary.deliveries_refused = counts.deliveries_refused
     summary.deliveries_unexpected = counts.deliveries_unexpected
     summary.deliveries_missing = counts.deliveries_missing
+    summary.errors.extend(counts.problems)
     summary.audit_records = counts.audit_records
     summary.audit_checkpoints_anchored = _anchored_checkpoints(rs)
 

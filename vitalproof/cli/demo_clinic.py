@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from vitalproof.cli import processes
 from vitalproof.settings import Settings
 
 ACTOR = "Operator/demo"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Clinician:
     subscription: str = ""
     received: set[str] = field(default_factory=set)
     events: int = 0
+    reconnects: int = 0
+    device_events: int = 0
 
 
 @dataclass
@@ -44,6 +48,7 @@ class ClinicCounts:
     audit_records: int = 0
     deliveries_unexpected: int = 0  # received but not covered by consent (must be 0)
     deliveries_missing: int = 0  # covered and sealed but never received (must be 0)
+    problems: list[str] = field(default_factory=list)  # what was missed, where and when
 
 
 class DemoClinic:
@@ -112,6 +117,31 @@ class DemoClinic:
             c.subscription = str(body["id"])
             self._tasks.append(asyncio.create_task(self._watch(c)))
 
+    def _describe_missing(
+        self, c: Clinician, missing: set[str], sealed: pa.Table, ids: pa.Array
+    ) -> str:
+        """Which of the covered readings never reached ``c``: where they were in vitals.clean
+        and when they were received, against the whole run, so a miss at the start (the
+        fan-out not yet reading), in the middle (a lost connection) or at the end (the
+        fan-out behind) can be told apart."""
+        rows = sealed.filter(pc.is_in(ids, value_set=pa.array(sorted(missing))))
+        rx = pc.cast(sealed["receive_time"], pa.int64())
+        t0 = pc.min(rx).as_py() or 0
+        mrx = pc.cast(rows["receive_time"], pa.int64())
+        where = sorted(
+            {(p, o) for p, o in zip(
+                rows["clean_partition"].to_pylist(), rows["clean_offset"].to_pylist(), strict=True
+            )},
+            key=lambda po: (po[0] is None, po),
+        )  # fmt: skip
+        return (
+            f"{c.subject} missed {len(missing)} covered readings (of {len(c.received)} "
+            f"received, {c.reconnects} reconnects), received by the collector "
+            f"{(pc.min(mrx).as_py() - t0) / 1e6:.1f}-{(pc.max(mrx).as_py() - t0) / 1e6:.1f} s "
+            f"into the run (which lasted {(pc.max(rx).as_py() - t0) / 1e6:.1f} s), "
+            f"vitals.clean partition/offset {where[:6]}{' ...' if len(where) > 6 else ''}"
+        )
+
     def _status(self) -> dict[str, Any]:
         try:
             with urllib.request.urlopen(self.url + "/status", timeout=2) as r:
@@ -131,17 +161,29 @@ class DemoClinic:
             return result
 
     async def _watch(self, c: Clinician) -> None:
+        """Follow ``c``'s subscription as a client should: a connection that ends (the
+        service restarting, a ping missed on a loaded machine) is opened again from the last
+        event number received, so the service replays exactly what was missed."""
         import websockets
 
         ws_url = self.url.replace("http", "ws", 1)
-        uri = f"{ws_url}/stream/ws/{c.subscription}?access_token={c.token}&since={c.events}"
-        async with websockets.connect(uri, max_size=None) as ws:
-            with contextlib.suppress(websockets.ConnectionClosed):
-                async for text in ws:
-                    msg = json.loads(text)
-                    for entry in msg["entry"][1:]:
-                        c.received.add(entry["resource"]["reading_id"])
-                        c.events = max(c.events, int(entry["resource"]["n"]))
+        while True:
+            uri = f"{ws_url}/stream/ws/{c.subscription}?access_token={c.token}&since={c.events}"
+            try:
+                async with websockets.connect(uri, max_size=None) as ws:
+                    async for text in ws:
+                        msg = json.loads(text)
+                        for entry in msg["entry"][1:]:
+                            resource = entry["resource"]
+                            if "reading_id" in resource:
+                                c.received.add(resource["reading_id"])
+                            else:  # a device event (gap, reset, clock jump) of a patient
+                                c.device_events += 1
+                            c.events = max(c.events, int(resource["n"]))
+            except (websockets.ConnectionClosed, OSError) as e:
+                log.info("%s: stream ended (%s); again from event %d", c.subject, e, c.events)
+            c.reconnects += 1
+            await asyncio.sleep(0.5)
 
     async def finish(self, sealed: pa.Table, *, keep_serving: bool = False) -> ClinicCounts:
         """Wait until every sealed reading a clinician's consent covers has reached them, or
@@ -169,10 +211,15 @@ class DemoClinic:
                 last, stalled_at = now, time.monotonic() + 15
             await asyncio.sleep(0.3)
         await asyncio.sleep(0.5)  # anything not covered would arrive with the covered ones
+        for c, task in zip(self.clinicians, self._tasks, strict=True):
+            if task.done() and task.exception() is not None:
+                counts.problems.append(f"{c.subject}'s stream reader failed: {task.exception()!r}")
         status = await asyncio.to_thread(self._status)
         for c, cov in zip(self.clinicians, covered, strict=True):
             counts.deliveries_unexpected += len(c.received - cov)
             counts.deliveries_missing += len(cov - c.received)
+            if cov - c.received:
+                counts.problems.append(self._describe_missing(c, cov - c.received, sealed, ids))
         counts.readings_delivered = int(status.get("readings_delivered", 0))
         counts.deliveries_refused = int(status.get("deliveries_refused", 0))
         await self.close(keep_serving=keep_serving)
