@@ -148,7 +148,9 @@ def lake_read(
         _error(f"no keystore at {settings.paths.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
         return EXIT_FAILED
     if not files or kms is None:
-        _error(f"unknown patient {patient!r}: no files in {root}")
+        # The folder is the keystore's pseudonym of the id: another keystore finds nothing.
+        hint = "" if kms is None else f" under keys {kms.dir} (this lake's keystore?)"
+        _error(f"unknown patient {patient!r}: no files in {root}{hint}")
         return EXIT_FAILED
 
     table = lake.read_patient(root, patient, kms, lo, hi, wanted, batches=sealed)
