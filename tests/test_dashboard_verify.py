@@ -80,7 +80,9 @@ def _seal_and_anchor(settings: Settings) -> dict[str, str]:
                 b.fill_reading_ids()
                 items.append(Pending(settings.kafka.topic_clean, 0, 3 * n + k, b))
             manifest = sealer.seal(items)
-            assert manifest is not None and manifest.patients == ["pt-0", "pt-1", "pt-2"]
+            assert manifest is not None and manifest.patients == sorted(
+                sealer.kms.pseudonym(f"pt-{i}") for i in range(3)
+            )
             job.add_manifest(manifest.to_json_bytes())
             assert job.anchor_once() is not None
     finally:

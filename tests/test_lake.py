@@ -27,6 +27,7 @@ from streams.lake.keystore import LocalKeystore
 from streams.lake.layout import file_path
 from streams.lake.storage import LakeRoot, as_root
 from streams.lake.table import ID_SOURCE_COLUMNS, ids_to_binary, sort_for_file
+from vitalproof.manifest import BatchManifest
 from vitalproof.schema import Quality, SampleBatch, Transport
 
 T0 = 1_732_200_000_000_000  # 2024-11-21T14:40:00Z
@@ -311,6 +312,8 @@ def test_a_lake_of_the_old_layout_is_refused_in_one_line(
         with pytest.raises(lake.LakeError, match="old layout") as err:
             call()
         assert "\n" not in str(err.value) and "patient_id=<id>/" in str(err.value)
+    with pytest.raises(ValueError, match="schema 1 manifest .plaintext patient ids"):
+        BatchManifest.model_validate({"schema_version": 1, "batch_id": "b-0"})
 
 
 def test_rotation_old_files_stay_readable(lake_root: Path | LakeRoot, kms: LocalKeystore) -> None:
