@@ -207,9 +207,7 @@ def test_many_small_files_become_one_per_patient_day_and_readers_see_the_same(
     report = compact_lake(settings.lake_dir, kms_of(settings))
     assert (report.groups, report.files_in, report.files_out) == (6, 36, 6)
     assert report.rows == before.stats["readings"] and report.bytes_out < report.bytes_in / 4
-    assert per_day(settings) == {
-        (p, f"date={d}"): 1 for p in PATIENTS for d in (DAY1, DAY2)
-    }
+    assert per_day(settings) == {(p, f"date={d}"): 1 for p in PATIENTS for d in (DAY1, DAY2)}
     assert all(p.name.startswith(COMPACTED_PREFIX) for p in data_files(settings))
 
     # every row as it was (batch_id and leaf_index included), the same counts

@@ -312,7 +312,7 @@ def test_a_lake_of_the_old_layout_is_refused_in_one_line(
         with pytest.raises(lake.LakeError, match="old layout") as err:
             call()
         assert "\n" not in str(err.value) and "patient_id=<id>/" in str(err.value)
-    with pytest.raises(ValueError, match="schema 1 manifest .plaintext patient ids"):
+    with pytest.raises(ValueError, match=r"schema 1 manifest \(plaintext patient ids"):
         BatchManifest.model_validate({"schema_version": 1, "batch_id": "b-0"})
 
 
