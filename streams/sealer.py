@@ -226,8 +226,7 @@ class Sealer:
             ):
                 files.append(
                     BatchFile(
-                        path=written.path,
-                        patient=pseudonyms[patient_id],
+                        path=written.path,  # patient=<pseudonym>/...: BatchFile.patient
                         rows=written.rows,
                         sha256=written.sha256,
                         key_id=self.kms.key_ref(written.key_id),

@@ -43,12 +43,20 @@ class OffsetRange(BaseModel):
 class BatchFile(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    path: str  # relative to the lake root
-    patient: str  # the patient's pseudonym, as in the path
+    path: str  # relative to the lake root: patient=<pseudonym>/date=<d>/<batch>.parquet
     rows: int
     sha256: str
     key_id: str  # the key *reference* (kref:<h>:v<n>): names no patient
     bytes: int
+
+    @property
+    def patient(self) -> str:
+        """The file's patient, by pseudonym: its folder's name (not stored twice: manifests
+        are the largest thing beside the lake, docs/benchmarks.md)."""
+        folder = self.path.split("/", 1)[0]
+        if not folder.startswith("patient="):
+            raise ValueError(f"{self.path}: not in a patient=<pseudonym>/ folder")
+        return folder.removeprefix("patient=")
 
 
 class BatchManifest(BaseModel):
