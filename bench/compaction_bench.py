@@ -141,7 +141,8 @@ def encryption_overhead(root: Path, kms: LocalKeystore) -> dict[str, float]:
     shared machine a pass over every patient at once measured mostly the neighbours.
     """
     state = load_state(pa.fs.LocalFileSystem(), str(root))
-    patients = sorted({r.patient_id for r in state.records})
+    pseudonyms = {r.patient for r in state.records}  # records name patients by pseudonym
+    patients = sorted(str(kms.patient_of(h)) for h in pseudonyms)
     plain_s = enc_s = 0.0
     plain_b = enc_b = 0
     for p in patients:

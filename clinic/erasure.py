@@ -6,7 +6,9 @@ byte, which is why every other patient's proof bundles still verify against the 
 their paths need the erased patient's subtree root, never their leaves. What goes is what
 links those bytes to the patient: their keys and salts, destroyed by the keystore
 (crypto-shredding), so their files no longer decrypt and their leaves can no longer be
-recomputed from a guessed reading. Around that, the erasure stops everything that
+recomputed from a guessed reading. The lake and the manifests name the patient only by
+pseudonym, and the keystore's record of whose pseudonym it is goes with the keys: after the
+erasure no listing can name them. Around that, the erasure stops everything that
 still flows: no new data is accepted from their devices, no clinician may see them any more,
 and the audit log records who erased them and why.
 
@@ -35,7 +37,8 @@ from clinic.audit import AuditAction, AuditEntry, AuditRecord, Outcome
 from clinic.consent import ConsentConflict, ConsentStatus, iso_from_us
 from clinic.patients import Stores, lake_counts, stores
 from streams.lake.errors import LakeError
-from streams.lake.layout import patient_dir
+from streams.lake.keystore import LocalKeystore
+from streams.lake.layout import _check_name, patient_dir
 from streams.lake.storage import open_lake_base
 from vitalproof.errors import RegistryError, VitalproofError
 from vitalproof.registry import ID_RULE, DeviceStatus, is_valid_id
@@ -135,14 +138,21 @@ def _check_id(patient_id: str) -> None:
         raise InvalidPatientId(f"{patient_id!r} is not a patient id ({ID_RULE})")
 
 
-def _files(settings: Settings, patient_id: str) -> tuple[dict[str, int], int]:
+def _files(
+    settings: Settings, patient_id: str, ks: LocalKeystore | None
+) -> tuple[dict[str, int], int]:
     """The patient's lake files per namespace of the home (on disk, sealed or not: all of
-    them become unreadable), and their readings in sealed batches (the manifests)."""
+    them become unreadable), and their readings in sealed batches (the manifests). Both
+    name the patient by pseudonym: without a keystore nothing of theirs was sealed here."""
     files: dict[str, int] = {}
     readings = 0
     base = open_lake_base(settings)  # <home>/lake, or the s3:// prefix of VITALPROOF_LAKE
+    if ks is None:
+        return files, readings
     try:
-        folder = patient_dir(patient_id)
+        _check_name(patient_id, "patient id")
+        h = ks.pseudonym(patient_id)
+        folder = patient_dir(h)
     except LakeError:  # not a name the lake can hold: the patient has no files
         return files, readings
     for namespace in base.folders():
@@ -150,14 +160,14 @@ def _files(settings: Settings, patient_id: str) -> tuple[dict[str, int], int]:
         n = len(root.files(folder))
         if n:
             files[namespace] = n
-        counts = lake_counts(root).get(patient_id)
+        counts = lake_counts(root).get(h)
         readings += 0 if counts is None else counts.readings
     return files, readings
 
 
 def _plan(settings: Settings, patient_id: str, s: Stores) -> ErasurePlan:
-    files, readings = _files(settings, patient_id)
     ks = s.keystore
+    files, readings = _files(settings, patient_id, ks)
     has_keys = ks is not None and ks.has_keys(patient_id)
     grants = s.consent.grants(patient_id=patient_id) if s.consent else []
     devices = [d for d in s.registry.list() if d.patient_id == patient_id] if s.registry else []

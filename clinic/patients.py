@@ -3,7 +3,9 @@
 For operators (``vitalproof patients list``) and for :mod:`clinic.erasure`, which must say
 what an erasure is about to make unreadable before it does. Counted from the batch manifests
 (the sealer's commit point, which name every file's patient and row count), not by
-decrypting: a listing is cheap, needs no key, and works the same for an erased patient.
+decrypting: a listing is cheap and works the same for an erased patient. Manifests name
+patients by pseudonym; the keystore maps them back (``Kms.patient_of``), except for an
+erased patient, whose id went with their keys: their line shows only the pseudonym.
 
 Every store is opened only if it exists: looking never creates a keystore, a registry, a
 consent file or an audit log (the same rule as ``lake read``).
@@ -44,7 +46,8 @@ class LakeCounts:
 class PatientSummary:
     """A line of ``patients list``."""
 
-    patient_id: str
+    patient_id: str | None  # None: erased (the keystore no longer knows whose data it was)
+    pseudonym: str  # the patient's name in the lake and its manifests
     files: int
     readings: int
     batches: int
@@ -58,8 +61,8 @@ class PatientSummary:
 
 
 def lake_counts(root: Path | LakeRoot) -> dict[str, LakeCounts]:
-    """Patient id -> their files, readings, batches and bytes in the lake at ``root`` (a
-    folder or :func:`streams.lake.storage.open_lake`'s root)."""
+    """Patient pseudonym -> their files, readings, batches and bytes in the lake at ``root``
+    (a folder or :func:`streams.lake.storage.open_lake`'s root)."""
     out: dict[str, LakeCounts] = {}
     folder = root / BATCHES_DIR if isinstance(root, Path) else root.child(BATCHES_DIR)
     if isinstance(folder, Path) and not folder.is_dir():
@@ -67,12 +70,12 @@ def lake_counts(root: Path | LakeRoot) -> dict[str, LakeCounts]:
     for manifest in read_manifests(folder):
         seen: set[str] = set()
         for f in manifest.files:
-            c = out.setdefault(f.patient_id, LakeCounts())
+            c = out.setdefault(f.patient, LakeCounts())
             c.files += 1
             c.readings += f.rows
             c.bytes += f.bytes
-            if f.patient_id not in seen:
-                seen.add(f.patient_id)
+            if f.patient not in seen:
+                seen.add(f.patient)
                 c.batches += 1
     return out
 
@@ -123,16 +126,21 @@ def list_patients(settings: Settings) -> list[PatientSummary]:
         for g in s.consent.grants() if s.consent else ():
             if g.status is ConsentStatus.ACTIVE:
                 grants[g.patient_id] = grants.get(g.patient_id, 0) + 1
-        return [
-            PatientSummary(
-                patient_id=p,
-                files=c.files,
-                readings=c.readings,
-                batches=c.batches,
-                bytes=c.bytes,
-                active_devices=devices.get(p, 0),
-                active_grants=grants.get(p, 0),
-                erased=s.keystore is not None and s.keystore.is_erased(p),
+        ks = s.keystore
+        out = []
+        for h, c in counts.items():
+            p = None if ks is None else ks.patient_of(h)
+            out.append(
+                PatientSummary(
+                    patient_id=p,
+                    pseudonym=h,
+                    files=c.files,
+                    readings=c.readings,
+                    batches=c.batches,
+                    bytes=c.bytes,
+                    active_devices=0 if p is None else devices.get(p, 0),
+                    active_grants=0 if p is None else grants.get(p, 0),
+                    erased=ks is not None and ks.pseudonym_erased(h),
+                )
             )
-            for p, c in sorted(counts.items())
-        ]
+        return sorted(out, key=lambda r: (r.patient_id is None, r.patient_id or r.pseudonym))

@@ -28,7 +28,7 @@ from anchor.errors import AnchorError
 from anchor.log import MerkleLog
 from streams import lake
 from streams.lake.keystore import KeystoreError, LocalKeystore
-from streams.lake.layout import BATCHES_DIR
+from streams.lake.layout import BATCHES_DIR, patient_dir
 from streams.ledger import read_manifests
 from vitalproof.errors import VitalproofError
 from vitalproof.hashing import salted_leaves
@@ -61,17 +61,31 @@ class LakeView:
     def sealed_rows(self) -> int:
         return sum(m.rows for m in self.manifests())
 
+    def pseudonyms(self) -> set[str]:
+        """Every patient of the sealed batches, as manifests name them."""
+        return {p for m in self.manifests() for p in m.patients}
+
     def patients(self) -> list[str]:
-        return sorted({p for m in self.manifests() for p in m.patients})
+        """The ids behind :meth:`pseudonyms` that the keystore still knows (not erased)."""
+        ids = (self.kms.patient_of(h) for h in self.pseudonyms())
+        return sorted(p for p in ids if p is not None)
 
     def table(self, patients: Iterable[str] | None = None) -> pa.Table:
         """Rows of sealed batches only (files of a batch without a manifest are ignored),
         without the files of erased keys (listed in :attr:`erased_files`)."""
         sealed = lake.sealed_batch_ids(self.root)
         self.erased_files = []
+        if patients is None:
+            patients = []
+            for h in sorted(self.pseudonyms()):
+                p = self.kms.patient_of(h)
+                if p is None:  # erased: the id is gone, their files stay unreadable
+                    self.erased_files += [i.path for i in self.root.files(patient_dir(h))]
+                else:
+                    patients.append(p)
         parts = [
             lake.read_patient(self.root, p, self.kms, batches=sealed, erased=self.erased_files)
-            for p in (self.patients() if patients is None else patients)
+            for p in sorted(patients)
         ]
         return pa.concat_tables(parts) if parts else lake.SCHEMA.empty_table()
 
@@ -123,9 +137,10 @@ class LakeView:
                     log=log,
                 )
             roots = [bytes.fromhex(r) for r in manifest.patient_roots or []]
-            if patient_id not in manifest.patients:
+            h = self.kms.pseudonym(patient_id)
+            if h not in manifest.patients:
                 raise ProofExportError(f"batch {batch_id} has no readings of {patient_id}")
-            index = manifest.patients.index(patient_id)
+            index = manifest.patients.index(h)
             return build_bundle_v2(
                 reading=reading,
                 salt=salt,
@@ -151,7 +166,9 @@ class LakeView:
         patient in the batch's time range.
         """
         where = f"patient {patient_id}'s rows of batch {manifest.batch_id}"
-        size = (manifest.patient_sizes or [])[manifest.patients.index(patient_id)]
+        size = (manifest.patient_sizes or [])[
+            manifest.patients.index(self.kms.pseudonym(patient_id))
+        ]
         rows = self._batch_rows(manifest, patient_id, {manifest.batch_id})
         if rows.num_rows != size:
             rows = self._batch_rows(manifest, patient_id, lake.sealed_batch_ids(self.root))

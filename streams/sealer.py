@@ -6,7 +6,8 @@ atomically (locally temp file + fsync + rename; on S3 one PUT, which makes an ob
 whole or not at all). The batch's tree has two levels (tree version 2, docs/wire-formats.md):
 each patient's salted leaves, in the canonical order (:func:`canonical_order`), make one
 RFC 9162 subtree, and the batch root is the RFC 9162 root over those subtrees' roots,
-patients sorted. The manifest keeps each patient's root and leaf count, and nothing per
+patients sorted by pseudonym (``Kms.pseudonym``: manifests name patients by it, never by id).
+The manifest keeps each patient's root and leaf count, and nothing per
 reading: a proof recomputes its patient's leaves from their rows (which carry ``batch_id``
 and ``leaf_index``). The manifest is the commit point: once it exists the
 batch is sealed, and the worker skips every offset it covers if Kafka redelivers them (the
@@ -131,15 +132,13 @@ class Sealer:
             ids: list[str] = []
             for f in manifest.files:
                 try:
-                    ids.extend(
-                        lake.read_reading_ids(self.lake_root, f.path, self.kms, f.patient_id)
-                    )
+                    ids.extend(lake.read_reading_ids(self.lake_root, f.path, self.kms))
                 except lake.LakeFileVanished:
                     with contextlib.suppress(lake.LakeError):
                         ids.extend(
                             lake.merged_reading_ids(
                                 self.lake_root, f.path, manifest.batch_id, self.kms,
-                                f.patient_id, cache=merged,
+                                f.patient, cache=merged,
                             )
                         )  # fmt: skip
                 except lake.LakeError:
@@ -187,7 +186,10 @@ class Sealer:
         memories = [self.recent((c.topic, c.partition)) for c in covers]
         replayed = _seen_in(memories, [rid for p in fresh for rid in p.batch.reading_id])
         positions = _positions(fresh)  # before deduplication drops any reading
-        by_patient = group_by_patient([p.batch for p in fresh], already=replayed)
+        grouped = group_by_patient([p.batch for p in fresh], already=replayed)
+        # The upper tree's order, and the manifest's names: pseudonyms, sorted.
+        pseudonyms = {p: self.kms.pseudonym(p) for p in grouped}
+        by_patient = {p: grouped[p] for p in sorted(grouped, key=pseudonyms.__getitem__)}
         patient_roots: list[bytes] = []
         patient_sizes: list[int] = []
         sealed_ids: list[str] = []  # for the memory of recently sealed ids
@@ -228,11 +230,10 @@ class Sealer:
             ):
                 files.append(
                     BatchFile(
-                        path=written.path,
-                        patient_id=patient_id,
+                        path=written.path,  # patient=<pseudonym>/...: BatchFile.patient
                         rows=written.rows,
                         sha256=written.sha256,
-                        key_id=written.key_id,
+                        key_id=self.kms.key_ref(written.key_id),
                         bytes=written.bytes,
                     )
                 )
@@ -244,7 +245,7 @@ class Sealer:
         manifest = BatchManifest(
             batch_id=batch_id,
             covers=covers,
-            patients=list(by_patient),  # sorted: the order of the upper tree's leaves
+            patients=[pseudonyms[p] for p in by_patient],  # the upper tree's leaf order
             rows=sum(patient_sizes),
             first_device_time_us=first_t,
             last_device_time_us=last_t,

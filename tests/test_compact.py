@@ -151,8 +151,17 @@ def data_files(settings: Settings) -> list[Path]:
     return sorted(p for p in settings.lake_dir.rglob("*.parquet") if not p.name.startswith("."))
 
 
+def patient_of_folder(settings: Settings, path: Path) -> str:
+    """The patient whose folder ``path`` is in (folders hold pseudonyms: ``patient=<h>``)."""
+    h = path.parent.parent.name.removeprefix("patient=")
+    patient = kms_of(settings).patient_of(h)
+    assert patient is not None, path
+    return patient
+
+
 def per_day(settings: Settings) -> Counter[tuple[str, str]]:
-    return Counter((p.parent.parent.name, p.parent.name) for p in data_files(settings))
+    """Files per (patient id, ``date=<d>`` folder)."""
+    return Counter((patient_of_folder(settings, p), p.parent.name) for p in data_files(settings))
 
 
 def stats(settings: Settings) -> dict[str, int]:
@@ -193,14 +202,12 @@ def test_many_small_files_become_one_per_patient_day_and_readers_see_the_same(
 ) -> None:
     settings, before = world
     assert per_day(settings) == {
-        (f"patient_id={p}", f"date={d}"): n for p in PATIENTS for d, n in ((DAY1, 9), (DAY2, 3))
+        (p, f"date={d}"): n for p in PATIENTS for d, n in ((DAY1, 9), (DAY2, 3))
     }
     report = compact_lake(settings.lake_dir, kms_of(settings))
     assert (report.groups, report.files_in, report.files_out) == (6, 36, 6)
     assert report.rows == before.stats["readings"] and report.bytes_out < report.bytes_in / 4
-    assert per_day(settings) == {
-        (f"patient_id={p}", f"date={d}"): 1 for p in PATIENTS for d in (DAY1, DAY2)
-    }
+    assert per_day(settings) == {(p, f"date={d}"): 1 for p in PATIENTS for d in (DAY1, DAY2)}
     assert all(p.name.startswith(COMPACTED_PREFIX) for p in data_files(settings))
 
     # every row as it was (batch_id and leaf_index included), the same counts
@@ -220,7 +227,7 @@ def test_many_small_files_become_one_per_patient_day_and_readers_see_the_same(
     kms = kms_of(settings)
     for path in data_files(settings):
         rel = str(path.relative_to(settings.lake_dir))
-        patient = path.parent.parent.name.removeprefix("patient_id=")
+        patient = patient_of_folder(settings, path)
         t = lake.read_patient(settings.lake_dir, patient, kms)  # whole, file by file
         stamps = [r["device_time"] for r in t.to_pylist()]
         assert {d.date().isoformat() for d in stamps} <= {DAY1, DAY2}
@@ -255,14 +262,15 @@ def test_lake_read_gives_the_same_rows_and_a_rerun_merges_new_batches(
     more = [seal_batch(settings, 100 + i, MIDNIGHT + 200_000_000 + i * 10_000_000, 3)
             for i in range(3)]  # fmt: skip
     assert all(m is not None for m in more)
-    assert per_day(settings)[("patient_id=pt-b", f"date={DAY2}")] == 4
+    assert per_day(settings)[("pt-b", f"date={DAY2}")] == 4
     ids_before = sorted(visible_ids(settings))
     report = compact_lake(settings.lake_dir, kms_of(settings), patient_id="pt-b")
     assert (report.groups, report.files_in, report.files_out) == (1, 4, 1)
-    assert per_day(settings)[("patient_id=pt-b", f"date={DAY2}")] == 1
-    assert per_day(settings)[("patient_id=pt-a", f"date={DAY2}")] == 4  # only pt-b asked
+    assert per_day(settings)[("pt-b", f"date={DAY2}")] == 1
+    assert per_day(settings)[("pt-a", f"date={DAY2}")] == 4  # only pt-b asked
     assert sorted(visible_ids(settings)) == ids_before
-    records = list((settings.lake_dir / COMPACTIONS_DIR / "patient_id=pt-b").glob("*.json"))
+    b_dir = f"patient={kms_of(settings).pseudonym('pt-b')}"
+    records = list((settings.lake_dir / COMPACTIONS_DIR / b_dir).glob("*.json"))
     assert len(records) == 2  # one per day: the first day-2 record was superseded and dropped
     assert all(not r.inputs for r in load_state(pa.fs.LocalFileSystem(),
                                                 str(settings.lake_dir)).records)  # fmt: skip
@@ -273,13 +281,13 @@ def test_before_settle_and_max_rows_limit_what_is_merged(world: tuple[Settings, 
     kms = kms_of(settings)
     report = compact_lake(settings.lake_dir, kms, before=DAY2)
     assert report.groups == 3  # day 1 of each patient
-    assert per_day(settings)[("patient_id=pt-a", f"date={DAY2}")] == 3
+    assert per_day(settings)[("pt-a", f"date={DAY2}")] == 3
     assert compact_lake(settings.lake_dir, kms, settle_s=3600).groups == 0  # everything is new
     # small files: a patient-day becomes ceil(rows / max_rows) files, the full ones stay
     report = compact_lake(settings.lake_dir, kms, max_rows=20)
     day2_rows = sum(1 for r in before.rows if r["patient_id"] == "pt-a"
                     and r["device_time"].date().isoformat() == DAY2)  # fmt: skip
-    assert per_day(settings)[("patient_id=pt-a", f"date={DAY2}")] == -(-day2_rows // 20)
+    assert per_day(settings)[("pt-a", f"date={DAY2}")] == -(-day2_rows // 20)
     assert sorted(visible_ids(settings)) == before.ids
     assert MAX_FILE_ROWS >= 8 * 128 * 1024
 
@@ -470,7 +478,7 @@ def test_any_plan_of_batches_keeps_every_row(
     days = Counter((r["patient_id"], r["device_time"].date()) for r in before)
     files = per_day(settings)
     for (p, d), n in days.items():
-        key = (f"patient_id={p}", f"date={d.isoformat()}")
+        key = (p, f"date={d.isoformat()}")
         assert files[key] == (1 if inputs[key] == 1 else -(-n // max_rows))
 
 

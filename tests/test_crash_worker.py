@@ -195,7 +195,7 @@ def read_lake(settings: Settings) -> LakeView:
     sealed: Counter[str] = Counter()
     visible: Counter[str] = Counter()
     sealed_ids = lake.sealed_batch_ids(settings.lake_dir)
-    for patient in sorted({f.patient_id for m in ms for f in m.files}):
+    for patient in sorted({str(kms.patient_of(f.patient)) for m in ms for f in m.files}):
         seen = lake.read_patient(settings.lake_dir, patient, kms, batches=sealed_ids)
         visible.update(lake.hex_ids(seen["reading_id"]).to_pylist())
         table = lake.read_patient(settings.lake_dir, patient, kms)
@@ -205,7 +205,7 @@ def read_lake(settings: Settings) -> LakeView:
         sealed.update(rid for rid, b in zip(ids, batch_ids, strict=True) if b in sealed_batches)
     on_disk = {
         str(p.relative_to(settings.lake_dir))
-        for p in settings.lake_dir.glob("patient_id=*/date=*/*.parquet")
+        for p in settings.lake_dir.glob("patient=*/date=*/*.parquet")
     }
     return LakeView(ms, sealed, sorted(on_disk - named), visible)
 
@@ -269,7 +269,7 @@ def check_invariant(
             f"{m.batch_id}: the Merkle root is not the root over the patients' roots"
         )
         for p, size in zip(m.patients, m.patient_sizes, strict=True):
-            assert sum(f.rows for f in m.files if f.patient_id == p) == size, (m.batch_id, p)
+            assert sum(f.rows for f in m.files if f.patient == p) == size, (m.batch_id, p)
     assert sum(m.rows for m in view.manifests) == sum(view.sealed.values())
 
     # No offset of any partition is covered by two batches.

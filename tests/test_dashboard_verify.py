@@ -61,12 +61,19 @@ def _seal_and_anchor(settings: Settings) -> dict[str, str]:
     own; returns each batch's first reading id of patient pt-1 by batch id. pt-1 is the
     middle one of three patients (a two-step batch path) with 11 readings (an unbalanced
     subtree)."""
-    sealer = Sealer(settings.lake_dir, LocalKeystore(settings.paths.keys_dir))
+    kms = LocalKeystore(settings.paths.keys_dir)
+    sealer = Sealer(settings.lake_dir, kms)
+    # Patients are ordered by pseudonym (random per keystore): pick two others so that pt-1
+    # is the middle one.
+    h1 = kms.pseudonym("pt-1")
+    others = [f"pt-{i}" for i in range(2, 200)]
+    below = next(p for p in others if kms.pseudonym(p) < h1)
+    above = next(p for p in others if kms.pseudonym(p) > h1)
     job = AnchorJob.from_settings(settings)
     try:
         for n in range(BATCHES):
             items = []
-            for k, (patient, count) in enumerate([("pt-0", 2), ("pt-1", 11), ("pt-2", 3)]):
+            for k, (patient, count) in enumerate([(below, 2), ("pt-1", 11), (above, 3)]):
                 b = SampleBatch(
                     device_id=f"dev-{patient}-{n}",
                     patient_id=patient,
@@ -80,7 +87,8 @@ def _seal_and_anchor(settings: Settings) -> dict[str, str]:
                 b.fill_reading_ids()
                 items.append(Pending(settings.kafka.topic_clean, 0, 3 * n + k, b))
             manifest = sealer.seal(items)
-            assert manifest is not None and manifest.patients == ["pt-0", "pt-1", "pt-2"]
+            assert manifest is not None
+            assert manifest.patients == [kms.pseudonym(p) for p in (below, "pt-1", above)]
             job.add_manifest(manifest.to_json_bytes())
             assert job.anchor_once() is not None
     finally:

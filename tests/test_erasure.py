@@ -188,7 +188,7 @@ def test_erasure_shreds_b_and_every_other_proof_still_verifies(home: Home) -> No
     lake_before = digests(root)
     assert len(lake_before) == 2 * 3 + 2  # 2 batches: 3 patients' files and a manifest each
     anchors_before = digests(settings.anchor_dir)
-    b_files = lake.list_patient_files(root, "pt-b")
+    b_files = lake.list_patient_files(root, "pt-b", kms=LocalKeystore(settings.paths.keys_dir))
     assert len(b_files) == 2  # one per batch (one UTC date)
 
     plan = plan_erasure(settings, "pt-b")
@@ -290,10 +290,13 @@ def test_erasure_shreds_b_and_every_other_proof_still_verifies(home: Home) -> No
             AuditAction.ERASURE,
         ]
 
-    # listed as erased, with what it held
+    # listed as erased, with what it held, by pseudonym only: the id went with the keys
     listed = {p.patient_id: p for p in list_patients(settings)}
-    assert listed["pt-b"].erased and listed["pt-b"].files == 2
-    assert (listed["pt-b"].active_devices, listed["pt-b"].active_grants) == (0, 0)
+    assert "pt-b" not in listed and not any(p.erased for p in listed.values() if p.patient_id)
+    assert listed[None].erased and listed[None].files == 2
+    assert listed[None].pseudonym == LocalKeystore(settings.paths.keys_dir).pseudonym("pt-b")
+    assert (listed[None].active_devices, listed[None].active_grants) == (0, 0)
+    assert "pt-b" not in json.dumps([p.to_json_dict() for p in listed.values()])
     assert not listed["pt-a"].erased and listed["pt-a"].readings == 4 * PER_BATCH
 
     # a second erasure is refused, and changes nothing
@@ -313,7 +316,8 @@ def test_b_leaves_link_to_nothing_without_the_destroyed_salt(home: Home) -> None
     b_roots = {}
     for m in manifests:
         assert m.patient_roots is not None and m.leaves_path is None
-        b_roots[m.batch_id] = bytes.fromhex(m.patient_roots[m.patients.index("pt-b")])
+        h = LocalKeystore(settings.paths.keys_dir).pseudonym("pt-b")
+        b_roots[m.batch_id] = bytes.fromhex(m.patient_roots[m.patients.index(h)])
     b_ids = home.ids_of("pt-b")
     old = {rid: ProofBundleV2.model_validate_json(home.bundles[rid]) for rid in b_ids}
     old_leaves = {bytes.fromhex(b.leaf_hash) for b in old.values()}
@@ -496,8 +500,10 @@ def test_cli_erase_json_and_list(cli_home: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     rows = {r["patient_id"]: r for r in json.loads(listed.stdout)}
     assert set(rows) == set(PATIENTS)
+    h = LocalKeystore(cli_home / "keys").pseudonym("pt-b")
     assert rows["pt-b"] == {
         "patient_id": "pt-b",
+        "pseudonym": h,
         "files": 2,
         "readings": 40,
         "batches": 2,
@@ -521,7 +527,8 @@ def test_cli_erase_json_and_list(cli_home: Path) -> None:
     text = run(cli_home, "list")
     assert text.returncode == 0, text.stderr
     lines = {ln.split()[0]: ln for ln in text.stdout.splitlines()[1:]}
-    assert lines["pt-b"].endswith("erased") and lines["pt-a"].endswith("keys held")
+    assert "pt-b" not in text.stdout  # the erased id is gone: the line shows its pseudonym
+    assert lines[f"({h[:12]}…)"].endswith("erased") and lines["pt-a"].endswith("keys held")
 
 
 def test_cli_erase_errors_are_one_line(cli_home: Path) -> None:

@@ -206,3 +206,36 @@ def test_salts_equal_the_standard_hmac(key: bytes, ids: list[str]) -> None:
 
     want = [hmac.new(key, rid.encode(), hashlib.sha256).digest() for rid in ids]
     assert salts(key, ids) == want
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._@+", min_size=1, max_size=40))
+def test_pseudonyms_round_trip_through_the_id_record(tmp_path_factory: pytest.TempPathFactory,
+                                                      patient: str) -> None:  # fmt: skip
+    """Every id the lake can hold maps to a 32-hex pseudonym (a safe folder name, no trace
+    of a longer id) and back; erasure forgets the way back."""
+    ks = LocalKeystore(tmp_path_factory.mktemp("keys"))
+    ks.current_key_id(patient)
+    h = ks.pseudonym(patient)
+    assert len(h) == 32 and set(h) <= set("0123456789abcdef")
+    assert len(patient) < 8 or patient not in h
+    assert ks.patient_of(h) == patient
+    ks.erase(patient)
+    assert ks.patient_of(h) is None and ks.pseudonym_erased(h)
+    assert ks.pseudonym(patient) == h  # the name stays: the files it names stay unreadable
+
+
+def test_an_id_record_moved_to_another_patient_fails_authentication(tmp_path: Path) -> None:
+    """The record's associated data is the pseudonym: copied into another patient's key file
+    it does not decrypt, so a listing cannot be made to show one patient's data as another's."""
+    import json
+
+    ks = LocalKeystore(tmp_path / "keys")
+    ks.current_key_id("p-1")
+    ks.current_key_id("p-2")
+    h1, h2 = ks.pseudonym("p-1"), ks.pseudonym("p-2")
+    one = json.loads((ks.dir / f"{h1}.json").read_bytes())
+    two = json.loads((ks.dir / f"{h2}.json").read_bytes())
+    two["patient"] = one["patient"]
+    (ks.dir / f"{h2}.json").write_text(json.dumps(two))
+    with pytest.raises(KeyUnwrapFailed, match="patient id record"):
+        LocalKeystore(tmp_path / "keys").patient_of(h2)

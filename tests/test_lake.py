@@ -27,6 +27,7 @@ from streams.lake.keystore import LocalKeystore
 from streams.lake.layout import file_path
 from streams.lake.storage import LakeRoot, as_root
 from streams.lake.table import ID_SOURCE_COLUMNS, ids_to_binary, sort_for_file
+from vitalproof.manifest import BatchManifest
 from vitalproof.schema import Quality, SampleBatch, Transport
 
 T0 = 1_732_200_000_000_000  # 2024-11-21T14:40:00Z
@@ -53,6 +54,11 @@ def _batch(device: str, patient: str, t0: int = T0, n: int = 6, hr0: float = 61.
 @pytest.fixture
 def kms(tmp_path: Path) -> LocalKeystore:
     return LocalKeystore(tmp_path / "keys")
+
+
+def _dir(kms: LocalKeystore, patient: str) -> str:
+    """The patient's folder: named by their pseudonym, never their id."""
+    return f"patient={kms.pseudonym(patient)}"
 
 
 @pytest.fixture
@@ -129,12 +135,12 @@ def test_write_and_read_back(
     assert table.schema.equals(lake.SCHEMA)
     assert table["leaf_index"].to_pylist() == list(range(36))
     written = lake.write_batch(root, "b-0001", table, kms)
-    assert sorted(w.path for w in written) == [
-        "patient_id=patient-alpha/date=2024-11-21/b-0001.parquet",
-        "patient_id=patient-beta/date=2024-11-21/b-0001.parquet",
-    ]
+    a, b = _dir(kms, "patient-alpha"), _dir(kms, "patient-beta")
+    assert sorted(w.path for w in written) == sorted(
+        [f"{a}/date=2024-11-21/b-0001.parquet", f"{b}/date=2024-11-21/b-0001.parquet"]
+    )
     by_path = {w.path: w for w in written}
-    alpha = by_path["patient_id=patient-alpha/date=2024-11-21/b-0001.parquet"]
+    alpha = by_path[f"{a}/date=2024-11-21/b-0001.parquet"]
     assert (alpha.rows, alpha.key_id, alpha.created) == (24, "patient:patient-alpha:v1", True)
     assert alpha.bytes == len(_bytes(root, alpha.path))
 
@@ -173,10 +179,10 @@ def test_batch_across_midnight_is_split_per_date(
         lake.write_patient_file(tmp_path, "b-night", "p-1", table, kms)
     written = lake.write_patient_files(tmp_path, "b-night", "p-1", table, kms)
     assert [(w.path, w.rows) for w in written] == [
-        ("patient_id=p-1/date=2024-11-21/b-night.parquet", 6),
-        ("patient_id=p-1/date=2024-11-22/b-night.parquet", 6),
+        (f"{_dir(kms, 'p-1')}/date=2024-11-21/b-night.parquet", 6),
+        (f"{_dir(kms, 'p-1')}/date=2024-11-22/b-night.parquet", 6),
     ]
-    assert len(lake.list_patient_files(tmp_path, "p-1", start=midnight)) == 1
+    assert len(lake.list_patient_files(tmp_path, "p-1", kms=kms, start=midnight)) == 1
     assert lake.read_patient(tmp_path, "p-1", kms, start=midnight).num_rows == 6
     assert lake.read_patient(tmp_path, "p-1", kms).num_rows == 12
 
@@ -184,14 +190,17 @@ def test_batch_across_midnight_is_split_per_date(
 def test_no_plaintext_in_files(
     lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
 ) -> None:
-    """Nothing identifying or clinical appears in the bytes of a file.
+    """Nothing identifying or clinical appears in the bytes of a file, nor an id in its path.
 
-    The *path* contains ``patient_id=<p>`` by design (Hive partition: listing, pruning and
-    erasure are per patient; patient ids are pseudonyms); the check is on file contents.
+    The path names the patient by pseudonym (``patient=<h>``, Hive partition: listing,
+    pruning and erasure are per patient), never by id.
     """
     root = lake_root
     written = lake.write_batch(root, "b-secret", lake.build_table(batches, "b-secret"), kms)
     blob = b"".join(_bytes(root, w.path) for w in written)
+    names = "".join(w.path for w in written)
+    assert not [b.patient_id for b in batches if str(b.patient_id) in names]
+    assert not [b.device_id for b in batches if b.device_id in names]
     needles: list[bytes] = []
     for b in batches:
         assert b.patient_id is not None
@@ -211,9 +220,13 @@ def test_reading_without_the_key_fails_clearly(
     root = tmp_path / "lake"
     lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
     stranger = LocalKeystore(tmp_path / "other-keys")
+    # Another keystore's pseudonyms name other folders: it finds nothing of the patient...
+    assert lake.read_patient(root, "patient-alpha", stranger).num_rows == 0
+    # ...and a file it is handed does not decrypt, naming the file and the key
+    rel = f"{_dir(kms, 'patient-alpha')}/date=2024-11-21/b-1.parquet"
     with pytest.raises(lake.LakeKeyUnavailable) as err:
-        lake.read_patient(root, "patient-alpha", stranger)
-    assert "patient_id=patient-alpha/date=2024-11-21/b-1.parquet" in str(err.value)
+        lake.read_reading_ids(root, rel, stranger, "patient-alpha")
+    assert rel in str(err.value)
     assert err.value.key == "patient:patient-alpha:v1"
     assert "unknown key" in err.value.diagnostics()
     # and pyarrow without any decryption properties cannot read it either
@@ -233,6 +246,74 @@ def test_erasure_makes_one_patient_unreadable(
     assert lake.read_patient(root, "patient-beta", kms).num_rows == 12
     stats = lake.lake_stats(root, kms)
     assert (stats["readings"], stats["unreadable_files"], stats["patients"]) == (12, 1, 2)
+
+
+def test_listings_map_pseudonyms_back_and_forget_an_erased_id(
+    lake_root: Path | LakeRoot, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
+    """Folders hold pseudonyms; the keystore maps them back to ids (its encrypted record in
+    each patient's key file), and once a patient is erased nothing names them any more."""
+    root = lake_root
+    lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
+    h_alpha = kms.pseudonym("patient-alpha")
+    assert h_alpha == kms.pseudonym("patient-alpha") != kms.pseudonym("patient-beta")
+    assert h_alpha in kms.key_ref(kms.current_key_id("patient-alpha"))  # one scheme
+    assert kms.patient_of(h_alpha) == "patient-alpha"
+    assert kms.patient_of("0" * 32) is None and kms.patient_of("../x") is None
+    rows = lake.patient_summaries(root, kms)
+    assert [(r["patient_id"], r["readings"]) for r in rows] == [
+        ("patient-alpha", 24),
+        ("patient-beta", 12),
+    ]
+    assert b"patient-alpha" not in (kms.dir / f"{h_alpha}.json").read_bytes()
+
+    kms.erase("patient-alpha")
+    assert kms.patient_of(h_alpha) is None and kms.pseudonym_erased(h_alpha)
+    rows = lake.patient_summaries(root, kms)
+    assert [(r["patient_id"], r["readings"], r["unreadable_files"]) for r in rows] == [
+        ("patient-beta", 12, 0),
+        (None, 0, 1),
+    ]
+    assert rows[1]["pseudonym"] == h_alpha
+    assert "patient-alpha" not in repr(rows)
+
+
+def test_a_key_file_without_the_id_record_gets_it_on_the_next_write(tmp_path: Path) -> None:
+    """Keystores written before the id records: the sealer's next key lookup adds it."""
+    import json
+
+    ks = LocalKeystore(tmp_path / "keys")
+    ks.current_key_id("p-old")
+    h = ks.pseudonym("p-old")
+    path = ks.dir / f"{h}.json"
+    doc = json.loads(path.read_bytes())
+    del doc["patient"]
+    path.write_text(json.dumps(doc))
+    again = LocalKeystore(tmp_path / "keys")
+    assert again.patient_of(h) is None
+    assert again.current_key_id("p-old") == "patient:p-old:v1"
+    assert again.patient_of(h) == "p-old"
+
+
+def test_a_lake_of_the_old_layout_is_refused_in_one_line(
+    tmp_path: Path, kms: LocalKeystore, batches: list[SampleBatch]
+) -> None:
+    """``patient_id=<id>/`` folders (plaintext ids) are not read: one error says what to do."""
+    root = tmp_path / "lake"
+    lake.write_batch(root, "b-1", lake.build_table(batches, "b-1"), kms)
+    old = root / "patient_id=patient-alpha" / "date=2024-11-21"
+    old.mkdir(parents=True)
+    (old / "b-0.parquet").write_bytes(b"PAR1")
+    for call in (
+        lambda: lake.read_patient(root, "patient-alpha", kms),
+        lambda: lake.lake_stats(root, kms),
+        lambda: lake.compact_lake(root, kms),
+    ):
+        with pytest.raises(lake.LakeError, match="old layout") as err:
+            call()
+        assert "\n" not in str(err.value) and "patient_id=<id>/" in str(err.value)
+    with pytest.raises(ValueError, match=r"schema 1 manifest \(plaintext patient ids"):
+        BatchManifest.model_validate({"schema_version": 1, "batch_id": "b-0"})
 
 
 def test_rotation_old_files_stay_readable(lake_root: Path | LakeRoot, kms: LocalKeystore) -> None:
@@ -355,7 +436,7 @@ def test_reading_ids_are_derived_not_stored(
         stored = _decrypted_file_schema(_bytes(root, w.path), kms).names
         assert "reading_id" not in stored
         assert set(ID_SOURCE_COLUMNS) <= set(stored)
-    alpha = next(w for w in written if "patient-alpha" in w.path)
+    alpha = next(w for w in written if _dir(kms, "patient-alpha") in w.path)
     want = [r for b in batches if b.patient_id == "patient-alpha" for r in b.reading_id]
     got = lake.read_reading_ids(root, alpha.path, kms, "patient-alpha")
     assert sorted(got) == sorted(want)
@@ -378,7 +459,7 @@ def test_format_1_files_with_stored_ids_still_read(
         footer_key=kms.key_ref(key_id), uniform_encryption=True, double_wrapping=False
     )
     props = factory.file_encryption_properties(_KMS_CONFIG, config)
-    path = tmp_path / "lake" / file_path("patient-alpha", "2024-11-21", "b-old")
+    path = tmp_path / "lake" / file_path(kms.pseudonym("patient-alpha"), "2024-11-21", "b-old")
     path.parent.mkdir(parents=True)
     pq.write_table(table, path, encryption_properties=props)
     got = lake.read_patient(tmp_path / "lake", "patient-alpha", kms)

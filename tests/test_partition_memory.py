@@ -89,7 +89,7 @@ def test_the_next_owner_of_a_clean_partition_knows_what_was_sealed_from_it(
 def sealed_ids(manifest: BatchManifest, lake: Path, kms: LocalKeystore) -> set[str]:
     ids: set[str] = set()
     for f in manifest.files:
-        ids.update(lakemod.read_reading_ids(lake, f.path, kms, f.patient_id))
+        ids.update(lakemod.read_reading_ids(lake, f.path, kms))
     return ids
 
 

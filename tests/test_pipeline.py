@@ -69,7 +69,8 @@ def sealed_ids(settings: Settings) -> list[str]:
         for p in (settings.lake_dir / "_batches").glob("*.json")
     ]
     ids: list[str] = []
-    for patient in sorted({p for m in manifests for p in m.patients}):
+    pseudonyms = {p for m in manifests for p in m.patients}  # the keystore maps them back
+    for patient in sorted(str(kms.patient_of(h)) for h in pseudonyms):
         table = lake.read_patient(
             settings.lake_dir, patient, kms, batches=lake.sealed_batch_ids(settings.lake_dir)
         )

@@ -12,17 +12,23 @@ proof material of the batch, since a patient's leaves are recomputed from their 
 proof is built. Version 1 (``leaves_path`` set; batches sealed before version 2): the root is
 over every reading's leaf, and the 32-byte leaves are kept in ``_batches/<batch>.leaves``.
 The manifest is the commit point of a batch, so the roots are committed with it, atomically.
+
+Patients are named by their pseudonym (``Kms.pseudonym``, a keyed HMAC of the id: the name of
+their lake folder), never by id, and files by their key *reference* (``kref:<h>:v<n>``), not
+the key id (which contains the patient id): a manifest is plaintext at rest and on
+``vitals.batches``. Schema 2 says so; schema 1 manifests (plaintext ids, the first lake
+layout) are refused with one clear error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
 
 
 class OffsetRange(BaseModel):
@@ -37,20 +43,29 @@ class OffsetRange(BaseModel):
 class BatchFile(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    path: str  # relative to the lake root
-    patient_id: str
+    path: str  # relative to the lake root: patient=<pseudonym>/date=<d>/<batch>.parquet
     rows: int
     sha256: str
-    key_id: str
+    key_id: str  # the key *reference* (kref:<h>:v<n>): names no patient
     bytes: int
+
+    @property
+    def patient(self) -> str:
+        """The file's patient, by pseudonym: its folder's name (not stored twice: manifests
+        are the largest thing beside the lake, docs/benchmarks.md)."""
+        folder = self.path.split("/", 1)[0]
+        if not folder.startswith("patient="):
+            raise ValueError(f"{self.path}: not in a patient=<pseudonym>/ folder")
+        return folder.removeprefix("patient=")
 
 
 class BatchManifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     batch_id: str
     covers: list[OffsetRange]
+    #: Pseudonyms, sorted (code point): the order of the upper tree's leaves.
     patients: list[str]
     rows: int
     first_device_time_us: int
@@ -63,6 +78,16 @@ class BatchManifest(BaseModel):
     patient_sizes: list[int] | None = None
     #: Tree 1 only: the leaf hashes, 32 bytes each, in leaf order (relative to the lake root).
     leaves_path: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_schema_1(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            raise ValueError(
+                "a schema 1 manifest (plaintext patient ids: the old lake layout), which this "
+                "version does not read; seal into a new lake or namespace"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_tree(self) -> BatchManifest:

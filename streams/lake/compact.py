@@ -15,7 +15,7 @@ One compaction of one patient-day, in this order (crash points in brackets):
    key generation the inputs used (never a new one: data of an erased patient must not come
    back under a fresh key; if that key is erased meanwhile, wrapping fails and nothing is
    committed) [``compact_before_output``, ``compact_mid_output``, ``compact_after_output``];
-3. **commit**: write the record ``_compactions/patient_id=<p>/<id>.json`` naming inputs and
+3. **commit**: write the record ``_compactions/patient=<h>/<id>.json`` naming inputs and
    outputs, atomically (:mod:`streams.lake.records` says what readers make of it)
    [``compact_after_commit``];
 4. delete the inputs [``compact_mid_delete``, ``compact_after_delete``], then settle the record
@@ -59,7 +59,15 @@ import pyarrow.parquet.encryption as pe
 from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
 from streams.lake.errors import LakeError, LakeKeyUnavailable
 from streams.lake.keystore import KeystoreError, Kms, parse_key_id
-from streams.lake.layout import COMPACTED_PREFIX, COMPACTIONS_DIR, compacted_path, patient_dir
+from streams.lake.layout import (
+    COMPACTED_PREFIX,
+    COMPACTIONS_DIR,
+    LEGACY_PATIENT_PREFIX,
+    _check_name,
+    compacted_path,
+    old_layout_error,
+    patient_dir,
+)
 from streams.lake.read import sealed_batch_ids
 from streams.lake.records import (
     CompactedFile,
@@ -96,7 +104,7 @@ CRASH_POINTS = (
     "compact_after_delete",
     "compact_after_settle",
 )
-_DATE_RE = re.compile(r"/patient_id=([^/]+)/date=(\d{4}-\d{2}-\d{2})/[^/]+$")
+_DATE_RE = re.compile(r"/patient=([^/]+)/date=(\d{4}-\d{2}-\d{2})/[^/]+$")
 
 
 class CompactionBusy(LakeError):
@@ -212,7 +220,7 @@ def _finish(
     crashpoint("compact_after_delete")
     if record.inputs:
         settled = record.model_copy(update={"inputs": []})
-        _put_atomic(fs, f"{base}/{record_path(record.patient_id, record.compaction_id)}",
+        _put_atomic(fs, f"{base}/{record_path(record.patient, record.compaction_id)}",
                     settled.to_json_bytes())  # fmt: skip
     gone = set(record.inputs)
     for other in state.records:
@@ -221,7 +229,7 @@ def _finish(
             and other.outputs
             and all(o.path in gone for o in other.outputs)
         ):
-            _delete(fs, f"{base}/{record_path(other.patient_id, other.compaction_id)}")
+            _delete(fs, f"{base}/{record_path(other.patient, other.compaction_id)}")
     crashpoint("compact_after_settle")
     return deleted
 
@@ -245,7 +253,7 @@ def recover(root: str | Path, *, fs: pafs.FileSystem | None = None) -> dict[str,
     present = {i.path[len(base) + 1 :] for i in _files(fs, base)}
     for record in state.records:
         if record.outputs and not any(o.path in present for o in record.outputs):
-            _delete(fs, f"{base}/{record_path(record.patient_id, record.compaction_id)}")
+            _delete(fs, f"{base}/{record_path(record.patient, record.compaction_id)}")
             out["records_dropped"] += 1
     for rel in sorted(present):
         name = rel.rsplit("/", 1)[-1]
@@ -262,7 +270,7 @@ def recover(root: str | Path, *, fs: pafs.FileSystem | None = None) -> dict[str,
 
 
 def _read_inputs(
-    fs: pafs.FileSystem, base: str, kms: Kms, patient_id: str, paths: list[str]
+    fs: pafs.FileSystem, base: str, kms: Kms, patient_id: str | None, paths: list[str]
 ) -> tuple[list[pa.Table], list[str], list[str], int]:
     """Decrypt ``paths`` (stored columns only: reading ids stay derived).
 
@@ -292,7 +300,9 @@ def _read_inputs(
             read.append(rel)
     finally:
         factory.remove_cache_entries_for_all_tokens()
-    keys = sorted({_key_id_from_ref(r, patient_id) for r in bridge.keys_used})
+    keys = sorted(
+        {r if patient_id is None else _key_id_from_ref(r, patient_id) for r in bridge.keys_used}
+    )
     # one cast per kind of file, not per file (a third of the reading time at 2 s windows)
     kinds: dict[tuple[str, ...], list[pa.Table]] = {}
     for t in tables:
@@ -301,8 +311,10 @@ def _read_inputs(
     return merged, read, keys, unreadable
 
 
-def _newest_key(keys: list[str], patient_id: str) -> str:
+def _newest_key(keys: list[str], patient_id: str | None, pseudonym: str) -> str:
     """The newest key generation among the inputs'; never a generation they did not use."""
+    if patient_id is None:  # readable files, yet the keystore has no record of the id
+        raise LakeError(f"patient {pseudonym}: the keystore does not know whose files these are")
     versions = []
     for k in keys:
         try:
@@ -326,7 +338,7 @@ def _compact_group(
     fs: pafs.FileSystem,
     base: str,
     kms: Kms,
-    patient_id: str,
+    pseudonym: str,
     date: str,
     inputs: list[str],
     state: CompactionState,
@@ -334,12 +346,14 @@ def _compact_group(
     max_rows: int,
 ) -> None:
     crashpoint("compact_before_output")
+    patient_id = kms.patient_of(pseudonym)  # None once erased: then nothing decrypts anyway
     tables, read, keys, unreadable = _read_inputs(fs, base, kms, patient_id, inputs)
     report.unreadable_files += unreadable
     if len(read) < 2:
         return
     bytes_in = sum(i.size or 0 for i in fs.get_file_info([f"{base}/{r}" for r in read]))
-    key_id = _newest_key(keys, patient_id)
+    key_id = _newest_key(keys, patient_id, pseudonym)
+    key_ref = kms.key_ref(key_id)  # what the record stores: it names no patient
     table = _merge(tables)
     cid = f"{time.time_ns() // 1000:x}{secrets.token_hex(4)}"
     outputs: list[CompactedFile] = []
@@ -350,15 +364,15 @@ def _compact_group(
         except KeystoreError as e:  # erased while we merged: commit nothing
             for o in outputs:
                 _delete(fs, f"{base}/{o.path}")
-            raise LakeKeyUnavailable(f"{base}/{patient_dir(patient_id)}", key_id, e) from None
-        rel = compacted_path(patient_id, date, cid, n)
+            raise LakeKeyUnavailable(f"{base}/{patient_dir(pseudonym)}", key_id, e) from None
+        rel = compacted_path(pseudonym, date, cid, n)
         _write_output(fs, f"{base}/{rel}", data)
         outputs.append(
             CompactedFile(
                 path=rel,
                 rows=part.num_rows,
                 sha256=hashlib.sha256(data).hexdigest(),
-                key_id=key_id,
+                key_id=key_ref,
                 bytes=len(data),
             )
         )
@@ -367,14 +381,14 @@ def _compact_group(
     crashpoint("compact_after_output")
     record = CompactionRecord(
         compaction_id=cid,
-        patient_id=patient_id,
+        patient=pseudonym,
         date=date,
         created_at_us=time.time_ns() // 1000,
         rows=table.num_rows,
         inputs=read,
         outputs=outputs,
     )
-    _put_atomic(fs, f"{base}/{record_path(patient_id, cid)}", record.to_json_bytes())
+    _put_atomic(fs, f"{base}/{record_path(pseudonym, cid)}", record.to_json_bytes())
     crashpoint("compact_after_commit")
     _finish(fs, base, record, state)
     report.groups += 1
@@ -416,10 +430,20 @@ def compact_lake(
         sealed = sealed_batch_ids(base, fs=fs)  # before listing: later batches wait
         state = load_state(fs, base)  # under the lock nobody else commits
         full = {o.path for r in state.records for o in r.outputs if o.rows >= max_rows}
-        folder = base if patient_id is None else f"{base}/{patient_dir(patient_id)}"
+        if patient_id is None:
+            folder = base
+        else:
+            _check_name(patient_id, "patient id")
+            folder = f"{base}/{patient_dir(kms.pseudonym(patient_id))}"
+            old = fs.get_file_info(f"{base}/{LEGACY_PATIENT_PREFIX}{patient_id}")
+            if old.type != pafs.FileType.NotFound:
+                raise old_layout_error(base)
         cutoff_ns = int(((time.time() if now is None else now) - settle_s) * 1e9)
         groups: dict[tuple[str, str], list[str]] = {}
-        for info in _files(fs, folder):
+        infos = _files(fs, folder)
+        if any(f"/{LEGACY_PATIENT_PREFIX}" in i.path for i in infos):
+            raise old_layout_error(base)
+        for info in infos:
             rel = info.path[len(base) + 1 :]
             m = _DATE_RE.search(info.path)
             if m is None or not state.visible(rel, sealed) or rel in full:
@@ -429,8 +453,8 @@ def compact_lake(
             if settle_s and (info.mtime_ns or 0) > cutoff_ns:
                 continue
             groups.setdefault((m.group(1), m.group(2)), []).append(rel)
-        for (patient, date), inputs in sorted(groups.items()):
+        for (pseudonym, date), inputs in sorted(groups.items()):
             if len(inputs) >= 2:
-                _compact_group(fs, base, kms, patient, date, inputs, state, report, max_rows)
+                _compact_group(fs, base, kms, pseudonym, date, inputs, state, report, max_rows)
     report.seconds = time.perf_counter() - t0
     return report

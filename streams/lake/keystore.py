@@ -31,10 +31,19 @@ Key ids are ``patient:<patient_id>:v<n>``: readable in logs, APIs and diagnostic
 :meth:`Kms.key_ref` instead: ``kref:<h>:v<n>`` with ``h`` an HMAC of the patient id under the
 master key. Both forms are accepted by :meth:`Kms.wrap` and :meth:`Kms.unwrap`.
 
+That ``h`` is the patient's **pseudonym** (:meth:`Kms.pseudonym`): the lake's folders
+(``patient=<h>/``), the manifests and the compaction records name patients by it, never by
+id (docs/architecture.md, "Lake layout"). The way back, for listings, is
+:meth:`Kms.patient_of`: each patient's key file keeps their id AES-GCM-encrypted under a key
+derived from the master key (associated data: ``h``), so erasing the patient, which shreds
+that file, also destroys the only readable link from pseudonym to id. The HMAC key makes the
+pseudonym useless for enumeration without the keystore: guessing ids needs ``master.key``.
+
 Files on disk (``keys_dir``, mode 0700): ``master.key``; ``<h>.json`` with the patient's
-wrapped KEKs per version and wrapped salt key; ``<h>.tomb.json`` once the patient has been
-erased (the highest erased version and when). Names are the HMAC ``h``, never the patient id,
-so a listing of the folder reveals neither ids nor a cheap way to enumerate them.
+wrapped KEKs per version, wrapped salt key and encrypted id; ``<h>.tomb.json`` once the
+patient has been erased (the highest erased version and when). Names are the HMAC ``h``, never
+the patient id, so a listing of the folder reveals neither ids nor a cheap way to enumerate
+them.
 
 Caveat of local crypto-shredding: erasure overwrites the key file with random bytes before
 unlinking it, but copy-on-write filesystems, SSD wear levelling and backups may keep the old
@@ -211,7 +220,18 @@ class Kms(Protocol):
         ...
 
     def erase(self, patient_id: str) -> None:
-        """Destroy every key of the patient (crypto-shredding)."""
+        """Destroy every key of the patient (crypto-shredding), and :meth:`patient_of`'s
+        record of their id with them."""
+        ...
+
+    def pseudonym(self, patient_id: str) -> str:
+        """The name the lake stores the patient under: a keyed hash of the id, stable for
+        the keystore's life, revealing nothing without its key (a safe path segment)."""
+        ...
+
+    def patient_of(self, pseudonym: str) -> str | None:
+        """The patient id behind :meth:`pseudonym`; None when the keystore holds no live
+        record of it (erased, or never this keystore's). Never creates anything."""
         ...
 
     def rotate(self, patient_id: str) -> str:
@@ -277,6 +297,8 @@ class LocalKeystore:
         # path -> ((inode, size, mtime_ns), parsed file, {version: unwrapped KEK})
         self._cache: dict[Path, tuple[tuple[int, int, int], dict[str, Any], dict[int, bytes]]] = {}
         self._master = self._load_or_create_master()
+        # AES-GCM key for the patient-id records (not the master itself: that one wraps keys)
+        self._id_key = hmac.new(self._master, b"vitalproof/patient-id-record", "sha256").digest()
 
     # -- master key ------------------------------------------------------------------------
 
@@ -298,6 +320,52 @@ class LocalKeystore:
         """File name stem of a patient: HMAC under the master key (no enumeration offline)."""
         mac = hmac.new(self._master, b"vitalproof/patient-file\x00" + patient_id.encode(), "sha256")
         return mac.hexdigest()[:32]
+
+    def pseudonym(self, patient_id: str) -> str:
+        """The patient's key file stem, which is also their name in the lake (128 bits of
+        HMAC-SHA256 under the master key: collisions are out of reach for any fleet)."""
+        return self._hash(patient_id)
+
+    def _id_record(self, h: str, patient_id: str) -> str:
+        return _b64(_gcm_wrap(self._id_key, b"vitalproof/patient-id\x00" + h.encode(),
+                              patient_id.encode()))  # fmt: skip
+
+    def _remember_id(self, h: str, patient_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """Add the encrypted id to a key file written before ids were kept (caller may or
+        may not hold the lock: the write is under it, and re-checked there)."""
+        if "patient" in doc:
+            return doc
+        with self._locked():
+            current = self._load(h)
+            if current is None:  # erased meanwhile: never write a key file back
+                return doc
+            doc = current
+            if "patient" not in doc:
+                doc = dict(doc, patient=self._id_record(h, patient_id))
+                self._write_json(self._key_path(h), doc)
+        return doc
+
+    def patient_of(self, pseudonym: str) -> str | None:
+        if not re.fullmatch(r"[0-9a-f]{32}", pseudonym):
+            return None
+        doc = self._load(pseudonym)
+        blob = None if doc is None else doc.get("patient")
+        if blob is None:
+            return None
+        path = self._key_path(pseudonym)
+        try:
+            raw = _gcm_unwrap(self._id_key, b"vitalproof/patient-id\x00" + pseudonym.encode(),
+                              _unb64(blob, "patient id", path))  # fmt: skip
+        except InvalidTag:
+            raise KeyUnwrapFailed(f"{path}: the patient id record does not authenticate") from None
+        patient_id = raw.decode()
+        if self._hash(patient_id) != pseudonym:
+            raise KeystoreCorrupt(f"{path}: the patient id record names another patient")
+        return patient_id
+
+    def pseudonym_erased(self, pseudonym: str) -> bool:
+        """:meth:`is_erased`, by pseudonym (listings of erased patients know nothing else)."""
+        return self._load(pseudonym) is None and self._erased_through(pseudonym)[0] > 0
 
     def _parse(self, key: str) -> _Ref:
         m = _KEY_ID_RE.match(key)
@@ -383,7 +451,7 @@ class LocalKeystore:
         }
         doc["current"] = version
 
-    def _provision(self, h: str) -> dict[str, Any]:
+    def _provision(self, h: str, patient_id: str) -> dict[str, Any]:
         """Create the patient's first key generation (caller holds the lock).
 
         After an erasure the tombstone stays and versions continue above the erased ones,
@@ -394,6 +462,7 @@ class LocalKeystore:
             "format": _FILE_FORMAT,
             "keks": {},
             "salt_key": _b64(aes_key_wrap(self._master, secrets.token_bytes(_KEY_BYTES))),
+            "patient": self._id_record(h, patient_id),
         }
         self._new_version_doc(doc, erased_through + 1)
         self._write_json(self._key_path(h), doc)
@@ -449,7 +518,8 @@ class LocalKeystore:
         doc = self._load(h)
         if doc is None:
             with self._locked():
-                doc = self._load(h) or self._provision(h)
+                doc = self._load(h) or self._provision(h, patient_id)
+        doc = self._remember_id(h, patient_id, doc)
         return format_key_id(patient_id, int(doc["current"]))
 
     def rotate(self, patient_id: str) -> str:
@@ -457,8 +527,9 @@ class LocalKeystore:
         with self._locked():
             doc = self._load(h)
             if doc is None:
-                doc = self._provision(h)
+                doc = self._provision(h, patient_id)
             else:
+                doc.setdefault("patient", self._id_record(h, patient_id))
                 self._new_version_doc(doc, max(int(v) for v in doc["keks"]) + 1)
                 self._write_json(self._key_path(h), doc)
         return format_key_id(patient_id, int(doc["current"]))
@@ -478,7 +549,8 @@ class LocalKeystore:
             if erased_through:
                 raise KeyErased(f"salt key of patient {patient_id}", erased_at)
             with self._locked():
-                doc = self._load(h) or self._provision(h)
+                doc = self._load(h) or self._provision(h, patient_id)
+        doc = self._remember_id(h, patient_id, doc)
         return self._unwrap_master(doc.get("salt_key"), "salt key", self._key_path(h))
 
     def salts(self, patient_id: str, reading_ids: Sequence[str]) -> list[bytes]:

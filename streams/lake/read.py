@@ -11,6 +11,10 @@ patient key is erased, unknown or does not unwrap raises
 :class:`~streams.lake.errors.LakeKeyUnavailable` naming the file: that is how an erased
 patient's data looks from here ("Patient keys" in docs/invariants.md).
 
+Folders name patients by pseudonym (:mod:`streams.lake.layout`): a reader of one patient
+computes it with ``kms.pseudonym``; a listing of every patient maps pseudonyms back with
+``kms.patient_of`` (None for an erased patient, whose id the lake then no longer reveals).
+
 DuckDB cannot read these files directly: its Parquet encryption takes a raw footer key, not a
 KMS, so it cannot unwrap data keys through our keystore. Decrypt with :func:`read_patient`
 (pyarrow) and query the Arrow table with DuckDB.
@@ -33,7 +37,15 @@ import pyarrow.parquet.encryption as pe
 from streams.lake.crypto import _KMS_CONFIG, _crypto, _key_id_from_ref
 from streams.lake.errors import LakeError, LakeKeyUnavailable
 from streams.lake.keystore import KeyErased, KeystoreError, Kms
-from streams.lake.layout import BATCHES_DIR, COMPACTED_PREFIX, patient_dir
+from streams.lake.layout import (
+    BATCHES_DIR,
+    COMPACTED_PREFIX,
+    LEGACY_PATIENT_PREFIX,
+    _check_name,
+    old_layout_error,
+    patient_dir,
+    pseudonym_of,
+)
 from streams.lake.records import CompactionState, load_state, record_names
 from streams.lake.storage import LakeRoot, _files, _open_for_reading, resolve_fs
 from streams.lake.table import ID_SOURCE_COLUMNS, SCHEMA, _upgrade, derive_reading_ids, hex_ids
@@ -88,22 +100,41 @@ def sealed_batch_ids(root: str | Path | LakeRoot, *, fs: pafs.FileSystem | None 
     }
 
 
+def _pseudonym(kms: Kms, patient_id: str) -> str:
+    """The patient's folder name; the id is checked first, for the same error as ever."""
+    _check_name(patient_id, "patient id")
+    return kms.pseudonym(patient_id)
+
+
 def _visible_files(
-    fs: pafs.FileSystem, base: str, patient_id: str | None, batches: Collection[str] | None
+    fs: pafs.FileSystem,
+    base: str,
+    pseudonym: str | None,
+    batches: Collection[str] | None,
+    patient_id: str | None = None,
 ) -> tuple[list[pafs.FileInfo], CompactionState]:
-    """The files of one patient (None: all) a reader sees now, and the records it saw.
+    """The files of one patient (by pseudonym; None: all) a reader sees now, and the records
+    it saw. A lake of the old layout raises :func:`old_layout_error` (``patient_id``: the
+    id behind ``pseudonym``, to look for its old folder: one stat).
 
     Records, then files, then records again: if a compaction committed (or a record was
     settled or removed) in between, the listing may mix before and after, so start over.
     """
-    folder = base if patient_id is None else f"{base}/{patient_dir(patient_id)}"
+    folder = base if pseudonym is None else f"{base}/{patient_dir(pseudonym)}"
     for _ in range(_ATTEMPTS):
-        state = load_state(fs, base, patient_id)
+        state = load_state(fs, base, pseudonym)
         infos = _files(fs, folder)
-        if record_names(fs, base, patient_id) == state.names:
+        if record_names(fs, base, pseudonym) == state.names:
             break
     else:
         raise LakeError(f"{base}: compactions kept committing while listing; try again")
+    if pseudonym is None:
+        if any(f"/{LEGACY_PATIENT_PREFIX}" in i.path for i in infos):
+            raise old_layout_error(base)
+    elif patient_id is not None:
+        old = fs.get_file_info(f"{base}/{LEGACY_PATIENT_PREFIX}{patient_id}")
+        if old.type != pafs.FileType.NotFound:
+            raise old_layout_error(base)
     rel = len(base) + 1
     return [i for i in infos if state.visible(i.path[rel:], batches)], state
 
@@ -112,6 +143,7 @@ def list_patient_files(
     root: str | Path | LakeRoot,
     patient_id: str,
     *,
+    kms: Kms,
     fs: pafs.FileSystem | None = None,
     start: dt.datetime | int | None = None,
     end: dt.datetime | int | None = None,
@@ -121,13 +153,15 @@ def list_patient_files(
 
     ``batches``: only files of these batch ids (see :func:`sealed_batch_ids`); None: all.
     Files merged by a committed compaction are listed as its outputs, never as themselves.
+    ``kms`` names the patient's folder (:meth:`Kms.pseudonym`); nothing is decrypted.
     """
     fs, base = resolve_fs(root, fs)
     lo, hi = _to_us(start), _to_us(end)
     first = None if lo is None else _date_of_us(lo)
     last = None if hi is None else _date_of_us(hi - 1)
     out = []
-    for info in _visible_files(fs, base, patient_id, batches)[0]:
+    h = _pseudonym(kms, patient_id)
+    for info in _visible_files(fs, base, h, batches, patient_id)[0]:
         m = re.search(r"/date=(\d{4}-\d{2}-\d{2})/", info.path)
         date = m.group(1) if m else None
         if date is not None and (
@@ -142,7 +176,7 @@ def _read_file(
     fs: pafs.FileSystem,
     path: str,
     kms: Kms,
-    patient_id: str,
+    patient_id: str | None,
     columns: list[str] | None = None,
 ) -> pa.Table:
     """Decrypt one file; rows come back with :data:`SCHEMA`'s types (or ``columns`` of it),
@@ -164,7 +198,9 @@ def _read_file(
                 read += [c for c in ID_SOURCE_COLUMNS if c not in read]
             table = pf.read(columns=read, use_threads=False)
     except KeystoreError as e:
-        key = _key_id_from_ref(bridge.keys_used[-1], patient_id) if bridge.keys_used else None
+        key = bridge.keys_used[-1] if bridge.keys_used else None
+        if key is not None and patient_id is not None:
+            key = _key_id_from_ref(key, patient_id)
         raise LakeKeyUnavailable(path, key, e) from None
     except (OSError, pa.ArrowException) as e:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
@@ -184,11 +220,12 @@ def read_reading_ids(
     root: str | Path | LakeRoot,
     path: str,
     kms: Kms,
-    patient_id: str,
+    patient_id: str | None = None,
     *,
     fs: pafs.FileSystem | None = None,
 ) -> list[str]:
-    """The reading ids (hex) of one file, decrypting only that column."""
+    """The reading ids (hex) of one file, decrypting only that column (``patient_id``, when
+    known, only names the key in errors)."""
     fs, base = resolve_fs(root, fs)
     table = _read_file(fs, f"{base}/{path}", kms, patient_id, columns=["reading_id"])
     return hex_ids(table["reading_id"]).to_pylist()
@@ -209,13 +246,14 @@ def merged_reading_ids(
     path: str,
     batch_id: str,
     kms: Kms,
-    patient_id: str,
+    pseudonym: str,
     *,
     cache: dict[str, pa.Table],
     fs: pafs.FileSystem | None = None,
 ) -> list[str]:
     """The reading ids (hex) of ``batch_id`` in the compacted files that took in the file at
     ``path`` (deleted by the compaction): the sealer's memory of recent ids, reloaded.
+    ``pseudonym``: the patient's, as the manifest names them.
 
     ``cache``: compacted file -> its (reading_id, batch_id) columns, shared by the calls of
     one reload, so each merged file is decrypted once.
@@ -223,12 +261,12 @@ def merged_reading_ids(
     fs, base = resolve_fs(root, fs)
     folder = path.rsplit("/", 1)[0] + "/"
     out: list[str] = []
-    for info in _visible_files(fs, base, patient_id, None)[0]:
+    for info in _visible_files(fs, base, pseudonym, None)[0]:
         rel = info.path[len(base) + 1 :]
         if not rel.startswith(folder) or not info.base_name.startswith(COMPACTED_PREFIX):
             continue
         if rel not in cache:
-            cache[rel] = _read_file(fs, info.path, kms, patient_id, ["reading_id", "batch_id"])
+            cache[rel] = _read_file(fs, info.path, kms, None, ["reading_id", "batch_id"])
         t = cache[rel]
         hit = t.filter(pc.equal(pc.cast(t["batch_id"], pa.string()), batch_id))
         out.extend(hex_ids(hit["reading_id"]).to_pylist())
@@ -265,7 +303,9 @@ def read_patient(
     def attempt() -> pa.Table:
         skipped: list[str] = []
         parts = []
-        for path in list_patient_files(base, patient_id, fs=fs, start=lo, end=hi, batches=batches):
+        for path in list_patient_files(
+            base, patient_id, kms=kms, fs=fs, start=lo, end=hi, batches=batches
+        ):
             try:
                 t = _read_file(fs, path, kms, patient_id)
             except LakeKeyUnavailable as e:
@@ -296,11 +336,6 @@ def read_patient(
     return _retrying(f"reading patient {patient_id}", attempt)
 
 
-def _patient_of(path: str) -> str:
-    m = re.search(r"/patient_id=([^/]+)/", path)
-    return m.group(1) if m else "?"
-
-
 def lake_stats(
     root: str | Path | LakeRoot,
     kms: Kms,
@@ -323,14 +358,13 @@ def lake_stats(
         batch_ids: set[str] = set()
         patients: set[str] = set()
         for info in infos:
-            patient = _patient_of(info.path)
-            patients.add(patient)
+            patients.add(pseudonym_of(info.path) or "?")
             merged = info.base_name.startswith(COMPACTED_PREFIX)
             if not merged:
                 batch_ids.add(info.base_name.removesuffix(".parquet"))
             cols = ["reading_id", "batch_id"] if merged else ["reading_id"]
             try:
-                t = _read_file(fs, info.path, kms, patient, columns=cols)
+                t = _read_file(fs, info.path, kms, None, columns=cols)
             except LakeKeyUnavailable:
                 unreadable += 1
                 continue
@@ -361,18 +395,22 @@ def patient_summaries(
     batches: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Per patient: readings and the first and last device time (µs), sorted by id; the
-    files of an erased patient count as ``unreadable_files`` instead."""
+    files of an erased patient count as ``unreadable_files`` instead. ``patient_id`` comes
+    from the keystore (:meth:`Kms.patient_of`): None for an erased patient, whose row then
+    shows only their ``pseudonym`` (sorted last)."""
     fs, base = resolve_fs(root, fs)
 
     def attempt() -> list[dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for info in _visible_files(fs, base, None, batches)[0]:
-            patient = _patient_of(info.path)
-            row = out.setdefault(
-                patient,
-                {"patient_id": patient, "readings": 0, "first_us": None, "last_us": None,
-                 "unreadable_files": 0},
-            )  # fmt: skip
+            h = pseudonym_of(info.path) or "?"
+            row = out.get(h)
+            if row is None:
+                row = out[h] = {
+                    "patient_id": kms.patient_of(h), "pseudonym": h, "readings": 0,
+                    "first_us": None, "last_us": None, "unreadable_files": 0,
+                }  # fmt: skip
+            patient = row["patient_id"]
             try:
                 t = _read_file(fs, info.path, kms, patient, columns=["device_time"])
             except LakeKeyUnavailable:
@@ -385,6 +423,8 @@ def patient_summaries(
             row["readings"] += t.num_rows
             row["first_us"] = lo if row["first_us"] is None else min(row["first_us"], lo)
             row["last_us"] = hi if row["last_us"] is None else max(row["last_us"], hi)
-        return [out[p] for p in sorted(out)]
+        return sorted(
+            out.values(), key=lambda r: (r["patient_id"] is None, r["patient_id"] or r["pseudonym"])
+        )
 
     return _retrying(f"summing up {base}", attempt)

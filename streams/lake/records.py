@@ -1,9 +1,10 @@
 """Compaction records: the compactor's commit point, and what readers make of them.
 
-A record ``_compactions/patient_id=<p>/<id>.json`` says "these input files of one patient-day
-were merged into these output files". It is written once the outputs are complete and durable,
-in one atomic step (temp + fsync + rename on a local disk, one PUT on an object store), so it
-either exists whole or not at all: that is the commit. What readers see follows from it alone:
+A record ``_compactions/patient=<h>/<id>.json`` (``h``: the patient's pseudonym) says "these
+input files of one patient-day were merged into these output files". It is written once the
+outputs are complete and durable, in one atomic step (temp + fsync + rename on a local disk,
+one PUT on an object store), so it either exists whole or not at all: that is the
+commit. What readers see follows from it alone:
 
 * an input named by a record is hidden, whether or not it has been deleted yet;
 * an output (``compacted-<id>-<n>.parquet``) is visible only if a record names it, so the
@@ -31,7 +32,13 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from streams.lake.errors import LakeError
-from streams.lake.layout import COMPACTED_PREFIX, COMPACTIONS_DIR, patient_dir
+from streams.lake.layout import (
+    COMPACTED_PREFIX,
+    COMPACTIONS_DIR,
+    LEGACY_PATIENT_PREFIX,
+    old_layout_error,
+    patient_dir,
+)
 
 __all__ = [
     "CompactedFile",
@@ -51,7 +58,7 @@ class CompactedFile(BaseModel):
     path: str  # relative to the lake root
     rows: int
     sha256: str
-    key_id: str
+    key_id: str  # the key reference (kref:<h>:v<n>), as in manifests
     bytes: int
 
 
@@ -60,9 +67,9 @@ class CompactionRecord(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    version: Literal[1] = 1
+    version: Literal[2] = 2  # 1: the old layout's (plaintext patient id), refused
     compaction_id: str
-    patient_id: str
+    patient: str  # the pseudonym
     date: str
     created_at_us: int
     rows: int
@@ -73,14 +80,14 @@ class CompactionRecord(BaseModel):
         return self.model_dump_json().encode()
 
 
-def record_folder(patient_id: str) -> str:
-    """``_compactions/patient_id=<p>``, relative to the lake root: one patient's records, so a
+def record_folder(pseudonym: str) -> str:
+    """``_compactions/patient=<h>``, relative to the lake root: one patient's records, so a
     reader of one patient lists only theirs."""
-    return f"{COMPACTIONS_DIR}/{patient_dir(patient_id)}"
+    return f"{COMPACTIONS_DIR}/{patient_dir(pseudonym)}"
 
 
-def record_path(patient_id: str, compaction_id: str) -> str:
-    return f"{record_folder(patient_id)}/{compaction_id}.json"
+def record_path(pseudonym: str, compaction_id: str) -> str:
+    return f"{record_folder(pseudonym)}/{compaction_id}.json"
 
 
 @dataclass(slots=True)
@@ -107,10 +114,10 @@ class CompactionState:
         return batches is None or stem in batches
 
 
-def _record_infos(fs: pafs.FileSystem, base: str, patient_id: str | None) -> list[pafs.FileInfo]:
-    folder = f"{base}/{COMPACTIONS_DIR if patient_id is None else record_folder(patient_id)}"
+def _record_infos(fs: pafs.FileSystem, base: str, pseudonym: str | None) -> list[pafs.FileInfo]:
+    folder = f"{base}/{COMPACTIONS_DIR if pseudonym is None else record_folder(pseudonym)}"
     sel = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
-    return sorted(
+    infos = sorted(
         (
             i
             for i in fs.get_file_info(sel)
@@ -120,6 +127,9 @@ def _record_infos(fs: pafs.FileSystem, base: str, patient_id: str | None) -> lis
         ),
         key=lambda i: i.path,
     )
+    if any(f"/{LEGACY_PATIENT_PREFIX}" in i.path for i in infos):
+        raise old_layout_error(f"{base}/{COMPACTIONS_DIR}")
+    return infos
 
 
 def _names(infos: list[pafs.FileInfo]) -> tuple[tuple[str, int | None], ...]:
@@ -127,16 +137,16 @@ def _names(infos: list[pafs.FileInfo]) -> tuple[tuple[str, int | None], ...]:
 
 
 def record_names(
-    fs: pafs.FileSystem, base: str, patient_id: str | None
+    fs: pafs.FileSystem, base: str, pseudonym: str | None
 ) -> tuple[tuple[str, int | None], ...]:
     """What :func:`load_state` would read now: a reader compares it before and after
     listing data files, to know no compaction committed in between."""
-    return _names(_record_infos(fs, base, patient_id))
+    return _names(_record_infos(fs, base, pseudonym))
 
 
-def load_state(fs: pafs.FileSystem, base: str, patient_id: str | None = None) -> CompactionState:
-    """The committed records of one patient (or of the whole lake)."""
-    infos = _record_infos(fs, base, patient_id)
+def load_state(fs: pafs.FileSystem, base: str, pseudonym: str | None = None) -> CompactionState:
+    """The committed records of one patient (by pseudonym; None: of the whole lake)."""
+    infos = _record_infos(fs, base, pseudonym)
     state = CompactionState(names=_names(infos))
     for info in infos:
         try:

@@ -7,7 +7,8 @@ are split per date: :func:`write_patient_files` returns one :class:`WrittenFile`
 
 Files: rows sorted by (metric, device_time), zstd, 128k-row groups, dictionary encoding for
 low-cardinality columns and the (quantized) values, DELTA_BINARY_PACKED for times, seq and
-leaf index; encrypted as :mod:`streams.lake.crypto` says. Publishing is atomic and never
+leaf index; encrypted as :mod:`streams.lake.crypto` says, in the patient's folder named by
+their pseudonym (:meth:`~streams.lake.keystore.Kms.pseudonym`). Publishing is atomic and never
 overwrites: a replay finds the sealed file and describes it.
 """
 
@@ -71,7 +72,7 @@ COLUMN_ENCODING = {
 class WrittenFile:
     """What the manifest records about one sealed file."""
 
-    path: str  # relative to the lake root, "/"-separated
+    path: str  # relative to the lake root, "/"-separated: patient=<pseudonym>/date=<d>/...
     sha256: str
     rows: int
     key_id: str  # patient:<p>:v<n>
@@ -138,7 +139,8 @@ def write_patient_file(
         raise LakeSpansDates(batch_id, patient_id, list(by_date))
     fs, base = resolve_fs(root, fs)
     ((date, rows),) = by_date.items()
-    return _write_one(fs, base, file_path(patient_id, date, batch_id), patient_id, rows, kms)
+    rel = file_path(kms.pseudonym(patient_id), date, batch_id)
+    return _write_one(fs, base, rel, patient_id, rows, kms)
 
 
 def write_patient_files(
@@ -156,8 +158,9 @@ def write_patient_files(
     """
     by_date = _patient_rows_by_date(batch_id, patient_id, table)
     fs, base = resolve_fs(root, fs)
+    h = kms.pseudonym(patient_id)
     return [
-        _write_one(fs, base, file_path(patient_id, date, batch_id), patient_id, rows, kms)
+        _write_one(fs, base, file_path(h, date, batch_id), patient_id, rows, kms)
         for date, rows in by_date.items()
     ]
 

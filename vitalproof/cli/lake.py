@@ -29,6 +29,7 @@ from typing import BinaryIO
 from streams import lake
 from streams.lake import export
 from streams.lake.keystore import MASTER_KEY_FILE, LocalKeystore
+from streams.lake.layout import _check_name
 from vitalproof.errors import UsageError
 from vitalproof.settings import Settings
 from vitalproof.units import Metric
@@ -130,22 +131,26 @@ def lake_read(
             raise UsageError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
         if fmt == "parquet" and (output is None or output == "-"):
             raise UsageError("--format parquet writes a file: give -o PATH")
+        kms = _keystore(settings)  # it names the patient's folder (their pseudonym)
         try:
             root = lake.open_lake(settings)
             sealed = lake.sealed_batch_ids(root)
-            files = lake.list_patient_files(root, patient, batches=sealed)
+            files = []
+            if kms is not None:
+                files = lake.list_patient_files(root, patient, kms=kms, batches=sealed)
         except lake.LakeError as e:
             raise UsageError(str(e)) from None
     except UsageError as e:
         _error(str(e))
         return EXIT_BAD_INPUT
 
-    if not files:
-        _error(f"unknown patient {patient!r}: no files in {root}")
-        return EXIT_FAILED
-    kms = _keystore(settings)
-    if kms is None:
+    if kms is None and root.files():
         _error(f"no keystore at {settings.paths.keys_dir}: cannot decrypt (check VITALPROOF_HOME)")
+        return EXIT_FAILED
+    if not files or kms is None:
+        # The folder is the keystore's pseudonym of the id: another keystore finds nothing.
+        hint = "" if kms is None else f" under keys {kms.dir} (this lake's keystore?)"
+        _error(f"unknown patient {patient!r}: no files in {root}{hint}")
         return EXIT_FAILED
 
     table = lake.read_patient(root, patient, kms, lo, hi, wanted, batches=sealed)
@@ -189,7 +194,7 @@ def _patients(root: lake.LakeRoot, kms: LocalKeystore) -> list[dict[str, object]
     rows = lake.patient_summaries(root, kms, batches=lake.sealed_batch_ids(root))
     return [
         {
-            "patient_id": r["patient_id"],
+            "patient_id": r["patient_id"],  # None: erased (the lake names them by pseudonym)
             "readings": r["readings"],
             "first": iso(r["first_us"]),
             "last": iso(r["last_us"]),
@@ -296,7 +301,7 @@ def lake_compact(
     try:
         day = None if before is None else parse_date(before)
         if patient is not None:
-            lake.list_patient_files(settings.lake_dir, patient)  # checks the name
+            _check_name(patient, "patient id")
     except (UsageError, lake.LakeError) as e:
         _error(str(e))
         return EXIT_BAD_INPUT

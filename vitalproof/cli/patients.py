@@ -91,8 +91,9 @@ def patients_list(settings: Settings, *, as_json: bool = False) -> int:
           f"{'grants':>7}  state")  # fmt: skip
     for p in patients:
         state = "erased" if p.erased else "keys held"
+        who = p.patient_id or f"({p.pseudonym[:12]}…)"  # an erased id is gone
         print(
-            f"{p.patient_id:<24} {p.files:>7,} {p.readings:>10,} {p.batches:>8,} "
+            f"{who:<24} {p.files:>7,} {p.readings:>10,} {p.batches:>8,} "
             f"{p.active_devices:>8} {p.active_grants:>7}  {state}"
         )
     return 0
