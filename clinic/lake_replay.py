@@ -105,8 +105,10 @@ class LakeReplay:
         self, topic: str, partition: int, lo: int, hi: int, wanted: set[str]
     ) -> list[LakeReading]:
         out: list[LakeReading] = []
+        kms = LocalKeystore(self.settings.paths.keys_dir)
+        named = {kms.pseudonym(p): p for p in wanted}  # manifests name patients by pseudonym
         for m in self.batches(topic, partition, lo, hi):
-            for patient in sorted(wanted & set(m.patients)):
+            for patient in sorted(named[h] for h in named.keys() & set(m.patients)):
                 out.extend(
                     r
                     for r in self._batch_rows(m, patient)
