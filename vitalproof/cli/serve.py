@@ -42,7 +42,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from clinic.service import ServiceContext, create_app
 
     app = create_app(ServiceContext.open(settings))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # No permessage-deflate: browsers always offer it, and compressing every notification
+    # was most of the fan-out's cost at 20,000 readings/s (p99 8.9 s with it, 1.0 s without:
+    # bench/fanout_latency_bench.py, docs/benchmarks.md); readings are small and local.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False
+    )
     return 0
 
 
