@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,9 @@ class Sealer:
         self._recent: dict[tuple[str, int], RecentlySealed] = {}
         self.replayed = 0
         """Readings dropped because a recent batch had sealed them already."""
+        self.fence: Callable[[Sequence[OffsetRange]], None] | None = None
+        """Called right before a manifest is written; raises if this worker lost one of the
+        partitions it covers meanwhile (``streams.fence``): nothing is committed then."""
         # The worker's seal process adopts the partitions it is assigned instead, when it
         # learns them; a sealer on its own remembers every partition the lake holds.
         self.adopt(None if adopt_all else ())
@@ -250,6 +253,8 @@ class Sealer:
             patient_sizes=patient_sizes,
             sealed_at_us=time.time_ns() // 1000,
         )
+        if self.fence is not None:
+            self.fence(covers)
         self.batches_dir.write(manifest_name, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)
