@@ -163,6 +163,7 @@ def test_a_frozen_anchor_leader_resumes_fenced_and_never_anchors(
         )
         produce(settings, manifests[4:])
         wait_for("the new leader to anchor all six", lambda: chain.head().tree_size >= 6, 60, logs)
+        resumed_at = len(logs[leader].read_text())
         os.killpg(cands[leader].pid, signal.SIGCONT)
         time.sleep(2 * period + 1.0)  # the resumed one had its period due: it must not anchor
         for c in cands:
@@ -173,6 +174,12 @@ def test_a_frozen_anchor_leader_resumes_fenced_and_never_anchors(
                 os.killpg(c.pid, signal.SIGCONT)
             processes.stop(c)
 
+    # Resumed, it learnt it had lost the lease (from a fence or the group), and it anchored
+    # nothing before it led again, if it did.
+    after = logs[leader].read_text()[resumed_at:]
+    assert "anchor lease lost" in after or "anchor lease given up" in after, after[-3000:]
+    term = after.find("anchor lease taken")
+    assert "anchored size" not in (after if term < 0 else after[:term]), after[-3000:]
     events = anchored(chain)
     sizes = [int(e["args"]["treeSize"]) for e in events]
     assert sizes == sorted(set(sizes)) and sizes[-1] == len(manifests), sizes

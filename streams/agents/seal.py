@@ -38,6 +38,7 @@ from streams.agents.ports import (
 )
 from streams.fence import Fenced
 from streams.ledger import Folder, mark_produced, unproduced
+from streams.partition_index import unproduced_of
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import CleanRecord, SealOutcome, SealProcessDied, exit_like
 from vitalproof.crashpoints import crashpoint
@@ -176,7 +177,9 @@ class SealAgent:
         """Manifests of ``partitions`` sealed but never marked produced: their sealer died
         between the manifest and the produce, or between Kafka's ack and the mark; in the
         second case ``vitals.batches`` holds them already and they are only marked."""
-        mine = [m for m in unproduced(self.batches_dir) if _owner(m) in partitions]
+        indexed = unproduced_of(self.batches_dir, partitions)  # their newest manifests only
+        every = unproduced(self.batches_dir) if indexed is None else indexed
+        mine = [m for m in every if _owner(m) in partitions]
         if not mine:
             return
         assert self.published is not None
