@@ -106,13 +106,30 @@ class PartitionPublishers:
         self.prefix = prefix
         self.compression_type = compression_type
         self._producers: dict[TP, AIOKafkaProducer] = {}
+        self._tokens: dict[TP, str] = {}
 
     async def take(self, tps: Iterable[TP]) -> dict[TP, str]:
-        """Own ``tps`` from now on: fence their previous owners on Kafka, then in the lake;
-        the lake claims' tokens (for the seal process's check)."""
-        wanted = [tp for tp in tps if tp not in self._producers]
+        """Own ``tps`` from now on: fence their previous owners on Kafka (a fresh producer
+        each, even if this worker had one: it may have been fenced meanwhile), then in the
+        lake; the lake claims' tokens (for the seal process's check)."""
+        wanted = sorted(set(tps))
+        await self.drop(wanted)
         await asyncio.gather(*(self._start(tp) for tp in wanted))
-        return {tp: write_claim(self.batches_dir, tp) for tp in sorted(set(tps))}
+        claims = {tp: write_claim(self.batches_dir, tp) for tp in wanted}
+        self._tokens.update(claims)
+        return claims
+
+    def kept(self, tps: Iterable[TP]) -> set[TP]:
+        """Those of ``tps`` that nobody took from this worker since it took them: their lake
+        claim still holds its token. A partition assigned again after a freeze may have been
+        another worker's in between (and its producer here fenced): it is taken afresh."""
+        return {
+            tp
+            for tp in tps
+            if tp in self._producers
+            and self._tokens.get(tp) is not None
+            and read_claim(self.batches_dir, tp) == self._tokens[tp]
+        }
 
     async def _start(self, tp: TP) -> None:
         producer = AIOKafkaProducer(
@@ -150,6 +167,9 @@ class PartitionPublishers:
 
     async def drop(self, tps: Iterable[TP]) -> None:
         """Stop the producers of ``tps`` (revoked, or fenced)."""
+        tps = list(tps)
+        for tp in tps:
+            self._tokens.pop(tp, None)
         gone = [p for tp in tps if (p := self._producers.pop(tp, None)) is not None]
         await asyncio.gather(*(p.stop() for p in gone), return_exceptions=True)
 

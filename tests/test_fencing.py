@@ -41,6 +41,11 @@ pytestmark = pytest.mark.integration
 #: How long the frozen process stays stopped: well past the 6 s session timeout the test
 #: workers and the anchor lease use, so the group has moved on when it resumes.
 FROZEN_S = 14.0
+#: The worker freezes when its seal process has written this many manifests (both workers
+#: are in the group by then, under load).
+FREEZE_AT = 10
+WORKER_ARGS = ("worker", "--loglevel", "info")
+WORKER_ENV = {"BROKER_SESSION_TIMEOUT": "6.0", "BROKER_HEARTBEAT_INTERVAL": "1.0"}
 
 
 async def _until(what: str, cond: object, within_s: float, log: Path) -> None:
@@ -67,13 +72,21 @@ def test_a_frozen_worker_resumes_fenced_and_everything_is_sealed_and_published_o
 
     async def drill() -> None:
         nonlocal at_resume
-        workers.append(start_worker(settings, logs[0]))
-        fleet = asyncio.create_task(feed(settings, creds, record, duration_s=30.0))
-        await _until("worker 0 seals", lambda: "sealed b" in text(0), 60, logs[0])
+        # Worker 0 freezes (with its seal process) at an exact step, under load: its seal
+        # process has just written a manifest, which the worker has not published yet.
+        workers.append(
+            processes.start(
+                settings,
+                *WORKER_ARGS,
+                log=logs[0],
+                env=WORKER_ENV | {"VITALPROOF_CRASH_AT": f"after_manifest:{FREEZE_AT}:stop"},
+            )
+        )
         workers.append(start_worker(settings, logs[1]))
+        fleet = asyncio.create_task(feed(settings, creds, record, duration_s=24.0))
         await _until("worker 1 seals", lambda: "sealed b" in text(1), 60, logs[1])
-        await asyncio.sleep(1.0)  # both mid-stream, batches in flight
-        os.killpg(workers[0].pid, signal.SIGSTOP)  # the worker and its seal process freeze
+        frozen = f"crashpoint after_manifest ({FREEZE_AT}) stop"
+        await _until("worker 0 freezes", lambda: frozen in text(0), 60, logs[0])
         took_all = f"'{settings.kafka.topic_clean}', {PARTITIONS - 1})"
         before = len(text(1))
         await _until(
@@ -82,7 +95,7 @@ def test_a_frozen_worker_resumes_fenced_and_everything_is_sealed_and_published_o
             FROZEN_S + 20,
             logs[1],
         )
-        await asyncio.sleep(max(0.0, FROZEN_S - 8.0))
+        await asyncio.sleep(2.0)
         at_resume = len(text(0))
         os.killpg(workers[0].pid, signal.SIGCONT)
         await fleet
@@ -93,14 +106,13 @@ def test_a_frozen_worker_resumes_fenced_and_everything_is_sealed_and_published_o
         asyncio.run(drill())
     finally:
         for w in workers:
-            with_cont = w.poll() is None
-            if with_cont:
+            if w.poll() is None:
                 os.killpg(w.pid, signal.SIGCONT)
             stop(w)
 
-    # The zombie tried, and was refused: by the lake claim or by the Kafka fence.
+    # The zombie tried to publish the manifest it held, and Kafka refused it.
     after = text(0)[at_resume:]
-    assert "fenced:" in after, f"the resumed worker met no fence:\n{after[-3000:]}"
+    assert "fenced:" in after and "ProducerFenced" in after, after[-3000:]
     # Between its resumption and its next assignment it published nothing.
     rejoined = after.find("assigned [")
     stale = after if rejoined < 0 else after[:rejoined]

@@ -82,6 +82,8 @@ class Publishers(Protocol):
 
     async def publish(self, tp: tuple[str, int], batch_id: str, manifest_json: bytes) -> None: ...
 
+    def kept(self, tps: Iterable[tuple[str, int]]) -> set[tuple[str, int]]: ...
+
     async def drop(self, tps: Iterable[tuple[str, int]]) -> None: ...
 
     async def close(self) -> None: ...
@@ -161,9 +163,17 @@ class SealAgent:
         are taken again."""
         newly = sorted(assigned - self.assigned)
         gone = self.assigned - assigned
+        claims = None
+        if self.publishers is not None:
+            # Kept across the rebalance, unless another worker had them meanwhile (this one
+            # was frozen past its session timeout): those are adopted afresh.
+            kept = assigned & self.assigned
+            taken = kept - self.publishers.kept(kept)
+            if taken:
+                log.warning("taken over while this worker was frozen: %s", sorted(taken))
+            newly = sorted(set(newly) | taken)
         self.assigned = set(assigned)
         await self._ready.wait()
-        claims = None
         if self.publishers is not None:
             await self.publishers.drop(gone)
             # Fence the previous owners (Kafka, then the lake) before reading what they left.
