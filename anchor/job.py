@@ -17,6 +17,12 @@ of them holds the lease (:mod:`anchor.leader`) and runs the job; its log entries
 ``vitals.anchor-log`` before its own log, so the next leader replays them, adopts the head
 the contract holds (never anchoring a head that is already there, nor one that skips
 entries), and goes on from the group's committed offsets of ``vitals.batches``.
+
+An unreachable chain node does not stop the job (:meth:`AnchorJob._on_chain`): it goes on
+logging manifests, puts the anchor off with a bounded exponential backoff
+(:mod:`vitalproof.retry`), one line when the node goes and one when it is back, and resumes
+as a restart would (outbox re-broadcast, the contract's head adopted), so nothing is
+anchored twice.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
+from requests.exceptions import RequestException
 
 from anchor.chain import AnchorReceipt, Chain
 from anchor.errors import AnchorError
@@ -45,12 +52,51 @@ from anchor.log import LogEntry, MerkleLog
 from anchor.txmanager import TxManager
 from vitalproof.errors import VitalproofError
 from vitalproof.manifest import BatchManifest
+from vitalproof.retry import Backoff, ErrorPolicy, Outage
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Extra log entries to anchor with the batches, as ``(entry id, root, size)``.
 CheckpointProvider = Callable[[], Iterable[tuple[str, bytes, int]]]
+
+
+def chain_unreachable(chain: Chain | None) -> ErrorPolicy:
+    """The anchor job's error policy: worth waiting for are a node that cannot be reached
+    (connection refused or reset, timeouts: the HTTP provider's ``requests`` errors) and an
+    anchor that did not become final while the node is unreachable; anything else (a full
+    local disk, a reverted anchor, two histories) is raised."""
+
+    def policy(exc: BaseException) -> str | None:
+        if isinstance(exc, RequestException | ConnectionError | TimeoutError):
+            return f"unreachable ({type(exc).__name__}: {str(exc)[:160]})"
+        if isinstance(exc, AnchorError) and chain is not None and not _reachable(chain):
+            return f"unreachable while an anchor waited to be final ({exc})"
+        return None
+
+    return policy
+
+
+def _reachable(chain: Chain) -> bool:
+    try:
+        chain.w3.eth.block_number  # noqa: B018 (the call is the check)
+    except OSError:
+        return False
+    return True
+
+
+def chain_outage(settings: Settings, chain: Chain | None) -> Outage:
+    """The chain as the anchor job waits for it: named by its RPC URL."""
+    url = settings.chain.rpc_url or (
+        settings.devstack.anvil_url if settings.chain.kind == "anvil" else settings.chain.kind
+    )
+    return Outage(
+        "anchor job: chain",
+        f"at {url}",
+        chain_unreachable(chain),
+        backoff=Backoff.from_settings(settings.runtime),
+        logger=log,
+    )
 
 
 def ensure_contract(chain: Chain, state_dir: Path) -> str:
@@ -80,20 +126,59 @@ class AnchorJob:
         self.settings = settings
         self.chain = chain
         self.checkpoints = checkpoints
-        self.log = MerkleLog(settings.anchor_dir / "log")
+        # The chain first: if it is unreachable nothing is held yet (see :meth:`connect`).
         self.contract = ensure_contract(chain, settings.anchor_dir)
-        outbox = settings.anchor_dir / "outbox" / f"{chain.chain_id}-{self.contract.lower()}"
-        self.tx = TxManager(chain, outbox, confirmations=confirmations)
-        self.tx.resume()
+        self.log = MerkleLog(settings.anchor_dir / "log")
+        try:
+            outbox = settings.anchor_dir / "outbox" / f"{chain.chain_id}-{self.contract.lower()}"
+            self.tx = TxManager(chain, outbox, confirmations=confirmations)
+            self.tx.resume()
+        except BaseException:
+            self.log.close()
+            raise
         self.receipts: list[AnchorReceipt] = []
         self.replica: LogReplica | None = None
         """While leading among candidates: where entries go before the local log."""
+        self.chain_outage = chain_outage(settings, chain)
+        """The chain's state as this job sees it: up, or waited for (see :meth:`_on_chain`)."""
+        self._chain_retry_at = 0.0
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, checkpoints: CheckpointProvider | None = None
     ) -> AnchorJob:
         return cls(settings, Chain.from_settings(settings), checkpoints=checkpoints)
+
+    @classmethod
+    def connect(
+        cls,
+        settings: Settings,
+        *,
+        checkpoints: CheckpointProvider | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> AnchorJob:
+        """:meth:`from_settings`, waiting (with backoff, one line when the chain is away and
+        one when it is back) while the chain's node is unreachable: a job started while its
+        node restarts waits for it instead of exiting."""
+        outage = chain_outage(settings, None)
+        while True:
+            try:
+                job = cls.from_settings(settings, checkpoints=checkpoints)
+            except Exception as exc:
+                sleep(outage.failed(exc))  # raises what is not an unreachable node
+                continue
+            outage.succeeded()
+            job.chain_outage.outages = outage.outages
+            return job
+
+    def status(self) -> dict[str, object]:
+        """What the job is doing about the chain, and how far it got (for status output)."""
+        last = self.log.last_anchored()
+        return {
+            "chain": self.chain_outage.status(),
+            "log_size": self.log.size,
+            "anchored_size": 0 if last is None else last.tree_size,
+        }
 
     def close(self) -> None:
         """Release the log's writer lock and the outbox."""
@@ -283,6 +368,47 @@ class AnchorJob:
         log.info("anchored size %d root %s in %s", size, root.hex(), receipt.tx_hash)
         return receipt
 
+    def _anchor_without_checkpoints(self) -> AnchorReceipt | None:
+        return self.anchor_once(checkpoints=False)
+
+    async def _on_chain(self, work: Callable[[], object], *, now: bool = False) -> bool:
+        """Run ``work`` (blocking chain calls) in a thread, unless the chain is being waited
+        out; True if it ran to the end.
+
+        An unreachable node (:func:`chain_unreachable`) does not stop the job: one line
+        says so (and where: the RPC URL), the next try comes after a bounded exponential
+        backoff while manifests are still consumed and logged, and before the next anchor
+        the job does what a restart would: re-broadcast its outbox's pending transaction
+        exactly as signed and adopt the contract's head (:meth:`adopt_chain_head`). So an
+        anchor sent just before the node went away is recorded, never sent twice.
+        ``now``: try even before the backoff is over (the last anchor when stopping; if the
+        node is still away, the next run anchors what is left).
+        """
+        if not now and time.monotonic() < self._chain_retry_at:
+            return False
+        try:
+            if self.chain_outage.down:
+                await asyncio.to_thread(self._after_outage)
+            await asyncio.to_thread(work)
+        except Exception as exc:
+            self._chain_retry_at = time.monotonic() + self.chain_outage.failed(exc)
+            return False
+        self.chain_outage.succeeded()
+        return True
+
+    async def _next_anchor(self, work: Callable[[], object], period_s: float) -> float:
+        """One anchor tick; when the next is due: a period on, or sooner, as soon as the
+        backoff allows, if the chain was away."""
+        if await self._on_chain(work):
+            return time.monotonic() + period_s
+        return self._chain_retry_at
+
+    def _after_outage(self) -> None:
+        """What a restart does before anchoring: pending transactions re-broadcast as
+        signed and followed; the contract's head adopted if an anchor landed meanwhile."""
+        self.tx.resume()
+        self.adopt_chain_head()
+
     async def run(
         self,
         *,
@@ -302,11 +428,10 @@ class AnchorJob:
                     break
                 await self._consume_for(consumer, 0.5)
                 if time.monotonic() >= next_anchor:
-                    await asyncio.to_thread(self.anchor_once)
-                    next_anchor = time.monotonic() + period_s
+                    next_anchor = await self._next_anchor(self.anchor_once, period_s)
             while await self._consume_for(consumer, 0.5):
                 pass
-            await asyncio.to_thread(self.anchor_once)
+            await self._on_chain(self.anchor_once, now=True)
         except AnchorError:
             log.exception("anchoring failed")
             raise
@@ -372,7 +497,7 @@ class AnchorJob:
                 return
             await replica.fence()  # no earlier leader writes from now on
             added = await replica.catch_up(self.log)
-            await asyncio.to_thread(self.adopt_chain_head)
+            adopted = await self._on_chain(self.adopt_chain_head)
             log.info("leading: %d entries caught up, log size %d", added, self.log.size)
         consumer = self._consumer()
         await consumer.start()
@@ -384,17 +509,20 @@ class AnchorJob:
                     if not lease.is_leader:
                         return
                     await self._consume_for(consumer, 0.5)
-                    if time.monotonic() >= next_anchor:
+                    if not adopted:  # the chain was away when this term began
+                        adopted = await self._on_chain(self.adopt_chain_head)
+                    elif time.monotonic() >= next_anchor:
                         await self._add_checkpoints_shared()
                         await replica.barrier(self.log.size)
-                        await asyncio.to_thread(self.anchor_once, checkpoints=False)
-                        next_anchor = time.monotonic() + period_s
+                        next_anchor = await self._next_anchor(
+                            self._anchor_without_checkpoints, period_s
+                        )
             async with lease.work:  # stopping: a last anchor, as run() makes
-                if lease.is_leader:
+                if lease.is_leader and adopted:
                     while await self._consume_for(consumer, 0.5):
                         pass
                     await self._add_checkpoints_shared()
                     await replica.barrier(self.log.size)
-                    await asyncio.to_thread(self.anchor_once, checkpoints=False)
+                    await self._on_chain(self._anchor_without_checkpoints, now=True)
         finally:
             await consumer.stop()

@@ -240,31 +240,39 @@ def publisher_main(config_path: str) -> None:
             data = c.sock.recv(65536)  # readable: does not block
             if not data:
                 raise ConnectionError("broker closed a publisher connection")
-            buf = c.buf + data
-            i, n = 0, len(buf)
-            while i + 2 <= n:
-                rl, j, shift = 0, i + 1, 0
-                while j < n:
-                    b = buf[j]
-                    j += 1
-                    rl |= (b & 0x7F) << shift
-                    shift += 7
-                    if not b & 0x80:
-                        break
-                else:
-                    break
-                if j + rl > n:
-                    break
-                if buf[i] & 0xF0 == 0x40:  # PUBACK
-                    c.inflight -= 1
-                    acked += 1
-                i = j + rl
-            c.buf = buf[i:]
+            n_acks, c.buf = pubacks(c.buf + data)
+            c.inflight -= n_acks
+            acked += n_acks
         now = time.monotonic()
         if now - last_status >= 0.25:
             status.write_text(json.dumps({"acked": acked, "t": now}))
             last_status = now
     status.write_text(json.dumps({"acked": acked, "t": time.monotonic()}))
+
+
+def pubacks(buf: bytes) -> tuple[int, bytes]:
+    """How many whole PUBACK packets ``buf`` holds, and the bytes after its last whole packet
+    (a packet split across reads stays for the next call). The broker sends publishers
+    nothing else that counts; other packets are stepped over by their remaining length."""
+    acks = 0
+    i, n = 0, len(buf)
+    while i + 2 <= n:
+        rl, j, shift = 0, i + 1, 0
+        while j < n:
+            b = buf[j]
+            j += 1
+            rl |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        else:
+            break
+        if j + rl > n:
+            break
+        if buf[i] & 0xF0 == 0x40:  # PUBACK: the broker acks QoS 1 in order
+            acks += 1
+        i = j + rl
+    return acks, buf[i:]
 
 
 # -- the benchmark --------------------------------------------------------------------------

@@ -224,26 +224,10 @@ def publisher_main(config_path: str) -> None:
             data = d.sock.recv(65536)
             if not data:
                 raise ConnectionError("broker closed a publisher connection")
-            buf = d.buf + data
-            i, n = 0, len(buf)
-            while i + 2 <= n:
-                rl, j, shift = 0, i + 1, 0
-                while j < n:
-                    b = buf[j]
-                    j += 1
-                    rl |= (b & 0x7F) << shift
-                    shift += 7
-                    if not b & 0x80:
-                        break
-                else:
-                    break
-                if j + rl > n:
-                    break
-                if buf[i] & 0xF0 == 0x40:  # PUBACK: the broker acks QoS 1 in order
-                    counts["acked"] += 1
-                    counts["acked_samples"] += d.inflight.popleft()
-                i = j + rl
-            d.buf = buf[i:]
+            n_acks, d.buf = cb.pubacks(d.buf + data)
+            counts["acked"] += n_acks
+            for _ in range(n_acks):  # the broker acks QoS 1 in order
+                counts["acked_samples"] += d.inflight.popleft()
 
     while not stop:
         mono = time.monotonic()

@@ -14,14 +14,15 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from clinic import device_events
+from clinic.lake_replay import LakeReplay
 from clinic.live import Event, Hub, Segment, Source, Subscription, SubscriptionError, compact
-from vitalproof.errors import WireFormatError
+from vitalproof.errors import VitalproofError, WireFormatError
 from vitalproof.registry import Registry
 from vitalproof.schema import SampleBatch
 from vitalproof.settings import Settings
@@ -141,25 +142,31 @@ def _device_events(
 
 class Replayer:
     """Events a subscription no longer holds, numbered again from the records they came from
-    (:class:`clinic.live.Segment`), read back from Kafka by offset with a consumer of no group.
+    (:class:`clinic.live.Segment`): read back from Kafka by offset with a consumer of no
+    group, and what Kafka no longer has (retention, deleted records) from the lake, whose rows
+    keep their record's offset (:class:`clinic.lake_replay.LakeReplay`).
 
     The events are re-made as they were delivered (same numbers, same order); whether each
-    may still be sent is decided by the caller at sending, as for held events. What Kafka no
-    longer has (retention, deleted records) is not silently skipped: :class:`Gone` names the
-    event numbers, the partition, the offsets and the time, so the client can search the
-    lake's history for that time instead."""
+    may still be sent is decided by the caller at sending, as for held events. What neither
+    has (device events past retention, batches not sealed yet, erased patients' readings) is
+    not silently skipped: :class:`Gone` names the event numbers, the partition, the offsets
+    and the time, so the client can search the lake's history for that time instead. A
+    segment is replayed whole or not at all: its count must come out as delivered."""
 
     def __init__(self, settings: Settings, hub: Hub) -> None:
         self.settings = settings
         self.hub = hub
         self._registry = Registry(settings.paths.registry_path)
+        self.lake = LakeReplay(settings)
+        self.from_lake = 0  # events re-made from the lake (for tests and /status)
 
     def _patient_of(self, device_id: str) -> str | None:
         device = self._registry.lookup(device_id)
         return device.patient_id if device else None
 
     async def replay(self, sub: Subscription, since: int, until: int, limit: int) -> list[Event]:
-        """Events ``since+1 .. until`` (at most ``limit``, oldest first) from Kafka."""
+        """Events ``since+1 .. until`` (at most ``limit``, oldest first) from Kafka or the
+        lake; fewer if a later segment is gone (the next call from the last one names it)."""
         until = min(until, since + limit)
         if until <= since:
             return []
@@ -182,11 +189,16 @@ class Replayer:
             enable_auto_commit=False,
             auto_offset_reset="none",
         )
+        read: dict[TopicPartition, dict[int, Record]] = {}
+        starts: dict[TopicPartition, int] = {}
         try:
             await consumer.start()
-            read: dict[TopicPartition, dict[int, Record]] = {}
             for tp, (lo, hi, oldest) in ranges.items():
-                read[tp] = await self._read(consumer, sub, tp, lo, hi, oldest)
+                consumer.assign([tp])
+                starts[tp] = start = (await consumer.beginning_offsets([tp]))[tp]
+                read[tp] = {}
+                if hi >= start:  # what is older than the partition's start is the lake's
+                    read[tp] = await self._read(consumer, sub, tp, max(lo, start), hi, oldest)
         except KafkaError as e:  # incl. offsets deleted between the check and the fetch
             raise Gone(
                 f"events {since + 1}..{until} of subscription {sub.id} are no longer held and"
@@ -198,14 +210,78 @@ class Replayer:
                 await consumer.stop()
         out: list[Event] = []
         for g in segments:
-            by_offset = read[TopicPartition(g.source.topic, g.source.partition)]
-            records = [
-                by_offset[o]
-                for o in range(g.source.first_offset, g.source.last_offset + 1)
-                if o in by_offset
-            ]
-            out.extend(self._events(g, records, since, until))
+            tp = TopicPartition(g.source.topic, g.source.partition)
+            try:
+                try:
+                    readings = await self._readings(sub, g, read[tp], starts[tp])
+                    out.extend(self._events(sub, g, starts[tp], readings, since, until))
+                except Gone:
+                    if g.source.first_offset >= starts[tp]:
+                        raise
+                    self.lake.relist()  # a batch sealed since the lake was listed: once more
+                    readings = await self._readings(sub, g, read[tp], starts[tp])
+                    out.extend(self._events(sub, g, starts[tp], readings, since, until))
+            except Gone:
+                if out:  # what came back before it; the client asks again from there
+                    return out
+                raise
         return out
+
+    async def _readings(
+        self, sub: Subscription, seg: Segment, by_offset: dict[int, Record], start: int
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """(patient, metric, compact body) of every reading or device event of the
+        segment's records, in delivery order: from the lake below Kafka's ``start``, from
+        Kafka's records from it."""
+        src = seg.source
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        if src.first_offset < start:
+            if src.topic == self.settings.kafka.topic_events:  # device events are not sealed
+                raise Gone(
+                    f"events from {seg.first} of subscription {sub.id} came from {src.topic}"
+                    f" partition {src.partition} offsets from {src.first_offset}, which Kafka"
+                    f" no longer holds (it starts at offset {start}); search Observation"
+                    f" history from {_when(src)}"
+                )
+            patients = sorted({p for p, _ in seg.pairs})
+            hi = min(src.last_offset, start - 1)
+            try:
+                sealed = await asyncio.to_thread(
+                    self.lake.readings, src.topic, src.partition, src.first_offset, hi, patients
+                )
+            except VitalproofError as e:
+                raise Gone(self._lake_lost(sub, seg, start, f"the lake: {e}")) from None
+            out.extend((r.patient_id, r.metric, r.body) for r in sealed)
+        records = [
+            by_offset[o]
+            for o in range(max(src.first_offset, start), src.last_offset + 1)
+            if o in by_offset
+        ]
+        if src.topic == self.settings.kafka.topic_events:
+            out.extend((ev.patient_id, "", ev.compact()) for ev, _ in self._decoded(records))
+            return out
+        for batch in _batches(records):
+            if not batch.reading_id:
+                batch.fill_reading_ids()
+            patient = batch.patient_id or ""
+            out.extend(
+                (patient, m, compact(batch, i))
+                for i, m in enumerate(batch.metric)
+                if (patient, m) in seg.pairs
+            )
+        return out
+
+    def _decoded(self, records: list[Record]) -> list[tuple[device_events.DeviceEvent, Record]]:
+        return _device_events(records, self._patient_of)
+
+    def _lake_lost(self, sub: Subscription, seg: Segment, start: int, what: str) -> str:
+        src = seg.source
+        return (
+            f"events {seg.first}..{seg.last} of subscription {sub.id} came from {src.topic}"
+            f" partition {src.partition} offsets {src.first_offset}..{src.last_offset}, which"
+            f" Kafka no longer holds (it starts at offset {start}), and {what}; search"
+            f" Observation history from {_when(src)}"
+        )
 
     async def _read(
         self,
@@ -216,17 +292,8 @@ class Replayer:
         hi: int,
         oldest: Segment,
     ) -> dict[int, Record]:
-        """Records ``lo..hi`` of one partition, by offset."""
-        consumer.assign([tp])
-        start = (await consumer.beginning_offsets([tp]))[tp]
-        if start > lo:
-            when = dt.datetime.fromtimestamp(oldest.source.timestamp_ms / 1000, dt.UTC)
-            raise Gone(
-                f"events from {oldest.first} of subscription {sub.id} came from {tp.topic}"
-                f" partition {tp.partition} offsets from {lo}, which Kafka no longer holds"
-                f" (it starts at offset {start}); search Observation history from"
-                f" {when.isoformat(timespec='seconds')}"
-            )
+        """Records ``lo..hi`` of one partition (assigned, ``lo`` not before its start), by
+        offset."""
         consumer.seek(tp, lo)
         records: dict[int, Record] = {}
         last = lo - 1
@@ -245,33 +312,38 @@ class Replayer:
                 last = r.offset
         return records
 
-    def _events(self, seg: Segment, records: list[Record], since: int, until: int) -> list[Event]:
+    def _events(
+        self,
+        sub: Subscription,
+        seg: Segment,
+        start: int,
+        readings: list[tuple[str, str, dict[str, Any]]],
+        since: int,
+        until: int,
+    ) -> list[Event]:
         out: list[Event] = []
         n = seg.first - 1
-        if seg.source.topic == self.settings.kafka.topic_events:
-            for ev, _ in _device_events(records, self._patient_of):
-                if (ev.patient_id, "") in seg.pairs:
-                    n += 1
-                    if since < n <= until:
-                        out.append(Event(n, ev.patient_id, "", ev.compact()))
-        else:
-            patients = {p for p, _ in seg.pairs}
-            for batch in _batches(records):
-                patient = batch.patient_id or ""
-                if patient not in patients:
-                    continue
-                if not batch.reading_id:
-                    batch.fill_reading_ids()
-                for i, metric in enumerate(batch.metric):
-                    if (patient, metric) in seg.pairs:
-                        n += 1
-                        if since < n <= until:
-                            out.append(Event(n, patient, metric, compact(batch, i)))
+        for patient, metric, body in readings:
+            if (patient, metric) in seg.pairs:
+                n += 1
+                if since < n <= until:
+                    out.append(Event(n, patient, metric, body))
         if n != seg.last:  # never silently renumbered
+            src = seg.source
+            below = (
+                f", which Kafka no longer holds below offset {start}," if src.first_offset < start
+                else ""
+            )  # fmt: skip
             raise Gone(
-                f"events {seg.first}..{seg.last}: the records at {seg.source.topic} partition"
-                f" {seg.source.partition} offsets {seg.source.first_offset}.."
-                f"{seg.source.last_offset} now give {n - seg.first + 1} of them; search"
-                " Observation history for that time"
+                f"events {seg.first}..{seg.last} of subscription {sub.id} came from"
+                f" {src.topic} partition {src.partition} offsets {src.first_offset}.."
+                f"{src.last_offset}{below} and Kafka and the lake give back"
+                f" {n - seg.first + 1} of them (the rest: not sealed yet, or an erased"
+                f" patient's); search Observation history from {_when(src)}"
             )
         return out
+
+
+def _when(src: Source) -> str:
+    when = dt.datetime.fromtimestamp(src.timestamp_ms / 1000, dt.UTC)
+    return when.isoformat(timespec="seconds")

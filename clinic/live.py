@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import secrets
 import time
@@ -101,6 +102,19 @@ class Event:
         return bool(self.metric)
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How a subscription's notifications are shaped and paced (FHIR R5 Subscription's
+    ``content``, ``channelType``, ``heartbeatPeriod``, ``maxCount``, ``topic``); the
+    compact JSON form for charts by default."""
+
+    content: str = "compact"  # compact | empty | id-only | full-resource
+    channel: str | None = None  # websocket | sse; None: either
+    heartbeat_s: float | None = None
+    max_count: int | None = None
+    topic: str | None = None  # the R5 topic's canonical URL (None: a compact subscription)
+
+
 @dataclass
 class Subscription:
     id: str
@@ -117,6 +131,7 @@ class Subscription:
     connections: int = 0
     idle_since: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    delivery: Delivery = field(default_factory=Delivery)
 
     def wants(self, patient_id: str, metric: str) -> bool:
         return self.wants_patient(patient_id) and (self.metrics is None or metric in self.metrics)
@@ -134,7 +149,18 @@ class Subscription:
                 number + 1,
                 first - 1,
             )
-        return [e for e in self.held if e.number > number]
+        if not self.held:
+            return []
+        # Held numbers are contiguous (each event is the next number), so the k newest are
+        # the answer: taken from the right, not by a pass over all 10,000 held on every wake.
+        k = self.held[-1].number - number
+        if k <= 0:
+            return []
+        if k >= len(self.held):
+            return list(self.held)
+        out = list(itertools.islice(reversed(self.held), k))
+        out.reverse()
+        return out
 
     def close(self, reason: str) -> None:
         if self.closed is None:
@@ -197,6 +223,7 @@ class Hub:
         principal: Principal,
         patients: Iterable[str] | None,
         metrics: Iterable[str] | None,
+        delivery: Delivery | None = None,
     ) -> Subscription:
         if principal.role is Role.OPERATOR:
             raise SubscriptionError("the operator role sees pipeline health, not live vitals")
@@ -249,6 +276,7 @@ class Hub:
             metrics=chosen,
             created=self.clock(),
             idle_since=self.clock(),
+            delivery=delivery or Delivery(),
         )
         self.subscriptions[sub.id] = sub
         self._targets.clear()

@@ -26,6 +26,7 @@ from streams.ledger import Folder
 from streams.published import published_ids
 from streams.seal_process import SealProcess
 from vitalproof.registry import Registry
+from vitalproof.retry import Backoff
 from vitalproof.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> faust.App:
                 prefix=app.conf.id,
                 compression_type=settings.kafka.compression_type,
             ),
+            backoff=lambda: Backoff.from_settings(settings.runtime),
         )
         group.joined(agent)
         await agent.run(cast(TakeStream, stream))

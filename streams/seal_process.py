@@ -25,12 +25,13 @@ import ctypes
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from vitalproof import crashpoints, hashing, memory
 from vitalproof.errors import VitalproofError, WireFormatError
+from vitalproof.retry import Backoff, Outage, disk_full
 from vitalproof.settings import RuntimeSettings
 from vitalproof.wire import clean
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # the sealer (and pyarrow with it) is imported in the child o
 CleanRecord = tuple[str, int, int, bytes]
 
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 
 
 class SealProcessError(VitalproofError):
@@ -265,12 +268,16 @@ def _tie_to_parent(parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def serve(conn: Connection, lake_dir: Path | str, keys_dir: Path) -> int:
-    """Answer seal requests until EOF; an error is reported, then the child exits.
+def serve(
+    conn: Connection, lake_dir: Path | str, keys_dir: Path, backoff: Backoff | None = None
+) -> int:
+    """Answer seal requests until EOF; an error is reported, then the child exits, except
+    a full lake disk, which is waited out (:func:`seal_waiting_for_space`).
 
     ``lake_dir``: a folder, or an ``s3://`` URI reached as the environment's settings say
     (the worker's environment and secrets folder are this child's).
     """
+    backoff = backoff or Backoff()
     from streams.lake.keystore import LocalKeystore
     from streams.lake.storage import open_uri
     from streams.sealer import Sealer
@@ -307,7 +314,7 @@ def serve(conn: Connection, lake_dir: Path | str, keys_dir: Path) -> int:
             continue
         started = time.monotonic()
         try:
-            outcome = seal_records(sealer, records)
+            outcome = seal_waiting_for_space(sealer, records, lake_dir, backoff)
         except Exception:
             conn.send(("error", traceback.format_exc()))
             return 1
@@ -337,6 +344,44 @@ def _fence(
     )
 
 
+def seal_waiting_for_space(
+    sealer: Sealer,
+    records: Sequence[CleanRecord],
+    lake_dir: Path | str,
+    backoff: Backoff,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SealOutcome:
+    """:func:`seal_records`, tried again with backoff while the lake's disk is full.
+
+    Why waiting is safe: the sealer changes nothing it remembers before the manifest, the
+    commit point, is written, and what it wrote before (files without a manifest) no reader
+    sees and the retry rewrites under the same names; the worker waits for this outcome, so
+    the batch's offsets stay uncommitted and nothing after it is acked either. One line when
+    the disk fills (what, which path, free bytes), one when the batch got sealed after all.
+    """
+
+    def policy(exc: BaseException) -> str | None:
+        reason = disk_full(exc)
+        if reason is None:
+            return None
+        free = ""
+        if isinstance(lake_dir, Path):
+            with contextlib.suppress(OSError):
+                free = f", {shutil.disk_usage(lake_dir).free} bytes free"
+        return f"cannot seal a batch: {reason}{free}; the batch waits, nothing is acked"
+
+    outage = Outage("lake disk", str(lake_dir), policy, backoff=backoff, logger=log)
+    while True:
+        try:
+            outcome = seal_records(sealer, records)
+        except OSError as exc:
+            sleep(outage.failed(exc))  # raises what is not a full disk
+            continue
+        outage.succeeded()
+        return outcome
+
+
 def main(argv: Sequence[str]) -> int:
     fd, parent_pid, lake_dir, keys_dir = argv
     _tie_to_parent(int(parent_pid))
@@ -344,8 +389,13 @@ def main(argv: Sequence[str]) -> int:
     runtime = RuntimeSettings.from_env()
     crashpoints.arm(runtime.crash_at)
     hashing.configure(native=runtime.native)
+    # Its stderr is the worker's (its log): what it says names it.
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s seal-process %(name)s: %(message)s",
+    )
     lake: Path | str = lake_dir if "://" in lake_dir else Path(lake_dir)
-    return serve(Connection(int(fd)), lake, Path(keys_dir))
+    return serve(Connection(int(fd)), lake, Path(keys_dir), Backoff.from_settings(runtime))
 
 
 if __name__ == "__main__":

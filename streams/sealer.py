@@ -34,6 +34,7 @@ from streams.digest_run import DigestRun, split
 from streams.lake.keystore import Kms
 from streams.lake.layout import BATCHES_DIR
 from streams.lake.storage import LakeRoot, as_root
+from streams.lake.table import CleanPosition
 from streams.ledger import mark_produced, read_manifests, unproduced
 from streams.partition_index import (
     IndexEntry,
@@ -244,6 +245,7 @@ class Sealer:
         # Ids sealed by a recent batch (a replay after a crash): one lookup for the batch.
         memories = [self.recent((c.topic, c.partition)) for c in covers]
         replayed = _seen_in(memories, [rid for p in fresh for rid in p.batch.reading_id])
+        positions = _positions(fresh)  # before deduplication drops any reading
         by_patient = group_by_patient([p.batch for p in fresh], already=replayed)
         patient_roots: list[bytes] = []
         patient_sizes: list[int] = []
@@ -266,7 +268,9 @@ class Sealer:
                 if b.device_time_us:
                     first_t = min(first_t, min(b.device_time_us))
                     last_t = max(last_t, max(b.device_time_us))
-            table = lake.table_from_batches(batches, batch_id=batch_id)
+            table = lake.table_from_batches(
+                batches, batch_id=batch_id, positions=[_kept(positions[id(b)], b) for b in batches]
+            )
             # Rows in canonical order, leaf_index their place in it: the row and its leaf
             # agree by construction, and leaf_index is 0, 1, 2... in every file.
             order = canonical_order(table)
@@ -339,6 +343,35 @@ def canonical_order(table: pa.Table) -> pa.Array:
         }
     )
     return pc.sort_indices(key, [(c, "ascending") for c in ("m", "t", "d", "s")])
+
+
+def _positions(items: Sequence[Pending]) -> dict[int, tuple[CleanPosition, list[str]]]:
+    """Each item's batch (by ``id``) -> where its readings came from, and its reading ids
+    as they were then: a reading's index counts the readings of the record before it, over
+    every batch the record decoded to, as the clinician service counts them
+    (:mod:`clinic.fanout`)."""
+    seen: dict[tuple[str, int, int], int] = {}
+    out: dict[int, tuple[CleanPosition, list[str]]] = {}
+    for p in items:
+        key = (p.topic, p.partition, p.offset)
+        start = seen.get(key, 0)
+        n = len(p.batch)
+        seen[key] = start + n
+        index = range(start, start + n)
+        out[id(p.batch)] = (CleanPosition(p.partition, p.offset, index), p.batch.reading_id)
+    return out
+
+
+def _kept(position: tuple[CleanPosition, list[str]], batch: SampleBatch) -> CleanPosition:
+    """The position of what deduplication kept of ``batch`` (it keeps first occurrences, and
+    replaces the id list, so the list noted before still holds every id)."""
+    pos, ids = position
+    if len(batch) == len(ids):
+        return pos
+    first: dict[str, int] = {}
+    for i, rid in enumerate(ids):
+        first.setdefault(rid, pos.index[i])
+    return CleanPosition(pos.partition, pos.offset, [first[rid] for rid in batch.reading_id])
 
 
 def _seen_in(memories: Sequence[RecentlySealed], ids: Sequence[str]) -> set[str]:

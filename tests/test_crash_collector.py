@@ -19,11 +19,11 @@ from pathlib import Path
 
 import paho.mqtt.publish as mqtt_publish
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from paho.mqtt.client import MQTTv5
 
 from device_sims.fleet import Fleet
-from device_sims.record import reading_ids_of, sent_reading_ids
+from device_sims.record import sent_reading_ids
+from tests.taps import RawTap
 from tests.test_pipeline import enroll, stop
 from vitalproof.settings import Settings
 
@@ -47,47 +47,6 @@ def start_collector(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 def log_tail(log: Path, lines: int = 30) -> str:
     text = log.read_text(errors="replace") if log.exists() else ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-class RawTap:
-    """Reads ``vitals.raw`` from the start, in the background, for the whole test."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.records: list[tuple[str, bytes]] = []  # (device id header, payload)
-        self.ids: set[str] = set()
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap, group_id=None, enable_auto_commit=False
-        )
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        tps = [
-            TopicPartition(self.settings.kafka.topic_raw, p)
-            for p in range(self.settings.kafka.partitions)
-        ]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=200)).values():
-                for r in records:
-                    device = dict(r.headers).get("device-id", b"").decode()
-                    payload = r.value or b""
-                    self.records.append((device, payload))
-                    self.ids.update(reading_ids_of(device, payload))
-
-    def count(self, device_prefix: str) -> int:
-        return sum(d.startswith(device_prefix) for d, _ in self.records)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
 
 
 async def wait_collector_ready(

@@ -25,9 +25,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from device_sims.fleet import Fleet
 from device_sims.record import payload_digest, read_records, sent_reading_ids
+from tests.taps import RawTap
 from tests.test_crash_collector import (
     PROBE,
-    RawTap,
     log_tail,
     start_collector,
     wait_collector_ready,

@@ -4,17 +4,21 @@ revocation ends the subscriptions it empties, with the reason; deliveries are au
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from pathlib import Path
 
 import pytest
 from aiokafka.structs import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clinic import device_events, fanout, live
 from clinic.audit import AuditAction, AuditLog
 from clinic.auth import Principal, Role, Scope
 from clinic.consent import ALL_VITALS
 from clinic.consent_store import ConsentStore
-from clinic.live import Hub, SubscriptionError
+from clinic.live import Behind, Event, Hub, Subscription, SubscriptionError
 from streams.clock import ClockEvent
 from streams.sequence import SequenceTracker
 from vitalproof.errors import WireFormatError
@@ -220,8 +224,33 @@ def test_device_events_are_noted_for_replay_and_made_again_the_same_from_their_r
         (2, 2, 8),
     ]
     replayer = fanout.Replayer(settings, hub)
+
+    async def made_again(g: live.Segment, r: ConsumerRecord[bytes, bytes]) -> list[Event]:
+        readings = await replayer._readings(sub, g, {r.offset: r}, 0)
+        return replayer._events(sub, g, 0, readings, 0, 2)
+
     again = [e for g, r in zip(sub.segments, records, strict=True)
-             for e in replayer._events(g, [r], 0, 2)]  # fmt: skip
+             for e in asyncio.run(made_again(g, r))]  # fmt: skip
     assert [(e.number, e.body) for e in again] == [(e.number, e.body) for e in sub.held]
-    with pytest.raises(fanout.Gone, match=r"events 1\.\.1: .* now give 0 of them"):
-        replayer._events(sub.segments[0], [], 0, 2)
+    with pytest.raises(fanout.Gone, match=r"events 1\.\.1 of subscription .* give back 0 of them"):
+        replayer._events(sub, sub.segments[0], 0, [], 0, 2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(held=st.integers(0, 40), total=st.integers(0, 120), asked=st.integers(-1, 130))
+def test_since_gives_exactly_the_held_events_after_a_number(
+    held: int, total: int, asked: int
+) -> None:
+    """Taken from the right (held numbers are contiguous), the answer is what a pass over
+    everything held would give, or Behind when some asked for are no longer held."""
+    who = Principal("Practitioner/x", Role.CLINICIAN, ())
+    sub = Subscription("s", who, None, None, 0.0, held=deque(maxlen=max(held, 1)))
+    for n in range(1, total + 1):
+        sub.number = n
+        sub.held.append(Event(n, "p", "heart_rate", {}))
+    want = [e.number for e in sub.held if e.number > asked]
+    if sub.held and asked < sub.held[0].number - 1:
+        with pytest.raises(Behind):
+            sub.since(asked)
+    else:
+        assert [e.number for e in sub.since(asked)] == want

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.client import MQTTv5
 
-from tests.test_crash_collector import RawTap
+from tests.taps import RawTap
 from tests.test_pipeline import collector_running
 from vitalproof.devstack import mosquitto, procs, set_device_credentials
 from vitalproof.settings import Settings

@@ -40,7 +40,6 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import paho.mqtt.publish as mqtt_publish
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -48,6 +47,7 @@ from paho.mqtt.properties import Properties
 from device_sims.fleet import Fleet
 from device_sims.record import reading_ids_of, sent_reading_ids
 from ingest.mqtt.collector import RECEIVE_MAXIMUM
+from tests.taps import RawTap
 from tests.test_pipeline import enroll
 from vitalproof.cli import processes
 from vitalproof.devstack import collector_credentials
@@ -70,47 +70,18 @@ class Forwarded:
     reading_ids: tuple[str, ...]
 
 
-class GatewayTap:
-    """Reads ``vitals.raw`` from the start, in the background, keeping who forwarded what."""
+class GatewayTap(RawTap):
+    """:class:`RawTap` keeping who forwarded each record and when it received it."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.records: list[Forwarded] = []
-        self.ids: set[str] = set()
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap, group_id=None, enable_auto_commit=False
-        )
-        self._task: asyncio.Task[None] | None = None
+    records: list[Forwarded]
 
-    async def start(self) -> None:
-        await self._consumer.start()
-        tps = [
-            TopicPartition(self.settings.kafka.topic_raw, p)
-            for p in range(self.settings.kafka.partitions)
-        ]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=200)).values():
-                for r in records:
-                    h = {k: v.decode() for k, v in r.headers}
-                    ids = tuple(reading_ids_of(h[H_DEVICE], r.value or b""))
-                    self.records.append(
-                        Forwarded(h[H_DEVICE], h[H_GATEWAY], int(h[H_RECEIVED]), ids)
-                    )
-                    self.ids.update(ids)
+    def take(self, headers: dict[str, str], payload: bytes) -> Forwarded:
+        ids = tuple(reading_ids_of(headers[H_DEVICE], payload))
+        self.ids.update(ids)
+        return Forwarded(headers[H_DEVICE], headers[H_GATEWAY], int(headers[H_RECEIVED]), ids)
 
     def gateways_seen(self, device_prefix: str) -> set[str]:
         return {r.gateway for r in self.records if r.device.startswith(device_prefix)}
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,28 @@ def test_anvil_comes_back_with_its_chain_after_a_stop(tmp_path: Path) -> None:
         assert w3.eth.get_block(receipt["blockNumber"])["hash"] == receipt["blockHash"]
     finally:
         manager.stop("anvil")
+
+
+def test_a_proxied_kafka_listener_advertises_the_proxys_port(tmp_path: Path) -> None:
+    """The partition-kafka drill's listener: clients that bootstrap through it are told to
+    come back to the proxy's port, so the proxy stays in their path; the plain listener is
+    unchanged, and without the setting there is no second listener."""
+    base = Settings(
+        paths=PathSettings(home=tmp_path),
+        kafka=KafkaSettings(bootstrap="127.0.0.1:19092"),
+        devstack=DevStackSettings(kafka_controller_port=19093),
+    )
+    plain = dict(ln.split("=", 1) for ln in kafka._server_properties(base).splitlines())
+    assert "PROXIED" not in plain["listeners"] + plain["advertised.listeners"]
+    proxied = base.evolve(
+        devstack={"kafka_proxied_port": 21001, "kafka_proxied_advertised_port": 21002}
+    )
+    props = dict(ln.split("=", 1) for ln in kafka._server_properties(proxied).splitlines())
+    assert props["listeners"] == (
+        "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093,PROXIED://127.0.0.1:21001"
+    )
+    assert props["advertised.listeners"] == (
+        "PLAINTEXT://127.0.0.1:19092,PROXIED://127.0.0.1:21002"
+    )
+    assert props["listener.security.protocol.map"].endswith(",PROXIED:PLAINTEXT")
+    assert props["inter.broker.listener.name"] == "PLAINTEXT"

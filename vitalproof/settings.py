@@ -385,6 +385,14 @@ class DevStackSettings(_Group):
     kafka_libs: Path | None = Field(
         default=None, description="a folder of Kafka jars to use instead of resolving them"
     )
+    kafka_proxied_port: int | None = Field(
+        default=None,
+        description="local broker: also listen on this port, advertised as the next setting's:"
+        " a TCP proxy there forwarding here sits in its clients' path (the partition-kafka drill)",
+    )
+    kafka_proxied_advertised_port: int | None = Field(
+        default=None, description="local broker: the port that listener advertises (the proxy's)"
+    )
     anvil_port: int = Field(default=18545, description="local Anvil: JSON-RPC port")
     s3_port: int = Field(default=18333, description="local SeaweedFS (`stack up --s3`): S3 port")
     s3_bucket: str = Field(default="vitalproof", description="local SeaweedFS: the lake's bucket")
@@ -407,7 +415,8 @@ class DevStackSettings(_Group):
 
 
 class RuntimeSettings(_Group):
-    """Switches for benchmarks and crash tests, applied once by the process's entry point."""
+    """Switches for benchmarks and crash tests, applied once by the process's entry point,
+    and how long-running parts wait out an unreachable dependency (:mod:`vitalproof.retry`)."""
 
     model_config = _config("VITALPROOF_")
 
@@ -417,6 +426,15 @@ class RuntimeSettings(_Group):
     crash_at: str | None = Field(
         default=None,
         description="crash tests: SIGKILL at this crash point (NAME, NAME:N; NAME:N:stop: SIGSTOP)",
+    )
+    retry_min_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="waiting out an unreachable Kafka (collector), chain (anchor job) or a full"
+        " lake disk (worker): the first pause between tries, doubled after each failure",
+    )
+    retry_max_s: float = Field(
+        default=30.0, gt=0, description="... up to this many seconds between tries"
     )
 
 

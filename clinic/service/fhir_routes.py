@@ -86,13 +86,27 @@ def capability_statement(base: str) -> dict[str, Any]:
                     },
                     {
                         "type": "Subscription",
-                        "interaction": [{"code": "create"}],
+                        "documentation": "R5 topic-based: channelType websocket or sse",
+                        "interaction": [
+                            {"code": "create"},
+                            {"code": "read"},
+                            {"code": "delete"},
+                            {"code": "search-type"},
+                        ],
                         "operation": [
                             {
                                 "name": "events",
                                 "definition": "http://hl7.org/fhir/OperationDefinition/Subscription-events",
-                            }
+                            },
+                            {
+                                "name": "status",
+                                "definition": "http://hl7.org/fhir/OperationDefinition/Subscription-status",
+                            },
                         ],
+                    },
+                    {
+                        "type": "SubscriptionTopic",
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
                     },
                     {
                         "type": "AuditEvent",

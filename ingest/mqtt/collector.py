@@ -18,6 +18,12 @@ Everything runs on the asyncio loop, paho included: its socket is driven by
 and each time its socket is readable, every complete packet in it is read at once. A burst of
 messages read from the socket is handed to Kafka as one record batch per partition
 (:class:`ingest.kafka_sink.BurstSender`) and acknowledged, in order, when its batches are.
+
+Kafka away (it cannot be bootstrapped, or a produce failed with a retriable error) does not
+stop the collector (:meth:`MqttCollector.run`): it acknowledges nothing more, leaves the
+broker (the session keeps what was unacked, and queues what comes meanwhile) and tries a
+fresh producer with a bounded exponential backoff (:mod:`vitalproof.retry`), saying so once
+when Kafka goes and once when the first produce after it is acknowledged.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -43,6 +51,7 @@ from ingest.mqtt.client import FastClient
 from vitalproof.errors import VitalproofError
 from vitalproof.mqtt_loop import MqttLoop
 from vitalproof.raw import H_RECEIVED, RawRecord
+from vitalproof.retry import Backoff, Outage, RepeatFilter
 from vitalproof.schema import CONTENT_TYPE_JSON, Transport
 from vitalproof.settings import Settings
 
@@ -59,10 +68,29 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
 # every message forwarded is acked. Mosquitto sends what a session holds as soon as the
 # Receive Maximum allows, so a second of silence with nothing in flight means nothing is left.
 LEAVE_QUIET_S = 1.0
+#: The loggers aiokafka's client, connections and sender log through (a logger's filter
+#: does not see its children's records).
+AIOKAFKA_LOGGERS = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.sender")
 
 
 class CollectorError(VitalproofError):
     """The collector could not connect or lost its Kafka producer."""
+
+
+class KafkaRefused(CollectorError):
+    """Kafka failed a produce (its error is the ``__cause__``): nothing of it is acked."""
+
+
+def kafka_unavailable(exc: BaseException) -> str | None:
+    """The collector's error policy: Kafka away (it cannot be bootstrapped, a produce timed
+    out, no leader yet, a connection lost: aiokafka's retriable errors) is waited out;
+    anything else (a record too large, no authorization, a bug) stops the collector."""
+    cause = exc.__cause__ if isinstance(exc, KafkaRefused) else exc
+    if isinstance(cause, KafkaError) and (
+        cause.retriable or isinstance(cause, KafkaTimeoutError | KafkaConnectionError)
+    ):
+        return f"unavailable ({type(cause).__name__}: {str(cause)[:160]})"
+    return None
 
 
 def device_from_topic(topic: str) -> str:
@@ -77,6 +105,9 @@ class CollectorStats:
     forwarded: int = 0
     acked: int = 0
     produce_errors: int = 0
+    kafka: str = "ok"
+    """``ok``, or ``waiting``: Kafka is unreachable; nothing is acked, the broker holds it."""
+    kafka_outages: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -120,7 +151,9 @@ class AckLedger:
                 if f.cancelled() or f.exception() is not None:
                     # Never ack what Kafka did not take: the broker redelivers it.
                     err = "cancelled" if f.cancelled() else f.exception()
-                    raise CollectorError(f"Kafka refused a produce: {err}")
+                    raise KafkaRefused(f"Kafka refused a produce: {err}") from (
+                        err if isinstance(err, BaseException) else None
+                    )
             bursts.popleft()
             self.pending -= len(mids)
             out.extend(mids)
@@ -135,8 +168,13 @@ class MqttCollector:
         *,
         client_id: str | None = None,
         producer: AIOKafkaProducer | None = None,
+        producer_factory: Callable[[], AIOKafkaProducer] | None = None,
     ) -> None:
+        """``producer``: the caller's, started and stopped by the caller; a Kafka failure
+        then stops :meth:`run`. Otherwise the collector makes its own, a fresh one after
+        each outage, with ``producer_factory`` (default :func:`durable_producer`)."""
         self.settings = settings
+        self._producer_factory = producer_factory or (lambda: durable_producer(settings))
         self.credentials = credentials
         self.client_id = client_id or f"vitalproof-collector-{settings.gateway.id}"
         self.stats = CollectorStats()
@@ -164,6 +202,16 @@ class MqttCollector:
         self._closing = False
         self._reconnect_at = 0.0
         self._reconnect_delay = RECONNECT_MIN_S
+        self._mqtt_started = False
+        self._pausing = False
+        self.kafka_outage = Outage(
+            "MQTT collector: Kafka",
+            f"at {settings.kafka.bootstrap}",
+            kafka_unavailable,
+            backoff=Backoff.from_settings(settings.runtime),
+            logger=log,
+        )
+        """Kafka as the collector sees it; waited out with backoff (see :meth:`run`)."""
         self._client = self._make_client()
 
     # -- paho side (callbacks run on the event loop) -------------------------------------
@@ -263,7 +311,7 @@ class MqttCollector:
     ) -> None:
         self._connected.clear()
         self._disconnected.set()
-        if not self._closing:
+        if not self._closing and not self._pausing:
             log.warning("collector disconnected from MQTT: %s", reason)
             self._wake.set()  # the run loop reconnects
 
@@ -294,32 +342,95 @@ class MqttCollector:
         ``leave``: retire this collector from the share group instead: unsubscribe, forward
         what its session holds, then end the session (see the module's docstring)."""
         self._leaving = leave
-        own_producer = self._producer is None
-        producer = self._producer or durable_producer(self.settings)
-        if own_producer:
-            await producer.start()
-        try:
-            # Leaving the block sends the queued PUBACKs, then DISCONNECT (2 s at most).
-            async with MqttLoop(close_timeout_s=2.0) as mqtt_loop:
-                mqtt_loop.attach(self._client, self._on_readable)
-                try:
-                    await self._collect(
-                        BurstSender(producer, self.settings.kafka.topic_raw),
-                        stop=stop,
-                        max_messages=max_messages,
-                        duration_s=duration_s,
-                    )
-                    if leave and self._drained:
-                        await self._end_session()
-                    elif leave:
-                        # Stopped early: ending the session now would discard what it holds.
-                        log.warning("stopped before the session was drained; it is kept")
-                finally:
-                    self._closing = True
-        finally:
-            if own_producer:
-                await producer.stop()
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+
+        def stopped() -> bool:
+            return (
+                (stop is not None and stop.is_set())
+                or (deadline is not None and time.monotonic() >= deadline)
+                or (max_messages is not None and self.stats.acked >= max_messages)
+            )
+
+        # Leaving the block sends the queued PUBACKs, then DISCONNECT (2 s at most).
+        quiet = RepeatFilter()  # aiokafka logs each failed connect while Kafka is away
+        for name in AIOKAFKA_LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
+        async with MqttLoop(close_timeout_s=2.0) as mqtt_loop:
+            mqtt_loop.attach(self._client, self._on_readable)
+            try:
+                while not stopped():
+                    producer = await self._kafka_producer(stopped, stop, deadline)
+                    if producer is None:
+                        break  # stopped while Kafka was away
+                    try:
+                        await self._collect(
+                            BurstSender(producer, self.settings.kafka.topic_raw),
+                            stop=stop,
+                            max_messages=max_messages,
+                            deadline=deadline,
+                        )
+                        break
+                    except Exception as exc:
+                        if self._producer is not None:
+                            raise  # the caller's producer: the caller's problem
+                        delay = self.kafka_outage.failed(exc)  # raises what is not Kafka away
+                        self._pause_for_kafka()
+                        await _sleep_unless(stop, deadline, delay)
+                    finally:
+                        if self._producer is None:
+                            await producer.stop()
+                if leave and self._drained:
+                    await self._end_session()
+                elif leave:
+                    # Stopped early: ending the session now would discard what it holds.
+                    log.warning("stopped before the session was drained; it is kept")
+            finally:
+                self._closing = True
+                for name in AIOKAFKA_LOGGERS:
+                    logging.getLogger(name).removeFilter(quiet)
         return self.stats
+
+    async def _kafka_producer(
+        self, stopped: Callable[[], bool], stop: asyncio.Event | None, deadline: float | None
+    ) -> AIOKafkaProducer | None:
+        """The caller's producer, or a started one of our own: while Kafka cannot be
+        bootstrapped, tried again with backoff (one line when it went away, one when the
+        first produce after it came back was acked); ``None`` if stopped meanwhile."""
+        if self._producer is not None:
+            return self._producer
+        while not stopped():
+            producer = self._producer_factory()
+            try:
+                await producer.start()
+                return producer
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                delay = self.kafka_outage.failed(exc)  # raises what is not Kafka away
+                self.stats.kafka, self.stats.kafka_outages = "waiting", self.kafka_outage.outages
+                await _sleep_unless(stop, deadline, delay)
+        return None
+
+    def _pause_for_kafka(self) -> None:
+        """Kafka is away: acknowledge nothing more and leave the broker until it is back.
+
+        What was received and not acked (forwarded or not) is forgotten here and stays in
+        the broker's persistent session, which redelivers it when the collector returns;
+        what Kafka did take of it comes twice, and the pipeline's reading ids make that
+        effectively once (the same as a restart of the collector). New messages queue in
+        the session meanwhile, so devices never block.
+        """
+        self.stats.kafka, self.stats.kafka_outages = "waiting", self.kafka_outage.outages
+        for f in self._ledger.futures():  # their errors are known: not "never retrieved"
+            f.add_done_callback(_retrieve)
+        self._ledger = AckLedger()  # late answers of the old producer ack nothing
+        self._inbox = []
+        self._failure = None
+        if self._client.socket() is not None:
+            self._pausing = True
+            self._client.disconnect()  # session kept: its expiry is a day
+        self._reconnect_at = 0.0
+        self._reconnect_delay = RECONNECT_MIN_S
 
     async def _collect(
         self,
@@ -327,27 +438,12 @@ class MqttCollector:
         *,
         stop: asyncio.Event | None,
         max_messages: int | None,
-        duration_s: float | None,
+        deadline: float | None,
     ) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
-        try:
-            self._client.connect(
-                self.settings.mqtt.host,
-                self.settings.mqtt.port,
-                keepalive=30,
-                clean_start=False,
-                properties=props,
-            )
-        except OSError as e:
-            raise CollectorError(
-                f"cannot reach MQTT broker {self.settings.mqtt.host}:{self.settings.mqtt.port}: {e}"
-            ) from e
-        deadline = None if duration_s is None else time.monotonic() + duration_s
-        await asyncio.wait_for(self._connected.wait(), 30)
-        if self._connect_error:
-            raise CollectorError(self._connect_error)
+        if not self._mqtt_started:
+            await self._connect_mqtt()
+        # else: back after Kafka was away; the loop below reconnects (same session)
+        self._pausing = False
         while True:
             if self._failure is not None:
                 raise self._failure
@@ -372,6 +468,27 @@ class MqttCollector:
             if self._inbox:
                 await self._forward(sender)
         await self._drain()
+
+    async def _connect_mqtt(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        try:
+            self._client.connect(
+                self.settings.mqtt.host,
+                self.settings.mqtt.port,
+                keepalive=30,
+                clean_start=False,
+                properties=props,
+            )
+        except OSError as e:
+            raise CollectorError(
+                f"cannot reach MQTT broker {self.settings.mqtt.host}:{self.settings.mqtt.port}: {e}"
+            ) from e
+        await asyncio.wait_for(self._connected.wait(), 30)
+        if self._connect_error:
+            raise CollectorError(self._connect_error)
+        self._mqtt_started = True
 
     def _drained_for_leave(self) -> bool:
         return (
@@ -444,6 +561,9 @@ class MqttCollector:
             return
         self._client.ack_many(mids)
         self.stats.acked += len(mids)
+        if mids and self.kafka_outage.down:  # the first produce since Kafka came back
+            self.kafka_outage.succeeded()
+            self.stats.kafka = "ok"
 
     async def _drain(self) -> None:
         if futures := self._ledger.futures():
@@ -451,6 +571,19 @@ class MqttCollector:
         self._ack_ready()
         if self._failure is not None:
             raise self._failure
+
+
+def _retrieve(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _sleep_unless(stop: asyncio.Event | None, deadline: float | None, seconds: float) -> None:
+    """Sleep ``seconds``, returning early once ``stop`` is set or ``deadline`` is reached."""
+    if deadline is not None:
+        seconds = min(seconds, max(0.0, deadline - time.monotonic()))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for((stop or asyncio.Event()).wait(), seconds)
 
 
 def _headers_template(

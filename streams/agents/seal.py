@@ -43,6 +43,7 @@ from streams.seal_buffer import SealBuffer
 from streams.seal_process import CleanRecord, SealOutcome, SealProcessDied, exit_like
 from vitalproof.crashpoints import crashpoint
 from vitalproof.manifest import BatchManifest
+from vitalproof.retry import Backoff, Outage, disk_full
 from vitalproof.settings import BatchSettings
 from vitalproof.wire import clean
 
@@ -106,8 +107,11 @@ class SealAgent:
         batching: BatchSettings,
         published: PublishedCheck | None = None,
         publishers: Publishers | None = None,
+        backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self.sealer = sealer
+        self.backoff = backoff
+        """A fresh backoff for each wait (a full lake disk)."""
         self.batches_dir = batches_dir
         self.outputs = outputs
         self.batching = batching
@@ -343,7 +347,23 @@ class SealAgent:
             await (await self.outputs.manifest(batch_id, manifest_json))
         # Kafka acknowledged it (acks=all) before the ledger calls it produced.
         crashpoint("after_produce")
-        mark_produced(self.batches_dir, batch_id)
+        await self._mark_produced(batch_id)
+
+    async def _mark_produced(self, batch_id: str) -> None:
+        """The ledger's mark, waited for while the lake's disk is full (one line when it
+        fills, one when it is written): until then this batch is not acked, nor anything
+        after it, and a restart would find the manifest unproduced and check Kafka for it."""
+        outage = Outage(
+            "lake disk", str(self.batches_dir), disk_full, backoff=self.backoff(), logger=log
+        )
+        while True:
+            try:
+                mark_produced(self.batches_dir, batch_id)
+            except OSError as exc:
+                await asyncio.sleep(outage.failed(exc))  # raises what is not a full disk
+                continue
+            outage.succeeded()
+            return
 
 
 class _SealPipe:

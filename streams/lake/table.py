@@ -17,8 +17,10 @@ from __future__ import annotations
 import array
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -31,6 +33,7 @@ __all__ = [
     "FILE_SCHEMA",
     "ID_SOURCE_COLUMNS",
     "SCHEMA",
+    "CleanPosition",
     "build_table",
     "derive_reading_ids",
     "hex_ids",
@@ -65,6 +68,12 @@ SCHEMA = pa.schema(
         pa.field("clock_offset_us", pa.int64()),
         pa.field("batch_id", _DICT, nullable=False),
         pa.field("leaf_index", pa.int32(), nullable=False),
+        # where the reading came from: its vitals.clean partition and offset, and its place
+        # among the readings of that record (null in files written before the columns
+        # existed): what lets the clinician service number events again past Kafka's retention
+        pa.field("clean_partition", pa.int32()),
+        pa.field("clean_offset", pa.int64()),
+        pa.field("clean_index", pa.int32()),
     ],
     metadata={"vitalproof.lake": "2"},
 )
@@ -122,6 +131,16 @@ def hex_ids(arr: pa.Array | pa.ChunkedArray) -> pa.StringArray:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class CleanPosition:
+    """Where one SampleBatch's readings came from: a ``vitals.clean`` record (partition,
+    offset) and each reading's place among that record's readings (decode order)."""
+
+    partition: int
+    offset: int
+    index: Sequence[int]
+
+
 def build_table(
     batches: Sequence[SampleBatch],
     batch_id: str,
@@ -129,6 +148,7 @@ def build_table(
     leaf_index: Sequence[int] | None = None,
     first_leaf: int = 0,
     with_reading_ids: bool = True,
+    positions: Sequence[CleanPosition] | None = None,
 ) -> pa.Table:
     """The lake rows of normalized SampleBatches, in concatenation order (unsorted).
 
@@ -137,6 +157,7 @@ def build_table(
     created per sample beyond those SampleBatch already holds. ``leaf_index`` is each row's
     leaf position in the batch's Merkle tree; by default ``first_leaf`` + the concatenation
     order, which is what a batcher that appends leaves in the same order gets.
+    ``positions`` (one per batch) fill the ``clean_*`` columns; without them they are null.
     """
     _check_name(batch_id, "batch id")
     for b in batches:
@@ -177,6 +198,7 @@ def build_table(
         "clock_offset_us": clock,
         "batch_id": _per_batch_dict([batch_id], [n]),
         "leaf_index": leaves,
+        **_position_columns(positions, counts),
     }
     if not with_reading_ids:  # rows as stored: the ids are derived on read
         return pa.Table.from_pydict(cols, schema=FILE_SCHEMA)
@@ -185,14 +207,53 @@ def build_table(
     )
 
 
+def _position_columns(
+    positions: Sequence[CleanPosition] | None, counts: Sequence[int]
+) -> dict[str, pa.Array]:
+    n = sum(counts)
+    if positions is None:
+        return {
+            "clean_partition": pa.nulls(n, pa.int32()),
+            "clean_offset": pa.nulls(n, pa.int64()),
+            "clean_index": pa.nulls(n, pa.int32()),
+        }
+    if len(positions) != len(counts) or any(
+        len(p.index) != c for p, c in zip(positions, counts, strict=True)
+    ):
+        raise LakeError("positions need one entry per batch and one index per reading")
+    return {
+        "clean_partition": _repeat(pa.array([p.partition for p in positions], pa.int32()), counts),
+        "clean_offset": _repeat(pa.array([p.offset for p in positions], pa.int64()), counts),
+        "clean_index": pa.array(_indices([p.index for p in positions]), pa.int32()),
+    }
+
+
+def _indices(parts: Sequence[Sequence[int]]) -> np.ndarray[Any, np.dtype[np.int32]]:
+    """The indices concatenated; ranges (the norm: nothing deduplicated) without a Python
+    int per reading."""
+    arrays = [
+        np.arange(p.start, p.stop, dtype=np.int32)
+        if isinstance(p, range)
+        else np.asarray(p, dtype=np.int32)
+        for p in parts
+    ]
+    return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int32)
+
+
 def table_from_batches(
-    batches: Sequence[SampleBatch], *, batch_id: str, first_leaf: int = 0
+    batches: Sequence[SampleBatch],
+    *,
+    batch_id: str,
+    first_leaf: int = 0,
+    positions: Sequence[CleanPosition] | None = None,
 ) -> pa.Table:
     """One patient's (or any) rows of a batch whose leaves start at ``first_leaf``, as the
     sealer writes them: without the reading id column, which files do not store (building
     it only for :func:`~streams.lake.write.encode_parquet` to drop it cost a hex decode of
     every id)."""
-    return build_table(batches, batch_id, first_leaf=first_leaf, with_reading_ids=False)
+    return build_table(
+        batches, batch_id, first_leaf=first_leaf, with_reading_ids=False, positions=positions
+    )
 
 
 def sort_for_file(table: pa.Table) -> pa.Table:

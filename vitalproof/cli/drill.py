@@ -44,6 +44,7 @@ DRILLS = (
     "kafka-outage",
     "disk-full",
     "partition",
+    "partition-kafka",
     "clock-steps",
 )
 #: Faults the fleet always carries, so the DLQ and dedupe checks have something to check.
@@ -53,6 +54,10 @@ CLOCK_FAULTS = "skew=0.02,jump=0.01,reset=0.005"
 #: a minute; a supervisor restarting it at once wants the group to notice sooner.
 WORKER_ENV = {"BROKER_SESSION_TIMEOUT": "6.0", "BROKER_HEARTBEAT_INTERVAL": "1.0"}
 INFRA = ("kafka", "mosquitto", "anvil")
+#: Drills whose harm every part waits out by itself (vitalproof.retry): the anchor job an
+#: unreachable chain, the collector an unavailable Kafka, the worker a full lake disk. A
+#: part that exits by itself in one of them fails the drill (elsewhere it is a note).
+WAITED_OUT = ("kill-anvil", "kafka-outage", "disk-full", "partition-kafka")
 
 
 def known_drill(drill: str) -> bool:
@@ -218,15 +223,18 @@ class PausableProxy:
     either way (connections stay open, as with packets dropped on the wire); healing resets
     the connections that were cut, as TCP would after its retransmissions gave up."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
         self.target = (target_host, target_port)
-        self.port = 0
+        self.port = port
         self.partitioned = asyncio.Event()
+        self.connections = 0
+        self.bytes_passed = 0
+        """What went through: a proxy nobody used would make the drill prove nothing."""
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -236,6 +244,7 @@ class PausableProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        self.connections += 1
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -245,6 +254,7 @@ class PausableProxy:
                         if dst.is_closing():
                             return
                     dst.write(data)
+                    self.bytes_passed += len(data)
                     await dst.drain()
             dst.close()
 
@@ -366,7 +376,24 @@ def run_drill(
         creds = _enroll(rs, [f"dv-{run_id}-{i:04d}" for i in range(plan.devices)])
         if disk is not None:
             disk.mount()
-        if "mosquitto" in drill and not base.devstack.mqtt_autosave_changes:
+        if drill == "partition-kafka":
+            # A second listener, advertised as the proxy's port: the collector's clients
+            # reconnect to the proxy after bootstrap, so the proxy stays in their path.
+            listener, advertised = _free_ports(2)
+            manager = StackManager(
+                base.evolve(
+                    devstack={
+                        "kafka_proxied_port": listener,
+                        "kafka_proxied_advertised_port": advertised,
+                    }
+                )
+            )
+            manager.stop("kafka")
+            manager.start("kafka")
+            result.notes.append(
+                f"Kafka restarted with a listener on {listener} advertised as {advertised}"
+            )
+        elif "mosquitto" in drill and not base.devstack.mqtt_autosave_changes:
             # Mosquitto kept to what it acknowledged: saving after every change (a setting,
             # as it costs throughput); the base config comes back after the drill.
             manager = StackManager(base.evolve(devstack={"mqtt_autosave_changes": 1}))
@@ -374,13 +401,18 @@ def run_drill(
             manager.start("mosquitto")
             result.notes.append("Mosquitto restarted with mqtt_autosave_changes=1 for the drill")
         asyncio.run(_drive(rs, drill, plan, rng, sup, manager, disk, creds, result, log))
+        if drill in WAITED_OUT and result.self_exits:
+            result.errors.append(
+                f"{len(result.self_exits)} parts exited by themselves instead of waiting: "
+                f"{result.self_exits[0]}"[:500]
+            )
     except Exception as exc:  # the drill's own failure is a finding, not a crash of the CLI
         result.errors.append(f"{type(exc).__name__}: {exc}"[:500])
     finally:
         sup.stop_all()
         if manager.settings is not base:  # the broker's own config back
             with contextlib.suppress(Exception):
-                manager.stop("mosquitto")
+                manager.stop("kafka" if drill == "partition-kafka" else "mosquitto")
             manager = StackManager(base)
         for part in INFRA:  # a drill never leaves the stack down
             with contextlib.suppress(Exception):
@@ -419,6 +451,17 @@ async def _drive(
         proxy = PausableProxy(rs.mqtt.host, rs.mqtt.port)
         await proxy.start()
         collector_rs = rs.evolve(mqtt={"host": "127.0.0.1", "port": proxy.port})
+    elif drill == "partition-kafka":
+        ds = manager.settings.devstack
+        host, _ = rs.kafka.bootstrap.rsplit(":", 1)
+        proxy = PausableProxy(host, ds.kafka_proxied_port, ds.kafka_proxied_advertised_port)
+        await proxy.start()
+        collector_rs = rs.evolve(kafka={"bootstrap": f"{host}:{proxy.port}"})
+        # The point of the second listener: after bootstrap, clients are sent back to it.
+        advertised = await _advertised_brokers(collector_rs.kafka.bootstrap)
+        result.notes.append(f"Kafka advertises {advertised} to the collector's clients")
+        if advertised != [f"{host}:{proxy.port}"]:
+            raise RuntimeError(f"Kafka advertises {advertised}, not the proxy's port {proxy.port}")
     sup.start("worker")
     sup.start("collector", collector_rs)
     sup.start("anchor")
@@ -458,6 +501,11 @@ async def _drive(
         await watch
         if proxy is not None:
             await proxy.close()
+            result.notes.append(
+                f"the proxy carried {proxy.connections} connections, {proxy.bytes_passed} bytes"
+            )
+            if not proxy.bytes_passed:
+                result.errors.append("nothing went through the proxy: the partition cut nothing")
     if "serve" in sup.children:
         status = await asyncio.to_thread(_serve_status, sup.serve_port)
         if status.get("fanout") != "ready":
@@ -467,6 +515,18 @@ async def _drive(
     await asyncio.to_thread(check, rs, record, result, plan.proofs, rng)
     if plan.privacy:
         await asyncio.to_thread(check_privacy, rs, result, rng)
+
+
+async def _advertised_brokers(bootstrap: str) -> list[str]:
+    """The broker addresses Kafka's metadata gives a client that bootstrapped at ``bootstrap``."""
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        return sorted(f"{b.host}:{b.port}" for b in client.cluster.brokers())
+    finally:
+        await client.close()
 
 
 async def _harm(
@@ -529,11 +589,12 @@ async def _harm(
         note("lake disk space back")
         if not _enospc_reported(sup):
             result.errors.append("no process reported the full disk (ENOSPC) in its log")
-    elif drill == "partition" and proxy is not None:
+    elif drill in ("partition", "partition-kafka") and proxy is not None:
+        other = "Mosquitto" if drill == "partition" else "Kafka"
         for _ in range(2):
             await asyncio.sleep(rng.uniform(0.1, 0.2) * span)
             proxy.cut()
-            note(f"network partition collector <-> Mosquitto for {plan.hold_s:g} s")
+            note(f"network partition collector <-> {other} for {plan.hold_s:g} s")
             await asyncio.sleep(plan.hold_s)
             proxy.heal()
             note("partition healed")
@@ -818,6 +879,7 @@ def summary_line(r: DrillResult) -> str:
         f"sent {r.readings_sent} sealed {r.readings_sealed} lost {r.lost} dup {r.duplicated} "
         f"dlq-missing {r.dlq_missing} batches {r.batches} anchors {r.anchors_on_chain} "
         f"proofs {r.proofs_verified}/{r.proofs_verified + r.proofs_failed} "
+        f"self-exits {len(r.self_exits)} "
         f"({r.elapsed_s:g} s){' errors: ' + '; '.join(r.errors) if r.errors else ''}"
     )
 

@@ -228,7 +228,16 @@ def cmd_anchor(args: argparse.Namespace, settings: Settings) -> int:
 
     # the audit log's roots are anchored with the batches (nothing while there is none)
     checkpoints = CheckpointSource(settings.paths.audit_path)
-    job = AnchorJob.from_settings(settings, checkpoints=checkpoints)
+    try:
+        # Once: an unreachable node is an error; running, it is waited for (with backoff).
+        job = (
+            AnchorJob.from_settings(settings, checkpoints=checkpoints)
+            if args.once
+            else AnchorJob.connect(settings, checkpoints=checkpoints)
+        )
+    except BaseException:
+        checkpoints.close()
+        raise
     try:
         if args.once:
             job.poll_manifests()

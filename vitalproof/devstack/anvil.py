@@ -118,27 +118,15 @@ def start(settings: Settings) -> procs.ProcState:
             f"port 127.0.0.1:{settings.devstack.anvil_port} is already in use by another "
             "process (Anvil)"
         )
-    log = log_path(settings)
-    proc = procs.spawn(argv, log_path=log, cwd=anvil_dir(settings))
-    state = procs.ProcState(
-        pid=proc.pid,
-        started=procs.start_time(proc.pid),
+    return procs.start_daemon(
+        "anvil",
+        argv,
+        log_path=log_path(settings),
+        state_path=state_path(settings),
         address=f"127.0.0.1:{settings.devstack.anvil_port}",
-        argv=argv,
-        log=str(log),
+        ready=lambda: healthy(settings),
+        cwd=anvil_dir(settings),
+        timeout=READY_TIMEOUT_S,
+        interval=0.1,
+        stop_timeout=2,
     )
-    state.save(state_path(settings))
-    try:
-        procs.wait_ready(
-            "anvil",
-            lambda: healthy(settings),
-            pid=proc.pid,
-            log_path=log,
-            timeout=READY_TIMEOUT_S,
-            interval=0.1,
-        )
-    except StackError:
-        procs.terminate(proc.pid, timeout=2)
-        state_path(settings).unlink(missing_ok=True)
-        raise
-    return state

@@ -133,15 +133,28 @@ def _server_properties(settings: Settings) -> str:
     host, port = procs.split_address(settings.kafka.bootstrap)
     ctrl = settings.devstack.kafka_controller_port
     data = kafka_dir(settings) / "data"
+    listeners = f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{ctrl}"
+    advertised = f"PLAINTEXT://{host}:{port}"
+    protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    proxied, proxy = (
+        settings.devstack.kafka_proxied_port,
+        settings.devstack.kafka_proxied_advertised_port,
+    )
+    if proxied is not None:
+        # Kafka answers each listener's clients with that listener's advertised address: the
+        # clients of this one reconnect to the proxy's port after bootstrap, not around it.
+        listeners += f",PROXIED://{host}:{proxied}"
+        advertised += f",PROXIED://{host}:{proxy or proxied}"
+        protocols += ",PROXIED:PLAINTEXT"
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@{host}:{ctrl}",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{ctrl}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "log.dirs": str(data),
         "num.partitions": str(settings.kafka.partitions),
         "default.replication.factor": "1",
@@ -247,35 +260,24 @@ def start(settings: Settings) -> procs.ProcState:
     server, log4j = write_config(settings)
     format_storage(settings, java, libs, server)
     host, port = procs.split_address(settings.kafka.bootstrap)
-    for p in (port, settings.devstack.kafka_controller_port):
+    for p in (port, settings.devstack.kafka_controller_port, settings.devstack.kafka_proxied_port):
+        if p is None:
+            continue
         if procs.port_open(host, p):
             raise StackError(f"port {host}:{p} is already in use by another process (Kafka)")
     argv = [java, *_jvm_args(settings, log4j), "-cp", f"{libs}/*", "kafka.Kafka", str(server)]
-    log = log_path(settings)
-    proc = procs.spawn(argv, log_path=log, cwd=kafka_dir(settings))
-    state = procs.ProcState(
-        pid=proc.pid,
-        started=procs.start_time(proc.pid),
+    return procs.start_daemon(
+        "Kafka",
+        argv,
+        log_path=log_path(settings),
+        state_path=state_path(settings),
         address=settings.kafka.bootstrap,
-        argv=argv,
-        log=str(log),
+        ready=lambda: metadata_ok(settings.kafka.bootstrap),
+        cwd=kafka_dir(settings),
+        timeout=READY_TIMEOUT_S,
+        interval=0.3,
+        failure_log=kafka_dir(settings) / "logs" / "server.log",
     )
-    state.save(state_path(settings))
-    try:
-        procs.wait_ready(
-            "Kafka",
-            lambda: metadata_ok(settings.kafka.bootstrap),
-            pid=proc.pid,
-            log_path=log,
-            timeout=READY_TIMEOUT_S,
-            interval=0.3,
-        )
-    except StackError as exc:
-        procs.terminate(proc.pid, timeout=5)
-        state_path(settings).unlink(missing_ok=True)
-        extra = procs.log_tail(kafka_dir(settings) / "logs" / "server.log", 25)
-        raise StackError(f"{exc}\n{extra}" if extra else str(exc)) from None
-    return state
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

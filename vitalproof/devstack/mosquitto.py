@@ -418,35 +418,25 @@ def start(settings: Settings) -> procs.ProcState:
     conf = write_config(settings)
     probe_password = _update_entries(settings)
     argv = [binary, "-c", str(conf)]
-    stdout = _stdout_path(settings)
-    proc = procs.spawn(argv, log_path=stdout, cwd=mosquitto_dir(settings))
-    state = procs.ProcState(
-        pid=proc.pid,
-        started=procs.start_time(proc.pid),
-        address=f"{settings.mqtt.host}:{settings.mqtt.port}",
-        argv=argv,
-        log=str(log_path(settings)),
-    )
-    state.save(state_path(settings))
 
     def probe() -> bool:
         rc = connect_rc(settings.mqtt.host, settings.mqtt.port, RELOAD_PROBE_USER, probe_password)
         return rc == CONNACK_ACCEPTED
 
-    try:
-        procs.wait_ready(
-            "mosquitto",
-            probe,
-            pid=proc.pid,
-            log_path=stdout,
-            timeout=READY_TIMEOUT_S,
-            interval=0.05,
-        )
-    except StackError as exc:
-        procs.terminate(proc.pid, timeout=3)
-        state_path(settings).unlink(missing_ok=True)
-        raise StackError(f"{exc}\n{procs.log_tail(log_path(settings), 20)}") from None
-    return state
+    return procs.start_daemon(
+        "mosquitto",
+        argv,
+        log_path=_stdout_path(settings),
+        state_path=state_path(settings),
+        address=f"{settings.mqtt.host}:{settings.mqtt.port}",
+        ready=probe,
+        cwd=mosquitto_dir(settings),
+        timeout=READY_TIMEOUT_S,
+        interval=0.05,
+        stop_timeout=3,
+        state_log=log_path(settings),
+        failure_log=log_path(settings),
+    )
 
 
 def healthy(settings: Settings) -> bool:

@@ -267,6 +267,49 @@ def wait_ready(
         time.sleep(interval)
 
 
+def start_daemon(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    state_path: Path,
+    address: str,
+    ready: Callable[[], bool],
+    cwd: Path | None = None,
+    timeout: float,
+    interval: float = 0.2,
+    stop_timeout: float = 5.0,
+    state_log: Path | None = None,
+    failure_log: Path | None = None,
+) -> ProcState:
+    """Spawn a part of the stack, record it in ``state_path`` before waiting (so a ``down``
+    from another process finds it even while it starts), and wait until ``ready`` answers.
+
+    A part that dies or never gets ready is stopped and forgotten, and the StackError says
+    so with the tail of ``failure_log`` (the part's own log, when it is not its stdout).
+    ``state_log``: the log ``status`` points at, when it is not the stdout log.
+    """
+    proc = spawn(argv, log_path=log_path, cwd=cwd)
+    state = ProcState(
+        pid=proc.pid,
+        started=start_time(proc.pid),
+        address=address,
+        argv=list(argv),
+        log=str(state_log or log_path),
+    )
+    state.save(state_path)
+    try:
+        wait_ready(name, ready, pid=proc.pid, log_path=log_path, timeout=timeout, interval=interval)
+    except BaseException as exc:
+        terminate(proc.pid, timeout=stop_timeout)
+        state_path.unlink(missing_ok=True)
+        extra = log_tail(failure_log, 25) if failure_log and isinstance(exc, StackError) else ""
+        if extra:
+            raise StackError(f"{exc}\n{extra}") from None
+        raise
+    return state
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

@@ -254,28 +254,21 @@ def start(settings: Settings) -> procs.ProcState:
     write_atomic(config, s3_config(*credentials(settings)).encode(), mode=0o600)
     ports = [p for p in procs.free_ports(8) if p != port][:7]
     cmd = argv(settings, weed, config, ports)
-    log = log_path(settings)
-    proc = procs.spawn(cmd, log_path=log, cwd=folder)
-    state = procs.ProcState(
-        pid=proc.pid,
-        started=procs.start_time(proc.pid),
+    state = procs.start_daemon(
+        "seaweedfs",
+        cmd,
+        log_path=log_path(settings),
+        state_path=state_path(settings),
         address=f"127.0.0.1:{port}",
-        argv=cmd,
-        log=str(log),
+        ready=lambda: healthy(settings),
+        cwd=folder,
+        timeout=READY_TIMEOUT_S,
+        stop_timeout=STOP_TIMEOUT_S,
     )
-    state.save(state_path(settings))
     try:
-        procs.wait_ready(
-            "seaweedfs",
-            lambda: healthy(settings),
-            pid=proc.pid,
-            log_path=log,
-            timeout=READY_TIMEOUT_S,
-            interval=0.2,
-        )
         create_bucket(settings)
     except BaseException:
-        procs.terminate(proc.pid, timeout=STOP_TIMEOUT_S)
+        procs.terminate(state.pid, timeout=STOP_TIMEOUT_S)
         state_path(settings).unlink(missing_ok=True)
         raise
     return state
