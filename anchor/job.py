@@ -45,6 +45,7 @@ from anchor.leader import (
     LEASE_TOPIC,
     LOG_TOPIC,
     Lease,
+    LeaseLost,
     LogReplica,
 )
 from anchor.log import LogEntry, MerkleLog
@@ -203,6 +204,9 @@ class AnchorJob:
             session_timeout_ms=LEASE_SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=LEASE_HEARTBEAT_MS,
             auto_offset_reset="earliest",
+            # Workers produce manifests in transactions, fenced per partition: a stale
+            # owner's (aborted) manifest is never read (streams.fence).
+            isolation_level="read_committed",
         )
 
     async def _append(self, entry_id: str, root: bytes, size: int) -> int:
@@ -449,7 +453,7 @@ class AnchorJob:
         k = self.settings.kafka
         group = f"vitalproof-anchor-lease-{self.settings.namespace}"
         lease = Lease(k.bootstrap, k.topic(LEASE_TOPIC), group)
-        replica = LogReplica(k.bootstrap, k.topic(LOG_TOPIC))
+        replica = LogReplica(k.bootstrap, k.topic(LOG_TOPIC), lease_topic=k.topic(LEASE_TOPIC))
         deadline = None if duration_s is None else time.monotonic() + duration_s
 
         def stopped() -> bool:
@@ -476,36 +480,49 @@ class AnchorJob:
         while the lease is held."""
         self.replica = replica
         try:
-            async with lease.work:
-                if not lease.is_leader:
-                    return
-                added = await replica.catch_up(self.log)
-                adopted = await self._on_chain(self.adopt_chain_head)
-                log.info("leading: %d entries caught up, log size %d", added, self.log.size)
-            consumer = self._consumer()
-            await consumer.start()
-            next_anchor = time.monotonic() + period_s
-            try:
-                while not stopped():
-                    await lease.poll()
-                    async with lease.work:
-                        if not lease.is_leader:
-                            return
-                        await self._consume_for(consumer, 0.5)
-                        if not adopted:  # the chain was away when this term began
-                            adopted = await self._on_chain(self.adopt_chain_head)
-                        elif time.monotonic() >= next_anchor:
-                            await self._add_checkpoints_shared()
-                            next_anchor = await self._next_anchor(
-                                self._anchor_without_checkpoints, period_s
-                            )
-                async with lease.work:  # stopping: a last anchor, as run() makes
-                    if lease.is_leader and adopted:
-                        while await self._consume_for(consumer, 0.5):
-                            pass
-                        await self._add_checkpoints_shared()
-                        await self._on_chain(self._anchor_without_checkpoints, now=True)
-            finally:
-                await consumer.stop()
+            await self._term(lease, replica, period_s, stopped)
+        except LeaseLost as err:  # frozen past the session timeout: another one leads
+            lease.lost()
+            log.warning("anchor lease lost while this candidate was not looking: %s", err)
         finally:
             self.replica = None
+
+    async def _term(
+        self, lease: Lease, replica: LogReplica, period_s: float, stopped: Callable[[], bool]
+    ) -> None:
+        """The term's steps (:meth:`_lead`); :class:`LeaseLost` if a later leader fenced
+        this one."""
+        async with lease.work:
+            if not lease.is_leader:
+                return
+            await replica.fence()  # no earlier leader writes from now on
+            added = await replica.catch_up(self.log)
+            adopted = await self._on_chain(self.adopt_chain_head)
+            log.info("leading: %d entries caught up, log size %d", added, self.log.size)
+        consumer = self._consumer()
+        await consumer.start()
+        next_anchor = time.monotonic() + period_s
+        try:
+            while not stopped():
+                await lease.poll()
+                async with lease.work:
+                    if not lease.is_leader:
+                        return
+                    await self._consume_for(consumer, 0.5)
+                    if not adopted:  # the chain was away when this term began
+                        adopted = await self._on_chain(self.adopt_chain_head)
+                    elif time.monotonic() >= next_anchor:
+                        await self._add_checkpoints_shared()
+                        await replica.barrier(self.log.size)
+                        next_anchor = await self._next_anchor(
+                            self._anchor_without_checkpoints, period_s
+                        )
+            async with lease.work:  # stopping: a last anchor, as run() makes
+                if lease.is_leader and adopted:
+                    while await self._consume_for(consumer, 0.5):
+                        pass
+                    await self._add_checkpoints_shared()
+                    await replica.barrier(self.log.size)
+                    await self._on_chain(self._anchor_without_checkpoints, now=True)
+        finally:
+            await consumer.stop()

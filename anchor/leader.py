@@ -17,6 +17,19 @@ it would not give one order, and the audit checkpoints are not in it at all). A 
 replays the topic into its local log (:meth:`LogReplica.catch_up`), refusing any entry that
 disagrees with what it holds, then takes up ``vitals.batches`` at the group's committed
 offsets (appends are idempotent by batch id).
+
+**The fence.** A leader frozen (a GC pause, a stopped VM) past the session timeout loses
+the lease without knowing it; when it runs again it may take one more step as leader. The
+lease alone cannot stop that step (any check made before it can be raced by another
+freeze), so the writes themselves are fenced: the log replica's producer is transactional,
+under one ``transactional.id`` for the log, and each new leader starts it afresh
+(:meth:`LogReplica.fence`) before it reads the log. The coordinator bumps the id's epoch and
+from then on refuses the old leader's sends (``ProducerFenced``, :class:`LeaseLost`), and
+readers read committed entries only. Before each anchor transaction the leader commits a
+record to the lease topic through the same producer (:meth:`LogReplica.barrier`), so a
+stale leader is refused there and never sends its anchor. (Frozen between the barrier and
+the send, it would anchor a prefix of the shared log that every entry of is committed:
+the contract refuses it if the new leader anchored as far already.)
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
 
 from anchor.errors import AnchorError
 from anchor.log import LogEntry, MerkleLog
@@ -41,6 +54,10 @@ LOG_TOPIC = "vitals.anchor-log"
 #: A leader killed with -9 holds the lease this long before the group expels it.
 LEASE_SESSION_TIMEOUT_MS = 6_000
 LEASE_HEARTBEAT_MS = 1_000
+
+
+class LeaseLost(AnchorError):
+    """Another candidate leads now: this one's writes were refused (fenced)."""
 
 
 async def ensure_single_partition_topic(bootstrap: str, topic: str) -> None:
@@ -107,6 +124,10 @@ class Lease(ConsumerRebalanceListener):
         if self._consumer is not None:
             await self._consumer.getmany(timeout_ms=50)
 
+    def lost(self) -> None:
+        """This candidate's writes were fenced: it leads no more (the group tells it soon)."""
+        self._leader.clear()
+
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         if self.is_leader:
             self._leader.clear()
@@ -122,17 +143,60 @@ class Lease(ConsumerRebalanceListener):
 class LogReplica:
     """The anchor log's entries on a one-partition topic, in log order."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, lease_topic: str | None = None) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.lease_topic = lease_topic
+        """Where :meth:`barrier` commits its record (``None``: no barrier)."""
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
+        """Make sure the topic exists. The producer is started by :meth:`fence`, when this
+        candidate takes the lease: a candidate merely waiting must not fence the leader."""
         await ensure_single_partition_topic(self.bootstrap, self.topic)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
+
+    async def fence(self) -> None:
+        """Start the log's transactional producer afresh: once this returns, every earlier
+        leader's producer is fenced (its open transaction aborted, its sends refused)."""
+        await self.stop()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=f"{self.topic}-writer",
         )
-        await self._producer.start()
+        await producer.start()
+        try:
+            # The producer id and bumped epoch come with the first transaction.
+            await producer.begin_transaction()
+            await producer.commit_transaction()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def _committed(self, topic: str, value: bytes, key: bytes) -> None:
+        """One record in its own transaction, committed on return; :class:`LeaseLost` if
+        a later leader fenced this producer."""
+        if self._producer is None:
+            raise AnchorError("the log replica is not fenced in (fence() starts its producer)")
+        try:
+            async with self._producer.transaction():
+                await (await self._producer.send(topic, value, key=key, partition=0))
+        except ProducerFenced as err:
+            await self.stop()
+            raise LeaseLost(f"{topic}: another candidate leads now ({err})") from err
+        except KafkaError as err:
+            if "fenc" not in str(err).lower() and "epoch" not in str(err).lower():
+                raise
+            await self.stop()
+            raise LeaseLost(f"{topic}: another candidate leads now ({err})") from err
+
+    async def barrier(self, size: int) -> None:
+        """Before anchoring the log at ``size``: refused (:class:`LeaseLost`) if another
+        candidate has led since this one took the lease."""
+        if self.lease_topic is not None:
+            await self._committed(self.lease_topic, str(size).encode(), b"anchor")
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -141,11 +205,7 @@ class LogReplica:
 
     async def publish(self, index: int, entry: LogEntry) -> None:
         """Entry ``index`` durably on the topic (acks=all) before the local log has it."""
-        if self._producer is None:
-            raise AnchorError("the log replica was not started")
-        await self._producer.send_and_wait(
-            self.topic, entry.leaf_data(), key=str(index).encode(), partition=0
-        )
+        await self._committed(self.topic, entry.leaf_data(), str(index).encode())
 
     async def catch_up(self, local: MerkleLog, *, timeout_s: float = 60.0) -> int:
         """Append to ``local`` every entry the topic holds beyond it; the number appended.
@@ -155,7 +215,10 @@ class LogReplica:
         """
         tp = TopicPartition(self.topic, 0)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",  # never a fenced leader's aborted entry
         )
         await consumer.start()
         added = 0

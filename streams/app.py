@@ -20,6 +20,7 @@ from streams import changelog
 from streams.agents import NormalizeAgent, SealAgent
 from streams.agents.ports import Sent, TakeStream
 from streams.dedupe import DedupeWindows
+from streams.fence import PartitionPublishers
 from streams.lake.layout import BATCHES_DIR
 from streams.ledger import Folder
 from streams.published import published_ids
@@ -82,6 +83,13 @@ def create_app(settings: Settings) -> faust.App:
             batching=settings.batching,
             published=lambda ids, since_ms: published_ids(
                 settings.kafka.bootstrap, batches, ids, since_ms
+            ),
+            publishers=PartitionPublishers(
+                settings.kafka.bootstrap,
+                batches,
+                _batches_dir(settings),
+                prefix=app.conf.id,
+                compression_type=settings.kafka.compression_type,
             ),
             backoff=lambda: Backoff.from_settings(settings.runtime),
         )

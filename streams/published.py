@@ -21,7 +21,11 @@ async def published_ids(
     later (a manifest's key is its batch id), read up to the topic's end at call time."""
     tps = [TopicPartition(topic, p) for p in await partitions(bootstrap, topic, timeout_s)]
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        # Manifests are produced in transactions (streams.fence): a fenced owner's never count.
+        isolation_level="read_committed",
     )
     await consumer.start()
     try:

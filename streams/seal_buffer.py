@@ -71,3 +71,15 @@ class SealBuffer(Generic[T]):
         del self._items[:count], self._rows[:count], self._arrived[:count]
         self.rows -= rows
         return out
+
+    def discard(self, unwanted: Callable[[T], bool]) -> int:
+        """Drop the records ``unwanted`` picks (a partition lost to another worker); how
+        many were dropped. The others keep their order and arrival times."""
+        keep = [i for i, item in enumerate(self._items) if not unwanted(item)]
+        dropped = len(self._items) - len(keep)
+        if dropped:
+            self._items = [self._items[i] for i in keep]
+            self._rows = [self._rows[i] for i in keep]
+            self._arrived = [self._arrived[i] for i in keep]
+            self.rows = sum(self._rows)
+        return dropped

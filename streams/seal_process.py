@@ -78,6 +78,9 @@ class SealOutcome:
     rejected: list[tuple[int, str]]
     seconds: float = 0.0
     """Time the child spent on it (against the time between seals: which process limits)."""
+    fenced: bool = False
+    """Nothing was committed: another worker claimed one of the batch's partitions since
+    this worker adopted it (``streams.fence``); the worker drops the batch unacked."""
 
 
 def decode_records(records: Sequence[CleanRecord]) -> tuple[list[Pending], list[tuple[int, str]]]:
@@ -99,8 +102,13 @@ def decode_records(records: Sequence[CleanRecord]) -> tuple[list[Pending], list[
 
 def seal_records(sealer: Sealer, records: Sequence[CleanRecord]) -> SealOutcome:
     """Decode and seal one batch of records (in the child; also usable in process)."""
+    from streams.fence import Fenced
+
     items, rejected = decode_records(records)
-    manifest = sealer.seal(items) if items else None
+    try:
+        manifest = sealer.seal(items) if items else None
+    except Fenced:
+        return SealOutcome(None, None, 0, 0, rejected, fenced=True)
     if manifest is None:
         return SealOutcome(None, None, 0, 0, rejected)
     return SealOutcome(
@@ -155,11 +163,17 @@ class SealProcess:
         if reply != ("ready", None):
             raise SealProcessError(f"unexpected first message from the seal process: {reply!r}")
 
-    async def adopt(self, partitions: Sequence[tuple[str, int]]) -> None:
+    async def adopt(
+        self,
+        partitions: Sequence[tuple[str, int]],
+        claims: dict[tuple[str, int], str] | None = None,
+    ) -> None:
         """Have the child rebuild its memory of ``partitions`` (just assigned to this worker)
         from the lake before it seals anything more. No reply: requests are handled in
-        order, so every batch submitted later is sealed with that memory."""
-        await asyncio.to_thread(self._send_message, ("adopt", list(partitions)))
+        order, so every batch submitted later is sealed with that memory. ``claims``: this
+        worker's lake claims of them (``streams.fence``), which the child checks before it
+        writes each manifest (``None``: no check, a lone worker)."""
+        await asyncio.to_thread(self._send_message, ("adopt", list(partitions), claims))
 
     async def seal(self, records: list[CleanRecord]) -> SealOutcome:
         """Seal ``records`` in the child and wait for the outcome (nothing else in flight)."""
@@ -283,6 +297,7 @@ def serve(
     import pyarrow as pa
 
     pool = pa.default_memory_pool()
+    tokens: dict[tuple[str, int], str] = {}  # this worker's lake claims (streams.fence)
     conn.send(("ready", None))
     while True:
         try:
@@ -291,6 +306,7 @@ def serve(
             return 0
         if isinstance(records, tuple) and records[0] == "adopt":
             try:
+                _fence(sealer, tokens, records[2])
                 sealer.adopt(records[1])
             except Exception:
                 conn.send(("error", traceback.format_exc()))
@@ -308,6 +324,24 @@ def serve(
         pool.release_unused()
         memory.trim()
         conn.send(("sealed", dataclasses.replace(outcome, seconds=time.monotonic() - started)))
+
+
+def _fence(
+    sealer: Sealer,
+    tokens: dict[tuple[str, int], str],
+    claims: dict[tuple[str, int], str] | None,
+) -> None:
+    """From now on check the lake claims of a batch's partitions before each manifest
+    (``streams.fence``): ``tokens``, this worker's newest claim of each partition adopted."""
+    if claims is None:
+        return
+    from streams.fence import check_claims
+
+    tokens.update(claims)
+    batches_dir = sealer.batches_dir
+    sealer.fence = lambda covers: check_claims(
+        batches_dir, tokens, sorted({(c.topic, c.partition) for c in covers})
+    )
 
 
 def seal_waiting_for_space(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,13 @@ from streams.lake.layout import BATCHES_DIR
 from streams.lake.storage import LakeRoot, as_root
 from streams.lake.table import CleanPosition
 from streams.ledger import mark_produced, read_manifests, unproduced
+from streams.partition_index import (
+    IndexEntry,
+    PartitionIndex,
+    index_of,
+    read_index,
+    write_index,
+)
 from vitalproof import hashing
 from vitalproof.crashpoints import crashpoint
 from vitalproof.manifest import BatchFile, BatchManifest, OffsetRange, batch_id_for
@@ -82,6 +89,12 @@ class Sealer:
         self._recent: dict[tuple[str, int], RecentlySealed] = {}
         self.replayed = 0
         """Readings dropped because a recent batch had sealed them already."""
+        self.manifests_read = 0
+        """Manifests read to adopt partitions so far (bounded by the partitions' indexes)."""
+        self._index: dict[tuple[str, int], PartitionIndex] = {}
+        self.fence: Callable[[Sequence[OffsetRange]], None] | None = None
+        """Called right before a manifest is written; raises if this worker lost one of the
+        partitions it covers meanwhile (``streams.fence``): nothing is committed then."""
         # The worker's seal process adopts the partitions it is assigned instead, when it
         # learns them; a sealer on its own remembers every partition the lake holds.
         self.adopt(None if adopt_all else ())
@@ -89,17 +102,63 @@ class Sealer:
     def adopt(self, partitions: Iterable[tuple[str, int]] | None) -> None:
         """Rebuild the memory of ``partitions`` (every partition if ``None``) from the
         manifests the lake holds now: a partition just assigned to this worker may have been
-        sealed from by another one since this worker last held it."""
+        sealed from by another one since this worker last held it. Named partitions are
+        adopted from their indexes (:mod:`streams.partition_index`): only their newest
+        manifests are read."""
+        if partitions is not None:
+            self._adopt_indexed(set(partitions))
+            return
         manifests = self.manifests()
+        self.manifests_read += len(manifests)
         for manifest in manifests:
             self._advance(manifest.covers)
-        if partitions is None:
-            wanted = {(c.topic, c.partition) for m in manifests for c in m.covers}
-        else:
-            wanted = set(partitions)
+        wanted = {(c.topic, c.partition) for m in manifests for c in m.covers}
         for key in wanted:
             self._recent[key] = RecentlySealed(self.recent_ids)
+            self._index[key] = index_of(key, manifests, self.recent_ids)
         self._load_recent(manifests, wanted)
+
+    def _adopt_indexed(self, wanted: set[tuple[str, int]]) -> None:
+        """Adopt ``wanted`` from their indexes; a partition without one (sealed before
+        indexes existed) from every manifest, once, and its index is written then."""
+        indexes = {tp: read_index(self.batches_dir, tp) for tp in sorted(wanted)}
+        if any(index is None for index in indexes.values()):
+            every = self.manifests()
+            self.manifests_read += len(every)
+            for tp, index in indexes.items():
+                if index is None:
+                    index = indexes[tp] = index_of(tp, every, self.recent_ids)
+                    write_index(self.batches_dir, index)
+        by_id: dict[str, BatchManifest] = {}
+        for tp, index in indexes.items():
+            assert index is not None
+            for entry in index.batches:
+                if entry.batch_id in by_id:
+                    continue
+                data = self.batches_dir.read(f"{entry.batch_id}.json")
+                self.manifests_read += 1
+                if data is not None:  # not: the newest, if a crash came before its manifest
+                    by_id[entry.batch_id] = BatchManifest.model_validate_json(data)
+            self._index[tp] = index.model_copy(
+                update={"batches": index.committed(lambda b: b in by_id)}
+            )
+        for manifest in by_id.values():
+            self._advance(manifest.covers)
+        for key in wanted:
+            self._recent[key] = RecentlySealed(self.recent_ids)
+        self._load_recent(list(by_id.values()), wanted)
+
+    def _indexed(self, covers: Sequence[OffsetRange], batch_id: str, rows: int) -> None:
+        """Each covered partition's index with this batch as its newest entry, written
+        before the batch's manifest (see :mod:`streams.partition_index`)."""
+        for c in covers:
+            tp = (c.topic, c.partition)
+            index = self._index.get(tp) or read_index(self.batches_dir, tp)
+            if index is None:
+                index = index_of(tp, self.manifests(), self.recent_ids)
+            entry = IndexEntry(batch_id=batch_id, last=c.last, rows=rows)
+            self._index[tp] = index = index.then(entry, self.recent_ids)
+            write_index(self.batches_dir, index)
 
     def recent(self, partition: tuple[str, int]) -> RecentlySealed:
         """The memory of recently sealed ids of one ``(topic, partition)``."""
@@ -255,6 +314,9 @@ class Sealer:
             patient_sizes=patient_sizes,
             sealed_at_us=time.time_ns() // 1000,
         )
+        if self.fence is not None:
+            self.fence(covers)
+        self._indexed(covers, batch_id, manifest.rows)
         self.batches_dir.write(manifest_name, manifest.to_json_bytes())
         crashpoint("after_manifest")
         self._advance(covers)

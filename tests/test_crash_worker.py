@@ -123,9 +123,14 @@ async def feed(
 async def _consume_all(
     settings: Settings, topic: str
 ) -> list[tuple[bytes, bytes, dict[str, bytes]]]:
-    """Every record of ``topic`` from the start to its current end (key, value, headers)."""
+    """Every committed record of ``topic`` from the start to its current end (key, value,
+    headers). Committed: manifests are produced in transactions (``streams.fence``); one
+    that a killed or fenced worker's transaction left aborted was never published."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
     )
     await consumer.start()
     out: list[tuple[bytes, bytes, dict[str, bytes]]] = []

@@ -424,7 +424,8 @@ class RuntimeSettings(_Group):
         default=True, description="hash with the Rust extension when installed (A/B: off)"
     )
     crash_at: str | None = Field(
-        default=None, description="crash tests: SIGKILL at this crash point (NAME or NAME:N)"
+        default=None,
+        description="crash tests: SIGKILL at this crash point (NAME, NAME:N; NAME:N:stop: SIGSTOP)",
     )
     retry_min_s: float = Field(
         default=1.0,

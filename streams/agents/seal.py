@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -36,7 +36,9 @@ from streams.agents.ports import (
     event_headers,
     event_origin,
 )
+from streams.fence import Fenced
 from streams.ledger import Folder, mark_produced, unproduced
+from streams.partition_index import unproduced_of
 from streams.seal_buffer import SealBuffer
 from streams.seal_process import CleanRecord, SealOutcome, SealProcessDied, exit_like
 from vitalproof.crashpoints import crashpoint
@@ -66,9 +68,26 @@ class Sealer(Protocol):
 
     async def outcome(self) -> SealOutcome: ...
 
-    async def adopt(self, partitions: Sequence[tuple[str, int]]) -> None: ...
+    async def adopt(
+        self, partitions: Sequence[tuple[str, int]], claims: dict[tuple[str, int], str] | None
+    ) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Publishers(Protocol):
+    """What the agent needs of :class:`streams.fence.PartitionPublishers`: per partition, a
+    publisher of manifests that a later owner of the partition fences."""
+
+    async def take(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]: ...
+
+    async def publish(self, tp: tuple[str, int], batch_id: str, manifest_json: bytes) -> None: ...
+
+    def kept(self, tps: Iterable[tuple[str, int]]) -> set[tuple[str, int]]: ...
+
+    async def drop(self, tps: Iterable[tuple[str, int]]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 #: The ids among the given batch ids that ``vitals.batches`` holds from the given time (ms)
@@ -87,6 +106,7 @@ class SealAgent:
         outputs: SealOutputs,
         batching: BatchSettings,
         published: PublishedCheck | None = None,
+        publishers: Publishers | None = None,
         backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self.sealer = sealer
@@ -98,6 +118,9 @@ class SealAgent:
         self.published = published
         """``None``: a lone agent that owns every partition (no rebalance signals); else the
         check of ``vitals.batches`` for manifests a previous owner may have produced."""
+        self.publishers = publishers
+        """In a group: the fenced publishers of manifests (``streams.fence``); ``None``:
+        through :attr:`outputs`, unfenced."""
         self.assigned: set[tuple[str, int]] = set()
         self._accepting = asyncio.Event()
         if published is None:
@@ -119,17 +142,23 @@ class SealAgent:
             await self._consume_into_buffer(stream)
         finally:
             self.sealer.close()
+            if self.publishers is not None:
+                await self.publishers.close()
 
     # -- rebalances ---------------------------------------------------------------------
 
     async def on_revoked(self) -> None:
         """Before the group reassigns partitions: nothing more is handed to the seal process,
-        the buffer is dropped (its records were not acked), and every batch handed over is
-        produced and acked, so the next owner finds its manifest in the lake."""
+        and every batch handed over is produced and acked, so the next owner finds its
+        manifest in the lake. The buffer waits: what it holds of partitions this worker
+        keeps is sealed after the rebalance, the rest dropped then (:meth:`on_assigned`).
+
+        Why not drop it all now (its records are not acked, and Faust seeks every partition
+        to its committed offset after a rebalance): a record fetched before the seek and
+        delivered after it makes Faust count the offsets between as a gap, done, so records
+        dropped here were not always delivered again; in quick successive rebalances a
+        kept partition lost them (found by the fencing drill)."""
         self._accepting.clear()
-        if self._buffer is not None:
-            while len(self._buffer):
-                self._buffer.pop_batch()
         pipe = self._pipe
         while pipe.in_flight:
             pipe.sealed.clear()
@@ -141,18 +170,36 @@ class SealAgent:
         ones' memory from the lake, their unproduced manifests are produced, then records
         are taken again."""
         newly = sorted(assigned - self.assigned)
+        gone = self.assigned - assigned
+        claims = None
+        if self.publishers is not None:
+            # Kept across the rebalance, unless another worker had them meanwhile (this one
+            # was frozen past its session timeout): those are adopted afresh.
+            kept = assigned & self.assigned
+            taken = kept - self.publishers.kept(kept)
+            if taken:
+                log.warning("taken over while this worker was frozen: %s", sorted(taken))
+            newly = sorted(set(newly) | taken)
         self.assigned = set(assigned)
         await self._ready.wait()
+        if self.publishers is not None:
+            await self.publishers.drop(gone)
+            # Fence the previous owners (Kafka, then the lake) before reading what they left.
+            claims = await fatal_on_error(self.publishers.take(newly)) if newly else None
         if newly:
-            await fatal_on_error(self.sealer.adopt(newly))
+            await fatal_on_error(self.sealer.adopt(newly, claims))
             await self._produce_outbox(set(newly))
+        if self._buffer is not None:  # what is buffered of partitions gone: their new owner's
+            self._buffer.discard(lambda e: _tp(e) not in self.assigned)
         self._accepting.set()
 
     async def _produce_outbox(self, partitions: set[tuple[str, int]]) -> None:
         """Manifests of ``partitions`` sealed but never marked produced: their sealer died
         between the manifest and the produce, or between Kafka's ack and the mark; in the
         second case ``vitals.batches`` holds them already and they are only marked."""
-        mine = [m for m in unproduced(self.batches_dir) if _owner(m) in partitions]
+        indexed = unproduced_of(self.batches_dir, partitions)  # their newest manifests only
+        every = unproduced(self.batches_dir) if indexed is None else indexed
+        mine = [m for m in every if _owner(m) in partitions]
         if not mine:
             return
         assert self.published is not None
@@ -162,7 +209,7 @@ class SealAgent:
             if m.batch_id in there:
                 mark_produced(self.batches_dir, m.batch_id)
             else:
-                await self._produce_manifest(m.batch_id, m.to_json_bytes())
+                await self._produce_manifest(m.batch_id, m.to_json_bytes(), _owner(m))
         log.info(
             "outbox of %s: %d manifests, %d already on Kafka", partitions, len(mine), len(there)
         )
@@ -215,9 +262,11 @@ class SealAgent:
             while buffer.ready(time.monotonic()):
                 # One batch per partition: each batch then has one owner, whose memory of
                 # what was sealed moves with the partition (see streams.sealer).
+                await self._accepting.wait()  # not while a rebalance is under way
                 for chunk in _by_partition(buffer.pop_batch()):
                     await pipe.slots.acquire()
-                    if not self._accepting.is_set():
+                    await self._accepting.wait()
+                    if not self._owns(chunk[0]):
                         pipe.slots.release()  # revoked meanwhile: the next owner seals it
                         continue
                     pipe.in_flight.append(chunk)
@@ -246,9 +295,24 @@ class SealAgent:
             pipe.slots.release()
             pipe.sealed.set()
 
+    def _owns(self, event: Event) -> bool:
+        return self.published is None or _tp(event) in self.assigned
+
+    def _lost(self, tp: tuple[str, int], why: object) -> None:
+        """Another worker took ``tp`` over while this one did not know (it was frozen past
+        the session timeout): drop what is buffered of it, seal and publish nothing more of
+        it, and adopt it afresh should the group give it back."""
+        self.assigned.discard(tp)
+        if self._buffer is not None:
+            self._buffer.discard(lambda e: _tp(e) == tp)
+        log.warning("fenced: %s[%d] belongs to another worker now (%s)", tp[0], tp[1], why)
+
     async def _finish_batch(
         self, stream: TakeStream, chunk: list[Event], outcome: SealOutcome
     ) -> None:
+        if outcome.fenced:  # the seal process found the partition claimed by another worker
+            self._lost(_tp(chunk[0]), "its lake claim changed; nothing was sealed")
+            return  # not acked: the new owner consumes these records
         sent = []
         for index, reason in outcome.rejected:
             event = chunk[index]
@@ -256,7 +320,11 @@ class SealAgent:
             sent.append(await self.outputs.dlq(event.key, event.value, headers))
         await asyncio.gather(*sent)
         if outcome.batch_id is not None and outcome.manifest_json is not None:
-            await self._produce_manifest(outcome.batch_id, outcome.manifest_json)
+            try:
+                await self._produce_manifest(outcome.batch_id, outcome.manifest_json, _tp(chunk[0]))
+            except Fenced as err:
+                self._lost(_tp(chunk[0]), err)
+                return
             log.info(
                 "sealed %s: %d rows, %d files; %.2f s in the seal process",
                 outcome.batch_id,
@@ -268,8 +336,15 @@ class SealAgent:
             await stream.ack(event)
         crashpoint("after_ack")
 
-    async def _produce_manifest(self, batch_id: str, manifest_json: bytes) -> None:
-        await (await self.outputs.manifest(batch_id, manifest_json))
+    async def _produce_manifest(
+        self, batch_id: str, manifest_json: bytes, tp: tuple[str, int] | None = None
+    ) -> None:
+        """To vitals.batches, acknowledged; in a group through the fenced publisher of
+        ``tp`` (:class:`~streams.fence.Fenced` if another worker owns it now)."""
+        if self.publishers is not None and tp is not None:
+            await self.publishers.publish(tp, batch_id, manifest_json)
+        else:
+            await (await self.outputs.manifest(batch_id, manifest_json))
         # Kafka acknowledged it (acks=all) before the ledger calls it produced.
         crashpoint("after_produce")
         await self._mark_produced(batch_id)
@@ -312,6 +387,10 @@ def _owner(manifest: BatchManifest) -> tuple[str, int]:
     """The partition whose owner produces a manifest: its first (and normally only) one."""
     first = manifest.covers[0]
     return (first.topic, first.partition)
+
+
+def _tp(event: Event) -> tuple[str, int]:
+    return (event.message.topic, event.message.partition)
 
 
 def _by_partition(events: list[Event]) -> list[list[Event]]:

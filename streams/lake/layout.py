@@ -4,6 +4,9 @@ Layout (Hive style)::
 
     <root>/patient=<pseudonym>/date=<YYYY-MM-DD>/<batch_id>.parquet
     <root>/_batches/<batch_id>.json        (manifests: the sealer's commit point)
+    <root>/_batches/<topic>.<partition>.index / .owner   (per partition: its newest
+                                           batches, its owner's claim; streams.partition_index,
+                                           streams.fence)
     <root>/patient=<h>/date=<d>/compacted-<id>-<n>.parquet   (merged files, see below)
     <root>/_compactions/patient=<h>/<id>.json   (compaction records: the compactor's commit)
 
