@@ -34,8 +34,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from streams.ledger import Folder
-from vitalproof.durable import write_atomic
+from streams.ledger import Folder, folder
 from vitalproof.errors import VitalproofError
 
 log = logging.getLogger(__name__)
@@ -56,21 +55,13 @@ def claim_name(tp: TP) -> str:
 def write_claim(batches_dir: Path | Folder, tp: TP) -> str:
     """Claim ``tp`` in the lake for this worker: a fresh token, which it returns."""
     token = secrets.token_hex(16)
-    if isinstance(batches_dir, Path):
-        write_atomic(batches_dir / claim_name(tp), token.encode())
-    else:
-        batches_dir.write(claim_name(tp), token.encode())
+    folder(batches_dir).write(claim_name(tp), token.encode())
     return token
 
 
 def read_claim(batches_dir: Path | Folder, tp: TP) -> str | None:
     """The token of the worker that claimed ``tp`` last (``None``: never claimed)."""
-    if isinstance(batches_dir, Path):
-        try:
-            return (batches_dir / claim_name(tp)).read_text()
-        except FileNotFoundError:
-            return None
-    data = batches_dir.read(claim_name(tp))
+    data = folder(batches_dir).read(claim_name(tp))
     return None if data is None else data.decode()
 
 

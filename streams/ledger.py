@@ -23,19 +23,43 @@ class Folder(Protocol):
 
     def read(self, rel: str) -> bytes | None: ...
 
+    def exists(self, rel: str) -> bool: ...
+
     def write(self, rel: str, data: bytes) -> None: ...
 
 
-def _names(batches_dir: Path | Folder, suffix: str) -> list[str]:
-    if isinstance(batches_dir, Path):
-        return sorted(p.name for p in batches_dir.glob(f"*{suffix}"))
-    return batches_dir.names(suffix)
+class LocalFolder:
+    """A local batches folder as a :class:`Folder`, without pyarrow."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def names(self, suffix: str) -> list[str]:
+        return sorted(p.name for p in self.path.glob(f"*{suffix}"))
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return (self.path / rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, rel: str) -> bool:
+        return (self.path / rel).exists()
+
+    def write(self, rel: str, data: bytes) -> None:
+        write_atomic(self.path / rel, data)
+
+
+def folder(batches_dir: Path | Folder) -> Folder:
+    """``batches_dir`` as a :class:`Folder`: the one place a local path is told apart."""
+    return LocalFolder(batches_dir) if isinstance(batches_dir, Path) else batches_dir
 
 
 def _read(batches_dir: Path | Folder, name: str) -> bytes:
-    if isinstance(batches_dir, Path):
-        return (batches_dir / name).read_bytes()
-    data = batches_dir.read(name)
+    data = folder(batches_dir).read(name)
     if data is None:
         raise FileNotFoundError(f"{batches_dir}/{name}")
     return data
@@ -44,19 +68,16 @@ def _read(batches_dir: Path | Folder, name: str) -> bytes:
 def read_manifests(batches_dir: Path | Folder) -> list[BatchManifest]:
     return [
         BatchManifest.model_validate_json(_read(batches_dir, name))
-        for name in _names(batches_dir, ".json")
+        for name in folder(batches_dir).names(".json")
     ]
 
 
 def unproduced(batches_dir: Path | Folder) -> list[BatchManifest]:
     """Sealed batches whose manifest Kafka never acknowledged (the outbox). A function of
     the folder alone: the worker produces them while its seal process is still starting."""
-    done = {name.removesuffix(".produced") for name in _names(batches_dir, ".produced")}
+    done = {name.removesuffix(".produced") for name in folder(batches_dir).names(".produced")}
     return [m for m in read_manifests(batches_dir) if m.batch_id not in done]
 
 
 def mark_produced(batches_dir: Path | Folder, batch_id: str) -> None:
-    if isinstance(batches_dir, Path):
-        write_atomic(batches_dir / f"{batch_id}.produced", b"")
-    else:
-        batches_dir.write(f"{batch_id}.produced", b"")
+    folder(batches_dir).write(f"{batch_id}.produced", b"")

@@ -26,8 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from streams.ledger import Folder
-from vitalproof.durable import write_atomic
+from streams.ledger import Folder, folder
 from vitalproof.manifest import BatchManifest
 
 INDEX_SUFFIX = ".index"
@@ -74,23 +73,13 @@ def index_name(tp: TP) -> str:
 
 
 def read_index(batches_dir: Path | Folder, tp: TP) -> PartitionIndex | None:
-    if isinstance(batches_dir, Path):
-        try:
-            data: bytes | None = (batches_dir / index_name(tp)).read_bytes()
-        except FileNotFoundError:
-            data = None
-    else:
-        data = batches_dir.read(index_name(tp))
+    data = folder(batches_dir).read(index_name(tp))
     return None if data is None else PartitionIndex.model_validate_json(data)
 
 
 def write_index(batches_dir: Path | Folder, index: PartitionIndex) -> None:
-    data = index.model_dump_json().encode()
     name = index_name((index.topic, index.partition))
-    if isinstance(batches_dir, Path):
-        write_atomic(batches_dir / name, data)
-    else:
-        batches_dir.write(name, data)
+    folder(batches_dir).write(name, index.model_dump_json().encode())
 
 
 def index_of(tp: TP, manifests: list[BatchManifest], keep_rows: int) -> PartitionIndex:
@@ -102,12 +91,6 @@ def index_of(tp: TP, manifests: list[BatchManifest], keep_rows: int) -> Partitio
     return index
 
 
-def _exists(batches_dir: Path | Folder, name: str) -> bool:
-    if isinstance(batches_dir, Path):
-        return (batches_dir / name).exists()
-    return batches_dir.read(name) is not None
-
-
 def unproduced_of(batches_dir: Path | Folder, tps: set[TP]) -> list[BatchManifest] | None:
     """The manifests of ``tps`` never marked produced, from their indexes alone (the outbox
     of partitions just adopted); ``None`` if one of them has no index yet."""
@@ -116,8 +99,8 @@ def unproduced_of(batches_dir: Path | Folder, tps: set[TP]) -> list[BatchManifes
         index = read_index(batches_dir, tp)
         if index is None:
             return None
-        for e in index.committed(lambda b: _exists(batches_dir, f"{b}.json")):
-            if e.batch_id in out or _exists(batches_dir, f"{e.batch_id}.produced"):
+        for e in index.committed(lambda b: folder(batches_dir).exists(f"{b}.json")):
+            if e.batch_id in out or folder(batches_dir).exists(f"{e.batch_id}.produced"):
                 continue
             data = (
                 (batches_dir / f"{e.batch_id}.json").read_bytes()
