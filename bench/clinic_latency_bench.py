@@ -49,6 +49,20 @@ console = Console(stderr=True)
 WARMUP_S = 5.0
 
 
+async def wait_fanout_ready(client: httpx.AsyncClient, url: str, log: Path) -> None:
+    """Until the service at ``url`` says its fan-out reads Kafka (90 s at most)."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if (await client.get(url + "/status")).json()["fanout"] == "ready":
+                return
+        except (httpx.TransportError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the service never got ready: see {log}")
+        await asyncio.sleep(0.3)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -85,16 +99,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     measuring = {"from_us": 0}
     try:
         async with httpx.AsyncClient(timeout=30) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if (await client.get(url + "/status")).json()["fanout"] == "ready":
-                        break
-                except (httpx.TransportError, ValueError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the service never got ready: see {logs / 'serve.log'}")
-                await asyncio.sleep(0.3)
+            await wait_fanout_ready(client, url, logs / "serve.log")
             tokens = [issuer.issue(who, "clinician", ["user/Observation.rs"]) for who in clinicians]
             subs = []
             with console.status(f"subscribing {len(clinicians)} clinicians"):

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clinic_latency_bench import percentile
+from clinic_latency_bench import percentile, wait_fanout_ready
 from streams_bench import local_stack
 
 from clinic.auth import DevIssuer
@@ -110,16 +110,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     try:
         async with httpx.AsyncClient(timeout=30) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if (await client.get(url + "/status")).json()["fanout"] == "ready":
-                        break
-                except (httpx.TransportError, ValueError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the service never got ready: see {log}")
-                await asyncio.sleep(0.3)
+            await wait_fanout_ready(client, url, log)
             tokens = [issuer.issue(who, "clinician", ["user/Observation.rs"]) for who in clinicians]
             subs = []
             for token in tokens:
