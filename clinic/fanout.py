@@ -69,7 +69,7 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
         enable_auto_commit=True,
         max_partition_fetch_bytes=256 * 1024,
     )
-    consumer.subscribe([settings.kafka.topic_clean, events_topic], listener=_Rebalance(hub))
+    consumer.subscribe([settings.kafka.topic_clean, events_topic], listener=_Rebalance())
     await consumer.start()
     try:
         while not stop.is_set():
@@ -95,10 +95,7 @@ async def _consume(settings: Settings, hub: Hub, stop: asyncio.Event) -> None:
 
 class _Rebalance(ConsumerRebalanceListener):
     """Says when the fan-out's partitions move (each move is a moment where readings could
-    be skipped if a partition had no committed offset yet), and counts the moves."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    be skipped if a partition had no committed offset yet)."""
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked:
