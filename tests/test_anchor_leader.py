@@ -160,6 +160,6 @@ def test_a_killed_leader_is_followed_without_gap_or_double_anchor(
             size = int(e["args"]["treeSize"])
             assert shared.root(size) == bytes(e["args"]["root"]), f"root at size {size} differs"
     # The new leader adopted its predecessor's head: its log knows where that was anchored.
-    (successor,) = [i for i in leaders() if i != leader]
+    (successor,) = leaders(at_kill)  # the one that led after the kill (asserted above)
     heads = MerkleLog(dirs[successor] / "log", readonly=True).anchored_heads()
     assert {h.tree_size for h in heads} == set(sizes)
